@@ -1,0 +1,416 @@
+"""Every message and stored record that crosses a service boundary.
+
+All are msgspec Structs encoded as JSON. Rules that keep old and new readers working:
+fields are keyword-only and every field added after the first release gets a default;
+readers ignore fields they do not know (msgspec's default). Each top-level message
+carries ``v`` (the schema version it was written with) and, for the allocation and node
+events, a ``kind`` tag so one decoder reads any event of the stream (a tagged union).
+
+Memory is in MiB and cores in percent of one card unless a field says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class _Base(msgspec.Struct, kw_only=True, omit_defaults=True):
+    pass
+
+
+# --------------------------------------------------------------------------- inventory
+
+
+class Device(_Base, kw_only=True):
+    """One card as its node agent registers it (HAMi's registration semantics)."""
+
+    uuid: str
+    index: int
+    type: str  # model as HAMi writes it, e.g. "NVIDIA-A100-80GB"
+    vendor: str = "NVIDIA"
+    count: int = 10  # slots: at most this many containers share the card
+    devmem: int  # MiB after deviceMemoryScaling
+    devcore: int = 100  # 100 x deviceCoreScaling
+    numa: int = 0
+    mode: str = "hami-core"  # hami-core | mig | mps
+    health: bool = True
+    physical_mem: int = 0  # MiB before scaling, for telemetry
+
+
+class Taint(_Base, kw_only=True):
+    key: str
+    value: str = ""
+    effect: str = "NoSchedule"
+
+
+class NodeInventory(_Base, kw_only=True):
+    """What a node offers; stored in the inventory KV bucket under the node's name."""
+
+    v: int = SCHEMA_VERSION
+    node: str
+    agent_id: str = ""  # changes when the agent restarts
+    devices: list[Device] = []
+    # Pairwise link scores between the node's cards, indexed by position in ``devices``
+    # (REFERENCE §3 topology scores); empty when unknown.
+    links: list[list[int]] = []
+    cpu_milli: int = 0  # 0 = not tracked (standalone nodes schedule only devices)
+    memory_mib: int = 0
+    max_pods: int = 0
+    labels: dict[str, str] = {}
+    taints: list[Taint] = []
+    unschedulable: bool = False
+    cordoned: list[str] = []  # UUIDs excluded from new placements (hami.io/device-cordon)
+    published_at: float = 0.0
+
+
+class Heartbeat(_Base, kw_only=True):
+    v: int = SCHEMA_VERSION
+    node: str
+    agent_id: str
+    seq: int
+    at: float
+
+
+class NodeHealth(_Base, kw_only=True):
+    """Inventory's verdict on a node, stored in the health KV bucket."""
+
+    v: int = SCHEMA_VERSION
+    node: str
+    healthy: bool
+    since: float
+    reason: str = ""
+
+
+class DeviceUsage(_Base, kw_only=True):
+    uuid: str
+    memory_used_mib: int = 0
+    utilization: float = 0.0  # 0..1
+
+
+class ContainerUsage(_Base, kw_only=True):
+    uid: str
+    container: str
+    uuid: str
+    memory_used_bytes: int = 0
+    memory_limit_bytes: int = 0
+    utilization: float = 0.0
+    last_kernel_at: float = 0.0
+
+
+class Telemetry(_Base, kw_only=True):
+    v: int = SCHEMA_VERSION
+    node: str
+    at: float
+    devices: list[DeviceUsage] = []
+    containers: list[ContainerUsage] = []
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+class DeviceAsk(_Base, kw_only=True):
+    """One vendor's ask of one container (HAMi's ContainerDeviceRequest)."""
+
+    vendor: str = "NVIDIA"
+    nums: int = 1
+    mem: int = 0  # MiB per card; 0 = not given
+    mem_percent: int | None = None  # % of each card, used when ``mem`` is 0
+    cores: int = 0  # % of each card's SMs
+
+
+class ContainerAsk(_Base, kw_only=True):
+    name: str = ""
+    init: bool = False
+    devices: list[DeviceAsk] = []
+    cpu_milli: int = 0
+    memory_mib: int = 0
+
+
+class SelectorRequirement(_Base, kw_only=True):
+    key: str
+    operator: str  # In | NotIn | Exists | DoesNotExist
+    values: list[str] = []
+
+
+class Toleration(_Base, kw_only=True):
+    key: str = ""
+    operator: str = "Equal"  # Equal | Exists
+    value: str = ""
+    effect: str = ""  # "" tolerates every effect
+
+
+class ScoringWeights(_Base, kw_only=True):
+    slot: int = 1
+    core: int = 1
+    memory: int = 1
+
+
+class Constraints(_Base, kw_only=True):
+    """Per-request placement options (HAMi's pod annotations, REFERENCE §2)."""
+
+    node_policy: str | None = None  # None = the configured default
+    gpu_policy: str | None = None  # a chain such as "binpack,numa"
+    weights: ScoringWeights | None = None
+    use_types: list[str] = []
+    nouse_types: list[str] = []
+    use_uuids: list[str] = []
+    nouse_uuids: list[str] = []
+    numa_bind: bool = False
+    vgpu_mode: str | None = None
+    node_selector: dict[str, str] = {}
+    # Required node affinity: OR over terms, AND within a term.
+    affinity: list[list[SelectorRequirement]] = []
+    tolerations: list[Toleration] = []
+    node_name: str | None = None  # pin to a node (used by direct clients)
+
+
+class Quota(_Base, kw_only=True):
+    """A namespace's HAMi quota (limits.nvidia.com/gpumem, limits.nvidia.com/gpucores)."""
+
+    memory_mib: int | None = None
+    cores: int | None = None
+
+
+class AllocRequested(_Base, kw_only=True, tag="requested", tag_field="kind"):
+    v: int = SCHEMA_VERSION
+    uid: str  # allocation id: the pod UID in Kubernetes mode
+    name: str
+    namespace: str = ""
+    containers: list[ContainerAsk] = []  # init containers first, in spec order
+    constraints: Constraints = msgspec.field(default_factory=Constraints)
+    priority: int = 1
+    # Keep the request pending and retry it when capacity changes (a Kubernetes pod
+    # stays Pending); a one-shot client asks for False and gets ``failed`` once.
+    pending: bool = True
+    source: str = "cli"  # cli | kube | api
+    requested_at: float = 0.0
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+class CardGrant(_Base, kw_only=True):
+    uuid: str
+    index: int = 0
+    type: str = ""
+    vendor: str = "NVIDIA"
+    mem: int  # MiB granted on this card
+    cores: int  # % of the card's SMs
+
+
+class ContainerGrant(_Base, kw_only=True):
+    name: str = ""
+    init: bool = False
+    devices: list[CardGrant] = []
+
+
+class AllocDecided(_Base, kw_only=True, tag="decided", tag_field="kind"):
+    v: int = SCHEMA_VERSION
+    uid: str
+    name: str
+    namespace: str = ""
+    node: str
+    containers: list[ContainerGrant] = []  # aligned with the request's containers
+    source: str = "cli"
+    requested_at: float = 0.0
+    decided_at: float = 0.0
+    ledger_revision: int = 0
+    replica: str = ""
+
+
+class AllocFailed(_Base, kw_only=True, tag="failed", tag_field="kind"):
+    v: int = SCHEMA_VERSION
+    uid: str
+    name: str
+    namespace: str = ""
+    # HAMi reason vocabulary -> how many nodes failed for it (a node counts once, for
+    # the reason that stopped most of its cards).
+    reasons: dict[str, int] = {}
+    nodes_total: int = 0
+    message: str = ""  # e.g. "0/2 nodes are available: 2 CardInsufficientMemory"
+    pending: bool = True  # True: it stays queued and is retried on capacity change
+    source: str = "cli"
+    requested_at: float = 0.0
+    failed_at: float = 0.0
+
+
+class AllocBound(_Base, kw_only=True, tag="bound", tag_field="kind"):
+    v: int = SCHEMA_VERSION
+    uid: str
+    name: str
+    namespace: str = ""
+    node: str
+    bound_at: float = 0.0
+
+
+class AllocBindFailed(_Base, kw_only=True, tag="bind_failed", tag_field="kind"):
+    v: int = SCHEMA_VERSION
+    uid: str
+    name: str
+    namespace: str = ""
+    node: str
+    message: str = ""
+    at: float = 0.0
+
+
+class AllocPrepared(_Base, kw_only=True, tag="prepared", tag_field="kind"):
+    v: int = SCHEMA_VERSION
+    uid: str
+    name: str = ""
+    namespace: str = ""
+    node: str
+    container: str = ""
+    devices: list[CardGrant] = []
+    at: float = 0.0
+
+
+class AllocReleased(_Base, kw_only=True, tag="released", tag_field="kind"):
+    v: int = SCHEMA_VERSION
+    uid: str
+    name: str = ""
+    namespace: str = ""
+    node: str = ""  # "" when the request was never placed (withdrawn while pending)
+    reason: str = ""  # released | deleted | succeeded | failed | bind-failed
+    at: float = 0.0
+
+
+AllocEvent = (
+    AllocRequested
+    | AllocDecided
+    | AllocFailed
+    | AllocBound
+    | AllocBindFailed
+    | AllocPrepared
+    | AllocReleased
+)
+
+
+class NodeEvent(_Base, kw_only=True, tag="node", tag_field="kind"):
+    v: int = SCHEMA_VERSION
+    node: str
+    verb: str  # registered | updated | unhealthy | recovered | removed
+    reason: str = ""
+    at: float = 0.0
+
+
+# ------------------------------------------------------------------------------ ledger
+
+
+class LedgerAlloc(_Base, kw_only=True):
+    uid: str
+    name: str
+    namespace: str = ""
+    containers: list[ContainerGrant] = []
+    decided_at: float = 0.0
+    source: str = "cli"
+
+
+class NodeLedger(_Base, kw_only=True):
+    """The reservations on one node; the ledger KV value, written by compare-and-set."""
+
+    v: int = SCHEMA_VERSION
+    node: str
+    allocs: dict[str, LedgerAlloc] = {}
+
+
+def card_usage(containers: list[ContainerGrant]) -> dict[str, tuple[int, int, int]]:
+    """A pod's usage per card: (mem, cores, slots).
+
+    Init containers run one after another before the app containers, so a card carries
+    the larger of the init peak and the sum over app containers (REFERENCE §3). A card
+    used by any container of the pod takes one slot per app container using it (at
+    least one).
+    """
+    init_peak: dict[str, list[int]] = {}
+    app_sum: dict[str, list[int]] = {}
+    for c in containers:
+        for d in c.devices:
+            if c.init:
+                cur = init_peak.setdefault(d.uuid, [0, 0, 0])
+                cur[0] = max(cur[0], d.mem)
+                cur[1] = max(cur[1], d.cores)
+                cur[2] = max(cur[2], 1)
+            else:
+                cur = app_sum.setdefault(d.uuid, [0, 0, 0])
+                cur[0] += d.mem
+                cur[1] += d.cores
+                cur[2] += 1
+    out: dict[str, tuple[int, int, int]] = {}
+    for uuid in init_peak.keys() | app_sum.keys():
+        a = init_peak.get(uuid, [0, 0, 0])
+        b = app_sum.get(uuid, [0, 0, 0])
+        out[uuid] = (max(a[0], b[0]), max(a[1], b[1]), max(a[2], b[2]))
+    return out
+
+
+# ------------------------------------------------------------------------ request/reply
+
+
+class SubmitReply(_Base, kw_only=True):
+    ok: bool
+    uid: str = ""
+    name: str = ""
+    decision: AllocDecided | None = None
+    failure: AllocFailed | None = None
+    error: str = ""
+
+
+class ReleaseRequest(_Base, kw_only=True):
+    name: str
+    namespace: str = ""
+
+
+class ReleaseReply(_Base, kw_only=True):
+    ok: bool
+    uid: str = ""
+    node: str = ""
+    error: str = ""
+
+
+class CardStatus(_Base, kw_only=True):
+    uuid: str
+    index: int
+    type: str
+    health: bool
+    used_mem: int
+    total_mem: int
+    used_cores: int
+    total_cores: int
+    used_slots: int
+    total_slots: int
+    cordoned: bool = False
+
+
+class NodeStatus(_Base, kw_only=True):
+    node: str
+    healthy: bool
+    cards: list[CardStatus] = []
+    allocations: list[str] = []
+
+
+class ClusterStatus(_Base, kw_only=True):
+    nodes: list[NodeStatus] = []
+    pending: int = 0
+
+
+class ErrorReply(_Base, kw_only=True):
+    """What a request/reply endpoint answers when the request itself is bad."""
+
+    error: str
+    detail: Any = None
+
+
+EVENT_TYPES: tuple[type[msgspec.Struct], ...] = (
+    AllocRequested,
+    AllocDecided,
+    AllocFailed,
+    AllocBound,
+    AllocBindFailed,
+    AllocPrepared,
+    AllocReleased,
+    NodeEvent,
+)
