@@ -1,0 +1,1 @@
+"""Kubelet device plugin layer of the node agent (gRPC over unix sockets)."""
