@@ -47,7 +47,7 @@ class Taint(_Base, kw_only=True):
     effect: str = "NoSchedule"
 
 
-class NodeInventory(_Base, kw_only=True):
+class NodeInventory(_Base, kw_only=True, omit_defaults=False):
     """What a node offers; stored in the inventory KV bucket under the node's name."""
 
     v: int = SCHEMA_VERSION
@@ -67,7 +67,7 @@ class NodeInventory(_Base, kw_only=True):
     published_at: float = 0.0
 
 
-class Heartbeat(_Base, kw_only=True):
+class Heartbeat(_Base, kw_only=True, omit_defaults=False):
     v: int = SCHEMA_VERSION
     node: str
     agent_id: str
@@ -75,7 +75,7 @@ class Heartbeat(_Base, kw_only=True):
     at: float
 
 
-class NodeHealth(_Base, kw_only=True):
+class NodeHealth(_Base, kw_only=True, omit_defaults=False):
     """Inventory's verdict on a node, stored in the health KV bucket."""
 
     v: int = SCHEMA_VERSION
@@ -101,7 +101,7 @@ class ContainerUsage(_Base, kw_only=True):
     last_kernel_at: float = 0.0
 
 
-class Telemetry(_Base, kw_only=True):
+class Telemetry(_Base, kw_only=True, omit_defaults=False):
     v: int = SCHEMA_VERSION
     node: str
     at: float
@@ -175,7 +175,7 @@ class Quota(_Base, kw_only=True):
     cores: int | None = None
 
 
-class AllocRequested(_Base, kw_only=True, tag="requested", tag_field="kind"):
+class AllocRequested(_Base, kw_only=True, omit_defaults=False, tag="requested", tag_field="kind"):
     v: int = SCHEMA_VERSION
     uid: str  # allocation id: the pod UID in Kubernetes mode
     name: str
@@ -208,7 +208,7 @@ class ContainerGrant(_Base, kw_only=True):
     devices: list[CardGrant] = []
 
 
-class AllocDecided(_Base, kw_only=True, tag="decided", tag_field="kind"):
+class AllocDecided(_Base, kw_only=True, omit_defaults=False, tag="decided", tag_field="kind"):
     v: int = SCHEMA_VERSION
     uid: str
     name: str
@@ -222,7 +222,7 @@ class AllocDecided(_Base, kw_only=True, tag="decided", tag_field="kind"):
     replica: str = ""
 
 
-class AllocFailed(_Base, kw_only=True, tag="failed", tag_field="kind"):
+class AllocFailed(_Base, kw_only=True, omit_defaults=False, tag="failed", tag_field="kind"):
     v: int = SCHEMA_VERSION
     uid: str
     name: str
@@ -238,7 +238,7 @@ class AllocFailed(_Base, kw_only=True, tag="failed", tag_field="kind"):
     failed_at: float = 0.0
 
 
-class AllocBound(_Base, kw_only=True, tag="bound", tag_field="kind"):
+class AllocBound(_Base, kw_only=True, omit_defaults=False, tag="bound", tag_field="kind"):
     v: int = SCHEMA_VERSION
     uid: str
     name: str
@@ -247,7 +247,7 @@ class AllocBound(_Base, kw_only=True, tag="bound", tag_field="kind"):
     bound_at: float = 0.0
 
 
-class AllocBindFailed(_Base, kw_only=True, tag="bind_failed", tag_field="kind"):
+class AllocBindFailed(_Base, kw_only=True, omit_defaults=False, tag="bind_failed", tag_field="kind"):
     v: int = SCHEMA_VERSION
     uid: str
     name: str
@@ -257,7 +257,7 @@ class AllocBindFailed(_Base, kw_only=True, tag="bind_failed", tag_field="kind"):
     at: float = 0.0
 
 
-class AllocPrepared(_Base, kw_only=True, tag="prepared", tag_field="kind"):
+class AllocPrepared(_Base, kw_only=True, omit_defaults=False, tag="prepared", tag_field="kind"):
     v: int = SCHEMA_VERSION
     uid: str
     name: str = ""
@@ -268,7 +268,7 @@ class AllocPrepared(_Base, kw_only=True, tag="prepared", tag_field="kind"):
     at: float = 0.0
 
 
-class AllocReleased(_Base, kw_only=True, tag="released", tag_field="kind"):
+class AllocReleased(_Base, kw_only=True, omit_defaults=False, tag="released", tag_field="kind"):
     v: int = SCHEMA_VERSION
     uid: str
     name: str = ""
@@ -289,7 +289,7 @@ AllocEvent = (
 )
 
 
-class NodeEvent(_Base, kw_only=True, tag="node", tag_field="kind"):
+class NodeEvent(_Base, kw_only=True, omit_defaults=False, tag="node", tag_field="kind"):
     v: int = SCHEMA_VERSION
     node: str
     verb: str  # registered | updated | unhealthy | recovered | removed
@@ -307,9 +307,11 @@ class LedgerAlloc(_Base, kw_only=True):
     containers: list[ContainerGrant] = []
     decided_at: float = 0.0
     source: str = "cli"
+    cpu_milli: int = 0  # node resources the pod holds, summed like the cards (init peak)
+    memory_mib: int = 0
 
 
-class NodeLedger(_Base, kw_only=True):
+class NodeLedger(_Base, kw_only=True, omit_defaults=False):
     """The reservations on one node; the ledger KV value, written by compare-and-set."""
 
     v: int = SCHEMA_VERSION
