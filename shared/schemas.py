@@ -352,6 +352,20 @@ def card_usage(containers: list[ContainerGrant]) -> dict[str, tuple[int, int, in
 # ------------------------------------------------------------------------ request/reply
 
 
+class SubmitRequest(_Base, kw_only=True):
+    """A direct client's ask for a slice (``hami submit``), answered by the binder."""
+
+    name: str
+    namespace: str = ""
+    containers: list[ContainerAsk] = []
+    constraints: Constraints = msgspec.field(default_factory=Constraints)
+    priority: int = 1
+    # Wait for capacity instead of failing at once: the request stays pending and is
+    # retried when capacity changes, up to ``timeout`` seconds.
+    wait: bool = False
+    timeout: float = 30.0
+
+
 class SubmitReply(_Base, kw_only=True):
     ok: bool
     uid: str = ""

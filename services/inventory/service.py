@@ -1,0 +1,143 @@
+"""The inventory service's wiring: node registry events, health, and status queries.
+
+Watches the inventory KV bucket (publishing ``registered`` / ``updated`` / ``removed``
+node events), listens to heartbeats and marks silent nodes unhealthy (the health KV
+bucket plus an ``unhealthy`` / ``recovered`` event), and answers ``hami.api.status``.
+With several replicas, the health key is written by compare-and-set so only one
+replica publishes each transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.aio.msg import Msg
+
+from services.inventory.health import HealthTracker, Transition
+from services.inventory.view import cluster_status
+from shared import subjects
+from shared.bus import Bus, Conflict, add_service, decode
+from shared.config import Config
+from shared.schemas import (
+    ClusterStatus,
+    Heartbeat,
+    NodeEvent,
+    NodeHealth,
+    NodeInventory,
+    NodeLedger,
+)
+
+log = logging.getLogger("hami.inventory")
+
+
+class InventoryService:
+    def __init__(self, bus: Bus, cfg: Config, tick: float = 0.5) -> None:
+        self.bus = bus
+        self.cfg = cfg
+        self.tick = tick
+        self.nodes: dict[str, NodeInventory] = {}
+        self.health: dict[str, NodeHealth] = {}
+        self.health_rev: dict[str, int] = {}
+        self.ledgers: dict[str, NodeLedger] = {}
+        self.tracker = HealthTracker(cfg.unhealthy_after, time.time())
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[object] = []
+        self._svc: object | None = None
+
+    async def _on_node(self, key: str, value: bytes | None, revision: int) -> None:
+        now = time.time()
+        if value is None:
+            name = next((n for n in self.nodes if subjects.kv_key(n) == key), key)
+            if self.nodes.pop(name, None) is not None:
+                self.tracker.forget(name)
+                await self._event(name, "removed", "inventory deleted", f"{revision}")
+            return
+        inv = decode(value, NodeInventory)
+        prev = self.nodes.get(inv.node)
+        self.nodes[inv.node] = inv
+        self.tracker.known(inv.node, now)
+        if prev is None:
+            await self._event(inv.node, "registered", f"{len(inv.devices)} devices", f"{revision}")
+        elif prev.devices != inv.devices or prev.cordoned != inv.cordoned:
+            await self._event(inv.node, "updated", f"{len(inv.devices)} devices", f"{revision}")
+
+    async def _on_health(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is None:
+            return
+        h = decode(value, NodeHealth)
+        self.health[h.node] = h
+        self.health_rev[h.node] = revision
+        # Another replica's verdict counts here too.
+        self.tracker.healthy[h.node] = h.healthy
+
+    async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is None:
+            for name in list(self.ledgers):
+                if subjects.kv_key(name) == key:
+                    del self.ledgers[name]
+            return
+        led = decode(value, NodeLedger)
+        self.ledgers[led.node] = led
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        hb = decode(msg.data, Heartbeat)
+        t = self.tracker.beat(hb.node, time.time())
+        if t is not None:
+            await self._apply(t)
+
+    async def _event(self, node: str, verb: str, reason: str, dedupe: str) -> None:
+        ev = NodeEvent(node=node, verb=verb, reason=reason, at=time.time())
+        await self.bus.publish_event(
+            subjects.node_event(verb, node), ev, msg_id=f"node:{verb}:{node}:{dedupe}"
+        )
+        log.info("node %s %s (%s)", node, verb, reason)
+
+    async def _apply(self, t: Transition) -> None:
+        now = time.time()
+        h = NodeHealth(node=t.node, healthy=t.healthy, since=now, reason=t.reason)
+        try:
+            rev = await self.bus.kv_cas(
+                subjects.HEALTH_BUCKET, t.node, h, self.health_rev.get(t.node, 0)
+            )
+        except Conflict:
+            # Another replica recorded a verdict first; the watch brings it here.
+            return
+        self.health[t.node] = h
+        self.health_rev[t.node] = rev
+        verb = "recovered" if t.healthy else "unhealthy"
+        await self._event(t.node, verb, t.reason, f"{rev}")
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            for t in self.tracker.tick(time.time()):
+                try:
+                    await self._apply(t)
+                except Exception:
+                    log.exception("cannot record health of %s", t.node)
+
+    async def _status(self, data: bytes) -> ClusterStatus:
+        return cluster_status(self.nodes, self.health, self.ledgers)
+
+    async def start(self) -> None:
+        ready = [asyncio.Event() for _ in range(3)]
+        self._tasks.append(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[0]))
+        self._tasks.append(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[1]))
+        self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 10)
+        self._subs.append(await self.bus.subscribe(subjects.HEARTBEAT_ALL, self._on_heartbeat))
+        self._tasks.append(asyncio.create_task(self._ticker(), name="health-ticker"))
+        self._svc = await add_service(self.bus, "hami-inventory", {subjects.API_STATUS: self._status})
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for s in self._subs:
+            await s.unsubscribe()  # type: ignore[attr-defined]
+        self._subs.clear()
+        if self._svc is not None:
+            await self._svc.stop()  # type: ignore[attr-defined]

@@ -1,0 +1,277 @@
+"""The bus layer every service talks through: NATS core, JetStream and KV.
+
+One :class:`Bus` per process. It connects with reconnection, creates the event stream
+and the KV buckets idempotently (any replica may start first), publishes events with a
+``Nats-Msg-Id`` so a retried publish is stored once, and carries the W3C trace context
+in message headers. Encoders and decoders are built once and reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from shared import subjects, tracing
+from shared.schemas import AllocEvent, NodeEvent
+
+log = logging.getLogger("hami.bus")
+
+T = TypeVar("T")
+
+ENCODER = msgspec.json.Encoder()
+EVENT_DECODER: msgspec.json.Decoder[AllocEvent | NodeEvent] = msgspec.json.Decoder(
+    AllocEvent | NodeEvent
+)
+
+# How long the stream remembers message ids for deduplication.
+DUPLICATE_WINDOW_S = 120.0
+# The durable event stream keeps a week (or 1 GiB) for replay by outside systems.
+EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
+EVENTS_MAX_BYTES = 1 << 30
+
+KV_BUCKETS = (subjects.NODES_BUCKET, subjects.LEDGER_BUCKET, subjects.HEALTH_BUCKET)
+
+Conflict = KeyWrongLastSequenceError
+NotFound = KeyNotFoundError
+
+
+class BadMessage(ValueError):
+    """A message that cannot be decoded into the schema expected on its subject."""
+
+
+def decode(data: bytes, typ: type[T]) -> T:
+    try:
+        return msgspec.json.decode(data, type=typ)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadMessage(f"cannot decode {typ.__name__}: {exc}") from exc
+
+
+def decode_event(data: bytes) -> AllocEvent | NodeEvent:
+    try:
+        return EVENT_DECODER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadMessage(f"cannot decode event: {exc}") from exc
+
+
+class Bus:
+    def __init__(self, nc: NATS, name: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10.0)
+        self.name = name
+        self._kv: dict[str, KeyValue] = {}
+
+    @classmethod
+    async def connect(cls, url: str, name: str, *, setup: bool = True) -> Bus:
+        async def on_error(exc: Exception) -> None:
+            log.warning("%s: nats error: %s", name, exc)
+
+        async def on_disconnect() -> None:
+            log.warning("%s: disconnected from nats", name)
+
+        async def on_reconnect() -> None:
+            log.info("%s: reconnected to nats", name)
+
+        nc = await nats.connect(
+            url,
+            name=f"hami-{name}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+        bus = cls(nc, name)
+        if setup:
+            await bus.setup()
+        return bus
+
+    async def setup(self) -> None:
+        """Create the event stream and the KV buckets; safe to call from every replica."""
+        cfg = api.StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=list(subjects.EVENTS_SUBJECTS),
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=EVENTS_MAX_AGE_S,
+            max_bytes=EVENTS_MAX_BYTES,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        )
+        try:
+            await self.js.add_stream(cfg)
+        except BadRequestError:
+            # Exists with another configuration (an older release): bring it up to date.
+            await self.js.update_stream(cfg)
+        for bucket in KV_BUCKETS:
+            await self.kv(bucket)
+
+    async def kv(self, bucket: str) -> KeyValue:
+        kv = self._kv.get(bucket)
+        if kv is None:
+            # history=1: the ledger needs only the latest value and its revision.
+            kv = await self.js.create_key_value(bucket=bucket, history=1)
+            self._kv[bucket] = kv
+        return kv
+
+    # ---------------------------------------------------------------- publishing
+
+    def headers(self, msg_id: str | None = None) -> dict[str, str]:
+        hdrs: dict[str, str] = {}
+        if msg_id:
+            hdrs["Nats-Msg-Id"] = msg_id
+        return tracing.inject(hdrs)
+
+    async def publish_event(
+        self, subject: str, msg: msgspec.Struct, msg_id: str
+    ) -> api.PubAck:
+        """Store an event in the durable stream; the same ``msg_id`` is stored once."""
+        return await self.js.publish(subject, ENCODER.encode(msg), headers=self.headers(msg_id))
+
+    async def publish(self, subject: str, msg: msgspec.Struct) -> None:
+        """Core NATS, not stored (heartbeats, telemetry)."""
+        await self.nc.publish(subject, ENCODER.encode(msg), headers=self.headers())
+
+    async def request(
+        self, subject: str, msg: msgspec.Struct, reply: type[T], timeout: float = 10.0
+    ) -> T:
+        resp = await self.nc.request(
+            subject, ENCODER.encode(msg), timeout=timeout, headers=self.headers()
+        )
+        return decode(resp.data, reply)
+
+    # ------------------------------------------------------------------- KV helpers
+
+    async def kv_get(self, bucket: str, key: str, typ: type[T]) -> tuple[T | None, int]:
+        """The value under ``key`` and its revision; (None, 0) when absent or deleted."""
+        kv = await self.kv(bucket)
+        try:
+            entry = await kv.get(subjects.kv_key(key))
+        except KeyNotFoundError:
+            return None, 0
+        if entry.value is None or entry.operation in ("DEL", "PURGE"):
+            return None, entry.revision or 0
+        return decode(entry.value, typ), entry.revision or 0
+
+    async def kv_put(self, bucket: str, key: str, value: msgspec.Struct) -> int:
+        kv = await self.kv(bucket)
+        return await kv.put(subjects.kv_key(key), ENCODER.encode(value))
+
+    async def kv_cas(self, bucket: str, key: str, value: msgspec.Struct, last: int) -> int:
+        """Write only if the key is still at revision ``last`` (0: only if absent).
+
+        Raises :data:`Conflict` when another writer got there first.
+        """
+        kv = await self.kv(bucket)
+        data = ENCODER.encode(value)
+        k = subjects.kv_key(key)
+        if last == 0:
+            try:
+                return await kv.create(k, data)
+            except KeyWrongLastSequenceError:
+                raise
+            except BadRequestError as exc:
+                raise Conflict(description=str(exc)) from exc
+        return await kv.update(k, data, last=last)
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        kv = await self.kv(bucket)
+        await kv.delete(subjects.kv_key(key))
+
+    async def watch_kv(
+        self,
+        bucket: str,
+        handler: Callable[[str, bytes | None, int], Awaitable[None]],
+        ready: asyncio.Event | None = None,
+        key: str | None = None,
+    ) -> asyncio.Task[None]:
+        """Call ``handler(key, value_or_None, revision)`` for every entry, then follow.
+
+        ``key`` narrows the watch to one key; ``ready`` is set once the existing
+        entries have been delivered.
+        """
+        kv = await self.kv(bucket)
+        watcher = await (kv.watch(subjects.kv_key(key)) if key else kv.watchall())
+
+        async def run() -> None:
+            try:
+                async for entry in watcher:
+                    if entry is None:  # end of the initial values
+                        if ready is not None:
+                            ready.set()
+                        continue
+                    deleted = entry.operation in ("DEL", "PURGE")
+                    try:
+                        await handler(entry.key, None if deleted else entry.value, entry.revision or 0)
+                    except Exception:
+                        log.exception("%s: handler failed on %s/%s", self.name, bucket, entry.key)
+            finally:
+                await watcher.stop()
+
+        return asyncio.create_task(run(), name=f"watch-{bucket}")
+
+    # ---------------------------------------------------------------- subscribing
+
+    async def subscribe(
+        self, subject: str, handler: Callable[[Msg], Awaitable[None]], queue: str = ""
+    ) -> Any:
+        async def cb(msg: Msg) -> None:
+            try:
+                await handler(msg)
+            except Exception:
+                log.exception("%s: handler failed on %s", self.name, msg.subject)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=cb)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # already closing or the server is gone
+                await self.nc.close()
+
+
+Endpoint = Callable[[bytes], Awaitable[msgspec.Struct]]
+
+
+async def add_service(
+    bus: Bus, name: str, endpoints: dict[str, Endpoint], version: str = "0.1.0"
+) -> Any:
+    """Expose request/reply endpoints as a ``nats.micro`` service (``$SRV.PING/INFO/STATS``).
+
+    A handler that raises :class:`BadMessage` or ``ValueError`` answers an
+    :class:`~shared.schemas.ErrorReply` naming the problem; nothing is lost or half-done.
+    """
+    from nats import micro
+
+    from shared.schemas import ErrorReply
+
+    svc = await micro.add_service(bus.nc, name=name, version=version, queue_group=name)
+
+    def wrap(fn: Endpoint) -> Callable[[Any], Awaitable[None]]:
+        async def handler(req: Any) -> None:
+            try:
+                reply = await fn(req.data)
+            except (BadMessage, ValueError) as exc:
+                reply = ErrorReply(error=str(exc))
+            except Exception as exc:
+                log.exception("%s: endpoint failed", name)
+                reply = ErrorReply(error=f"internal error: {exc}")
+            await req.respond(ENCODER.encode(reply))
+
+        return handler
+
+    for subject, fn in endpoints.items():
+        await svc.add_endpoint(
+            name=subject.rsplit(".", 1)[-1], subject=subject, handler=wrap(fn)
+        )
+    return svc
