@@ -219,6 +219,9 @@ async def test_health_change_and_provider_refresh(kubelet: FakeKubelet, plugin_d
         await kubelet.wait_devices(RES, lambda d: len(d) == 3)
         assert kubelet.healthy(RES) == ["GPU-0", "GPU-1", "GPU-2"]
         assert p.devices == [DeviceState(f"GPU-{i}", True, 1) for i in range(3)]
+        # from another thread
+        await asyncio.to_thread(p.update_devices_threadsafe, [("GPU-7", True, 0)])
+        await kubelet.wait_devices(RES, lambda d: list(d) == ["GPU-7"])
         # an unhealthy device is never allocated
         p.update_devices([("GPU-0", False, 1), ("GPU-1", True, 1)])
         await kubelet.wait_devices(RES, lambda d: len(d) == 2)

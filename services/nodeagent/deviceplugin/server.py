@@ -16,7 +16,8 @@ to the kubelet through the device plugin API v1beta1, over a unix socket
   is answered with a gRPC error (FAILED_PRECONDITION for `AllocationError`, UNKNOWN for
   anything else) and the server keeps serving.
 
-Everything runs on one asyncio event loop (grpc.aio); call `update_devices` from it.
+Everything runs on one asyncio event loop (grpc.aio); call `update_devices` from it, or
+`update_devices_threadsafe` from other threads.
 """
 
 from __future__ import annotations
@@ -273,6 +274,7 @@ class DevicePlugin:
         self._streams = 0
         self._stopping = False
 
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._served_identity: tuple[int, int, int] | None = None
         self._registered_identity: tuple[int, int, int] | None = None
@@ -310,6 +312,13 @@ class DevicePlugin:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
+    def update_devices_threadsafe(self, devices: Iterable[DeviceLike] | None = None) -> None:
+        """`update_devices` from another thread (e.g. a blocking NVML health watcher)."""
+        if self._loop is None:
+            raise RuntimeError("DevicePlugin not started")
+        items = None if devices is None else list(devices)
+        self._loop.call_soon_threadsafe(self.update_devices, items)
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -319,6 +328,7 @@ class DevicePlugin:
         if len(os.fsencode(self.socket_path)) > _MAX_UNIX_PATH:
             raise ValueError(f"unix socket path too long (> {_MAX_UNIX_PATH}): {self.socket_path}")
         self._stopping = False
+        self._loop = asyncio.get_running_loop()
         self.update_devices()
         self.plugin_dir.mkdir(parents=True, exist_ok=True)
         await self._serve()
