@@ -57,7 +57,7 @@ class SimSettings(msgspec.Struct, kw_only=True, rename="camel"):
     nodes: int = 1
     gpus: list[str] = msgspec.field(default_factory=lambda: ["A100-80GB:4:81920"])  # MODEL:COUNT[:MEMORY_MIB], one per node kind
     numa_nodes: int = 1
-    nvlink: str = "none"  # none | pairs | all | dgx
+    nvlink: str = "pcie"  # pcie | pairs | dgx1 | nvswitch
 
 
 class Config(msgspec.Struct, kw_only=True, rename="camel"):

@@ -16,7 +16,6 @@ import time
 from nats.aio.msg import Msg
 
 from services.inventory.health import HealthTracker, Transition
-from services.inventory.view import cluster_status
 from shared import subjects
 from shared.bus import Bus, Conflict, add_service, decode
 from shared.config import Config
@@ -28,6 +27,7 @@ from shared.schemas import (
     NodeInventory,
     NodeLedger,
 )
+from shared.view import cluster_status
 
 log = logging.getLogger("hami.inventory")
 

@@ -1,6 +1,6 @@
 """The cluster's device view for queries: inventory + health + ledger -> ClusterStatus.
 
-Pure; the service feeds it from the KV watches.
+Pure; the inventory and metrics services feed it from their KV watches.
 """
 
 from __future__ import annotations

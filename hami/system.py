@@ -1,0 +1,116 @@
+"""The whole system in one process: embedded NATS plus every service, for ``hami up``.
+
+Each service keeps its own NATS connection, so they talk over the bus exactly as
+separate processes would; only the process boundary is saved. ``hami demo`` and the
+tests use the same class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.binder.service import BinderService
+from services.inventory.service import InventoryService
+from services.metrics.service import MetricsService
+from services.nodeagent.agent import NodeAgent
+from services.nodeagent.backends import Backend, nvml
+from services.nodeagent.backends.sim import GpuSpec, SimBackend, parse_gpu_spec
+from services.placement.service import PlacementService
+from shared.bus import Bus
+from shared.config import Config
+from shared.natsserver import EmbeddedNats
+
+log = logging.getLogger("hami.system")
+
+
+@dataclass
+class System:
+    cfg: Config
+    nats_url: str | None = None
+    sim_nodes: int | None = None
+    sim_gpus: list[str] | None = None
+    metrics_port: int | None = None
+    data_dir: Path | None = None
+    use_nvml: bool | None = None  # None: use NVML when it finds cards and no sim flag
+    nats: EmbeddedNats | None = None
+    buses: list[Bus] = field(default_factory=list)
+    services: list[Any] = field(default_factory=list)
+    agents: list[NodeAgent] = field(default_factory=list)
+    metrics: MetricsService | None = None
+
+    async def _bus(self, name: str) -> Bus:
+        assert self.nats_url
+        bus = await Bus.connect(self.nats_url, name)
+        self.buses.append(bus)
+        return bus
+
+    def backends(self) -> list[tuple[str, Backend]]:
+        sim_asked = self.sim_nodes is not None or self.sim_gpus is not None
+        use_nvml = self.use_nvml if self.use_nvml is not None else (not sim_asked and nvml.available())
+        if use_nvml:
+            node = self.cfg.node_name or socket.gethostname()
+            return [(node, nvml.NvmlBackend())]
+        specs: list[GpuSpec] = [parse_gpu_spec(s) for s in (self.sim_gpus or self.cfg.sim.gpus)]
+        n = self.sim_nodes if self.sim_nodes is not None else self.cfg.sim.nodes
+        out: list[tuple[str, Backend]] = []
+        for i in range(n):
+            node = f"sim-node-{i}"
+            out.append((node, SimBackend(node, specs, self.cfg.sim.numa_nodes, self.cfg.sim.nvlink)))
+        return out
+
+    async def start(self) -> None:
+        backends = self.backends()  # parse flags before starting anything
+        if not self.nats_url:
+            self.nats = EmbeddedNats(data_dir=self.data_dir)
+            self.nats_url = await self.nats.astart()
+        try:
+            inventory = InventoryService(await self._bus("inventory"), self.cfg)
+            placement = PlacementService(await self._bus("placement"), self.cfg)
+            binder = BinderService(await self._bus("binder"), self.cfg)
+            port = self.cfg.metrics_port if self.metrics_port is None else self.metrics_port
+            self.metrics = MetricsService(await self._bus("metrics"), self.cfg, port=port)
+            for svc in (inventory, placement, binder, self.metrics):
+                await svc.start()
+                self.services.append(svc)
+            agent_bus = await self._bus("nodeagent")
+            for node, backend in backends:
+                agent = NodeAgent(agent_bus, node, backend, self.cfg)
+                await agent.start()
+                self.agents.append(agent)
+            await self.wait_nodes(len(backends), placement)
+        except BaseException:
+            await self.stop()
+            raise
+
+    @staticmethod
+    async def wait_nodes(n: int, placement: PlacementService, timeout: float = 10.0) -> None:
+        """Until placement has seen every node's registration (the KV watch is async)."""
+        async with asyncio.timeout(timeout):
+            while len(placement.cluster.nodes) < n:  # noqa: ASYNC110 - no event to await on
+                await asyncio.sleep(0.01)
+
+    @property
+    def metrics_url(self) -> str:
+        return self.metrics.url if self.metrics else ""
+
+    async def stop(self) -> None:
+        for agent in reversed(self.agents):
+            await agent.stop()
+        self.agents.clear()
+        for svc in reversed(self.services):
+            try:
+                await svc.stop()
+            except Exception:
+                log.exception("stopping %s", type(svc).__name__)
+        self.services.clear()
+        for bus in self.buses:
+            await bus.close()
+        self.buses.clear()
+        if self.nats is not None:
+            self.nats.cleanup()
+            self.nats = None

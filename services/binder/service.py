@@ -1,0 +1,292 @@
+"""The binder's wiring: decisions become bindings; clients' asks become requests.
+
+Decisions arrive on a durable consumer shared by the binder replicas. What "binding"
+means is the backend's business: in standalone mode (this module's
+:class:`StandaloneBackend`) a decision is bound at once; the Kubernetes backend writes
+HAMi's annotations and creates the Binding. Either way the binder then publishes
+``bound`` (or ``bind_failed`` plus ``released``, so placement frees the reservation).
+
+For direct clients (``hami submit`` / ``hami release``) the binder answers
+``hami.api.submit`` and ``hami.api.release``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Protocol
+
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from shared import subjects, tracing
+from shared.bus import BadMessage, Bus, add_service, decode, decode_event
+from shared.config import Config
+from shared.schemas import (
+    AllocBindFailed,
+    AllocBound,
+    AllocDecided,
+    AllocFailed,
+    AllocReleased,
+    AllocRequested,
+    NodeLedger,
+    ReleaseReply,
+    ReleaseRequest,
+    SubmitReply,
+    SubmitRequest,
+)
+
+log = logging.getLogger("hami.binder")
+tracer = tracing.tracer("hami.binder")
+
+BINDER_CONSUMER = "binder"
+
+
+class BindError(Exception):
+    """The backend could not bind; the reservation is released."""
+
+
+class Backend(Protocol):
+    async def bind(self, decision: AllocDecided) -> None: ...
+
+
+class StandaloneBackend:
+    """No cluster: a decision is bound the moment it is made."""
+
+    async def bind(self, decision: AllocDecided) -> None:
+        return None
+
+
+def validate_submit(req: SubmitRequest) -> None:
+    if not req.name or len(req.name) > 253:
+        raise ValueError("a name of 1 to 253 characters is required")
+    if not req.containers:
+        raise ValueError("a request needs at least one container")
+    for c in req.containers:
+        for d in c.devices:
+            if d.nums < 1 or d.nums > 64:
+                raise ValueError(f"gpus must be 1..64, got {d.nums}")
+            if d.mem < 0:
+                raise ValueError(f"memory must not be negative, got {d.mem}")
+            if d.mem_percent is not None and not 0 < d.mem_percent <= 100:
+                raise ValueError(f"memory percentage must be 1..100, got {d.mem_percent}")
+            if not 0 <= d.cores <= 100:
+                raise ValueError(f"cores must be 0..100, got {d.cores}")
+    for pol, allowed in (
+        (req.constraints.node_policy, {"binpack", "spread"}),
+        (req.constraints.gpu_policy, None),
+    ):
+        if pol is not None and allowed is not None and pol not in allowed and not pol.isidentifier():
+            raise ValueError(f"unknown policy {pol!r}")
+
+
+class BinderService:
+    def __init__(self, bus: Bus, cfg: Config, backend: Backend | None = None) -> None:
+        self.bus = bus
+        self.cfg = cfg
+        self.backend: Backend = backend or StandaloneBackend()
+        self.by_name: dict[str, tuple[str, str]] = {}  # "ns/name" -> (uid, node)
+        self.inflight: dict[str, str] = {}  # "ns/name" -> uid, submitted not yet placed
+        self.waiters: dict[str, asyncio.Future[AllocDecided | AllocFailed]] = {}
+        self.gone: dict[str, asyncio.Event] = {}  # uid -> set when it leaves the ledger
+        self.ledger_uids: dict[str, set[str]] = {}  # node -> uids in its ledger
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sub: object | None = None
+        self._svc: object | None = None
+
+    @staticmethod
+    def key(name: str, namespace: str = "") -> str:
+        return f"{namespace}/{name}"
+
+    # -------------------------------------------------------------- ledger view
+
+    async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is None:
+            return
+        led = decode(value, NodeLedger)
+        now = set(led.allocs)
+        for uid in self.ledger_uids.get(led.node, set()) - now:
+            ev = self.gone.pop(uid, None)
+            if ev is not None:
+                ev.set()
+            for k, (u, _n) in list(self.by_name.items()):
+                if u == uid:
+                    del self.by_name[k]
+        self.ledger_uids[led.node] = now
+        for a in led.allocs.values():
+            self.by_name[self.key(a.name, a.namespace)] = (a.uid, led.node)
+
+    # ----------------------------------------------------------------- decisions
+
+    async def handle_decided(self, d: AllocDecided) -> None:
+        with tracer.start_as_current_span("binder.bind") as span:
+            span.set_attribute("hami.uid", d.uid)
+            span.set_attribute("hami.node", d.node)
+            try:
+                await self.backend.bind(d)
+            except BindError as exc:
+                log.warning("binding %s to %s failed: %s", d.name, d.node, exc)
+                now = time.time()
+                await self.bus.publish_event(
+                    subjects.alloc("bind_failed", d.node),
+                    AllocBindFailed(uid=d.uid, name=d.name, namespace=d.namespace, node=d.node,
+                                    message=str(exc), at=now),
+                    msg_id=f"bind_failed:{d.uid}:{d.decided_at}",
+                )
+                await self.release(d.uid, d.name, d.namespace, d.node, "bind-failed")
+                return
+            await self.bus.publish_event(
+                subjects.alloc("bound", d.node),
+                AllocBound(uid=d.uid, name=d.name, namespace=d.namespace, node=d.node,
+                           bound_at=time.time()),
+                msg_id=f"bound:{d.uid}:{d.decided_at}",
+            )
+        self.by_name[self.key(d.name, d.namespace)] = (d.uid, d.node)
+        self.inflight.pop(self.key(d.name, d.namespace), None)
+        fut = self.waiters.pop(d.uid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(d)
+
+    async def handle_failed(self, f: AllocFailed) -> None:
+        fut = self.waiters.get(f.uid)
+        if fut is not None and not fut.done() and not f.pending:
+            self.waiters.pop(f.uid, None)
+            self.inflight.pop(self.key(f.name, f.namespace), None)
+            fut.set_result(f)
+
+    async def release(self, uid: str, name: str, namespace: str, node: str, reason: str) -> None:
+        ev = AllocReleased(uid=uid, name=name, namespace=namespace, node=node, reason=reason,
+                           at=time.time())
+        subject = subjects.alloc("released", node) if node else subjects.alloc("released")
+        await self.bus.publish_event(subject, ev, msg_id=f"released:{uid}")
+
+    async def _handle_msg(self, msg: Msg) -> None:
+        try:
+            ev = decode_event(msg.data)
+        except BadMessage as exc:
+            log.error("dropping malformed message on %s: %s", msg.subject, exc)
+            await msg.term()
+            return
+        try:
+            if isinstance(ev, AllocDecided):
+                await self.handle_decided(ev)
+            elif isinstance(ev, AllocFailed):
+                await self.handle_failed(ev)
+        except Exception:
+            log.exception("cannot handle %s; it will be redelivered", msg.subject)
+            await msg.nak(delay=0.5)
+            return
+        await msg.ack()
+
+    async def _consume(self) -> None:
+        sub = self._sub
+        assert sub is not None
+        while True:
+            try:
+                msgs = await sub.fetch(batch=64, timeout=1.0)  # type: ignore[attr-defined]
+            except TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("fetch: %s", exc)
+                await asyncio.sleep(0.2)
+                continue
+            for m in msgs:
+                await self._handle_msg(m)
+
+    # ---------------------------------------------------------- direct clients
+
+    async def submit(self, data: bytes) -> SubmitReply:
+        req = decode(data, SubmitRequest)
+        validate_submit(req)
+        k = self.key(req.name, req.namespace)
+        if k in self.by_name or k in self.inflight:
+            return SubmitReply(ok=False, name=req.name, error=f"{req.name} already has an allocation; release it first")
+        uid = str(uuid.uuid4())
+        fut: asyncio.Future[AllocDecided | AllocFailed] = asyncio.get_running_loop().create_future()
+        self.waiters[uid] = fut
+        self.inflight[k] = uid
+        ask = AllocRequested(
+            uid=uid, name=req.name, namespace=req.namespace, containers=req.containers,
+            constraints=req.constraints, priority=req.priority, pending=req.wait,
+            source="cli", requested_at=time.time(),
+        )
+        with tracer.start_as_current_span("binder.submit") as span:
+            span.set_attribute("hami.uid", uid)
+            await self.bus.publish_event(subjects.alloc("requested"), ask, msg_id=f"requested:{uid}")
+        try:
+            result = await asyncio.wait_for(fut, timeout=max(req.timeout, 0.1))
+        except TimeoutError:
+            self.waiters.pop(uid, None)
+            self.inflight.pop(k, None)
+            # Withdraw it so a later release does not place a request nobody waits for.
+            await self.release(uid, req.name, req.namespace, "", "withdrawn")
+            return SubmitReply(ok=False, uid=uid, name=req.name,
+                               error=f"no placement within {req.timeout:g}s")
+        if isinstance(result, AllocDecided):
+            return SubmitReply(ok=True, uid=uid, name=req.name, decision=result)
+        return SubmitReply(ok=False, uid=uid, name=req.name, failure=result)
+
+    async def release_endpoint(self, data: bytes) -> ReleaseReply:
+        req = decode(data, ReleaseRequest)
+        k = self.key(req.name, req.namespace)
+        found = self.by_name.get(k)
+        if found is None:
+            return ReleaseReply(ok=False, error=f"{req.name}: no such allocation")
+        uid, node = found
+        gone = self.gone.setdefault(uid, asyncio.Event())
+        await self.release(uid, req.name, req.namespace, node, "released")
+        try:
+            # Answer once placement has freed it, so the caller's next ask sees the room.
+            await asyncio.wait_for(gone.wait(), timeout=10)
+        except TimeoutError:
+            return ReleaseReply(ok=True, uid=uid, node=node, error="released; not yet freed")
+        self.by_name.pop(k, None)
+        return ReleaseReply(ok=True, uid=uid, node=node)
+
+    # --------------------------------------------------------------------- life
+
+    async def start(self, serve_api: bool = True) -> None:
+        ready = asyncio.Event()
+        self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready))
+        await asyncio.wait_for(ready.wait(), 15)
+        cfg = api.ConsumerConfig(
+            durable_name=BINDER_CONSUMER,
+            filter_subjects=[subjects.alloc_any("decided"), subjects.alloc("failed")],
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.NEW,
+            ack_wait=30.0,
+            max_ack_pending=20000,
+        )
+        try:
+            await self.bus.js.consumer_info(subjects.EVENTS_STREAM, BINDER_CONSUMER)
+        except NotFoundError:
+            await self.bus.js.add_consumer(subjects.EVENTS_STREAM, cfg)
+        self._sub = await self.bus.js.pull_subscribe_bind(
+            durable=BINDER_CONSUMER, stream=subjects.EVENTS_STREAM
+        )
+        self._tasks.append(asyncio.create_task(self._consume(), name="binder-consume"))
+        if serve_api:
+            self._svc = await add_service(
+                self.bus, "hami-binder",
+                {subjects.API_SUBMIT: self.submit, subjects.API_RELEASE: self.release_endpoint},
+            )
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._svc is not None:
+            await self._svc.stop()  # type: ignore[attr-defined]
+            self._svc = None
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()  # type: ignore[attr-defined]
+            except Exception:
+                pass
+            self._sub = None

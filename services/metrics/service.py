@@ -1,0 +1,146 @@
+"""The metrics service's wiring: KV watches and event subscriptions in, HTTP out.
+
+Serves ``/metrics`` (Prometheus text), ``/api/status`` (JSON) and a small dashboard at
+``/``. It only reads: any number of replicas can run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+import msgspec
+from aiohttp import web
+from nats.aio.msg import Msg
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from services.metrics.collector import AllocationCollector, LatencyMetrics, Snapshot
+from services.metrics.dashboard import render
+from shared import subjects
+from shared.bus import BadMessage, Bus, decode, decode_event
+from shared.config import Config
+from shared.schemas import (
+    AllocBound,
+    AllocDecided,
+    AllocFailed,
+    NodeHealth,
+    NodeInventory,
+    NodeLedger,
+)
+from shared.view import cluster_status as cluster_view
+
+log = logging.getLogger("hami.metrics")
+
+
+class MetricsService:
+    def __init__(self, bus: Bus, cfg: Config, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.bus = bus
+        self.cfg = cfg
+        self.port = cfg.metrics_port if port is None else port
+        self.host = host
+        self.nodes: dict[str, NodeInventory] = {}
+        self.ledgers: dict[str, NodeLedger] = {}
+        self.health: dict[str, NodeHealth] = {}
+        self.registry = CollectorRegistry()
+        self.registry.register(AllocationCollector(self.snapshot))
+        self.latency = LatencyMetrics(self.registry)
+        self._decided_at: OrderedDict[str, float] = OrderedDict()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[object] = []
+        self._runner: web.AppRunner | None = None
+
+    def snapshot(self) -> Snapshot:
+        return self.nodes, self.ledgers, self.health
+
+    async def _on_node(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is None:
+            for n in [n for n in self.nodes if subjects.kv_key(n) == key]:
+                del self.nodes[n]
+            return
+        inv = decode(value, NodeInventory)
+        self.nodes[inv.node] = inv
+
+    async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is not None:
+            led = decode(value, NodeLedger)
+            self.ledgers[led.node] = led
+
+    async def _on_health(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is not None:
+            h = decode(value, NodeHealth)
+            self.health[h.node] = h
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            ev = decode_event(msg.data)
+        except BadMessage:
+            return
+        if isinstance(ev, AllocDecided):
+            if ev.requested_at and ev.decided_at:
+                self.latency.decision.labels("decided").observe(max(0.0, ev.decided_at - ev.requested_at))
+            self._decided_at[ev.uid] = ev.decided_at
+            while len(self._decided_at) > 100_000:
+                self._decided_at.popitem(last=False)
+        elif isinstance(ev, AllocFailed):
+            if ev.requested_at and ev.failed_at:
+                self.latency.decision.labels("failed").observe(max(0.0, ev.failed_at - ev.requested_at))
+        elif isinstance(ev, AllocBound):
+            t = self._decided_at.pop(ev.uid, None)
+            if t:
+                self.latency.bind.observe(max(0.0, ev.bound_at - t))
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        st = cluster_view(self.nodes, self.health, self.ledgers)
+        return web.Response(body=msgspec.json.encode(st), content_type="application/json")
+
+    async def _dashboard(self, request: web.Request) -> web.Response:
+        st = cluster_view(self.nodes, self.health, self.ledgers)
+        return web.Response(text=render(st), content_type="text/html")
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        ready = [asyncio.Event() for _ in range(3)]
+        self._tasks.append(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[0]))
+        self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[1]))
+        self._tasks.append(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[2]))
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 15)
+        for verb in ("decided", "bound"):
+            self._subs.append(await self.bus.subscribe(subjects.alloc_any(verb), self._on_event))
+        self._subs.append(await self.bus.subscribe(subjects.alloc("failed"), self._on_event))
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/api/status", self._status)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/", self._dashboard)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        if self.port == 0:
+            server = site._server
+            assert server is not None
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        log.info("metrics on %s/metrics", self.url)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for s in self._subs:
+            await s.unsubscribe()  # type: ignore[attr-defined]
+        self._subs.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

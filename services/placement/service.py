@@ -1,0 +1,329 @@
+"""The placement service's wiring: requests in, reservations by compare-and-set, decisions out.
+
+State comes from three KV watches (inventory, health, ledger) into the pure engine's
+:class:`ClusterState`. Requests and releases arrive on one durable pull consumer shared
+by all replicas (each message goes to one replica; one consumer keeps a release ahead
+of the requests published after it). A reservation is written to the node's ledger
+entry only if the entry is still at the revision this replica last saw; a conflict
+means another replica got there first, so the node is re-read and the request decided
+again. A request that fits nowhere stays pending (when it asks to) and is retried when
+capacity changes — a release, a node registered or recovered — never on a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import NotFoundError
+from opentelemetry import context
+
+from services.placement.engine import ClusterState, Failure, Placement, Placer
+from shared import subjects, tracing
+from shared.bus import BadMessage, Bus, Conflict, decode, decode_event
+from shared.config import Config
+from shared.schemas import (
+    AllocDecided,
+    AllocFailed,
+    AllocReleased,
+    AllocRequested,
+    LedgerAlloc,
+    NodeHealth,
+    NodeInventory,
+    NodeLedger,
+)
+
+log = logging.getLogger("hami.placement")
+tracer = tracing.tracer("hami.placement")
+
+CAS_ATTEMPTS = 16
+DECISION_FILTERS = [
+    subjects.alloc("requested"),
+    subjects.alloc("released"),
+    subjects.alloc_any("released"),
+]
+
+
+class PlacementService:
+    def __init__(self, bus: Bus, cfg: Config, replica: str = "") -> None:
+        self.bus = bus
+        self.cfg = cfg
+        self.replica = replica or f"placement-{os.getpid()}-{id(self) % 10000}"
+        self.cluster = ClusterState()
+        self.placer = Placer(self.cluster, cfg.scheduler, cfg.node)
+        self.revs: dict[str, int] = {}  # ledger revision per node, as last seen
+        self.owner: dict[str, str] = {}  # alloc uid -> node
+        self.pending: OrderedDict[str, AllocRequested] = OrderedDict()
+        self.lock = asyncio.Lock()
+        self.capacity_changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sub: object | None = None
+        self.decisions = 0
+        self.conflicts = 0
+
+    # ----------------------------------------------------------------- KV watches
+
+    async def _on_node(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is None:
+            for name in [n for n in list(self.cluster.nodes) if subjects.kv_key(n) == key]:
+                self.cluster.remove_node(name)
+            return
+        inv = decode(value, NodeInventory)
+        self.cluster.upsert_node(inv)
+        self.capacity_changed.set()
+
+    async def _on_health(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is None:
+            return
+        h = decode(value, NodeHealth)
+        self.cluster.set_health(h.node, h.healthy)
+        if h.healthy:
+            self.capacity_changed.set()
+
+    async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is None:
+            return
+        led = decode(value, NodeLedger)
+        if revision <= self.revs.get(led.node, 0):
+            return  # our own write, already applied, or an older one arriving late
+        self._adopt(led, revision)
+
+    def _adopt(self, led: NodeLedger, revision: int) -> None:
+        before = set(self.cluster.ledger(led.node).allocs) if led.node in self.revs else set()
+        self.cluster.set_ledger(led.node, led)
+        self.revs[led.node] = revision
+        for uid in before - set(led.allocs):
+            if self.owner.get(uid) == led.node:
+                del self.owner[uid]
+        for uid in led.allocs:
+            self.owner[uid] = led.node
+        if before - set(led.allocs):
+            self.capacity_changed.set()
+
+    async def _refresh(self, node: str) -> None:
+        led, rev = await self.bus.kv_get(subjects.LEDGER_BUCKET, node, NodeLedger)
+        self._adopt(led or NodeLedger(node=node), rev)
+
+    # -------------------------------------------------------------- the decisions
+
+    async def _reserve(
+        self, req: AllocRequested, first: Placement | Failure
+    ) -> tuple[Placement, LedgerAlloc, int] | Failure:
+        result = first
+        for _ in range(CAS_ATTEMPTS):
+            if isinstance(result, Failure):
+                return result
+            node = result.node
+            alloc = LedgerAlloc(
+                uid=req.uid,
+                name=req.name,
+                namespace=req.namespace,
+                containers=result.containers,
+                decided_at=time.time(),
+                source=req.source,
+                cpu_milli=result.cpu_milli,
+                memory_mib=result.memory_mib,
+            )
+            current = self.cluster.ledger(node)
+            new = NodeLedger(node=node, allocs={**current.allocs, req.uid: alloc})
+            try:
+                rev = await self.bus.kv_cas(
+                    subjects.LEDGER_BUCKET, node, new, self.revs.get(node, 0)
+                )
+            except Conflict:
+                self.conflicts += 1
+                await self._refresh(node)
+                result = self.placer.decide(req)
+                continue
+            self.revs[node] = rev
+            self.cluster.reserve(node, alloc)
+            self.owner[req.uid] = node
+            return result, alloc, rev
+        raise RuntimeError(f"{req.uid}: ledger of {result.node} kept changing; will retry")
+
+    async def _publish_decided(self, req: AllocRequested, node: str, alloc: LedgerAlloc, rev: int) -> None:
+        ev = AllocDecided(
+            uid=req.uid,
+            name=req.name,
+            namespace=req.namespace,
+            node=node,
+            containers=alloc.containers,
+            source=req.source,
+            requested_at=req.requested_at,
+            decided_at=alloc.decided_at,
+            ledger_revision=rev,
+            replica=self.replica,
+        )
+        await self.bus.publish_event(
+            subjects.alloc("decided", node), ev, msg_id=f"decided:{req.uid}:{alloc.decided_at}"
+        )
+
+    async def handle_request(self, req: AllocRequested, retry: bool = False) -> bool:
+        """Decide one request; True when it was placed (or already had been)."""
+        node = self.owner.get(req.uid)
+        if node is not None:
+            # Redelivered or requested twice: the ledger already holds it; say so again.
+            alloc = self.cluster.ledger(node).allocs.get(req.uid)
+            if alloc is not None:
+                self.pending.pop(req.uid, None)
+                await self._publish_decided(req, node, alloc, self.revs.get(node, 0))
+                return True
+        with tracer.start_as_current_span("placement.decide") as span:
+            span.set_attribute("hami.uid", req.uid)
+            span.set_attribute("hami.retry", retry)
+            if not retry:
+                self.placer.observe(req)
+            result = await self._reserve(req, self.placer.decide(req))
+            if isinstance(result, Failure):
+                span.set_attribute("hami.outcome", "failed")
+                if req.pending:
+                    self.pending[req.uid] = req
+                if retry:
+                    return False  # already announced when it first failed
+                ev = AllocFailed(
+                    uid=req.uid,
+                    name=req.name,
+                    namespace=req.namespace,
+                    reasons=result.reasons,
+                    nodes_total=result.nodes_total,
+                    message=result.message,
+                    pending=req.pending,
+                    source=req.source,
+                    requested_at=req.requested_at,
+                    failed_at=time.time(),
+                )
+                await self.bus.publish_event(
+                    subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:{req.requested_at}"
+                )
+                return False
+            placement, alloc, rev = result
+            span.set_attribute("hami.node", placement.node)
+            self.pending.pop(req.uid, None)
+            self.decisions += 1
+            await self._publish_decided(req, placement.node, alloc, rev)
+            return True
+
+    async def handle_release(self, ev: AllocReleased) -> None:
+        self.pending.pop(ev.uid, None)
+        node = self.owner.get(ev.uid) or ev.node
+        if not node:
+            return
+        for _ in range(CAS_ATTEMPTS):
+            current = self.cluster.ledger(node)
+            if ev.uid not in current.allocs:
+                return  # already released: releases are idempotent
+            allocs = {k: v for k, v in current.allocs.items() if k != ev.uid}
+            try:
+                rev = await self.bus.kv_cas(
+                    subjects.LEDGER_BUCKET, node, NodeLedger(node=node, allocs=allocs),
+                    self.revs.get(node, 0),
+                )
+            except Conflict:
+                self.conflicts += 1
+                await self._refresh(node)
+                continue
+            self._adopt(NodeLedger(node=node, allocs=allocs), rev)
+            self.capacity_changed.set()
+            return
+        raise RuntimeError(f"release of {ev.uid}: ledger of {node} kept changing; will retry")
+
+    async def _handle_msg(self, msg: Msg) -> None:
+        try:
+            ev = decode_event(msg.data)
+        except BadMessage as exc:
+            log.error("dropping malformed message on %s: %s", msg.subject, exc)
+            await msg.term()
+            return
+        ctx = tracing.extract(msg.headers)
+        token = context.attach(ctx)
+        try:
+            async with self.lock:
+                if isinstance(ev, AllocRequested):
+                    await self.handle_request(ev)
+                elif isinstance(ev, AllocReleased):
+                    await self.handle_release(ev)
+        except Exception:
+            log.exception("cannot handle %s; it will be redelivered", msg.subject)
+            await msg.nak(delay=0.5)
+            return
+        finally:
+            context.detach(token)
+        await msg.ack()
+
+    async def _consume(self) -> None:
+        sub = self._sub
+        assert sub is not None
+        while True:
+            try:
+                msgs = await sub.fetch(batch=64, timeout=1.0)  # type: ignore[attr-defined]
+            except TimeoutError:
+                continue
+            except Exception as exc:  # reconnecting: try again shortly
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                log.debug("fetch: %s", exc)
+                await asyncio.sleep(0.2)
+                continue
+            for m in msgs:
+                await self._handle_msg(m)
+
+    async def _retry_pending(self) -> None:
+        while True:
+            await self.capacity_changed.wait()
+            self.capacity_changed.clear()
+            if not self.pending:
+                continue
+            async with self.lock:
+                for uid, req in list(self.pending.items()):
+                    if uid not in self.pending:
+                        continue
+                    try:
+                        await self.handle_request(req, retry=True)
+                    except Exception:
+                        log.exception("retry of %s failed", uid)
+
+    # --------------------------------------------------------------------- life
+
+    async def start(self) -> None:
+        ready = [asyncio.Event() for _ in range(3)]
+        self._tasks.append(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[0]))
+        self._tasks.append(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[1]))
+        self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 15)
+        cfg = api.ConsumerConfig(
+            durable_name=subjects.PLACEMENT_CONSUMER,
+            filter_subjects=DECISION_FILTERS,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.NEW,
+            ack_wait=30.0,
+            max_ack_pending=20000,
+            max_deliver=-1,
+        )
+        try:
+            await self.bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PLACEMENT_CONSUMER)
+        except NotFoundError:
+            await self.bus.js.add_consumer(subjects.EVENTS_STREAM, cfg)
+        self._sub = await self.bus.js.pull_subscribe_bind(
+            durable=subjects.PLACEMENT_CONSUMER, stream=subjects.EVENTS_STREAM
+        )
+        self._tasks.append(asyncio.create_task(self._consume(), name="placement-consume"))
+        self._tasks.append(asyncio.create_task(self._retry_pending(), name="placement-retry"))
+        log.info("%s ready: %d nodes", self.replica, len(list(self.cluster.nodes)))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()  # type: ignore[attr-defined]
+            except Exception:
+                pass
+            self._sub = None
+
