@@ -7,7 +7,7 @@ import pytest
 from services.placement.engine import Failure, Placement
 from shared.schemas import DeviceAsk, NodeInventory
 
-from .util import cards_of, cluster, fail, node, place, placer, req
+from .util import card, cards_of, cluster, fail, node, place, placer, req
 
 # ------------------------------------------------------------------ card requests
 
@@ -209,3 +209,326 @@ def test_ledger_before_inventory_is_applied_on_arrival() -> None:
 
 def test_failure_is_failure_type() -> None:
     assert isinstance(placer(cluster()).decide(req(DeviceAsk(mem=1))), Failure)
+
+
+# ------------------------------------------------------------- issue 3: card filters
+
+
+@pytest.mark.parametrize(
+    ("cons", "want"),
+    [
+        ({"use_types": ["a100"]}, {"a"}),  # case-insensitive substring
+        ({"use_types": ["T4", "v100"]}, {"b", "c"}),
+        ({"nouse_types": ["A100"]}, {"b", "c"}),
+        ({"use_types": ["V100"], "nouse_types": ["32G"]}, {"c"}),
+        ({"use_uuids": ["GPU-b-0"]}, {"b"}),
+        ({"nouse_uuids": ["GPU-a-0", "GPU-c-0"]}, {"b"}),
+        ({"vgpu_mode": "mig"}, {"c"}),
+    ],
+)
+def test_card_filters(cons: dict[str, object], want: set[str]) -> None:
+    cl = cluster(
+        node("a", 1, dev={"type": "NVIDIA-A100-80GB"}),
+        node("b", 1, dev={"type": "NVIDIA-Tesla-T4"}),
+        node("c", 1, dev={"type": "NVIDIA-V100-16GB", "mode": "mig"}),
+    )
+    p = placer(cl)
+    got = set()
+    for _ in range(3):
+        r = p.decide(req(DeviceAsk(mem=100, cores=1), **cons))  # type: ignore[arg-type]
+        if isinstance(r, Placement):
+            got.add(r.node)
+            p.cluster.reserve(r.node, r.to_alloc(req()))
+            p.cluster.reserve(r.node, r.to_alloc(req()))  # fill the slots: next one elsewhere
+            for _ in range(8):
+                p.cluster.reserve(r.node, r.to_alloc(req()))
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    ("cons", "reason"),
+    [
+        ({"use_types": ["H100"]}, "CardTypeMismatch"),
+        ({"use_uuids": ["GPU-x"]}, "CardUuidMismatch"),
+        ({"vgpu_mode": "mps"}, "CardTypeMismatch"),
+    ],
+)
+def test_filter_reasons(cons: dict[str, object], reason: str) -> None:
+    f = fail(placer(cluster(node("a", 2), node("b", 1))), req(DeviceAsk(mem=1), **cons))  # type: ignore[arg-type]
+    assert f.reasons == {reason: 2}
+
+
+def test_cordoned_card() -> None:
+    p = placer(cluster(node("a", 2, cordoned=["GPU-a-0"])))
+    assert cards_of(place(p, req(DeviceAsk(mem=100, cores=1))))[0][0] == "GPU-a-1"
+    f = fail(p, req(DeviceAsk(nums=2, mem=100, cores=1)))
+    assert f.reasons == {"CardCordoned": 1}
+
+
+def numa_node(name: str, numas: list[int], links: list[list[int]] | None = None) -> NodeInventory:
+    devs = [card(name, i, numa=n) for i, n in enumerate(numas)]
+    return NodeInventory(node=name, devices=devs, links=links or [])
+
+
+@pytest.mark.parametrize(
+    ("chain", "want"),
+    [
+        ("binpack", "GPU-a-1"),
+        ("spread", "GPU-a-2"),
+        ("", "GPU-a-2"),  # empty chain: spread
+        ("mutex", "GPU-a-2"),  # a filter only: spread among idle cards
+        ("binpack,mutex", "GPU-a-2"),  # idle cards tie on score: lowest index
+        ("numa", "GPU-a-2"),  # NUMA 1 has more free cards; no usage key -> spread
+        ("numa,binpack", "GPU-a-2"),
+        ("binpack,numa", "GPU-a-1"),
+    ],
+)
+def test_gpu_policy_chain(chain: str, want: str) -> None:
+    # cards 0,1 on NUMA 0 (card 0 full, card 1 half used); cards 2,3,4 on NUMA 1, idle
+    p = placer(cluster(numa_node("a", [0, 0, 1, 1, 1])))
+    place(p, req(DeviceAsk(mem=9950, cores=10), use_uuids=["GPU-a-0"]))
+    place(p, req(DeviceAsk(mem=5000, cores=10), use_uuids=["GPU-a-1"]))
+    got = place(p, req(DeviceAsk(mem=100, cores=1), gpu_policy=chain or None))
+    assert cards_of(got)[0][0] == want
+
+
+def test_mutex_refuses_busy_cards() -> None:
+    p = placer(cluster(node("a", 1)))
+    place(p, req(DeviceAsk(mem=100, cores=1)))
+    assert fail(p, req(DeviceAsk(mem=100, cores=1), gpu_policy="mutex")).reasons == {
+        "ExclusiveDeviceAllocateConflict": 1
+    }
+
+
+@pytest.mark.parametrize(
+    ("numa_bind", "want"),
+    [(False, {"GPU-a-1", "GPU-a-2"}), (True, {"GPU-a-0", "GPU-a-1"})],
+)
+def test_numa_bind(numa_bind: bool, want: set[str]) -> None:
+    # spread picks the two idle cards (1 and 2, one per NUMA node) unless bound
+    p = placer(cluster(numa_node("a", [0, 0, 1, 1])))
+    place(p, req(DeviceAsk(mem=3000, cores=1), use_uuids=["GPU-a-0"]))
+    place(p, req(DeviceAsk(mem=1000, cores=1), use_uuids=["GPU-a-3"]))
+    got = place(p, req(DeviceAsk(nums=2, mem=100, cores=1), numa_bind=numa_bind))
+    assert {c[0] for c in cards_of(got)} == want
+
+
+def test_numa_bind_fails_when_split() -> None:
+    p = placer(cluster(numa_node("a", [0, 1])))
+    assert fail(p, req(DeviceAsk(nums=2, mem=100, cores=1), numa_bind=True)).reasons == {"NumaNotFit": 1}
+
+
+# cards 0-1 NVLinked (score 160), 2-3 NVLinked, cross pairs 20
+_LINKS = [[0, 160, 20, 20], [160, 0, 20, 20], [20, 20, 0, 160], [20, 20, 160, 0]]
+
+
+@pytest.mark.parametrize(
+    ("used", "nums", "want"),
+    [
+        ([], 2, {"GPU-a-0", "GPU-a-1"}),  # the best-linked pair, lowest first
+        (["GPU-a-0"], 2, {"GPU-a-2", "GPU-a-3"}),  # 1 is busy-ish: 2-3 still linked
+        (["GPU-a-0"], 1, {"GPU-a-1"}),  # one card: the least connected among feasible
+    ],
+)
+def test_topology_aware(used: list[str], nums: int, want: set[str]) -> None:
+    p = placer(cluster(numa_node("a", [0, 0, 0, 0], _LINKS)))
+    for u in used:
+        place(p, req(DeviceAsk(mem=10000, cores=100), use_uuids=[u]))
+    got = place(p, req(DeviceAsk(nums=nums, mem=100, cores=1), gpu_policy="topology-aware"))
+    assert {c[0] for c in cards_of(got)} == want
+
+
+@pytest.mark.parametrize(
+    ("weights", "want"),
+    [
+        ({"slot": 1, "core": 1, "memory": 1}, "GPU-a-0"),  # card 0 fuller overall
+        ({"slot": 0, "core": 0, "memory": 1}, "GPU-a-1"),  # memory only: card 1 fuller
+        ({"slot": 5, "core": 0, "memory": 0}, "GPU-a-0"),
+    ],
+)
+def test_scoring_weights(weights: dict[str, int], want: str) -> None:
+    from shared.schemas import ScoringWeights
+
+    p = placer(cluster(node("a", 2)), gpu_policy="binpack")
+    for _ in range(3):
+        place(p, req(DeviceAsk(mem=100, cores=20), use_uuids=["GPU-a-0"]))
+    place(p, req(DeviceAsk(mem=5000, cores=5), use_uuids=["GPU-a-1"]))
+    got = place(p, req(DeviceAsk(mem=100, cores=1), weights=ScoringWeights(**weights)))
+    assert cards_of(got)[0][0] == want
+
+
+# ----------------------------------------------------------- containers and defaults
+
+
+def test_init_peak_and_app_sum() -> None:
+    from shared.schemas import ContainerAsk
+
+    from .util import pod
+
+    p = placer(cluster(node("a", 1)))
+    r = pod(
+        ContainerAsk(name="i1", init=True, devices=[DeviceAsk(mem=8000, cores=50)], cpu_milli=3000),
+        ContainerAsk(name="i2", init=True, devices=[DeviceAsk(mem=6000, cores=80)], cpu_milli=1000),
+        ContainerAsk(name="c1", devices=[DeviceAsk(mem=3000, cores=30)], cpu_milli=1000),
+        ContainerAsk(name="c2", devices=[DeviceAsk(mem=4000, cores=30)], cpu_milli=1000),
+        ContainerAsk(name="c3"),
+    )
+    got = place(p, r)
+    assert [c.name for c in got.containers] == ["i1", "i2", "c1", "c2", "c3"]
+    assert got.cpu_milli == 3000
+    card = p.cluster.status().nodes[0].cards[0]
+    # init peak 8000 MiB / 80 cores vs app sum 7000 / 60: the larger of each; 2 app slots
+    assert (card.used_mem, card.used_cores, card.used_slots) == (8000, 80, 2)
+
+
+def test_app_containers_are_cumulative() -> None:
+    from shared.schemas import ContainerAsk
+
+    from .util import pod
+
+    p = placer(cluster(node("a", 2)), gpu_policy="binpack")
+    got = place(p, pod(*[ContainerAsk(name=f"c{i}", devices=[DeviceAsk(mem=6000, cores=10)]) for i in range(2)]))
+    assert len({c.devices[0].uuid for c in got.containers}) == 2  # 12000 MiB cannot share a card
+    assert isinstance(p.decide(pod(*[ContainerAsk(devices=[DeviceAsk(mem=3000, cores=10)]) for _ in range(3)])), Failure)
+
+
+@pytest.mark.parametrize(
+    ("raw", "settings", "want"),
+    [
+        # raw = (nums, mem, mem_percent, cores); want = (nums, mem, mem_percent, cores) or None
+        ((None, None, None, None), {}, None),
+        ((2, None, None, None), {}, (2, 0, 100, 100)),  # bare count: whole exclusive cards
+        ((1, 1000, 50, None), {"memory_factor": 4}, (1, 4000, None, 0)),  # gpumem wins, x factor
+        ((1, None, 30, None), {}, (1, 0, 30, 0)),
+        ((1, None, 0, None), {"default_memory": 2048}, (1, 2048, None, 0)),  # <=0 % ignored
+        ((None, None, None, 30), {"default_gpu_num": 2}, (2, 0, 100, 30)),  # cores only
+        ((None, 500, None, None), {}, (1, 500, None, 0)),
+        ((1, 500, None, None), {"default_cores": 25}, (1, 500, None, 25)),
+        ((1, None, None, None), {"default_memory": 1024}, (1, 1024, None, 0)),
+        ((0, 500, None, None), {}, None),
+    ],
+)
+def test_resolve_device_ask(raw: tuple, settings: dict[str, int], want: tuple | None) -> None:  # type: ignore[type-arg]
+    from services.placement.engine import resolve_device_ask
+    from shared.config import NodeSettings
+
+    nums, mem, pct, cores = raw
+    got = resolve_device_ask(nums=nums, mem=mem, mem_percent=pct, cores=cores, settings=NodeSettings(**settings))
+    assert (got and (got.nums, got.mem, got.mem_percent, got.cores)) == want
+
+
+def test_engine_applies_default_memory() -> None:
+    p = placer(cluster(node("a", 1)), default_memory=3000)
+    assert cards_of(place(p, req(DeviceAsk(cores=10)))) == [("GPU-a-0", 3000, 10)]
+
+
+# ------------------------------------------------------------------------------ quota
+
+
+@pytest.mark.parametrize(
+    ("quota", "asks", "fits"),
+    [
+        ({"memory_mib": 5000}, [DeviceAsk(mem=3000, cores=1), DeviceAsk(mem=2000, cores=1)], [True, True]),
+        ({"memory_mib": 5000}, [DeviceAsk(mem=3000, cores=1), DeviceAsk(mem=2001, cores=1)], [True, False]),
+        ({"cores": 50}, [DeviceAsk(mem=10, cores=40), DeviceAsk(mem=10, cores=20)], [True, False]),
+        ({"memory_mib": 5000}, [DeviceAsk(nums=2, mem=3000, cores=1)], [False]),  # summed over cards
+        ({}, [DeviceAsk(nums=2, mem=9000, cores=1)], [True]),
+    ],
+)
+def test_namespace_quota(quota: dict[str, int], asks: list[DeviceAsk], fits: list[bool]) -> None:
+    from shared.schemas import Quota
+
+    cl = cluster(node("a", 2), node("b", 2))
+    cl.set_quota("team", Quota(**quota))
+    p = placer(cl)
+    for ask, ok in zip(asks, fits, strict=True):
+        got = p.decide(req(ask, ns="team"))
+        assert isinstance(got, Placement) == ok
+        if isinstance(got, Placement):
+            cl.reserve(got.node, got.to_alloc(req(ns="team")))
+        else:
+            assert set(got.reasons) == {"ResourceQuotaNotFit"}
+    assert isinstance(p.decide(req(DeviceAsk(mem=3000, cores=1), ns="other")), Placement)
+
+
+# ------------------------------------------------------------------ pod-level filters
+
+
+@pytest.mark.parametrize(
+    ("kw", "cons", "reason"),
+    [
+        ({"cpu_milli": 4000}, {"cpu": 5000}, "Insufficient cpu"),
+        ({"memory_mib": 4000}, {"mem": 5000}, "Insufficient memory"),
+        ({"unschedulable": True}, {}, "node(s) were unschedulable"),
+        ({"labels": {"zone": "x"}}, {"node_selector": {"zone": "y"}}, "node(s) didn't match Pod's node affinity/selector"),
+        ({"taints": [{"key": "gpu", "value": "a"}]}, {}, "node(s) had untolerated taint"),
+        ({"taints": [{"key": "gpu", "value": "a"}]}, {"tolerations": [{"key": "gpu", "value": "b"}]}, "node(s) had untolerated taint"),
+    ],
+)
+def test_pod_filters_refuse(kw: dict[str, object], cons: dict[str, object], reason: str) -> None:
+    import msgspec
+
+    from shared.schemas import Toleration
+
+    inv = msgspec.convert({"node": "a", "devices": [msgspec.to_builtins(card("a", 0))], **kw}, NodeInventory)
+    cpu, mem = cons.pop("cpu", 0), cons.pop("mem", 0)
+    if "tolerations" in cons:
+        cons["tolerations"] = msgspec.convert(cons["tolerations"], list[Toleration])
+    f = fail(placer(cluster(inv)), req(DeviceAsk(mem=100, cores=1), cpu=cpu, mem=mem, **cons))  # type: ignore[arg-type]
+    assert f.reasons == {reason: 1}
+
+
+@pytest.mark.parametrize(
+    ("labels", "terms", "ok"),
+    [
+        ({"zone": "x"}, [[("zone", "In", ["x", "y"])]], True),
+        ({"zone": "z"}, [[("zone", "In", ["x", "y"])]], False),
+        ({"zone": "z"}, [[("zone", "NotIn", ["x"])]], True),
+        ({}, [[("zone", "NotIn", ["x"])]], True),
+        ({"gpu": ""}, [[("gpu", "Exists", [])]], True),
+        ({}, [[("gpu", "Exists", [])]], False),
+        ({"gpu": "1"}, [[("gpu", "DoesNotExist", [])]], False),
+        ({"a": "1"}, [[("a", "In", ["1"]), ("b", "Exists", [])]], False),  # AND in a term
+        ({"a": "1"}, [[("b", "Exists", [])], [("a", "In", ["1"])]], True),  # OR of terms
+    ],
+)
+def test_node_affinity(labels: dict[str, str], terms: list, ok: bool) -> None:  # type: ignore[type-arg]
+    from shared.schemas import SelectorRequirement
+
+    aff = [[SelectorRequirement(key=k, operator=o, values=v) for k, o, v in t] for t in terms]
+    got = placer(cluster(node("a", 1, labels=labels))).decide(req(DeviceAsk(mem=1), affinity=aff))
+    assert isinstance(got, Placement) == ok
+
+
+@pytest.mark.parametrize(
+    ("tol", "ok"),
+    [
+        ({"key": "gpu", "value": "a"}, True),
+        ({"key": "gpu", "operator": "Exists"}, True),
+        ({"operator": "Exists"}, True),
+        ({"key": "gpu", "value": "a", "effect": "NoExecute"}, False),
+        ({"key": "gpu", "value": "a", "effect": "NoSchedule"}, True),
+    ],
+)
+def test_tolerations(tol: dict[str, str], ok: bool) -> None:
+    from shared.schemas import Taint, Toleration
+
+    cl = cluster(node("a", 1, taints=[Taint(key="gpu", value="a")]))
+    got = placer(cl).decide(req(DeviceAsk(mem=1), tolerations=[Toleration(**tol)]))
+    assert isinstance(got, Placement) == ok
+
+
+def test_pod_count_and_node_resources_are_held() -> None:
+    p = placer(cluster(node("a", 1, cpu_milli=2000, memory_mib=1000, max_pods=3)))
+    place(p, req(DeviceAsk(mem=10, cores=1), cpu=1500, mem=200))
+    assert fail(p, req(DeviceAsk(mem=10, cores=1), cpu=600)).reasons == {"Insufficient cpu": 1}
+    place(p, req(cpu=500))  # a CPU-only pod needs no card
+    place(p, req(DeviceAsk(mem=10, cores=1)))
+    assert fail(p, req(DeviceAsk(mem=10, cores=1))).reasons == {"Too many pods": 1}
+
+
+def test_node_name_pin() -> None:
+    p = placer(cluster(node("a"), node("b")))
+    assert place(p, req(DeviceAsk(mem=10, cores=1), node_name="b")).node == "b"
+    f = fail(p, req(DeviceAsk(mem=10, cores=1), node_name="nope"))
+    assert f.reasons == {"node(s) didn't match the requested node name": 2}
