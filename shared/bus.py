@@ -215,7 +215,10 @@ class Bus:
                     except Exception:
                         log.exception("%s: handler failed on %s/%s", self.name, bucket, entry.key)
             finally:
-                await watcher.stop()
+                try:
+                    await watcher.stop()
+                except Exception:  # the connection is already closed: nothing to stop
+                    pass
 
         return asyncio.create_task(run(), name=f"watch-{bucket}")
 

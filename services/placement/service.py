@@ -50,8 +50,9 @@ DECISION_FILTERS = [
 
 
 class PlacementService:
-    def __init__(self, bus: Bus, cfg: Config, replica: str = "") -> None:
+    def __init__(self, bus: Bus, cfg: Config, replica: str = "", fetch_batch: int = 64) -> None:
         self.bus = bus
+        self.fetch_batch = fetch_batch
         self.cfg = cfg
         self.replica = replica or f"placement-{os.getpid()}-{id(self) % 10000}"
         self.cluster = ClusterState()
@@ -260,7 +261,7 @@ class PlacementService:
         assert sub is not None
         while True:
             try:
-                msgs = await sub.fetch(batch=64, timeout=1.0)  # type: ignore[attr-defined]
+                msgs = await sub.fetch(batch=self.fetch_batch, timeout=1.0)  # type: ignore[attr-defined]
             except TimeoutError:
                 continue
             except Exception as exc:  # reconnecting: try again shortly
