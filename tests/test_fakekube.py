@@ -449,6 +449,24 @@ async def test_nodes_namespaces_quotas_events(kube: FakeKube, api: Any) -> None:
     # The same event through events.k8s.io/v1, with its renamed fields.
     v1 = await kube.events_v1().read_namespaced_event("e1", "team")
     assert (v1.regarding.name, v1.note) == ("p", "no node fits")
+    new = client.EventsV1Event(
+        metadata=client.V1ObjectMeta(name="e2"),
+        event_time=datetime.now(UTC),
+        regarding=client.V1ObjectReference(kind="Pod", name="q", namespace="team"),
+        reason="BindingSucceed",
+        note="bound",
+        action="Binding",
+        reporting_controller="hami-scheduler",
+        reporting_instance="hami-scheduler-0",
+        type="Normal",
+    )
+    await kube.events_v1().create_namespaced_event("team", new)
+    core = await api.read_namespaced_event("e2", "team")
+    assert (core.involved_object.name, core.message, core.reporting_component) == (
+        "q",
+        "bound",
+        "hami-scheduler",
+    )
 
     gone = await api.delete_namespace("team")  # the fake finalizes at once
     assert gone["status"]["phase"] == "Terminating" and gone["metadata"]["deletionTimestamp"]
@@ -778,6 +796,17 @@ async def test_raw_http_details(kube: FakeKube) -> None:
                 resp.status == 422
                 and body["message"] == 'Pod "bad" is invalid: spec.containers: Required value'
             )
+        big = {"metadata": {"annotations": {"blob": "x" * (256 * 1024)}}}
+        async with http.patch(
+            f"{base}/a", json=big, headers={"Content-Type": "application/merge-patch+json"}
+        ) as resp:
+            assert resp.status == 422
+        async with http.patch(
+            f"{base}/a",
+            json={"metadata": {"labels": {"hami.io/vgpu-node": "GPU-a,NVIDIA"}}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        ) as resp:
+            assert resp.status == 422  # commas are not allowed in label values
         async with http.get(f"{kube.url}/api/v1/widgets") as resp:
             assert resp.status == 404
         async with http.delete(f"{base}/a", json={"preconditions": {"uid": uid}}) as resp:

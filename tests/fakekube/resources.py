@@ -242,12 +242,46 @@ def validate_name(res: Resource, name: str) -> None:
         )
 
 
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+
+
+def _validate_metadata(res: Resource, obj: Obj) -> None:
+    meta, name = obj["metadata"], obj["metadata"]["name"]
+    for key, value in (meta.get("labels") or {}).items():
+        if not _LABEL_KEY.match(key) or len(key.rsplit("/", 1)[-1]) > 63:
+            raise invalid(
+                res.kind, name, "metadata.labels", f'Invalid value: "{key}": invalid label key'
+            )
+        if not _LABEL_VALUE.match(value) or len(value) > 63:
+            raise invalid(
+                res.kind,
+                name,
+                f"metadata.labels.{key}",
+                f'Invalid value: "{value}": a valid label must be an empty string or consist of '
+                "alphanumeric characters, '-', '_' or '.', and must start and end with an "
+                "alphanumeric character (at most 63 characters)",
+            )
+    size = sum(len(k) + len(v) for k, v in (meta.get("annotations") or {}).items())
+    if size > MAX_ANNOTATIONS_BYTES:
+        raise invalid(
+            res.kind,
+            name,
+            "metadata.annotations",
+            f"Too long: must have at most {MAX_ANNOTATIONS_BYTES} bytes",
+        )
+
+
 def validate(res: Resource, obj: Obj) -> None:
     """The validation our callers can trip over; far from the full registry validation."""
     check_string_map(obj, "labels")
     check_string_map(obj, "annotations")
     name = obj["metadata"]["name"]
     validate_name(res, name)
+    _validate_metadata(res, obj)
     if res.kind == "Pod":
         containers = (obj.get("spec") or {}).get("containers")
         if not isinstance(containers, list) or not containers:

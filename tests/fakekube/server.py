@@ -21,6 +21,7 @@ import builtins
 import contextlib
 import json
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +120,7 @@ class FakeKube:
         self.store = Store(history_size)
         self.store.auto_namespaces = auto_create_namespaces
         self.bookmark_interval = bookmark_interval
-        self.requests: list[RequestRecord] = []
+        self.requests: deque[RequestRecord] = deque(maxlen=10_000)  # newest last
         self._runner: web.AppRunner | None = None
         self._clients: list[Any] = []
         self.port = 0

@@ -399,10 +399,10 @@ class Store:
                 if other.namespaced and not other.group:
                     for k in [k for k in self.objects[other.store_key] if k[0] == name]:
                         self._remove(other, k)
-        if res.kind == "Namespace":  # the namespace controller finishes instantly here
-            old["metadata"]["deletionTimestamp"] = now()
-            old["status"] = {"phase": "Terminating"}
         gone = self._remove(res, key)
+        if res.kind == "Namespace":  # the namespace controller finishes instantly here
+            gone["metadata"]["deletionTimestamp"] = now()
+            gone["status"] = {"phase": "Terminating"}
         if res.return_deleted or res.kind == "Namespace":
             return self._view(res, gone)
         details: dict[str, Any] = {"name": name}
