@@ -216,7 +216,7 @@ class Bus:
                         log.exception("%s: handler failed on %s/%s", self.name, bucket, entry.key)
             finally:
                 try:
-                    await watcher.stop()
+                    await watcher.stop()  # type: ignore[no-untyped-call]
                 except Exception:  # the connection is already closed: nothing to stop
                     pass
 
