@@ -7,6 +7,7 @@
  *   fill API CHUNK      allocate until refused: "fill API <n ok> <rc of refusal>"
  *   freeall | info | total D | nvml I | sleep MS | hold | exit CODE
  *   launch KIND MS GRID WARM_MS   KIND: kernel ex coop graph; prints own utilisation
+ *   lockregion PATH     take the region's lock and hold it (to be SIGKILLed by a test)
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -18,6 +19,9 @@
 
 #include "cudadefs.h"
 #include "fake_state.h"
+#include "region.h"
+#include <fcntl.h>
+#include <sys/mman.h>
 
 CUresult cuInit(unsigned);
 CUresult cuGetProcAddress(const char *, void **, int, cuuint64_t);
@@ -342,6 +346,13 @@ int main(int argc, char **argv) {
             unsigned grid = (unsigned)atol(argv[++i]);
             long warm = atol(argv[++i]);
             launch_loop(kind, ms, grid, warm);
+        } else if (!strcmp(op, "lockregion")) {
+            int fd = open(argv[++i], O_RDWR);
+            hami_region_t *r = fd < 0 ? MAP_FAILED : mmap(NULL, sizeof *r, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            if (r == MAP_FAILED) return 4;
+            int rc = pthread_mutex_lock(&r->h.lock.mu);
+            printf("locked %d\n", rc);
+            for (;;) pause();
         } else if (!strcmp(op, "env")) {
             const char *k = argv[++i];
             const char *v = getenv(k);

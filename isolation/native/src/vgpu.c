@@ -717,11 +717,10 @@ static void devices_setup(void) {
         g_card[dev] = (int8_t)card;
         hlog(4, "CUDA device %d -> card %d (%s)", k, card, u);
         hami_dev_t *d = &R->h.dev[card];
-        if (u[0] && !d->uuid[0]) {
-            rlock();
-            snprintf(d->uuid, sizeof d->uuid, "%s", u);
-            runlock();
-        }
+        rlock();
+        if (u[0] && strcmp(d->uuid, u)) snprintf(d->uuid, sizeof d->uuid, "%s", u);
+        if (R->h.num_devices < (uint32_t)card + 1) R->h.num_devices = (uint32_t)card + 1;
+        runlock();
     }
     atomic_store_explicit(&g_ready, 1, memory_order_release);
 }
@@ -767,7 +766,7 @@ static inline int current_card(void) {
 
 /* Check and charge in one critical section across all processes of the container. */
 static CUresult charge(int card, uint64_t size) {
-    if (card < 0) return CUDA_SUCCESS;
+    if (card < 0 || size == 0) return CUDA_SUCCESS;
     rlock();
     hami_dev_t *d = &R->h.dev[card];
     uint64_t lim = g_limit[card];
