@@ -136,7 +136,10 @@ class BinderService:
                                     message=str(exc), at=now),
                     msg_id=f"bind_failed:{d.uid}:{d.decided_at}",
                 )
-                await self.release(d.uid, d.name, d.namespace, d.node, "bind-failed")
+                # Keyed by the decision: a later decision of the same pod that also fails
+                # to bind must not be deduplicated away (that would leak its reservation).
+                await self.release(d.uid, d.name, d.namespace, d.node, "bind-failed",
+                                   msg_id=f"released:{d.uid}:{d.decided_at}")
                 return
             await self.bus.publish_event(
                 subjects.alloc("bound", d.node),
@@ -157,11 +160,12 @@ class BinderService:
             self.inflight.pop(self.key(f.name, f.namespace), None)
             fut.set_result(f)
 
-    async def release(self, uid: str, name: str, namespace: str, node: str, reason: str) -> None:
+    async def release(self, uid: str, name: str, namespace: str, node: str, reason: str,
+                      msg_id: str | None = None) -> None:
         ev = AllocReleased(uid=uid, name=name, namespace=namespace, node=node, reason=reason,
                            at=time.time())
         subject = subjects.alloc("released", node) if node else subjects.alloc("released")
-        await self.bus.publish_event(subject, ev, msg_id=f"released:{uid}")
+        await self.bus.publish_event(subject, ev, msg_id=msg_id or f"released:{uid}")
 
     async def _handle_msg(self, msg: Msg) -> None:
         try:
