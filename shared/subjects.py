@@ -19,6 +19,8 @@ NODE_VERBS = ("registered", "updated", "unhealthy", "recovered", "removed")
 NODES_BUCKET = "hami-nodes"  # key: node -> NodeInventory
 LEDGER_BUCKET = "hami-ledger"  # key: node -> NodeLedger (compare-and-set only)
 HEALTH_BUCKET = "hami-health"  # key: node -> NodeHealth
+# key: namespace -> Quota, from its ResourceQuotas (written by the Kubernetes binder)
+QUOTA_BUCKET = "hami-quotas"
 
 # Durable consumer names (shared by replicas of one service: work-queue style).
 PLACEMENT_CONSUMER = "placement"
