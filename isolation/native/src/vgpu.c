@@ -353,7 +353,11 @@ static void *open_real(const char *env, const char *dflt) {
     const char *path = getenv(env);
     if (!path || !*path) path = dflt;
     void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
-    if (!h) hlog(3, "cannot load %s: %s", path, dlerror());
+    if (!h && path != dflt) {
+        hlog(2, "%s='%s' cannot be loaded (%s); using %s", env, path, dlerror(), dflt);
+        h = dlopen(dflt, RTLD_NOW | RTLD_GLOBAL);
+    }
+    if (!h) hlog(3, "cannot load %s: %s", dflt, dlerror());
     return h;
 }
 
