@@ -137,6 +137,18 @@ class Bus:
         """Store an event in the durable stream; the same ``msg_id`` is stored once."""
         return await self.js.publish(subject, ENCODER.encode(msg), headers=self.headers(msg_id))
 
+    async def publish_event_nowait(
+        self, subject: str, msg: msgspec.Struct, msg_id: str
+    ) -> asyncio.Future[api.PubAck]:
+        """Like :meth:`publish_event`, but returns the acknowledgement as a future.
+
+        Lets a batch of events go out back to back; await the futures before
+        acknowledging the work that produced them.
+        """
+        return await self.js.publish_async(
+            subject, ENCODER.encode(msg), headers=self.headers(msg_id)
+        )
+
     async def publish(self, subject: str, msg: msgspec.Struct) -> None:
         """Core NATS, not stored (heartbeats, telemetry)."""
         await self.nc.publish(subject, ENCODER.encode(msg), headers=self.headers())

@@ -147,8 +147,8 @@ class PlacementService:
             return result, alloc, rev
         raise RuntimeError(f"{req.uid}: ledger of {result.node} kept changing; will retry")
 
-    async def _publish_decided(self, req: AllocRequested, node: str, alloc: LedgerAlloc, rev: int) -> None:
-        ev = AllocDecided(
+    def _decided_event(self, req: AllocRequested, node: str, alloc: LedgerAlloc, rev: int) -> AllocDecided:
+        return AllocDecided(
             uid=req.uid,
             name=req.name,
             namespace=req.namespace,
@@ -160,54 +160,172 @@ class PlacementService:
             ledger_revision=rev,
             replica=self.replica,
         )
-        await self.bus.publish_event(
-            subjects.alloc("decided", node), ev, msg_id=f"decided:{req.uid}:{alloc.decided_at}"
+
+    async def _publish_decided(
+        self, req: AllocRequested, node: str, alloc: LedgerAlloc, rev: int
+    ) -> asyncio.Future[object]:
+        return await self.bus.publish_event_nowait(  # type: ignore[return-value]
+            subjects.alloc("decided", node),
+            self._decided_event(req, node, alloc, rev),
+            msg_id=f"decided:{req.uid}:{alloc.decided_at}",
         )
 
-    async def handle_request(self, req: AllocRequested, retry: bool = False) -> bool:
-        """Decide one request; True when it was placed (or already had been)."""
+    async def _publish_failed(self, req: AllocRequested, result: Failure) -> asyncio.Future[object]:
+        ev = AllocFailed(
+            uid=req.uid,
+            name=req.name,
+            namespace=req.namespace,
+            reasons=result.reasons,
+            nodes_total=result.nodes_total,
+            message=result.message,
+            pending=req.pending,
+            source=req.source,
+            requested_at=req.requested_at,
+            failed_at=time.time(),
+        )
+        return await self.bus.publish_event_nowait(  # type: ignore[return-value]
+            subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:{req.requested_at}"
+        )
+
+    def _alloc(self, req: AllocRequested, placement: Placement) -> LedgerAlloc:
+        return LedgerAlloc(
+            uid=req.uid,
+            name=req.name,
+            namespace=req.namespace,
+            containers=placement.containers,
+            decided_at=time.time(),
+            source=req.source,
+            cpu_milli=placement.cpu_milli,
+            memory_mib=placement.memory_mib,
+        )
+
+    async def _already_placed(self, req: AllocRequested, acks: list[asyncio.Future[object]]) -> bool:
+        """A redelivered or repeated request: the ledger holds it; say so again."""
         node = self.owner.get(req.uid)
-        if node is not None:
-            # Redelivered or requested twice: the ledger already holds it; say so again.
-            alloc = self.cluster.ledger(node).allocs.get(req.uid)
-            if alloc is not None:
-                self.pending.pop(req.uid, None)
-                await self._publish_decided(req, node, alloc, self.revs.get(node, 0))
+        if node is None:
+            return False
+        alloc = self.cluster.ledger(node).allocs.get(req.uid)
+        if alloc is None:
+            return False
+        self.pending.pop(req.uid, None)
+        acks.append(await self._publish_decided(req, node, alloc, self.revs.get(node, 0)))
+        return True
+
+    async def handle_request(self, req: AllocRequested, retry: bool = False) -> bool:
+        """Decide and commit one request on its own; True when it was placed."""
+        acks: list[asyncio.Future[object]] = []
+        try:
+            if await self._already_placed(req, acks):
                 return True
-        with tracer.start_as_current_span("placement.decide") as span:
-            span.set_attribute("hami.uid", req.uid)
-            span.set_attribute("hami.retry", retry)
-            if not retry:
-                self.placer.observe(req)
-            result = await self._reserve(req, self.placer.decide(req))
-            if isinstance(result, Failure):
-                span.set_attribute("hami.outcome", "failed")
-                if req.pending:
-                    self.pending[req.uid] = req
-                if retry:
-                    return False  # already announced when it first failed
-                ev = AllocFailed(
-                    uid=req.uid,
-                    name=req.name,
-                    namespace=req.namespace,
-                    reasons=result.reasons,
-                    nodes_total=result.nodes_total,
-                    message=result.message,
-                    pending=req.pending,
-                    source=req.source,
-                    requested_at=req.requested_at,
-                    failed_at=time.time(),
-                )
-                await self.bus.publish_event(
-                    subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:{req.requested_at}"
-                )
-                return False
-            placement, alloc, rev = result
-            span.set_attribute("hami.node", placement.node)
-            self.pending.pop(req.uid, None)
-            self.decisions += 1
-            await self._publish_decided(req, placement.node, alloc, rev)
-            return True
+            with tracer.start_as_current_span("placement.decide") as span:
+                span.set_attribute("hami.uid", req.uid)
+                span.set_attribute("hami.retry", retry)
+                if not retry:
+                    self.placer.observe(req)
+                result = await self._reserve(req, self.placer.decide(req))
+                if isinstance(result, Failure):
+                    span.set_attribute("hami.outcome", "failed")
+                    if req.pending:
+                        self.pending[req.uid] = req
+                    if not retry:  # announce the first failure only
+                        acks.append(await self._publish_failed(req, result))
+                    return False
+                placement, alloc, rev = result
+                span.set_attribute("hami.node", placement.node)
+                self.pending.pop(req.uid, None)
+                self.decisions += 1
+                acks.append(await self._publish_decided(req, placement.node, alloc, rev))
+                return True
+        finally:
+            if acks:
+                await asyncio.gather(*acks)
+
+    async def _handle_batch(self, batch: list[tuple[Msg, AllocRequested | AllocReleased]]) -> None:
+        """Decide a batch in memory, then commit one compare-and-set per node.
+
+        Reservations are applied to the local view as they are decided, so later
+        requests of the batch see them; a node whose write conflicts is re-read and
+        its requests decided again one by one.
+        """
+        tentative: dict[str, list[tuple[AllocRequested, LedgerAlloc]]] = {}
+        acks: list[asyncio.Future[object]] = []
+        for msg, ev in batch:
+            token = context.attach(tracing.extract(msg.headers))
+            try:
+                if isinstance(ev, AllocReleased):
+                    # Releases free capacity for what follows: commit what is decided first.
+                    await self._commit(tentative, acks)
+                    tentative = {}
+                    await self.handle_release(ev)
+                    continue
+                if ev.uid in self.owner:
+                    # Placed before (a redelivery or a repeat), or earlier in this batch,
+                    # in which case its commit below announces it.
+                    if not any(r.uid == ev.uid for lst in tentative.values() for r, _ in lst):
+                        await self._already_placed(ev, acks)
+                    continue
+                with tracer.start_as_current_span("placement.decide") as span:
+                    span.set_attribute("hami.uid", ev.uid)
+                    self.placer.observe(ev)
+                    result = self.placer.decide(ev)
+                    if isinstance(result, Failure):
+                        span.set_attribute("hami.outcome", "failed")
+                        if ev.pending:
+                            self.pending[ev.uid] = ev
+                        acks.append(await self._publish_failed(ev, result))
+                        continue
+                    span.set_attribute("hami.node", result.node)
+                    alloc = self._alloc(ev, result)
+                    self.cluster.reserve(result.node, alloc)
+                    self.owner[ev.uid] = result.node
+                    tentative.setdefault(result.node, []).append((ev, alloc))
+            finally:
+                context.detach(token)
+        await self._commit(tentative, acks)
+        if acks:
+            await asyncio.gather(*acks)
+
+    async def _commit(
+        self,
+        tentative: dict[str, list[tuple[AllocRequested, LedgerAlloc]]],
+        acks: list[asyncio.Future[object]],
+    ) -> None:
+        redo: list[AllocRequested] = []
+        writes: dict[str, tuple[NodeLedger, int]] = {}
+        for node, entries in tentative.items():
+            view = self.cluster.ledger(node)
+            if all(req.uid in view.allocs for req, _ in entries):
+                # Taken together, before any await: the view and the revision it is of.
+                writes[node] = (view, self.revs.get(node, 0))
+            else:
+                # A watch update replaced this node's view after the decision (another
+                # replica wrote it); the decision may no longer hold: decide again.
+                redo.extend(req for req, _ in entries)
+
+        async def one(node: str, view: NodeLedger, last: int) -> None:
+            entries = tentative[node]
+            try:
+                rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, view, last)
+            except Conflict:
+                self.conflicts += 1
+                redo.extend(req for req, _ in entries)
+                return
+            if rev > self.revs.get(node, 0):
+                self.revs[node] = rev
+            for req, alloc in entries:
+                self.pending.pop(req.uid, None)
+                self.decisions += 1
+                acks.append(await self._publish_decided(req, node, alloc, rev))
+
+        await asyncio.gather(*(one(n, v, r) for n, (v, r) in writes.items()))
+        redo_uids = {r.uid for r in redo}
+        for node, entries in tentative.items():
+            if any(req.uid in redo_uids for req, _ in entries):
+                for req, _ in entries:
+                    self.owner.pop(req.uid, None)
+                await self._refresh(node)  # drops this replica's tentative reservations there
+        for req in redo:
+            await self.handle_request(req, retry=False)
 
     async def handle_release(self, ev: AllocReleased) -> None:
         self.pending.pop(ev.uid, None)
@@ -233,28 +351,31 @@ class PlacementService:
             return
         raise RuntimeError(f"release of {ev.uid}: ledger of {node} kept changing; will retry")
 
-    async def _handle_msg(self, msg: Msg) -> None:
-        try:
-            ev = decode_event(msg.data)
-        except BadMessage as exc:
-            log.error("dropping malformed message on %s: %s", msg.subject, exc)
-            await msg.term()
+    async def _handle_msgs(self, msgs: list[Msg]) -> None:
+        batch: list[tuple[Msg, AllocRequested | AllocReleased]] = []
+        for msg in msgs:
+            try:
+                ev = decode_event(msg.data)
+            except BadMessage as exc:
+                log.error("dropping malformed message on %s: %s", msg.subject, exc)
+                await msg.term()
+                continue
+            if isinstance(ev, AllocRequested | AllocReleased):
+                batch.append((msg, ev))
+            else:
+                await msg.ack()
+        if not batch:
             return
-        ctx = tracing.extract(msg.headers)
-        token = context.attach(ctx)
         try:
             async with self.lock:
-                if isinstance(ev, AllocRequested):
-                    await self.handle_request(ev)
-                elif isinstance(ev, AllocReleased):
-                    await self.handle_release(ev)
+                await self._handle_batch(batch)
         except Exception:
-            log.exception("cannot handle %s; it will be redelivered", msg.subject)
-            await msg.nak(delay=0.5)
+            log.exception("cannot handle a batch of %d; it will be redelivered", len(batch))
+            for msg, _ in batch:
+                await msg.nak(delay=0.5)
             return
-        finally:
-            context.detach(token)
-        await msg.ack()
+        for msg, _ in batch:
+            await msg.ack()
 
     async def _consume(self) -> None:
         sub = self._sub
@@ -264,14 +385,13 @@ class PlacementService:
                 msgs = await sub.fetch(batch=self.fetch_batch, timeout=1.0)  # type: ignore[attr-defined]
             except TimeoutError:
                 continue
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # reconnecting: try again shortly
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
                 log.debug("fetch: %s", exc)
                 await asyncio.sleep(0.2)
                 continue
-            for m in msgs:
-                await self._handle_msg(m)
+            await self._handle_msgs(msgs)
 
     async def _retry_pending(self) -> None:
         while True:
