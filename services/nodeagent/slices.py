@@ -1,0 +1,248 @@
+"""Per-container slice files: how each container learns its exact slice by its own pod UID.
+
+The kubelet's Allocate call names device IDs, never the pod, so the device plugin cannot
+always tell which pod it is serving (docs/exact-matching.md). The container can: the
+webhook gives every HAMi container ``HAMI_POD_UID`` (downward API), ``HAMI_CONTAINER_NAME``
+and a ``subPathExpr`` mount of the host directory
+``/usr/local/vgpu/containers/$(HAMI_POD_UID)_<container>`` at ``/usr/local/vgpu/slice``.
+This module writes that directory's ``env`` file from the node's ledger entry, so the
+preloaded limiter (which ``setenv``s each ``KEY=VALUE`` line before CUDA initialises)
+applies the slice the scheduler decided for exactly this pod and container.
+
+Pure parts: :func:`slice_env` (one container's file contents), :func:`container_dirs`
+(the directories a ledger implies). :class:`SliceWriter` does the small file I/O (atomic
+write: temp file + rename; removal on release; reconcile on start) and publishes
+``prepared`` once a pod's slices are on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared import subjects
+from shared.bus import Bus
+from shared.config import NodeSettings
+from shared.schemas import AllocPrepared, ContainerGrant, LedgerAlloc
+
+log = logging.getLogger("hami.nodeagent.slices")
+
+# Host directory holding one sub-directory per container (relative to the host root).
+CONTAINERS_DIR = "usr/local/vgpu/containers"
+# Where the webhook mounts the container's own directory, inside the container.
+SLICE_MOUNT = "/usr/local/vgpu/slice"
+ENV_FILE = "env"
+REGION_FILE = "region.cache"
+REGION_PATH = f"{SLICE_MOUNT}/{REGION_FILE}"
+
+
+def container_name(grant: ContainerGrant, position: int) -> str:
+    """The name a container's directory is keyed by; position when the grant has none
+    (direct clients outside Kubernetes may leave container names empty)."""
+    return grant.name or str(position)
+
+
+def dir_name(pod_uid: str, container: str) -> str:
+    """``<podUID>_<container>``: what the webhook's ``subPathExpr`` resolves to."""
+    return f"{pod_uid}_{container}"
+
+
+def core_policy(settings: NodeSettings) -> str:
+    """GPU_CORE_UTILIZATION_POLICY as HAMi sets it: ``disableCoreLimit`` wins."""
+    return "disable" if settings.disable_core_limit else settings.gpu_core_policy
+
+
+def slice_env(grant: ContainerGrant, settings: NodeSettings) -> dict[str, str]:
+    """The limiter environment of one container with devices, in REFERENCE §6 terms.
+
+    Card ``i`` is the i-th granted card: ``CUDA_VISIBLE_DEVICES`` lists the UUIDs in the
+    grant's order, so CUDA's device ``i`` inside the container is the card whose limits
+    carry the suffix ``_i``.
+    """
+    env: dict[str, str] = {
+        "CUDA_VISIBLE_DEVICES": ",".join(d.uuid for d in grant.devices),
+    }
+    for i, d in enumerate(grant.devices):
+        env[f"CUDA_DEVICE_MEMORY_LIMIT_{i}"] = f"{int(d.mem)}m"
+    for i, d in enumerate(grant.devices):
+        env[f"CUDA_DEVICE_SM_LIMIT_{i}"] = str(int(d.cores))
+    env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] = REGION_PATH
+    env["GPU_CORE_UTILIZATION_POLICY"] = core_policy(settings)
+    if settings.device_memory_scaling > 1:
+        env["CUDA_OVERSUBSCRIBE"] = "true"
+    return env
+
+
+def render_env(env: Mapping[str, str]) -> str:
+    return "".join(f"{k}={v}\n" for k, v in env.items())
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """Read a slice file back the way the limiter does (``KEY=VALUE``, ``#`` comments)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        k, _, v = line.partition("=")
+        if k.strip():
+            out[k.strip()] = v.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class ContainerSlice:
+    pod_uid: str
+    container: str
+    grant: ContainerGrant
+
+    @property
+    def dir_name(self) -> str:
+        return dir_name(self.pod_uid, self.container)
+
+
+def pod_slices(alloc: LedgerAlloc) -> list[ContainerSlice]:
+    """The containers of a pod that get a slice directory (those with devices)."""
+    return [
+        ContainerSlice(alloc.uid, container_name(g, i), g)
+        for i, g in enumerate(alloc.containers)
+        if g.devices
+    ]
+
+
+def container_dirs(allocs: Mapping[str, LedgerAlloc]) -> dict[str, ContainerSlice]:
+    """Directory name -> slice, for every container with devices in the ledger."""
+    return {s.dir_name: s for a in allocs.values() for s in pod_slices(a)}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A container starting while we write must see the old file or the new one, never
+    # half of one: write a temp file in the same directory, then rename over.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SliceWriter:
+    """Keeps ``<host_root>/usr/local/vgpu/containers`` equal to the node's ledger.
+
+    :meth:`sync` is idempotent and cheap when nothing changed (it remembers what it
+    wrote); call it with the ledger's allocations whenever they change, and once at
+    start (reconcile: directories of pods not in the ledger are removed, missing ones
+    written). ``bus`` None: no ``prepared`` events (unit tests).
+    """
+
+    def __init__(
+        self,
+        host_root: str | os.PathLike[str],
+        node: str,
+        settings: NodeSettings,
+        bus: Bus | None = None,
+    ) -> None:
+        self.root = Path(host_root) / CONTAINERS_DIR
+        self.node = node
+        self.settings = settings
+        self.bus = bus
+        self.written: dict[str, str] = {}  # dir name -> env file text on disk
+        self.prepared: set[str] = set()  # pod UIDs whose slices are all on disk
+        self.removed = 0
+        self._lock = asyncio.Lock()
+        self._reconciled = False
+
+    def path(self, pod_uid: str, container: str) -> Path:
+        """Host path of a container's directory (its ``env`` and ``region.cache``)."""
+        return self.root / dir_name(pod_uid, container)
+
+    def env_path(self, pod_uid: str, container: str) -> Path:
+        return self.path(pod_uid, container) / ENV_FILE
+
+    async def sync(self, allocs: Mapping[str, LedgerAlloc]) -> list[LedgerAlloc]:
+        """Make the directory match ``allocs``; returns the pods newly prepared."""
+        async with self._lock:
+            new_pods = await asyncio.to_thread(self._sync_files, dict(allocs))
+        for alloc in new_pods:
+            await self._publish_prepared(alloc)
+        return new_pods
+
+    def _sync_files(self, allocs: dict[str, LedgerAlloc]) -> list[LedgerAlloc]:
+        want = container_dirs(allocs)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self._reconciled:
+            # First sync after a (re)start: trust the disk, not memory. Pods whose
+            # slices are all on disk as they should be were announced before.
+            self.written = self._scan()
+            self._reconciled = True
+            for uid, a in allocs.items():
+                mine = pod_slices(a)
+                if mine and all(
+                    self.written.get(s.dir_name) == render_env(slice_env(s.grant, self.settings))
+                    for s in mine
+                ):
+                    self.prepared.add(uid)
+        for name in list(self.written):
+            if name not in want:
+                self._remove(name)
+        for name, s in want.items():
+            text = render_env(slice_env(s.grant, self.settings))
+            if self.written.get(name) != text:
+                d = self.root / name
+                d.mkdir(exist_ok=True)
+                _write_atomic(d / ENV_FILE, text)
+                self.written[name] = text
+        self.prepared &= set(allocs)
+        new = [a for uid, a in allocs.items() if uid not in self.prepared]
+        self.prepared.update(a.uid for a in new)
+        return new
+
+    def _scan(self) -> dict[str, str]:
+        """What is on disk: directory name -> env text ("" when unreadable)."""
+        out: dict[str, str] = {}
+        with os.scandir(self.root) as entries:
+            for e in entries:
+                if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    out[e.name] = (Path(e.path) / ENV_FILE).read_text()
+                except OSError:
+                    out[e.name] = ""
+        return out
+
+    def _remove(self, name: str) -> None:
+        # The containers are gone when their pod leaves the ledger (it was released),
+        # so nothing maps the region file any more; remove the whole directory.
+        shutil.rmtree(self.root / name, ignore_errors=True)
+        self.written.pop(name, None)
+        self.removed += 1
+
+    async def _publish_prepared(self, alloc: LedgerAlloc) -> None:
+        if self.bus is None:
+            return
+        now = time.time()
+        for s in pod_slices(alloc):
+            msg = AllocPrepared(
+                uid=alloc.uid,
+                name=alloc.name,
+                namespace=alloc.namespace,
+                node=self.node,
+                container=s.container,
+                devices=list(s.grant.devices),
+                at=now,
+            )
+            try:
+                # At-least-once: the msg id makes a republish (agent restart) a no-op.
+                await self.bus.publish_event(
+                    subjects.alloc("prepared", self.node),
+                    msg,
+                    msg_id=f"prepared:{alloc.uid}:{s.container}",
+                )
+            except Exception as exc:  # the slice is on disk; the event is informational
+                log.warning("%s: prepared event for %s failed: %s", self.node, alloc.uid, exc)
