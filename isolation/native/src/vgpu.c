@@ -415,7 +415,10 @@ EXPORT void *dlsym(void *handle, const char *name) {
     dlsym_fn ds = real_dlsym();
     if (!ds) return NULL;
     void *p = ds(handle, name);
-    if (p && ((name[0] == 'c' && name[1] == 'u') || !strncmp(name, "nvml", 4))) {
+    /* Driver and NVML names only (cuXxx, nvmlXxx): other lookups (curl_*, ...) must not
+     * make us load the driver. */
+    if (p && ((name[0] == 'c' && name[1] == 'u' && isupper((unsigned char)name[2])) ||
+              (!strncmp(name, "nvml", 4) && isupper((unsigned char)name[4])))) {
         ensure_loaded();
         p = map_to_hook(p);
     }
