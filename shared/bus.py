@@ -236,6 +236,50 @@ class Bus:
 
     # ---------------------------------------------------------------- subscribing
 
+    async def work_queue(
+        self,
+        durable: str,
+        filter_subjects: list[str],
+        *,
+        ack_wait: float = 30.0,
+        max_ack_pending: int = 20000,
+    ) -> WorkQueue:
+        """A durable consumer of the event stream shared by every replica of a service.
+
+        Push delivery to a queue group: each message goes to one replica, with no
+        pull round trip between messages (what a pull fetch costs shows in latency).
+        Messages are acknowledged by the caller once handled; unacknowledged ones are
+        redelivered after ``ack_wait``.
+        """
+        cfg = api.ConsumerConfig(
+            durable_name=durable,
+            filter_subjects=filter_subjects,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.NEW,
+            deliver_subject=f"_HAMI.deliver.{durable}",
+            deliver_group=durable,
+            ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending,
+            max_deliver=-1,
+        )
+        try:
+            info = await self.js.consumer_info(subjects.EVENTS_STREAM, durable)
+            cfg = info.config
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_consumer(subjects.EVENTS_STREAM, cfg)
+            except BadRequestError:  # another replica created it first
+                cfg = (await self.js.consumer_info(subjects.EVENTS_STREAM, durable)).config
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def cb(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        sub = await self.js.subscribe_bind(
+            subjects.EVENTS_STREAM, cfg, durable, cb=cb, manual_ack=True
+        )
+        return WorkQueue(sub, queue)
+
     async def subscribe(
         self, subject: str, handler: Callable[[Msg], Awaitable[None]], queue: str = ""
     ) -> Any:
@@ -253,6 +297,27 @@ class Bus:
                 await self.nc.drain()
             except Exception:  # already closing or the server is gone
                 await self.nc.close()
+
+
+class WorkQueue:
+    """Messages of a :meth:`Bus.work_queue` consumer, taken in batches."""
+
+    def __init__(self, sub: Any, queue: asyncio.Queue[Msg]) -> None:
+        self.sub = sub
+        self.queue = queue
+
+    async def batch(self, max_n: int) -> list[Msg]:
+        """Wait for one message, then take what else is already there (up to max_n)."""
+        msgs = [await self.queue.get()]
+        while len(msgs) < max_n and not self.queue.empty():
+            msgs.append(self.queue.get_nowait())
+        return msgs
+
+    async def close(self) -> None:
+        try:
+            await self.sub.unsubscribe()
+        except Exception:  # the connection is already closed
+            pass
 
 
 Endpoint = Callable[[bytes], Awaitable[msgspec.Struct]]

@@ -19,11 +19,9 @@ import uuid
 from typing import Protocol
 
 from nats.aio.msg import Msg
-from nats.js import api
-from nats.js.errors import NotFoundError
 
 from shared import subjects, tracing
-from shared.bus import BadMessage, Bus, add_service, decode, decode_event
+from shared.bus import BadMessage, Bus, WorkQueue, add_service, decode, decode_event
 from shared.config import Config
 from shared.schemas import (
     AllocBindFailed,
@@ -94,7 +92,7 @@ class BinderService:
         self.gone: dict[str, asyncio.Event] = {}  # uid -> set when it leaves the ledger
         self.ledger_uids: dict[str, set[str]] = {}  # node -> uids in its ledger
         self._tasks: list[asyncio.Task[None]] = []
-        self._sub: object | None = None
+        self._sub: WorkQueue | None = None
         self._svc: object | None = None
 
     @staticmethod
@@ -186,20 +184,10 @@ class BinderService:
         await msg.ack()
 
     async def _consume(self) -> None:
-        sub = self._sub
-        assert sub is not None
+        wq = self._sub
+        assert wq is not None
         while True:
-            try:
-                msgs = await sub.fetch(batch=64, timeout=1.0)  # type: ignore[attr-defined]
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("fetch: %s", exc)
-                await asyncio.sleep(0.2)
-                continue
-            for m in msgs:
+            for m in await wq.batch(64):
                 await self._handle_msg(m)
 
     # ---------------------------------------------------------- direct clients
@@ -258,20 +246,8 @@ class BinderService:
         ready = asyncio.Event()
         self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready))
         await asyncio.wait_for(ready.wait(), 15)
-        cfg = api.ConsumerConfig(
-            durable_name=BINDER_CONSUMER,
-            filter_subjects=[subjects.alloc_any("decided"), subjects.alloc("failed")],
-            ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.NEW,
-            ack_wait=30.0,
-            max_ack_pending=20000,
-        )
-        try:
-            await self.bus.js.consumer_info(subjects.EVENTS_STREAM, BINDER_CONSUMER)
-        except NotFoundError:
-            await self.bus.js.add_consumer(subjects.EVENTS_STREAM, cfg)
-        self._sub = await self.bus.js.pull_subscribe_bind(
-            durable=BINDER_CONSUMER, stream=subjects.EVENTS_STREAM
+        self._sub = await self.bus.work_queue(
+            BINDER_CONSUMER, [subjects.alloc_any("decided"), subjects.alloc("failed")]
         )
         self._tasks.append(asyncio.create_task(self._consume(), name="binder-consume"))
         if serve_api:
@@ -289,8 +265,5 @@ class BinderService:
             await self._svc.stop()  # type: ignore[attr-defined]
             self._svc = None
         if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()  # type: ignore[attr-defined]
-            except Exception:
-                pass
+            await self._sub.close()
             self._sub = None

@@ -19,13 +19,11 @@ import time
 from collections import OrderedDict
 
 from nats.aio.msg import Msg
-from nats.js import api
-from nats.js.errors import NotFoundError
 from opentelemetry import context
 
 from services.placement.engine import ClusterState, Failure, Placement, Placer
 from shared import subjects, tracing
-from shared.bus import BadMessage, Bus, Conflict, decode, decode_event
+from shared.bus import BadMessage, Bus, Conflict, WorkQueue, decode, decode_event
 from shared.config import Config
 from shared.schemas import (
     AllocDecided,
@@ -63,7 +61,7 @@ class PlacementService:
         self.lock = asyncio.Lock()
         self.capacity_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._sub: object | None = None
+        self._sub: WorkQueue | None = None
         self.decisions = 0
         self.conflicts = 0
 
@@ -378,19 +376,10 @@ class PlacementService:
             await msg.ack()
 
     async def _consume(self) -> None:
-        sub = self._sub
-        assert sub is not None
+        wq = self._sub
+        assert wq is not None
         while True:
-            try:
-                msgs = await sub.fetch(batch=self.fetch_batch, timeout=1.0)  # type: ignore[attr-defined]
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # reconnecting: try again shortly
-                log.debug("fetch: %s", exc)
-                await asyncio.sleep(0.2)
-                continue
+            msgs = await wq.batch(self.fetch_batch)
             await self._handle_msgs(msgs)
 
     async def _retry_pending(self) -> None:
@@ -416,22 +405,7 @@ class PlacementService:
         self._tasks.append(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[1]))
         self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 15)
-        cfg = api.ConsumerConfig(
-            durable_name=subjects.PLACEMENT_CONSUMER,
-            filter_subjects=DECISION_FILTERS,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.NEW,
-            ack_wait=30.0,
-            max_ack_pending=20000,
-            max_deliver=-1,
-        )
-        try:
-            await self.bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PLACEMENT_CONSUMER)
-        except NotFoundError:
-            await self.bus.js.add_consumer(subjects.EVENTS_STREAM, cfg)
-        self._sub = await self.bus.js.pull_subscribe_bind(
-            durable=subjects.PLACEMENT_CONSUMER, stream=subjects.EVENTS_STREAM
-        )
+        self._sub = await self.bus.work_queue(subjects.PLACEMENT_CONSUMER, DECISION_FILTERS)
         self._tasks.append(asyncio.create_task(self._consume(), name="placement-consume"))
         self._tasks.append(asyncio.create_task(self._retry_pending(), name="placement-retry"))
         log.info("%s ready: %d nodes", self.replica, len(list(self.cluster.nodes)))
@@ -442,9 +416,6 @@ class PlacementService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()  # type: ignore[attr-defined]
-            except Exception:
-                pass
+            await self._sub.close()
             self._sub = None
 

@@ -1,0 +1,193 @@
+"""Placement benchmark at cluster scale: in-process, and requested -> decided over NATS.
+
+Prints one JSON object:
+- ``inprocess``: ``bench/placement_inproc.py`` (decide + reserve, no I/O);
+- ``nats``: a placement service in its own process against an embedded nats-server,
+  5,000 nodes x 8 cards registered in the inventory KV bucket, requests published to
+  the durable stream at a fixed rate (open loop), each reserved by compare-and-set on
+  the node's ledger entry; latency is from just before the publish to the arrival of
+  the ``decided`` / ``failed`` event at a subscriber; throughput is requests over the
+  time from the first publish to the last answer;
+- ``nats_rtt``: a core NATS request/reply round trip measured in the same run, so the
+  overhead above reads as a ratio;
+- ``placement_rss_mb``: the placement process's resident memory at the end.
+
+    .venv/bin/python bench/placement.py [--nodes 5000] [--cards 8] [--requests 20000] [--rate 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import placement_inproc  # noqa: E402
+
+from shared import subjects  # noqa: E402
+from shared.bus import Bus, decode_event  # noqa: E402
+from shared.natsserver import EmbeddedNats  # noqa: E402
+from shared.schemas import AllocDecided, AllocFailed, Device, NodeInventory  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+def inventories(nodes: int, cards: int) -> list[NodeInventory]:
+    out = []
+    for n in range(nodes):
+        model, mem = placement_inproc.MODELS[n % len(placement_inproc.MODELS)]
+        devs = [Device(uuid=f"GPU-{n:05d}-{i}", index=i, type=model, devmem=mem, numa=i * 2 // cards)
+                for i in range(cards)]
+        out.append(NodeInventory(node=f"node-{n:05d}", devices=devs, cpu_milli=128000,
+                                 memory_mib=1 << 20, max_pods=110,
+                                 labels={"zone": f"z{n % 4}", "pool": "gpu"}))
+    return out
+
+
+async def rtt(bus: Bus, n: int = 2000) -> float:
+    async def echo(msg: object) -> None:
+        await msg.respond(b"ok")  # type: ignore[attr-defined]
+
+    sub = await bus.nc.subscribe("bench.echo", cb=echo)
+    other = await Bus.connect(bus.nc.connected_url.geturl() if bus.nc.connected_url else "", "rtt", setup=False)
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await other.nc.request("bench.echo", b"x", timeout=5)
+        samples.append(time.perf_counter() - t)
+    await sub.unsubscribe()
+    await other.close()
+    return pct(samples[n // 10:], 50)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: int) -> dict[str, object]:
+    server = EmbeddedNats()
+    url = await server.astart()
+    bus = await Bus.connect(url, "bench")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for i, inv in enumerate(inventories(nodes, cards)):
+            await bus.kv_put(subjects.NODES_BUCKET, inv.node, inv)
+            if i % 500 == 0:
+                await asyncio.sleep(0)
+        env = dict(os.environ, HAMI_LOG_LEVEL="WARNING", HAMI__SCHEDULER__NODEPOLICY="binpack")
+        proc = subprocess.Popen([sys.executable, "-m", "services.placement", "--nats-url", url],
+                                cwd=ROOT, env=env)
+        # Wait until the service answers: one probe request.
+        rng = np.random.default_rng(seed)
+        answers: dict[str, float] = {}
+        outcome: dict[str, str] = {}
+        sent: dict[str, float] = {}
+        done = asyncio.Event()
+
+        async def on_answer(msg: object) -> None:
+            t = time.time()
+            ev = decode_event(msg.data)  # type: ignore[attr-defined]
+            if isinstance(ev, AllocDecided | AllocFailed) and ev.uid not in answers:
+                answers[ev.uid] = t
+                outcome[ev.uid] = "decided" if isinstance(ev, AllocDecided) else "failed"
+                if len(answers) >= requests + 1:
+                    done.set()
+
+        await bus.subscribe(subjects.alloc_any("decided"), on_answer)
+        await bus.subscribe(subjects.alloc("failed"), on_answer)
+        probe = placement_inproc.make_request(rng, -1)
+        probe.uid = "probe"
+        probe.pending = False
+        deadline = time.time() + 120
+        while "probe" not in answers and time.time() < deadline:
+            probe.requested_at = time.time()
+            await bus.publish_event(subjects.alloc("requested"), probe, msg_id=f"probe:{probe.requested_at}")
+            await asyncio.sleep(1.0)
+        if "probe" not in answers:
+            raise RuntimeError("placement service did not answer")
+        reqs = []
+        for i in range(requests):
+            r = placement_inproc.make_request(rng, i)
+            r.uid = f"b{i}"
+            r.name = r.uid
+            r.pending = False
+            reqs.append(r)
+        interval = 1.0 / rate if rate > 0 else 0.0
+        start = time.time()
+        acks = []
+        for i, r in enumerate(reqs):
+            if interval:
+                target = start + i * interval
+                delay = target - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            r.requested_at = time.time()
+            sent[r.uid] = r.requested_at
+            acks.append(await bus.publish_event_nowait(subjects.alloc("requested"), r, msg_id=r.uid))
+            if len(acks) >= 2000:
+                await asyncio.gather(*acks)
+                acks.clear()
+        await asyncio.gather(*acks)
+        await asyncio.wait_for(done.wait(), timeout=max(60.0, requests / 200))
+        end = max(answers[u] for u in sent)
+        lat = [answers[u] - sent[u] for u in sent]
+        rss = rss_mb(proc.pid)
+        round_trip = await rtt(bus)
+        p50 = pct(lat, 50)
+        return {
+            "nodes": nodes, "cards": nodes * cards, "requests": requests,
+            "target_rate_per_s": rate,
+            "decisions_per_s": round(requests / (end - start), 1),
+            "decided": sum(1 for u in sent if outcome[u] == "decided"),
+            "failed": sum(1 for u in sent if outcome[u] == "failed"),
+            "p50_ms": round(p50 * 1e3, 3),
+            "p99_ms": round(pct(lat, 99) * 1e3, 3),
+            "nats_rtt_ms": round(round_trip * 1e3, 3),
+            "p50_over_rtt": round(p50 / round_trip, 2),
+            "placement_rss_mb": round(rss, 1),
+        }
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        await bus.close()
+        server.cleanup()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=5000)
+    ap.add_argument("--cards", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--rate", type=float, default=1500.0, help="requests per second (0: all at once)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--skip-inprocess", action="store_true")
+    args = ap.parse_args()
+    out: dict[str, object] = {}
+    if not args.skip_inprocess:
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "placement_inproc.py"),
+                            "--nodes", str(args.nodes), "--cards", str(args.cards)],
+                           capture_output=True, text=True, cwd=ROOT)
+        out["inprocess"] = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-2000:]}
+    out["nats"] = asyncio.run(over_nats(args.nodes, args.cards, args.requests, args.rate, args.seed))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
