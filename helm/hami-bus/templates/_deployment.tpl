@@ -1,0 +1,69 @@
+{{/*
+A Deployment of a service that talks only to NATS (inventory, placement, metrics): no
+API-server token, non-root, read-only root filesystem.
+Input: (dict "ctx" $ "component" "placement" "values" .Values.placement "port" 0)
+*/}}
+{{- define "hami-bus.busDeployment" -}}
+{{- $ctx := .ctx }}
+{{- $v := .values }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "hami-bus.componentName" . }}
+  namespace: {{ $ctx.Release.Namespace }}
+  labels:
+    {{- include "hami-bus.componentLabels" . | nindent 4 }}
+spec:
+  replicas: {{ $v.replicas }}
+  selector:
+    matchLabels:
+      {{- include "hami-bus.selectorLabels" . | nindent 6 }}
+  template:
+    metadata:
+      {{- include "hami-bus.podMetadata" . | nindent 6 }}
+    spec:
+      serviceAccountName: {{ include "hami-bus.componentName" . }}
+      automountServiceAccountToken: false   # NATS only; no Kubernetes API access
+      {{- with $ctx.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $ctx.Values.podSecurityContext | nindent 8 }}
+      containers:
+        - name: {{ .component }}
+          image: {{ include "hami-bus.image" $ctx }}
+          imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+          command: ["python", "-m", "services.{{ .component }}"]
+          {{- with (concat (.args | default list) ($v.extraArgs | default list)) }}
+          args:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          env:
+            {{- include "hami-bus.env" $ctx | nindent 12 }}
+          {{- if .port }}
+          ports:
+            - name: http
+              containerPort: {{ .port }}
+          readinessProbe:
+            httpGet: {path: /metrics, port: http}
+            periodSeconds: 10
+          livenessProbe:
+            httpGet: {path: /metrics, port: http}
+            initialDelaySeconds: 10
+            periodSeconds: 20
+          {{- end }}
+          resources:
+            {{- toYaml $v.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $ctx.Values.securityContext | nindent 12 }}
+          volumeMounts:
+            {{- include "hami-bus.configMount" $ctx | nindent 12 }}
+            - name: tmp
+              mountPath: /tmp
+      volumes:
+        {{- include "hami-bus.configVolume" $ctx | nindent 8 }}
+        - name: tmp
+          emptyDir: {}
+      {{- include "hami-bus.scheduling" $v | nindent 6 }}
+{{- end }}
