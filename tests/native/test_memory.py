@@ -332,3 +332,32 @@ def node_cutest() -> str:
     from .conftest import CUTEST
 
     return str(CUTEST)
+
+
+def test_forked_child_has_its_own_slot_under_the_same_limit(node: Node) -> None:
+    r = node.run(
+        [
+            "init",
+            "ctx",
+            "0",
+            "alloc",
+            "v2",
+            "600m",
+            "fork",
+            "alloc",
+            "v2",
+            "500m",
+            "alloc",
+            "v2",
+            "400m",
+            "info",
+            "endfork",
+            "info",
+        ],
+        CUDA_DEVICE_MEMORY_LIMIT="1g",
+    )
+    assert r.one("child") == ["child", "0"]
+    assert [a[3] for a in r.lines("alloc")] == ["0", "2", "0"]
+    child_info, parent_info = r.lines("info")
+    assert child_info == ["info", "0", str(24 * MiB), str(GiB)]
+    assert parent_info == ["info", "0", str(424 * MiB), str(GiB)]  # the child's 400m went with it

@@ -8,6 +8,8 @@
  *   freeall | info | total D | nvml I | sleep MS | hold | exit CODE
  *   launch KIND MS GRID WARM_MS   KIND: kernel ex coop graph; prints own utilisation
  *   lockregion PATH     take the region's lock and hold it (to be SIGKILLed by a test)
+ *   fork OPS... endfork the child runs OPS and exits; the parent waits, prints
+ *                       "child <exit status>" and goes on after endfork
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -22,6 +24,7 @@
 #include "region.h"
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 
 CUresult cuInit(unsigned);
 CUresult cuGetProcAddress(const char *, void **, int, cuuint64_t);
@@ -353,6 +356,16 @@ int main(int argc, char **argv) {
             int rc = pthread_mutex_lock(&r->h.lock.mu);
             printf("locked %d\n", rc);
             for (;;) pause();
+        } else if (!strcmp(op, "fork")) {
+            pid_t c = fork();
+            if (c > 0) {
+                int st = 0;
+                waitpid(c, &st, 0);
+                while (i < argc && strcmp(argv[i], "endfork")) i++;
+                printf("child %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+            }
+        } else if (!strcmp(op, "endfork")) {
+            exit(0);
         } else if (!strcmp(op, "env")) {
             const char *k = argv[++i];
             const char *v = getenv(k);

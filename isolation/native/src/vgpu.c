@@ -724,7 +724,10 @@ static void devices_setup(void) {
         g_card[dev] = (int8_t)card;
         hlog(4, "CUDA device %d -> card %d (%s)", k, card, u);
         hami_dev_t *d = &R->h.dev[card];
+        size_t total = 0;
+        if (r_cuDeviceTotalMem_v2) r_cuDeviceTotalMem_v2(&total, dev);
         rlock();
+        if (total) d->total = total;
         if (u[0] && strcmp(d->uuid, u)) snprintf(d->uuid, sizeof d->uuid, "%s", u);
         if (R->h.num_devices < (uint32_t)card + 1) R->h.num_devices = (uint32_t)card + 1;
         runlock();
