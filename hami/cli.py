@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from shared import config, logs, subjects
+from shared import config, logs, subjects, tracing
 from shared.bus import Bus
 from shared.schemas import (
     ClusterStatus,
@@ -58,6 +58,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     logs.setup("up", cfg.log_level)
+    tracing.setup("up")
 
     async def main() -> int:
         system = System(cfg, nats_url=args.nats_url, sim_nodes=args.sim_nodes,

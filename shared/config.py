@@ -96,6 +96,23 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any, schema: type[An
             cls = f.type
 
 
+def _normalize(raw: Any, schema: Any, where: str) -> Any:
+    """Match a YAML tree's keys to the schema case-insensitively (HAMi's files spell
+    ``defaultGPUNum``, ours ``defaultGpuNum``); an unknown key is an error, not ignored."""
+    if not isinstance(raw, dict) or not (
+        isinstance(schema, type) and issubclass(schema, msgspec.Struct)
+    ):
+        return raw
+    fields = {_norm(f.encode_name): f for f in msgspec.structs.fields(schema)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        f = fields.get(_norm(str(key)))
+        if f is None:
+            raise ConfigError(f"unknown setting {where}{key!r}")
+        out[f.encode_name] = _normalize(value, f.type, f"{where}{f.encode_name}.")
+    return out
+
+
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read the YAML file (``path`` or ``$HAMI_CONFIG``, optional) and apply overrides."""
     env = os.environ if env is None else env
@@ -108,7 +125,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path}: the top level must be a mapping")
-        raw = loaded
+        raw = _normalize(loaded, Config, "")
     for short, field in _SHORT_ENV.items():
         if env.get(short):
             raw[field] = env[short]

@@ -22,13 +22,14 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _configured = False
 
 
-def setup(service: str) -> None:
+def setup(service: str, mode: str | None = None) -> None:
+    """Install the tracer provider once per process; ``mode`` overrides the env."""
     global _configured
     if _configured:
         return
     _configured = True
     provider = TracerProvider(resource=Resource.create({"service.name": f"hami-{service}"}))
-    mode = os.environ.get("HAMI_TRACE_EXPORT", "")
+    mode = os.environ.get("HAMI_TRACE_EXPORT", "") if mode is None else mode
     if mode == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
     elif mode == "memory":

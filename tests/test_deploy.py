@@ -99,10 +99,7 @@ def test_compose_topology() -> None:
 
 # Flags the deployment needs that a service does not accept yet. Remove the entry when it
 # lands (strict: the test then fails as XPASS until this is cleaned up).
-PENDING_FLAGS = {
-    "metrics": "--host: MetricsService binds 127.0.0.1 unless told otherwise, so neither a "
-    "published compose port nor a Kubernetes Service can reach it",
-}
+PENDING_FLAGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

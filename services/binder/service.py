@@ -19,6 +19,7 @@ import uuid
 from typing import Protocol
 
 from nats.aio.msg import Msg
+from opentelemetry import context
 
 from shared import subjects, tracing
 from shared.bus import BadMessage, Bus, WorkQueue, add_service, decode, decode_event
@@ -172,6 +173,7 @@ class BinderService:
             log.error("dropping malformed message on %s: %s", msg.subject, exc)
             await msg.term()
             return
+        token = context.attach(tracing.extract(msg.headers))
         try:
             if isinstance(ev, AllocDecided):
                 await self.handle_decided(ev)
@@ -181,6 +183,8 @@ class BinderService:
             log.exception("cannot handle %s; it will be redelivered", msg.subject)
             await msg.nak(delay=0.5)
             return
+        finally:
+            context.detach(token)
         await msg.ack()
 
     async def _consume(self) -> None:

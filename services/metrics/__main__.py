@@ -10,12 +10,16 @@ from shared.bus import Bus
 from shared.config import Config
 
 
-async def make(bus: Bus, cfg: Config) -> MetricsService:
-    return MetricsService(bus, cfg)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = runner.common_args("python -m services.metrics").parse_args(argv)
+    p = runner.common_args("python -m services.metrics")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=None, help="default: metricsPort of the config")
+    args = p.parse_args(argv)
+
+    async def make(bus: Bus, cfg: Config) -> MetricsService:
+        return MetricsService(bus, cfg, port=args.port, host=args.host)
+
     return runner.run("metrics", args, make)
 
 

@@ -160,13 +160,25 @@ class PlacementService:
         )
 
     async def _publish_decided(
-        self, req: AllocRequested, node: str, alloc: LedgerAlloc, rev: int
+        self,
+        req: AllocRequested,
+        node: str,
+        alloc: LedgerAlloc,
+        rev: int,
+        ctx: context.Context | None = None,
     ) -> asyncio.Future[object]:
-        return await self.bus.publish_event_nowait(  # type: ignore[return-value]
-            subjects.alloc("decided", node),
-            self._decided_event(req, node, alloc, rev),
-            msg_id=f"decided:{req.uid}:{alloc.decided_at}",
-        )
+        # The event carries the trace of the decision that made it, also when it is
+        # published after the batch it was decided in.
+        token = context.attach(ctx) if ctx is not None else None
+        try:
+            return await self.bus.publish_event_nowait(  # type: ignore[return-value]
+                subjects.alloc("decided", node),
+                self._decided_event(req, node, alloc, rev),
+                msg_id=f"decided:{req.uid}:{alloc.decided_at}",
+            )
+        finally:
+            if token is not None:
+                context.detach(token)
 
     async def _publish_failed(self, req: AllocRequested, result: Failure) -> asyncio.Future[object]:
         ev = AllocFailed(
@@ -245,7 +257,7 @@ class PlacementService:
         requests of the batch see them; a node whose write conflicts is re-read and
         its requests decided again one by one.
         """
-        tentative: dict[str, list[tuple[AllocRequested, LedgerAlloc]]] = {}
+        tentative: dict[str, list[tuple[AllocRequested, LedgerAlloc, context.Context]]] = {}
         acks: list[asyncio.Future[object]] = []
         for msg, ev in batch:
             token = context.attach(tracing.extract(msg.headers))
@@ -259,7 +271,7 @@ class PlacementService:
                 if ev.uid in self.owner:
                     # Placed before (a redelivery or a repeat), or earlier in this batch,
                     # in which case its commit below announces it.
-                    if not any(r.uid == ev.uid for lst in tentative.values() for r, _ in lst):
+                    if not any(r.uid == ev.uid for lst in tentative.values() for r, _, _ in lst):
                         await self._already_placed(ev, acks)
                     continue
                 with tracer.start_as_current_span("placement.decide") as span:
@@ -276,7 +288,7 @@ class PlacementService:
                     alloc = self._alloc(ev, result)
                     self.cluster.reserve(result.node, alloc)
                     self.owner[ev.uid] = result.node
-                    tentative.setdefault(result.node, []).append((ev, alloc))
+                    tentative.setdefault(result.node, []).append((ev, alloc, context.get_current()))
             finally:
                 context.detach(token)
         await self._commit(tentative, acks)
@@ -285,20 +297,20 @@ class PlacementService:
 
     async def _commit(
         self,
-        tentative: dict[str, list[tuple[AllocRequested, LedgerAlloc]]],
+        tentative: dict[str, list[tuple[AllocRequested, LedgerAlloc, context.Context]]],
         acks: list[asyncio.Future[object]],
     ) -> None:
         redo: list[AllocRequested] = []
         writes: dict[str, tuple[NodeLedger, int]] = {}
         for node, entries in tentative.items():
             view = self.cluster.ledger(node)
-            if all(req.uid in view.allocs for req, _ in entries):
+            if all(req.uid in view.allocs for req, _, _ in entries):
                 # Taken together, before any await: the view and the revision it is of.
                 writes[node] = (view, self.revs.get(node, 0))
             else:
                 # A watch update replaced this node's view after the decision (another
                 # replica wrote it); the decision may no longer hold: decide again.
-                redo.extend(req for req, _ in entries)
+                redo.extend(req for req, _, _ in entries)
 
         async def one(node: str, view: NodeLedger, last: int) -> None:
             entries = tentative[node]
@@ -306,20 +318,20 @@ class PlacementService:
                 rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, view, last)
             except Conflict:
                 self.conflicts += 1
-                redo.extend(req for req, _ in entries)
+                redo.extend(req for req, _, _ in entries)
                 return
             if rev > self.revs.get(node, 0):
                 self.revs[node] = rev
-            for req, alloc in entries:
+            for req, alloc, ctx in entries:
                 self.pending.pop(req.uid, None)
                 self.decisions += 1
-                acks.append(await self._publish_decided(req, node, alloc, rev))
+                acks.append(await self._publish_decided(req, node, alloc, rev, ctx))
 
         await asyncio.gather(*(one(n, v, r) for n, (v, r) in writes.items()))
         redo_uids = {r.uid for r in redo}
         for node, entries in tentative.items():
-            if any(req.uid in redo_uids for req, _ in entries):
-                for req, _ in entries:
+            if any(req.uid in redo_uids for req, _, _ in entries):
+                for req, _, _ in entries:
                     self.owner.pop(req.uid, None)
                 await self._refresh(node)  # drops this replica's tentative reservations there
         for req in redo:

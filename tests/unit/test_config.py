@@ -40,3 +40,13 @@ def test_bad_file(tmp_path: Path) -> None:
     f.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load(f, env={})
+
+
+def test_hami_spellings_are_accepted_and_unknown_keys_refused(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("node:\n  defaultGPUNum: 3\n  devicesplitcount: 5\n")
+    c = load(f, env={})
+    assert (c.node.default_gpu_num, c.node.device_split_count) == (3, 5)
+    f.write_text("node:\n  deviceSplitCnt: 5\n")
+    with pytest.raises(ConfigError, match="node.'deviceSplitCnt'"):
+        load(f, env={})
