@@ -34,7 +34,7 @@ from shared.schemas import (
 )
 
 from . import model as m
-from .frag import FRAG_POLICIES, FragScorer, ShapeModel
+from .frag import FRAG_POLICIES, VARIANTS, FragScorer, ShapeModel
 from .state import BOOL, ClusterState, NodeRec
 
 NODE_POLICIES = ("binpack", "spread", "random", "bestfit", *FRAG_POLICIES)
@@ -174,14 +174,14 @@ class Placer:
             cnt = np.bincount(cnode[d_ok], minlength=nn)
             node_ok &= cnt >= a.nums
         policy = (cons.node_policy or self.scheduler.node_policy).lower()
-        if policy not in NODE_POLICIES:
+        if policy not in NODE_POLICIES and policy not in VARIANTS:
             policy = "binpack"
         chain = parse_chain(cons.gpu_policy or self.scheduler.gpu_policy)
         weights = cons.weights or ScoringWeights()
         tried: dict[int, str] = {}
         cands = np.flatnonzero(node_ok)
         if len(cands):
-            if policy in FRAG_POLICIES and self._frag_eligible(asks, cons, chain):
+            if policy in VARIANTS and self._frag_eligible(asks, cons, chain, req.namespace):
                 got = self._decide_frag(policy, req, conts, asks, cpu, mem, cands, dyn, flat)
                 if got is not None:
                     return got
@@ -581,8 +581,12 @@ class Placer:
 
     # ------------------------------------------------------------- frag policies
 
-    def _frag_eligible(self, asks: list[list[Ask]], cons: Constraints, chain: Chain) -> bool:
-        """The fragmentation path covers one-container pods with one ask (or none)."""
+    def _frag_eligible(self, asks: list[list[Ask]], cons: Constraints, chain: Chain, ns: str) -> bool:
+        """The fragmentation path covers one-container pods with one ask (or none).
+
+        Other pods (several containers or asks, NUMA binding, mutex, topology, a
+        cumulative quota) are placed by the binpack order and the exact stage.
+        """
         with_dev = [row for row in asks if row]
         if len(with_dev) > 1 or (with_dev and len(with_dev[0]) > 1):
             return False
@@ -590,6 +594,8 @@ class Placer:
             return False
         if with_dev:
             a = with_dev[0][0]
+            if a.nums > 1 and ns in self.cluster.quotas:
+                return False
             return a.nums == 1 or a.cores >= 100
         return True
 

@@ -1,0 +1,76 @@
+"""Fragmentation-aware policies: the shape model and the choices they lead to."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.placement.engine import Placement
+from services.placement.engine.frag import ShapeModel
+from shared.config import NodeSettings
+from shared.schemas import DeviceAsk
+
+from .util import cards_of, cluster, node, place, placer, req
+
+
+def test_shape_model_keeps_95_percent_and_normalises() -> None:
+    sm = ShapeModel()
+    for _ in range(90):
+        sm.observe(req(DeviceAsk(mem_percent=50, cores=50), cpu=1000), NodeSettings())
+    for _ in range(8):
+        sm.observe(req(DeviceAsk(nums=2), cpu=4000), NodeSettings())
+    for i in range(2):
+        sm.observe(req(cpu=100 + i), NodeSettings())
+    shapes, p = sm.top()
+    assert len(shapes) == 2  # 90 + 8 of 100 tasks: the two rare CPU-only shapes go
+    assert abs(p.sum() - 1.0) < 1e-9 and p[0] > p[1]
+    assert (shapes[0].pct, shapes[0].cores, shapes[0].k) == (50, 50, 1)
+    assert (shapes[1].k, shapes[1].cores) == (2, 100)
+
+
+@pytest.mark.parametrize("policy", ["fgd", "frag"])
+def test_sharing_task_fills_the_fragment(policy: str) -> None:
+    # workload: half cards and whole cards. Node a has a card half used; b and c are
+    # idle. A half-card task should go to a's half card rather than split an idle card
+    # (which would strand half a card for the whole-card tasks).
+    p = placer(cluster(node("a", 2), node("b", 2), node("c", 2)), node_policy=policy)
+    for _ in range(10):
+        p.observe(req(DeviceAsk(mem_percent=50, cores=50)))
+        p.observe(req(DeviceAsk(nums=1)))
+    place(p, req(DeviceAsk(mem_percent=50, cores=50), node_name="a", gpu_policy="binpack"))
+    got = place(p, req(DeviceAsk(mem_percent=50, cores=50)))
+    assert (got.node, cards_of(got)[0][0]) == ("a", "GPU-a-0")
+
+
+@pytest.mark.parametrize("policy", ["fgd", "frag"])
+def test_whole_cards_keep_big_nodes_whole(policy: str) -> None:
+    # workload: 4-card tasks and 1-card tasks. A 1-card task must not break the only
+    # node that can still run a 4-card task.
+    p = placer(cluster(node("big", 4), node("small", 2)), node_policy=policy)
+    for _ in range(5):
+        p.observe(req(DeviceAsk(nums=4)))
+        p.observe(req(DeviceAsk(nums=1)))
+    got = place(p, req(DeviceAsk(nums=1)))
+    assert got.node == "small"
+    got = place(p, req(DeviceAsk(nums=4)))
+    assert got.node == "big" and len(cards_of(got)) == 4
+
+
+def test_frag_separates_memory_and_cores() -> None:
+    # card a0 has memory left but its cores are used up; b0 has both. The workload is
+    # (30 % memory, 30 % cores). A memory-only task (no cores) fits best where memory
+    # is otherwise unusable: a0, leaving b0 whole for the typical shape.
+    p = placer(cluster(node("a", 1), node("b", 1)), node_policy="frag")
+    for _ in range(10):
+        p.observe(req(DeviceAsk(mem_percent=30, cores=30)))
+    place(p, req(DeviceAsk(mem_percent=40, cores=100 - 1), node_name="a"))
+    place(p, req(DeviceAsk(mem_percent=40, cores=1), node_name="b"))
+    got = place(p, req(DeviceAsk(mem_percent=30, cores=0), gpu_policy="binpack"))
+    assert got.node == "a"
+
+
+def test_frag_falls_back_without_shapes_and_for_complex_pods() -> None:
+    p = placer(cluster(node("a", 2), node("b", 2)), node_policy="frag")
+    assert isinstance(p.decide(req(DeviceAsk(mem=100, cores=1))), Placement)  # no shapes yet
+    p.observe(req(DeviceAsk(mem=100, cores=1)))
+    got = p.decide(req(DeviceAsk(nums=2, mem=100, cores=1), numa_bind=True))
+    assert isinstance(got, Placement) and len(cards_of(got)) == 2
