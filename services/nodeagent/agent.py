@@ -3,6 +3,11 @@
 Publishes the node's inventory to the inventory KV bucket (on start and whenever
 discovery changes), a heartbeat every ``heartbeat_interval`` seconds, and follows the
 ledger entry of its own node, which tells it exactly which pod UID owns which slice.
+
+Kubernetes mode (services/nodeagent/kube) hangs its parts on two hooks:
+``ledger_listeners`` are awaited with the node's allocations after every ledger change
+(slice files, the device plugin's matcher), ``inventory_listeners`` with the new
+inventory whenever it changes (device plugin device list, node annotations).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 
 from services.nodeagent.backends import Backend
 from services.nodeagent.registration import register
@@ -20,6 +26,9 @@ from shared.config import Config
 from shared.schemas import Heartbeat, LedgerAlloc, NodeInventory, NodeLedger
 
 log = logging.getLogger("hami.nodeagent")
+
+LedgerListener = Callable[[Mapping[str, LedgerAlloc]], Awaitable[None]]
+InventoryListener = Callable[[NodeInventory], Awaitable[None]]
 
 
 class NodeAgent:
@@ -47,6 +56,11 @@ class NodeAgent:
         self.inventory: NodeInventory | None = None
         self.allocs: dict[str, LedgerAlloc] = {}  # pod UID -> its slice on this node
         self.allocs_changed = asyncio.Event()
+        self.ledger_revision = 0  # of the ledger entry ``allocs`` comes from
+        self.ledger_ready = asyncio.Event()  # set once the entry has been read at start
+        self.ledger_listeners: list[LedgerListener] = []
+        self.inventory_listeners: list[InventoryListener] = []
+        self._ledger_lock = asyncio.Lock()
         self.beating = True  # tests stop the heartbeat to simulate a dead node
         self._tasks: list[asyncio.Task[None]] = []
         self._seq = 0
@@ -80,6 +94,11 @@ class NodeAgent:
         self.inventory = inv
         await self.bus.kv_put(subjects.NODES_BUCKET, self.node, inv)
         log.info("%s: registered %d devices", self.node, len(inv.devices))
+        for listener in self.inventory_listeners:
+            try:
+                await listener(inv)
+            except Exception:
+                log.exception("%s: inventory listener failed", self.node)
 
     async def heartbeat_once(self) -> None:
         self._seq += 1
@@ -107,15 +126,47 @@ class NodeAgent:
 
     async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
         ledger = decode(value, NodeLedger) if value else NodeLedger(node=self.node)
-        self.allocs = dict(ledger.allocs)
-        self.allocs_changed.set()
+        await self._apply_ledger(ledger, revision)
+
+    async def _apply_ledger(self, ledger: NodeLedger, revision: int) -> None:
+        # One change at a time, in revision order: the watch and refresh_ledger may both
+        # deliver, and a listener must never see an older ledger after a newer one.
+        async with self._ledger_lock:
+            if revision and revision <= self.ledger_revision:
+                return  # already applied (the watch and a refresh both delivered it)
+            self.ledger_revision = max(self.ledger_revision, revision)
+            self.allocs = dict(ledger.allocs)
+            self.allocs_changed.set()
+            for listener in self.ledger_listeners:
+                try:
+                    await listener(self.allocs)
+                except Exception:
+                    log.exception("%s: ledger listener failed", self.node)
+
+    async def refresh_ledger(self) -> None:
+        """Read the node's ledger entry now instead of waiting for the watch.
+
+        The device plugin calls this before matching an Allocate, so a decision written
+        a moment ago is never missed because the watch lags.
+        """
+        led, rev = await self.bus.kv_get(subjects.LEDGER_BUCKET, self.node, NodeLedger)
+        if rev > self.ledger_revision:
+            await self._apply_ledger(led or NodeLedger(node=self.node), rev)
+        else:
+            # Applied already, but its listeners may still be running: wait for them.
+            async with self._ledger_lock:
+                pass
 
     async def start(self) -> None:
         await self.publish_inventory(force=True)
         await self.heartbeat_once()
         self._tasks.append(asyncio.create_task(self._heartbeats(), name=f"hb-{self.node}"))
         self._tasks.append(asyncio.create_task(self._rediscover(), name=f"disc-{self.node}"))
-        self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, key=self.node))
+        self._tasks.append(
+            await self.bus.watch_kv(
+                subjects.LEDGER_BUCKET, self._on_ledger, ready=self.ledger_ready, key=self.node
+            )
+        )
 
     async def stop(self) -> None:
         for t in self._tasks:
