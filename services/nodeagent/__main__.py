@@ -1,16 +1,43 @@
-"""``python -m services.nodeagent``: one node agent (real cards via NVML, else simulated)."""
+"""``python -m services.nodeagent``: one node agent (real cards via NVML, else simulated).
+
+With ``--kube`` it runs in Kubernetes mode (a DaemonSet pod): the agent plus the kubelet
+device plugin for ``nvidia.com/gpu`` on ``--plugin-dir``, the per-container slice files
+under ``--host-root``, HAMi's node annotations (``--no-annotations`` to switch off) and
+telemetry. The Kubernetes API is reached with ``--kubeconfig`` or, by default, the pod's
+service account.
+"""
 
 from __future__ import annotations
 
 import socket
 import sys
+from typing import Any
 
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.backends import Backend, nvml
 from services.nodeagent.backends.sim import SimBackend, parse_gpu_spec
+from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from shared import runner
 from shared.bus import Bus
 from shared.config import Config
+
+
+class _KubeService:
+    """A KubeNode that also owns (and closes) its Kubernetes client."""
+
+    def __init__(self, node: Any, kube: Any) -> None:
+        self.node = node
+        self.kube = kube
+
+    async def start(self) -> None:
+        await self.node.start()
+
+    async def stop(self) -> None:
+        try:
+            await self.node.stop()
+        finally:
+            if self.kube is not None:
+                await self.kube.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,9 +45,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node", default=None, help="node name (default: $HAMI_NODE_NAME or hostname)")
     p.add_argument("--sim-gpus", action="append", default=None, help="MODEL:COUNT[:MEMORY_MIB]")
     p.add_argument("--topology", default=None, help="simulated links: pcie|pairs|dgx1|nvswitch")
+    k = p.add_argument_group("Kubernetes mode")
+    k.add_argument("--kube", action="store_true", help="run the device plugin, slices, annotations")
+    k.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster)")
+    k.add_argument("--plugin-dir", default=DEVICE_PLUGIN_PATH, help="kubelet device plugin dir")
+    k.add_argument("--host-root", default="/", help="where the host's / is mounted")
+    k.add_argument(
+        "--no-annotations",
+        action="store_true",
+        help="do not write hami.io/node-nvidia-register on the Node",
+    )
+    k.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=5.0,
+        help="seconds between telemetry samples (0: off)",
+    )
     args = p.parse_args(argv)
 
-    async def make(bus: Bus, cfg: Config) -> NodeAgent:
+    async def make(bus: Bus, cfg: Config) -> Any:
         node = args.node or cfg.node_name or socket.gethostname()
         backend: Backend
         if args.sim_gpus is None and nvml.available():
@@ -28,7 +71,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             specs = [parse_gpu_spec(s) for s in (args.sim_gpus or cfg.sim.gpus)]
             backend = SimBackend(node, specs, cfg.sim.numa_nodes, args.topology or cfg.sim.nvlink)
-        return NodeAgent(bus, node, backend, cfg)
+        if not args.kube:
+            return NodeAgent(bus, node, backend, cfg)
+        from services.nodeagent.kube.node import KubeNode
+        from shared import kube
+
+        client = None
+        if not args.no_annotations:
+            client = await (
+                kube.Kube.connect(kubeconfig=args.kubeconfig)
+                if args.kubeconfig
+                else kube.Kube.connect(in_cluster=True)
+            )
+        kn = KubeNode(
+            bus,
+            node,
+            cfg,
+            backend,
+            args.host_root,
+            args.plugin_dir,
+            client,
+            telemetry_interval=args.telemetry_interval or None,
+        )
+        return _KubeService(kn, client)
 
     return runner.run("nodeagent", args, make)
 

@@ -1,0 +1,111 @@
+"""HAMi-format node annotations written by the node agent (REFERENCE §5).
+
+``hami.io/node-nvidia-register`` (JSON form, HAMi's encoder in shared/hami/annotations.py)
+and ``hami.io/node-nvidia-score`` are merge-patched onto the Kubernetes Node whenever the
+agent's inventory changes, so HAMi's dashboards and tooling that read them keep working.
+Writes happen in a background task: the latest inventory wins, a failed write (API
+server down, Node not created yet) is retried with backoff, and an unchanged value is
+never written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from shared import kube as k
+from shared.hami.annotations import (
+    NODE_REGISTER,
+    NODE_SCORE,
+    encode_node_devices,
+    encode_node_scores,
+)
+from shared.schemas import NodeInventory
+
+log = logging.getLogger("hami.nodeagent.annotations")
+
+
+def node_annotations(inv: NodeInventory, scores: bool = True) -> dict[str, str]:
+    """The annotations a node's inventory is published as."""
+    out = {NODE_REGISTER: encode_node_devices(inv.devices)}
+    if scores and inv.links:
+        out[NODE_SCORE] = encode_node_scores(inv.devices, inv.links)
+    return out
+
+
+class NodeAnnotator:
+    """Keeps the Node's HAMi annotations equal to the agent's latest inventory."""
+
+    def __init__(
+        self,
+        kube: k.Kube,
+        node: str,
+        *,
+        scores: bool = True,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+    ) -> None:
+        self.kube = kube
+        self.node = node
+        self.scores = scores
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.written: dict[str, str] = {}
+        self.writes = 0
+        self._want: dict[str, str] | None = None
+        self._dirty = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def on_inventory(self, inv: NodeInventory) -> None:
+        """Agent hook: remember the new value; the writer task does the API call."""
+        want = node_annotations(inv, self.scores)
+        if want != self.written:
+            self._want = want
+            self._synced.clear()
+            self._dirty.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"annotate-{self.node}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait_synced(self) -> None:
+        """Until the latest inventory is on the Node (bound it with asyncio.timeout)."""
+        await self._synced.wait()
+
+    async def _run(self) -> None:
+        delay = self.retry_initial
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            want = self._want
+            if want is None or want == self.written:
+                self._synced.set()
+                continue
+            try:
+                await self.kube.patch(
+                    k.path("nodes", name=self.node), {"metadata": {"annotations": want}}
+                )
+            except Exception as exc:  # API errors and connection failures alike
+                log.warning(
+                    "%s: node annotations not written (%s); retrying in %.1fs",
+                    self.node,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+                self._dirty.set()
+                continue
+            delay = self.retry_initial
+            self.written = want
+            self.writes += 1
+            if self._want == want:
+                self._synced.set()

@@ -1,0 +1,139 @@
+"""Per-container usage telemetry: the limiters' region files -> ``hami.tel.<node>``.
+
+Each container with devices has a region file in its slice directory
+(``<host_root>/usr/local/vgpu/containers/<podUID>_<container>/region.cache``) that its
+preloaded limiter keeps up to date (shared/region.py reads it). Every ``interval``
+seconds :class:`TelemetryPublisher` builds one :class:`~shared.schemas.Telemetry` for
+the node from the ledger (who should be there, with which limits) and the regions (what
+they use), and publishes it on core NATS (not stored: a lost sample is replaced by the
+next one).
+
+A container whose process has not touched CUDA yet has no region; it is reported
+anyway, with its granted limit and zero use (HAMi shows such containers only after
+their first CUDA call). Device rows sum the containers per card.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from services.nodeagent.slices import REGION_FILE, SliceWriter, pod_slices
+from shared import subjects
+from shared.bus import Bus
+from shared.region import RegionError, RegionSnapshot, read_region
+from shared.schemas import ContainerUsage, DeviceUsage, LedgerAlloc, Telemetry
+
+log = logging.getLogger("hami.nodeagent.telemetry")
+
+MIB = 1 << 20
+
+
+class RegionReader(Protocol):
+    def __call__(self, path: Path) -> RegionSnapshot: ...
+
+
+def sample(
+    node: str,
+    allocs: Mapping[str, LedgerAlloc],
+    slices: SliceWriter,
+    reader: RegionReader = read_region,
+    now: float | None = None,
+) -> Telemetry:
+    """One telemetry sample of the node (blocking file reads: run it in a thread)."""
+    containers: list[ContainerUsage] = []
+    per_card: dict[str, DeviceUsage] = {}
+    for alloc in allocs.values():
+        for s in pod_slices(alloc):
+            region: RegionSnapshot | None = None
+            path = slices.path(alloc.uid, s.container) / REGION_FILE
+            try:
+                region = reader(path)
+            except FileNotFoundError:
+                pass  # no CUDA call yet
+            except (OSError, RegionError) as exc:
+                log.debug("%s: region %s unreadable: %s", node, path, exc)
+            for i, grant in enumerate(s.grant.devices):
+                dev = None
+                if region is not None:
+                    with contextlib.suppress(KeyError):
+                        dev = region.device(i)
+                used = dev.used_bytes if dev else 0
+                limit = dev.limit_bytes if dev and dev.limit_bytes else grant.mem * MIB
+                util = (dev.utilization / 100.0) if dev else 0.0
+                containers.append(
+                    ContainerUsage(
+                        uid=alloc.uid,
+                        container=s.container,
+                        uuid=grant.uuid,  # the slice's i-th card (CUDA_VISIBLE_DEVICES order)
+                        memory_used_bytes=used,
+                        memory_limit_bytes=limit,
+                        utilization=util,
+                        last_kernel_at=(dev.last_kernel_ns / 1e9) if dev else 0.0,
+                    )
+                )
+                card = per_card.setdefault(grant.uuid, DeviceUsage(uuid=grant.uuid))
+                card.memory_used_mib += used // MIB
+                if dev is not None:
+                    # The limiter samples the whole card too; any container's view will do.
+                    card.utilization = max(card.utilization, dev.device_utilization / 100.0)
+    return Telemetry(
+        node=node,
+        at=time.time() if now is None else now,
+        devices=sorted(per_card.values(), key=lambda d: d.uuid),
+        containers=containers,
+    )
+
+
+class TelemetryPublisher:
+    """Publishes :func:`sample` every ``interval`` seconds on ``subjects.telemetry(node)``."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        node: str,
+        slices: SliceWriter,
+        allocs: Callable[[], Mapping[str, LedgerAlloc]],
+        *,
+        interval: float = 5.0,
+        reader: RegionReader = read_region,
+    ) -> None:
+        self.bus = bus
+        self.node = node
+        self.slices = slices
+        self.allocs = allocs
+        self.interval = interval
+        self.reader = reader
+        self.published = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def publish_once(self) -> Telemetry:
+        tel = await asyncio.to_thread(
+            sample, self.node, dict(self.allocs()), self.slices, self.reader
+        )
+        await self.bus.publish(subjects.telemetry(self.node), tel)
+        self.published += 1
+        return tel
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.publish_once()
+            except Exception as exc:  # a reconnecting client: try again next round
+                log.warning("%s: telemetry failed: %s", self.node, exc)
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"tel-{self.node}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
