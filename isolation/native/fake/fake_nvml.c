@@ -128,3 +128,18 @@ API nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, nvmlProcessUtil
     *count = n;
     return n ? NVML_SUCCESS : NVML_ERROR_NOT_FOUND;
 }
+
+API nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned int *count, nvmlProcessInfo_t *out) {
+    fk_state_t *s = fakegpu_state();
+    unsigned n = 0;
+    for (int i = 0; i < FK_MAXPROC; i++) {
+        fk_proc_t *p = &s->procs[i];
+        uint64_t used = __atomic_load_n(&p->used[d->index], __ATOMIC_RELAXED);
+        if (!p->live || !used) continue;
+        if (out && n < *count) out[n] = (nvmlProcessInfo_t){(unsigned)p->pid, used, 0xFFFFFFFFu, 0xFFFFFFFFu};
+        n++;
+    }
+    nvmlReturn_t r = n > *count ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_SUCCESS;
+    *count = n;
+    return r;
+}

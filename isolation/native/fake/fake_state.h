@@ -9,7 +9,7 @@
 #define FK_MAXDEV 8
 #define FK_MAXPROC 64
 #define FK_BUCKET_NS 5000000ll /* utilisation history granularity: 5 ms */
-#define FK_NBUCKETS 256        /* 1.28 s of history */
+#define FK_NBUCKETS 512        /* 2.56 s of history */
 
 typedef struct {
     int64_t epoch;

@@ -318,6 +318,7 @@ static nvmlReturn_t (*r_nvmlDeviceGetHandleByIndex_v2)(unsigned int, nvmlDevice_
 static nvmlReturn_t (*r_nvmlDeviceGetUUID)(nvmlDevice_t, char *, unsigned int);
 static nvmlReturn_t (*r_nvmlDeviceGetIndex)(nvmlDevice_t, unsigned int *);
 static nvmlReturn_t (*r_nvmlDeviceGetUtilizationRates)(nvmlDevice_t, nvmlUtilization_t *);
+static nvmlReturn_t (*r_nvmlDeviceGetComputeRunningProcesses)(nvmlDevice_t, unsigned int *, nvmlProcessInfo_t *);
 static nvmlReturn_t (*r_nvmlDeviceGetProcessUtilization)(nvmlDevice_t, nvmlProcessUtilizationSample_t *, unsigned int *, unsigned long long);
 
 #define DECL_REAL(name, params) static CUresult(*r_##name) params;
@@ -392,6 +393,12 @@ static void do_load(void) {
         r_nvmlDeviceGetIndex = (nvmlReturn_t(*)(nvmlDevice_t, unsigned int *))ds(g_nvml_handle, "nvmlDeviceGetIndex");
         r_nvmlDeviceGetUtilizationRates =
             (nvmlReturn_t(*)(nvmlDevice_t, nvmlUtilization_t *))ds(g_nvml_handle, "nvmlDeviceGetUtilizationRates");
+        r_nvmlDeviceGetComputeRunningProcesses = (nvmlReturn_t(*)(nvmlDevice_t, unsigned int *, nvmlProcessInfo_t *))ds(
+            g_nvml_handle, "nvmlDeviceGetComputeRunningProcesses_v3");
+        if (!r_nvmlDeviceGetComputeRunningProcesses)
+            r_nvmlDeviceGetComputeRunningProcesses = (nvmlReturn_t(*)(nvmlDevice_t, unsigned int *,
+                                                                      nvmlProcessInfo_t *))ds(
+                g_nvml_handle, "nvmlDeviceGetComputeRunningProcesses_v2");
         r_nvmlDeviceGetProcessUtilization =
             (nvmlReturn_t(*)(nvmlDevice_t, nvmlProcessUtilizationSample_t *, unsigned int *, unsigned long long))ds(
                 g_nvml_handle, "nvmlDeviceGetProcessUtilization");
@@ -1142,16 +1149,48 @@ static uint64_t nvml_used(int card) {
     return m.used;
 }
 
-/* A context's device memory is charged as the card's usage growth across its creation
- * (or HAMI_CONTEXT_SIZE); other tenants allocating at that instant can skew the measure,
- * hence the 4 GiB sanity bound. */
-static uint64_t ctx_measure_before(int card) { return g_ctx_size >= 0 ? 0 : nvml_used(card); }
+/* This process's usage of the card as NVML sees it (matched by host pid). */
+static int nvml_own_used(int card, uint64_t *out) {
+    if (!g_nvml_ok || card < 0 || card >= g_ncards || !g_nvml_dev[card] || !r_nvmlDeviceGetComputeRunningProcesses ||
+        !g_slot)
+        return 0;
+    nvmlProcessInfo_t buf[256];
+    unsigned n = 256;
+    if (r_nvmlDeviceGetComputeRunningProcesses(g_nvml_dev[card], &n, buf) != NVML_SUCCESS) return 0;
+    *out = 0;
+    for (unsigned i = 0; i < n && i < 256; i++)
+        if (buf[i].pid == (unsigned)g_slot->hostpid) {
+            *out = buf[i].usedGpuMemory;
+            return 1;
+        }
+    return 2; /* listed nobody as us */
+}
 
-static uint64_t ctx_measure_after(int card, uint64_t before) {
+/* A context's device memory is charged as its creator's NVML usage growth across the
+ * creation (or HAMI_CONTEXT_SIZE). The card-wide growth is the fallback when NVML cannot
+ * see our pid; other tenants allocating at that instant can skew that one, hence the
+ * 4 GiB sanity bound. */
+typedef struct {
+    uint64_t own, dev;
+    int own_ok;
+} ctxm_t;
+
+static ctxm_t ctx_measure_before(int card) {
+    ctxm_t m = {0, 0, 0};
+    if (g_ctx_size >= 0) return m;
+    pthread_once(&g_nvml_once, nvml_setup);
+    m.own_ok = nvml_own_used(card, &m.own) != 0;
+    m.dev = nvml_used(card);
+    return m;
+}
+
+static uint64_t ctx_measure_after(int card, ctxm_t before) {
     if (g_ctx_size >= 0) return (uint64_t)g_ctx_size;
+    uint64_t own = 0;
+    if (before.own_ok && nvml_own_used(card, &own) == 1) return own > before.own ? own - before.own : 0;
     uint64_t after = nvml_used(card);
-    if (after <= before || after - before > (4ull << 30)) return 0;
-    return after - before;
+    if (after <= before.dev || after - before.dev > (4ull << 30)) return 0;
+    return after - before.dev;
 }
 
 static int g_prim_refs[MAX_CU_DEV];
@@ -1167,7 +1206,8 @@ EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
     unsigned flags = 0;
     int active = 1;
     if (r_cuDevicePrimaryCtxGetState) r_cuDevicePrimaryCtxGetState(dev, &flags, &active);
-    uint64_t before = active ? 0 : ctx_measure_before(card);
+    ctxm_t before = {0, 0, 0};
+    if (!active) before = ctx_measure_before(card);
     CUresult r = r_cuDevicePrimaryCtxRetain(pctx, dev);
     if (r == CUDA_SUCCESS) {
         g_prim_refs[dev]++;
@@ -1242,7 +1282,7 @@ EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev) {
     return prim_reset(r_cuDevicePrimaryCtxReset_v2, dev);
 }
 
-static CUresult ctx_created(CUresult r, CUcontext *pctx, int card, uint64_t before,
+static CUresult ctx_created(CUresult r, CUcontext *pctx, int card, ctxm_t before,
                             CUresult (*destroy)(CUcontext)) {
     if (r != CUDA_SUCCESS) return r;
     uint64_t sz = ctx_measure_after(card, before);
@@ -1260,7 +1300,7 @@ static CUresult ctx_created(CUresult r, CUcontext *pctx, int card, uint64_t befo
     if (UNLIKELY(!ready())) return r_##name call;                                               \
     int card = card_of(dev);                                                                    \
     pthread_mutex_lock(&g_ctx_mu);                                                              \
-    uint64_t before = ctx_measure_before(card);                                                 \
+    ctxm_t before = ctx_measure_before(card);                                                   \
     CUresult r = r_##name call;                                                                 \
     pthread_mutex_unlock(&g_ctx_mu);                                                            \
     return ctx_created(r, pctx, card, before, r_cuCtxDestroy_v2);
