@@ -361,3 +361,14 @@ def test_forked_child_has_its_own_slot_under_the_same_limit(node: Node) -> None:
     child_info, parent_info = r.lines("info")
     assert child_info == ["info", "0", str(24 * MiB), str(GiB)]
     assert parent_info == ["info", "0", str(424 * MiB), str(GiB)]  # the child's 400m went with it
+
+
+def test_calls_before_cuinit_do_not_disable_the_limiter(node: Node) -> None:
+    # The allocation fails (no context, driver not initialised); the limit must still hold
+    # once the program initialises properly.
+    r = node.run(
+        ["alloc", "v2", "1m", "init", "ctx", "0", "fill", "v2", "100m"],
+        CUDA_DEVICE_MEMORY_LIMIT="300m",
+    )
+    assert r.lines("alloc")[0][3] != "0"
+    assert r.one("fill")[2] == "3"

@@ -654,7 +654,7 @@ static nvmlDevice_t g_nvml_dev[HAMI_MAX_DEVICES];
 static int g_nvml_ok;
 static int g_ncards;
 static pthread_once_t g_nvml_once = PTHREAD_ONCE_INIT;
-static pthread_once_t g_dev_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t g_dev_mu = PTHREAD_MUTEX_INITIALIZER;
 static _Atomic int g_ready;
 
 static void nvml_setup(void) {
@@ -749,7 +749,13 @@ static int ensure_ready_slow(void) {
     ensure_loaded();
     if (!g_cuda_handle) return 0;
     pthread_once(&g_region_once, setup_region);
-    if (!atomic_load_explicit(&g_ready, memory_order_acquire)) pthread_once(&g_dev_once, devices_setup);
+    if (!atomic_load_explicit(&g_ready, memory_order_acquire)) {
+        /* Not a pthread_once: a call made before cuInit must not disable accounting for
+         * good (that would be an escape); we retry until the driver answers. */
+        pthread_mutex_lock(&g_dev_mu);
+        if (!atomic_load_explicit(&g_ready, memory_order_acquire)) devices_setup();
+        pthread_mutex_unlock(&g_dev_mu);
+    }
     if (UNLIKELY(!g_slot)) {
         /* A forked child: the parent's slot is not ours. */
         pthread_mutex_lock(&g_slot_mu);
