@@ -13,7 +13,19 @@ from shared.region import read_region
 
 from .conftest import GiB, MiB, Node
 
-APIS = ["v2", "pitch", "managed", "async", "pool", "create", "array", "array3d", "mipmap"]
+APIS = [
+    "v2",
+    "pitch",
+    "managed",
+    "async",
+    "pool",
+    "create",
+    "array",
+    "array3d",
+    "mipmap",
+    "v1",
+    "pitch_v1",
+]
 VIAS = ["link", "dlsym", "getproc", "getproc2", "ptsz"]
 
 
@@ -62,9 +74,10 @@ def test_refused_allocation_leaks_nothing(node: Node) -> None:
 
 def test_queries_report_the_slice(node: Node) -> None:
     r = node.run(
-        ["init", "ctx", "0", "alloc", "v2", "300m", "info", "total", "0", "nvml", "0"],
+        ["init", "ctx", "0", "alloc", "v2", "300m", "info", "info1", "total", "0", "nvml", "0"],
         CUDA_DEVICE_MEMORY_LIMIT="2g",
     )
+    assert r.one("info1") == ["info1", "0", str(2 * GiB - 300 * MiB), str(2 * GiB)]
     assert r.one("info") == ["info", "0", str(2 * GiB - 300 * MiB), str(2 * GiB)]
     assert r.one("total") == ["total", "0", str(2 * GiB)]
     assert r.one("nvml") == ["nvml", "0", str(2 * GiB), str(2 * GiB - 300 * MiB), str(300 * MiB)]
@@ -211,7 +224,7 @@ def test_reordering_without_nvml_uses_the_index_list(node: Node) -> None:
     assert r.one("fill")[2] == "5"
 
 
-@pytest.mark.parametrize("create", ["ctxnew", "ctxnew3", "ctxnew4"])
+@pytest.mark.parametrize("create", ["ctxnew", "ctxnew1", "ctxnew3", "ctxnew4"])
 def test_contexts_are_charged(node: Node, create: str) -> None:
     # Each context takes 300 MiB of the card (fake driver); the limiter measures that.
     r = node.run(

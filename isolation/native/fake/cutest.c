@@ -64,6 +64,11 @@ typedef struct {
                            CUstream, void **);
     CUresult (*GraphLaunch)(CUgraphExec, CUstream);
     CUresult (*CtxSynchronize)(void);
+    CUresult (*MemAllocV1)(unsigned int *, unsigned int);
+    CUresult (*MemFreeV1)(unsigned int);
+    CUresult (*MemAllocPitchV1)(unsigned int *, unsigned int *, unsigned int, unsigned int, unsigned int);
+    CUresult (*MemGetInfoV1)(unsigned int *, unsigned int *);
+    CUresult (*CtxCreateV1)(CUcontext *, unsigned, CUdevice);
     nvmlReturn_t (*NvmlInit)(void);
     nvmlReturn_t (*NvmlHandle)(unsigned, nvmlDevice_t *);
     nvmlReturn_t (*NvmlMem)(nvmlDevice_t, nvmlMemory_t *);
@@ -101,6 +106,16 @@ static const struct {
 #undef N
 };
 
+/* the legacy 32-bit ABI: exact names, or cuGetProcAddress with a pre-3.2 version */
+static const struct {
+    const char *sym;
+    size_t off;
+} names_v1[] = {
+    {"cuMemAlloc", offsetof(api_t, MemAllocV1)}, {"cuMemFree", offsetof(api_t, MemFreeV1)},
+    {"cuMemAllocPitch", offsetof(api_t, MemAllocPitchV1)}, {"cuMemGetInfo", offsetof(api_t, MemGetInfoV1)},
+    {"cuCtxCreate", offsetof(api_t, CtxCreateV1)},
+};
+
 static void resolve(const char *mode) {
     void *h = dlopen("libcuda.so.1", RTLD_NOW);
     void *hn = dlopen("libnvidia-ml.so.1", RTLD_NOW);
@@ -135,6 +150,16 @@ static void resolve(const char *mode) {
         }
         *(void **)((char *)&A + names[i].off) = f;
     }
+    for (size_t i = 0; i < sizeof names_v1 / sizeof names_v1[0]; i++) {
+        void *f = NULL;
+        if (link || !strcmp(mode, "dlsym")) f = dlsym(link ? RTLD_DEFAULT : h, names_v1[i].sym);
+        else if (!strcmp(mode, "getproc")) gpa(names_v1[i].sym, &f, 3010, 0);
+        else {
+            int st;
+            gpa2(names_v1[i].sym, &f, 3010, 0, &st);
+        }
+        *(void **)((char *)&A + names_v1[i].off) = f;
+    }
     A.NvmlInit = (nvmlReturn_t(*)(void))dlsym(hn, "nvmlInit_v2");
     A.NvmlHandle = (nvmlReturn_t(*)(unsigned, nvmlDevice_t *))dlsym(hn, "nvmlDeviceGetHandleByIndex_v2");
     A.NvmlMem = (nvmlReturn_t(*)(nvmlDevice_t, nvmlMemory_t *))dlsym(hn, "nvmlDeviceGetMemoryInfo");
@@ -149,8 +174,9 @@ static held_t held[65536];
 static int nheld;
 static CUcontext last_ctx;
 
-enum { A_V2, A_PITCH, A_MANAGED, A_ASYNC, A_POOL, A_CREATE, A_ARRAY, A_ARRAY3D, A_MIPMAP, A_N };
-static const char *api_names[] = {"v2", "pitch", "managed", "async", "pool", "create", "array", "array3d", "mipmap"};
+enum { A_V2, A_PITCH, A_MANAGED, A_ASYNC, A_POOL, A_CREATE, A_ARRAY, A_ARRAY3D, A_MIPMAP, A_V1, A_PITCH_V1, A_N };
+static const char *api_names[] = {"v2",     "pitch",   "managed", "async", "pool",    "create",
+                                  "array",  "array3d", "mipmap",  "v1",    "pitch_v1"};
 
 static int api_of(const char *s) {
     for (int i = 0; i < A_N; i++)
@@ -176,6 +202,18 @@ static CUresult do_alloc(int api, uint64_t size) {
         break;
     }
     case A_MANAGED: r = A.MemAllocManaged(&p, size, 1); h = p; break;
+    case A_V1: {
+        unsigned int p1 = 0;
+        r = A.MemAllocV1(&p1, (unsigned int)size);
+        h = p1;
+        break;
+    }
+    case A_PITCH_V1: {
+        unsigned int p1 = 0, pitch;
+        r = A.MemAllocPitchV1(&p1, &pitch, 513, size / 1024 ? (unsigned)(size / 1024) : 1, 4);
+        h = p1;
+        break;
+    }
     case A_ASYNC: r = A.MemAllocAsync(&p, size, NULL); h = p; break;
     case A_POOL: r = A.MemAllocFromPoolAsync(&p, size, (CUmemoryPool)0x1, NULL); h = p; break;
     case A_CREATE: {
@@ -224,6 +262,8 @@ static CUresult do_free(held_t *x) {
     case A_MIPMAP: return A.MipmapDestroy((CUmipmappedArray)(uintptr_t)x->h);
     case A_ASYNC:
     case A_POOL: return A.MemFreeAsync(x->h, NULL);
+    case A_V1:
+    case A_PITCH_V1: return A.MemFreeV1((unsigned int)x->h);
     default: return A.MemFree(x->h);
     }
 }
@@ -289,6 +329,7 @@ int main(int argc, char **argv) {
             CUresult r;
             if (!strcmp(op, "ctxnew3")) r = A.CtxCreate3(&last_ctx, NULL, 0, 0, d);
             else if (!strcmp(op, "ctxnew4")) r = A.CtxCreate4(&last_ctx, NULL, 0, d);
+            else if (!strcmp(op, "ctxnew1")) r = A.CtxCreateV1(&last_ctx, 0, d);
             else r = A.CtxCreate(&last_ctx, 0, d);
             if (r == CUDA_SUCCESS) A.CtxSetCurrent(last_ctx);
             cur_dev = d;
@@ -318,6 +359,10 @@ int main(int argc, char **argv) {
             size_t f = 0, t = 0;
             CUresult r = A.MemGetInfo(&f, &t);
             printf("info %d %zu %zu\n", r, f, t);
+        } else if (!strcmp(op, "info1")) {
+            unsigned int f = 0, t = 0;
+            CUresult r = A.MemGetInfoV1(&f, &t);
+            printf("info1 %d %u %u\n", r, f, t);
         } else if (!strcmp(op, "total")) {
             size_t b = 0;
             CUdevice d;

@@ -448,6 +448,60 @@ API CUresult cuMemGetInfo_v2(size_t *fr, size_t *total) {
     return CUDA_SUCCESS;
 }
 
+/* ---- legacy 32-bit entry points: small handles instead of host pointers ---- */
+static fk_block_t *v1_blocks[65536];
+static pthread_mutex_t v1_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static CUresult v1_alloc(unsigned int *p, uint64_t size) {
+    unsigned long long h;
+    CUresult r = alloc_kind(&h, t_cur->card, size, 1);
+    if (r != CUDA_SUCCESS) return r;
+    pthread_mutex_lock(&v1_mu);
+    for (unsigned i = 1; i < 65536; i++)
+        if (!v1_blocks[i]) {
+            v1_blocks[i] = (fk_block_t *)(uintptr_t)h;
+            *p = i << 8;
+            pthread_mutex_unlock(&v1_mu);
+            return CUDA_SUCCESS;
+        }
+    pthread_mutex_unlock(&v1_mu);
+    free_kind(h, 1);
+    return CUDA_ERROR_OUT_OF_MEMORY;
+}
+API CUresult cuMemAlloc(unsigned int *p, unsigned int size) { NEED_CTX; return v1_alloc(p, size); }
+API CUresult cuMemAllocPitch(unsigned int *p, unsigned int *pitch, unsigned int w, unsigned int h, unsigned int e) {
+    NEED_CTX;
+    unsigned pt = (w + 511) & ~511u;
+    CUresult r = v1_alloc(p, (uint64_t)pt * h);
+    if (r == CUDA_SUCCESS) *pitch = pt;
+    return r;
+}
+API CUresult cuMemFree(unsigned int p) {
+    unsigned i = p >> 8;
+    pthread_mutex_lock(&v1_mu);
+    fk_block_t *b = i < 65536 ? v1_blocks[i] : NULL;
+    if (b) v1_blocks[i] = NULL;
+    pthread_mutex_unlock(&v1_mu);
+    return b ? free_kind((uint64_t)(uintptr_t)b, 1) : CUDA_ERROR_INVALID_VALUE;
+}
+API CUresult cuMemGetInfo(unsigned int *fr, unsigned int *total) {
+    size_t f, t;
+    CUresult r = cuMemGetInfo_v2(&f, &t);
+    if (r == CUDA_SUCCESS) {
+        *fr = f > 0xFFFFFFFFu ? 0xFFFFFFFFu : (unsigned)f;
+        *total = t > 0xFFFFFFFFu ? 0xFFFFFFFFu : (unsigned)t;
+    }
+    return r;
+}
+API CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice d) {
+    size_t b;
+    CUresult r = cuDeviceTotalMem_v2(&b, d);
+    if (r == CUDA_SUCCESS) *bytes = b > 0xFFFFFFFFu ? 0xFFFFFFFFu : (unsigned)b;
+    return r;
+}
+API CUresult cuCtxCreate(CUcontext *pctx, unsigned int flags, CUdevice d) { return cuCtxCreate_v2(pctx, flags, d); }
+API CUresult cuCtxDestroy(CUcontext ctx) { return cuCtxDestroy_v2(ctx); }
+
 /* ---- device timeline ---- */
 static void add_busy(fk_bucket_t *b, int64_t start, int64_t end) {
     while (start < end) {
@@ -568,6 +622,8 @@ static const struct {
     E(cuLaunchKernel), E(cuLaunchKernel_ptsz), E(cuLaunchCooperativeKernel), E(cuLaunchCooperativeKernel_ptsz),
     E(cuLaunchKernelEx), E(cuLaunchKernelEx_ptsz), E(cuGraphLaunch), E(cuGraphLaunch_ptsz),
     E(cuCtxSynchronize), E(cuStreamSynchronize), E(cuGetProcAddress), E(cuGetProcAddress_v2),
+    E(cuMemAlloc), E(cuMemAllocPitch), E(cuMemFree), E(cuMemGetInfo), E(cuDeviceTotalMem), E(cuCtxCreate),
+    E(cuCtxDestroy),
 };
 
 static void *find(const char *n) {
@@ -586,6 +642,7 @@ API CUresult cuGetProcAddress_v2(const char *sym, void **pfn, int ver, cuuint64_
         snprintf(buf, sizeof buf, "%s_ptsz", sym);
         f = find(buf);
     }
+    if (!f && ver < 3020) f = find(sym); /* pre-3.2 callers get the 32-bit ABI */
     for (int i = 0; !f && i < 4; i++) {
         if (i == 0 && !strcmp(sym, "cuCtxCreate")) continue; /* v4 needs a newer "driver" */
         snprintf(buf, sizeof buf, "%s%s", sym, suffixes[i]);

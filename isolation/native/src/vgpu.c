@@ -298,6 +298,13 @@ static dlsym_fn real_dlsym(void) {
     X(cuLaunchCooperativeKernel_ptsz, (CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shm, CUstream s, void **params)) \
     X(cuGraphLaunch, (CUgraphExec g, CUstream s))                                               \
     X(cuGraphLaunch_ptsz, (CUgraphExec g, CUstream s))                                          \
+    X(cuMemAlloc, (unsigned int *dptr, unsigned int size))                                      \
+    X(cuMemFree, (unsigned int dptr))                                                           \
+    X(cuMemAllocPitch, (unsigned int *dptr, unsigned int *pitch, unsigned int w, unsigned int h, unsigned int e)) \
+    X(cuMemGetInfo, (unsigned int *free, unsigned int *total))                                  \
+    X(cuDeviceTotalMem, (unsigned int *bytes, CUdevice dev))                                    \
+    X(cuCtxCreate, (CUcontext * pctx, unsigned int flags, CUdevice dev))                        \
+    X(cuCtxDestroy, (CUcontext ctx))                                                            \
     X(cuGetProcAddress, (const char *sym, void **pfn, int ver, cuuint64_t flags))               \
     X(cuGetProcAddress_v2, (const char *sym, void **pfn, int ver, cuuint64_t flags, int *status))
 
@@ -705,7 +712,12 @@ static int card_from_visible(int k) {
 
 static void devices_setup(void) {
     int n = 0;
-    if (!r_cuDeviceGetCount || r_cuDeviceGetCount(&n) != CUDA_SUCCESS) return;
+    if (r_cuDeviceGetCount) {
+        if (r_cuDeviceGetCount(&n) != CUDA_SUCCESS) return; /* not initialised yet: retry later */
+    } else {
+        /* A driver without enumeration still gets limits, by CUDA_VISIBLE_DEVICES order. */
+        n = HAMI_MAX_DEVICES;
+    }
     memset(g_card, -1, sizeof g_card);
     pthread_once(&g_nvml_once, nvml_setup);
     char nv_uuid[HAMI_MAX_DEVICES][96];
@@ -714,8 +726,9 @@ static void devices_setup(void) {
         for (int i = 0; i < g_ncards; i++)
             if (g_nvml_dev[i] && r_nvmlDeviceGetUUID) r_nvmlDeviceGetUUID(g_nvml_dev[i], nv_uuid[i], 96);
     for (int k = 0; k < n && k < MAX_CU_DEV; k++) {
-        CUdevice dev;
-        if (r_cuDeviceGet(&dev, k) != CUDA_SUCCESS || dev < 0 || dev >= MAX_CU_DEV) continue;
+        CUdevice dev = k;
+        if (r_cuDeviceGet && r_cuDeviceGet(&dev, k) != CUDA_SUCCESS) continue;
+        if (dev < 0 || dev >= MAX_CU_DEV) continue;
         int card = -1;
         char u[64] = "";
         CUuuid uu;
@@ -725,7 +738,8 @@ static void devices_setup(void) {
                 if (!strcmp(nv_uuid[i], u)) card = i;
         if (card < 0) card = card_from_visible(k);
         if (card < 0 || card >= HAMI_MAX_DEVICES) {
-            hlog(2, "CUDA device %d has no card index below %d; its memory is not limited", k, HAMI_MAX_DEVICES);
+            if (r_cuDeviceGetCount)
+                hlog(2, "CUDA device %d has no card index below %d; its memory is not limited", k, HAMI_MAX_DEVICES);
             continue;
         }
         g_card[dev] = (int8_t)card;
@@ -780,8 +794,8 @@ static inline int card_of(CUdevice dev) {
 }
 
 static inline int current_card(void) {
-    CUdevice dev;
-    if (r_cuCtxGetDevice(&dev) != CUDA_SUCCESS) return -1;
+    CUdevice dev = 0;
+    if (LIKELY(r_cuCtxGetDevice != NULL) && r_cuCtxGetDevice(&dev) != CUDA_SUCCESS) return -1;
     return card_of(dev);
 }
 
@@ -1418,6 +1432,73 @@ EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *
             m->reserved = 0; /* the slice has no driver-reserved part of its own */
             slice_nvml(card, &m->total, &m->free, &m->used);
         }
+    }
+    return r;
+}
+
+/* ------------------------------------------------- legacy 32-bit entry points */
+/* Still exported by the driver and handed out by cuGetProcAddress for old versions:
+ * without these hooks they would be a way around the limit. */
+
+EXPORT CUresult cuMemAlloc(unsigned int *dptr, unsigned int size) {
+    REAL_OR_MISSING(cuMemAlloc);
+    ALLOC_PRE(size);
+    CUresult r = r_cuMemAlloc(dptr, size);
+    return alloc_done(r, card, sz, K_MEM, r == CUDA_SUCCESS ? *dptr : 0);
+}
+
+EXPORT CUresult cuMemAllocPitch(unsigned int *dptr, unsigned int *pitch, unsigned int w, unsigned int h,
+                                unsigned int e) {
+    REAL_OR_MISSING(cuMemAllocPitch);
+    if (UNLIKELY(!ready())) return CUDA_ERROR_NOT_INITIALIZED;
+    int card = current_card();
+    CUresult r = r_cuMemAllocPitch(dptr, pitch, w, h, e);
+    if (r != CUDA_SUCCESS) return r;
+    uint64_t sz = (uint64_t)*pitch * h;
+    if (charge(card, sz) != CUDA_SUCCESS) {
+        if (r_cuMemFree) r_cuMemFree(*dptr);
+        *dptr = 0;
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    tab_put(K_MEM, *dptr, sz, card, cur_ctx());
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuMemFree(unsigned int dptr) {
+    REAL_OR_MISSING(cuMemFree);
+    CUresult r = r_cuMemFree(dptr);
+    if (r == CUDA_SUCCESS) free_mem(dptr);
+    return r;
+}
+
+EXPORT CUresult cuMemGetInfo(unsigned int *freep, unsigned int *totalp) {
+    size_t f, t;
+    CUresult r = cuMemGetInfo_v2(&f, &t);
+    if (r == CUDA_SUCCESS) {
+        if (freep) *freep = f > UINT_MAX ? UINT_MAX : (unsigned int)f;
+        if (totalp) *totalp = t > UINT_MAX ? UINT_MAX : (unsigned int)t;
+    }
+    return r;
+}
+
+EXPORT CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice dev) {
+    size_t b;
+    CUresult r = cuDeviceTotalMem_v2(&b, dev);
+    if (r == CUDA_SUCCESS && bytes) *bytes = b > UINT_MAX ? UINT_MAX : (unsigned int)b;
+    return r;
+}
+
+EXPORT CUresult cuCtxCreate(CUcontext *pctx, unsigned int flags, CUdevice dev) {
+    CTX_CREATE(cuCtxCreate, (pctx, flags, dev))
+}
+
+EXPORT CUresult cuCtxDestroy(CUcontext ctx) {
+    REAL_OR_MISSING(cuCtxDestroy);
+    CUresult r = r_cuCtxDestroy(ctx);
+    if (r == CUDA_SUCCESS && g_tab_cap) {
+        arec_t rec;
+        if (tab_take(K_CTX, (uint64_t)(uintptr_t)ctx, &rec)) uncharge(rec.card, rec.size);
+        tab_drop_ctx(ctx, -1);
     }
     return r;
 }
