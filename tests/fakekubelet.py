@@ -427,7 +427,16 @@ class FakeKubelet:
         if ep is None:
             raise AllocationFailed(f"unknown resource {resource!r}: no device plugin registered")
         if not ep.connected:
-            raise AllocationFailed(f"device plugin of {resource!r} is not connected")
+            # Like the real kubelet's grace period: a plugin reconnecting (its stream
+            # restarting after a re-registration) is waited for, briefly.
+            try:
+                await self.wait_for(
+                    lambda: (cur := self._endpoints.get(resource)) is not None and cur.connected,
+                    f"connection of the {resource} plugin",
+                )
+            except TimeoutError:
+                raise AllocationFailed(f"device plugin of {resource!r} is not connected") from None
+            ep = self._endpoints[resource]
         available = self.available(resource)
         if n > len(available):
             raise AllocationFailed(
