@@ -39,7 +39,12 @@ DUPLICATE_WINDOW_S = 120.0
 EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
 EVENTS_MAX_BYTES = 1 << 30
 
-KV_BUCKETS = (subjects.NODES_BUCKET, subjects.LEDGER_BUCKET, subjects.HEALTH_BUCKET)
+KV_BUCKETS = (
+    subjects.NODES_BUCKET,
+    subjects.LEDGER_BUCKET,
+    subjects.HEALTH_BUCKET,
+    subjects.QUOTA_BUCKET,
+)
 
 Conflict = KeyWrongLastSequenceError
 NotFound = KeyNotFoundError

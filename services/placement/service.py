@@ -34,6 +34,7 @@ from shared.schemas import (
     NodeHealth,
     NodeInventory,
     NodeLedger,
+    Quota,
 )
 
 log = logging.getLogger("hami.placement")
@@ -83,6 +84,11 @@ class PlacementService:
         self.cluster.set_health(h.node, h.healthy)
         if h.healthy:
             self.capacity_changed.set()
+
+    async def _on_quota(self, key: str, value: bytes | None, revision: int) -> None:
+        # The key is the namespace (written by the Kubernetes binder from ResourceQuotas).
+        self.cluster.set_quota(key, decode(value, Quota) if value else None)
+        self.capacity_changed.set()
 
     async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
@@ -412,7 +418,8 @@ class PlacementService:
     # --------------------------------------------------------------------- life
 
     async def start(self) -> None:
-        ready = [asyncio.Event() for _ in range(3)]
+        ready = [asyncio.Event() for _ in range(4)]
+        self._tasks.append(await self.bus.watch_kv(subjects.QUOTA_BUCKET, self._on_quota, ready[3]))
         self._tasks.append(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[0]))
         self._tasks.append(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[1]))
         self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))

@@ -163,3 +163,17 @@ async def test_release_is_idempotent_and_malformed_messages_lose_nothing(system:
     assert led is not None and r.uid in led.allocs
     bad = await bus.nc.request(subjects.API_SUBMIT, b"[1,2]", timeout=5)
     assert b"error" in bad.data
+
+
+async def test_namespace_quota_from_the_bucket_caps_placements(system: System, bus: Bus) -> None:
+    from shared.schemas import Quota
+
+    await bus.kv_put(subjects.QUOTA_BUCKET, "team-a", Quota(memory_mib=40960))
+    await asyncio.sleep(0.2)  # the placement's watch applies it
+    first = msgspec.structs.replace(ask("qa-1", pct=25), namespace="team-a")
+    second = msgspec.structs.replace(ask("qa-2", pct=50), namespace="team-a")
+    other = msgspec.structs.replace(ask("qb-1", pct=50), namespace="team-b")
+    assert (await submit(bus, first)).ok  # 20480 of 40960 MiB
+    r = await submit(bus, second)  # would make 61440
+    assert not r.ok and r.failure is not None and "ResourceQuotaNotFit" in r.failure.reasons
+    assert (await submit(bus, other)).ok  # another namespace is not capped
