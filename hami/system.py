@@ -74,9 +74,19 @@ class System:
             binder = BinderService(await self._bus("binder"), self.cfg)
             port = self.cfg.metrics_port if self.metrics_port is None else self.metrics_port
             self.metrics = MetricsService(await self._bus("metrics"), self.cfg, port=port)
-            for svc in (inventory, placement, binder, self.metrics):
+            for svc in (inventory, placement, binder):
                 await svc.start()
                 self.services.append(svc)
+            try:
+                await self.metrics.start()
+            except OSError as exc:
+                if self.metrics_port is not None:
+                    raise
+                # The default port is taken (another hami up?): any free port will do.
+                log.warning("metrics port %s unavailable (%s); using a free port", port, exc)
+                self.metrics.port = 0
+                await self.metrics.start()
+            self.services.append(self.metrics)
             agent_bus = await self._bus("nodeagent")
             for node, backend in backends:
                 agent = NodeAgent(agent_bus, node, backend, self.cfg)

@@ -73,6 +73,7 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=10.0)
         self.name = name
+        self.closing = False
         self._kv: dict[str, KeyValue] = {}
 
     @classmethod
@@ -81,11 +82,13 @@ class Bus:
             log.warning("%s: nats error: %s", name, exc)
 
         async def on_disconnect() -> None:
-            log.warning("%s: disconnected from nats", name)
+            if not bus.closing:
+                log.warning("%s: disconnected from nats", name)
 
         async def on_reconnect() -> None:
             log.info("%s: reconnected to nats", name)
 
+        bus: Bus
         nc = await nats.connect(
             url,
             name=f"hami-{name}",
@@ -297,6 +300,7 @@ class Bus:
         return await self.nc.subscribe(subject, queue=queue, cb=cb)
 
     async def close(self) -> None:
+        self.closing = True
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
