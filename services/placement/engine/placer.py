@@ -142,6 +142,7 @@ class Placer:
         self.shapes = ShapeModel()
         self._frag: dict[str, FragScorer] = {}
         self._label_cache: dict[tuple[int, bytes], BOOL] = {}
+        self._static_cache: dict[tuple[object, ...], BOOL] = {}
 
     # ---------------------------------------------------------------- public API
 
@@ -325,11 +326,23 @@ class Placer:
         return checks
 
     def _static_mask(self, a: Ask, cons: Constraints) -> BOOL:
+        """Use-independent card mask, cached until the inventory changes.
+
+        ``labels_version`` moves on every upsert/remove/compaction, which is when card
+        health, cordon, model or mode can change; most requests share a few keys.
+        """
         st = self.cluster
-        ok = st.c_live[: st.nc].copy()
-        for _, chk in self._static_codes(a, cons):
-            ok &= chk
-        return ok
+        key = (st.labels_version, st.nc, a.vendor, tuple(cons.use_types), tuple(cons.nouse_types),
+               tuple(cons.use_uuids), tuple(cons.nouse_uuids), cons.vgpu_mode)  # fmt: skip
+        got = self._static_cache.get(key)
+        if got is None:
+            got = st.c_live[: st.nc].copy()
+            for _, chk in self._static_codes(a, cons):
+                got &= chk
+            if len(self._static_cache) > 64:
+                self._static_cache.clear()
+            self._static_cache[key] = got
+        return got
 
     def _dynamic_mask(self, a: Ask, cons: Constraints, ns: str) -> BOOL:
         checks = self._dynamic_codes(a, cons, ns)
