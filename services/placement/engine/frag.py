@@ -49,6 +49,7 @@ class Variant:
     tie: str  # random | bestfit (least GPU left) | bestfit2 (CPU and GPU left); then name, index
     quantum: float = 0.0  # exact Δ rounded to this many cards (0: not rounded)
     gpu_weighted: bool = False  # shape frequencies weighted by their GPU request
+    gpu_cover: bool = False  # shape list: the task cover plus the shapes covering 95 % of GPU demand
 
 
 VARIANTS: dict[str, Variant] = {
@@ -72,9 +73,23 @@ VARIANTS: dict[str, Variant] = {
     "frag-q20": Variant(two_d=True, exact=True, tie="bestfit", quantum=0.2),
     "frag-q10-bf2": Variant(two_d=True, exact=True, tie="bestfit2", quantum=0.1),
     "frag-gpu": Variant(two_d=True, exact=False, tie="bestfit", gpu_weighted=True),
+    "frag-cg": Variant(two_d=True, exact=False, tie="bestfit2", gpu_cover=True),
+    "frag-cg1": Variant(two_d=True, exact=False, tie="bestfit", gpu_cover=True),
+    "frag-q10-cg": Variant(two_d=True, exact=True, tie="bestfit2", quantum=0.1, gpu_cover=True),
 }
 _F64 = npt.NDArray[np.float64]
 _I64 = npt.NDArray[np.int64]
+_BEST_MAX = 256  # cached request kinds per scorer (each: four numbers per node)
+
+
+@dataclass(slots=True)
+class _Best:
+    """Per node, the best card for one kind of request, valid while ``ver`` = n_ver."""
+
+    score: _F64  # -inf: no feasible card
+    left: _F64
+    pos: _I64
+    ver: _I64
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +119,7 @@ class ShapeModel:
         self.frozen = False  # the replay computes shapes once, from the original list
         self.version = 0
         self._top: tuple[list[Shape], _F64] | None = None
+        self._top_gpu: tuple[list[Shape], _F64] | None = None
         self._top_total = 0
 
     @staticmethod
@@ -127,6 +143,36 @@ class ShapeModel:
         # the shape list is recomputed when the sample grew by 5 %: cheap and stable
         if self._top is None or self.total >= self._top_total * 1.05 + 1:
             self._top = None
+            self._top_gpu = None
+
+    @staticmethod
+    def gpu_of(s: Shape) -> float:
+        """A shape's GPU demand in cards (its scarcer per-card share times its count)."""
+        return s.k * max(s.cores, s.pct or 0) / 100.0
+
+    def top_gpu(self) -> tuple[list[Shape], _F64]:
+        """The task cover plus the shapes covering ``cover`` of the GPU demand.
+
+        The task cover drops rare shapes even when they hold much of the GPU demand
+        (8-card tasks): those are the tasks that fail when the cluster fragments.
+        """
+        shapes, _ = self.top()
+        if self._top_gpu is None:
+            demand = {s: n * self.gpu_of(s) for s, n in self.counts.items()}
+            total = sum(demand.values())
+            keep = list(shapes)
+            have = set(keep)
+            acc = 0.0
+            for s, d in sorted(demand.items(), key=lambda kv: (-kv[1], repr(kv[0]))):
+                if acc >= self.cover * total or len(keep) >= 2 * self.max_shapes:
+                    break
+                acc += d
+                if s not in have:
+                    keep.append(s)
+                    have.add(s)
+            w = np.array([self.counts[s] for s in keep], dtype=np.float64)
+            self._top_gpu = (keep, w / w.sum() if len(w) else w)
+        return self._top_gpu
 
     def top(self) -> tuple[list[Shape], _F64]:
         if self._top is None:
@@ -165,6 +211,7 @@ class FragScorer:
         self._any_mib = False
         self._need_c: _F64 = np.zeros(0)
         self._excl: BOOL = np.zeros(0, dtype=bool)
+        self._best: dict[tuple[object, ...], _Best] = {}
 
     # ------------------------------------------------------------ card measures
 
@@ -283,47 +330,32 @@ class FragScorer:
         first[1:] = (ks[1:] != ks[:-1]) | (rs[1:] != rs[:-1])
         return np.sort(ps[first])
 
-    def choose(
-        self,
-        st: ClusterState,
-        model: ShapeModel,
-        ask: object | None,
-        cpu: int,
-        mem: int,
-        cands: _I64,
-        feasible: BOOL | None,
-        rng: np.random.Generator,
-    ) -> tuple[int, list[int], float] | None:
-        """Best (row, card positions, score) among candidate nodes, or None (no shapes)."""
-        shapes, p = model.top()
-        if not shapes:
-            return None
-        if self.variant.gpu_weighted:
-            g = np.array([max(s.k * max(s.cores, s.pct or 0) / 100.0, 0.1) for s in shapes])
-            p = p * g / (p * g).sum()
-        type_ok = self._refresh(st, shapes, model.version)
-        node_ok = np.zeros(st.nn, dtype=bool)
-        node_ok[cands] = True
-        k = 0
-        if ask is None or feasible is None:
-            rows = cands
-            pos = np.full(len(rows), -1, dtype=np.int64)
-        else:
-            from .placer import Ask
+    def _candidates(self, st: ClusterState, k: int, feasible: BOOL | None, node_ok: BOOL, rows_all: _I64) -> tuple[_I64, _I64]:
+        """(rows, card positions) to score: per node one card per distinct state.
 
-            assert isinstance(ask, Ask)
-            k = ask.nums
-            pos = np.flatnonzero(feasible & node_ok[st.c_node[: st.nc]])
-            if k > 1:
-                # whole cards: any k idle cards of a node are alike; score the first
-                first = np.ones(len(pos), dtype=bool)
-                first[1:] = st.c_node[pos[1:]] != st.c_node[pos[:-1]]
-                pos = pos[first]
-            elif len(pos) > 1:
-                pos = self._distinct(st, pos)
-            rows = st.c_node[pos]
-        if len(rows) == 0:
-            return None
+        ``k`` = 0 (CPU-only): the rows themselves, no card; ``k`` > 1 (whole cards): any
+        k idle cards of a node are alike, so the first one stands for them.
+        """
+        if k == 0 or feasible is None:
+            return rows_all, np.full(len(rows_all), -1, dtype=np.int64)
+        pos = np.flatnonzero(feasible & node_ok[st.c_node[: st.nc]])
+        if k > 1:
+            first = np.ones(len(pos), dtype=bool)
+            first[1:] = st.c_node[pos[1:]] != st.c_node[pos[:-1]]
+            pos = pos[first]
+        elif len(pos) > 1:
+            pos = self._distinct(st, pos)
+        return st.c_node[pos], pos
+
+    def _score(
+        self, st: ClusterState, shapes: list[Shape], p: _F64, type_ok: BOOL, ask: object | None, k: int,
+        cpu: int, rows: _I64, pos: _I64,
+    ) -> tuple[_F64, _F64]:
+        """Per candidate (row, card): the policy score and the tie-breaking leftover.
+
+        Every quantity is node-local (the node's cards, CPU, aggregates), which is what
+        lets :meth:`choose` cache the best card of a node until the node changes.
+        """
         cnt, small, idle = self.cnt[rows], self.small[rows], self.idle[rows]
         before = np.where(self._runnable(st, rows, cnt, 0, shapes), small, idle[:, None])
         if k:
@@ -345,7 +377,9 @@ class FragScorer:
         else:
             cnt2, small2, idle2 = cnt, small, idle
         after = np.where(self._runnable(st, rows, cnt2, cpu, shapes), small2, idle2[:, None])
-        delta = (after - before) @ p
+        # row by row (not one matrix product): a row's Δ must not depend on which other
+        # rows are scored with it, or cached and fresh scores could differ in the last bit
+        delta = np.einsum("ij,j->i", after - before, p)
         v = self.variant
         if v.exact and v.quantum > 0:
             score = -np.round(delta / v.quantum)
@@ -353,22 +387,113 @@ class FragScorer:
             score = -np.round(delta, 9)  # rounding: equal growths must tie exactly
         else:
             score = np.trunc(100.0 / (1.0 + np.exp(delta)))  # 100·sigmoid(−Δ), whole numbers
-        if v.tie == "random":
-            best = np.flatnonzero(score == score.max())
-            i = int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
+        # ties by least GPU left on the node (best fit), then node name, card index
+        left = idle2 if k else idle
+        if v.tie == "bestfit2":  # the openb BestFit measure: CPU and GPU left over
+            cpu_left = (st.n_cpu_tot[rows] - st.n_cpu_used[rows] - cpu) / 128000.0
+            left = 0.5 * cpu_left + 0.5 * left / 8.0
+        return score, np.round(left, 9)
+
+    def choose(
+        self,
+        st: ClusterState,
+        model: ShapeModel,
+        ask: object | None,
+        cpu: int,
+        mem: int,
+        cands: _I64,
+        feasible: BOOL | None,
+        rng: np.random.Generator,
+        cache_key: tuple[object, ...] | None = None,
+    ) -> tuple[int, list[int], float] | None:
+        """Best (row, card positions, score) among candidate nodes, or None (no shapes).
+
+        With ``cache_key`` (what makes two requests score alike: the ask, its CPU and its
+        card constraints) the best card of every node is kept and only nodes whose
+        version moved are scored again; the choice is the same as without.
+        """
+        shapes, p = model.top_gpu() if self.variant.gpu_cover else model.top()
+        if not shapes:
+            return None
+        if self.variant.gpu_weighted:
+            g = np.array([max(s.k * max(s.cores, s.pct or 0) / 100.0, 0.1) for s in shapes])
+            p = p * g / (p * g).sum()
+        type_ok = self._refresh(st, shapes, model.version)
+        k = 0
+        if ask is not None and feasible is not None:
+            from .placer import Ask
+
+            assert isinstance(ask, Ask)
+            k = ask.nums
+        if cache_key is not None and self.variant.tie != "random":
+            got = self._choose_cached(st, shapes, p, type_ok, ask, k, cpu, cands, feasible, (cache_key, model.version))
         else:
-            # ties by least GPU left on the node (best fit), then node name, card index
-            left = idle2 if k else idle
-            if v.tie == "bestfit2":  # the openb BestFit measure: CPU and GPU left over
-                cpu_left = (st.n_cpu_tot[rows] - st.n_cpu_used[rows] - cpu) / 128000.0
-                left = 0.5 * cpu_left + 0.5 * left / 8.0
-            order = np.lexsort((pos, st.n_rank[rows], np.round(left, 9), -score))
-            i = int(order[0])
-        sc = float(score[i])
-        row = int(rows[i])
+            got = self._choose_all(st, shapes, p, type_ok, ask, k, cpu, cands, feasible, rng)
+        if got is None:
+            return None
+        row, first, sc = got
         if k <= 1:
-            return row, ([int(pos[i])] if k else []), sc
+            return row, ([first] if k else []), sc
         # the node's first k feasible (idle) cards, by index
         allpos = np.flatnonzero(feasible & (st.c_node[: st.nc] == row))  # type: ignore[operator]
         order_idx = np.argsort(st.c_index[allpos], kind="stable")
         return row, [int(x) for x in allpos[order_idx][:k]], sc
+
+    def _choose_all(
+        self, st: ClusterState, shapes: list[Shape], p: _F64, type_ok: BOOL, ask: object | None, k: int,
+        cpu: int, cands: _I64, feasible: BOOL | None, rng: np.random.Generator,
+    ) -> tuple[int, int, float] | None:
+        """Score every candidate card of the cluster (the reference, uncached path)."""
+        node_ok = np.zeros(st.nn, dtype=bool)
+        node_ok[cands] = True
+        rows, pos = self._candidates(st, k, feasible, node_ok, cands)
+        if len(rows) == 0:
+            return None
+        score, left = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
+        if self.variant.tie == "random":
+            best = np.flatnonzero(score == score.max())
+            i = int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
+        else:
+            i = int(np.lexsort((pos, st.n_rank[rows], left, -score))[0])
+        return int(rows[i]), int(pos[i]), float(score[i])
+
+    def _choose_cached(
+        self, st: ClusterState, shapes: list[Shape], p: _F64, type_ok: BOOL, ask: object | None, k: int,
+        cpu: int, cands: _I64, feasible: BOOL | None, key: tuple[object, ...],
+    ) -> tuple[int, int, float] | None:
+        nn = st.nn
+        key = (key, st.layout, nn)
+        ent = self._best.get(key)
+        if ent is None:
+            ent = _Best(np.full(nn, -np.inf), np.zeros(nn), np.full(nn, -1, dtype=np.int64), np.full(nn, -1, dtype=np.int64))
+            if len(self._best) >= _BEST_MAX:
+                del self._best[next(iter(self._best))]  # oldest first
+            self._best[key] = ent
+        stale = np.flatnonzero(ent.ver != st.n_ver[:nn])
+        if len(stale):
+            node_ok = np.zeros(nn, dtype=bool)
+            node_ok[stale] = True
+            rows, pos = self._candidates(st, k, feasible, node_ok, stale)
+            ent.score[stale] = -np.inf
+            ent.ver[stale] = st.n_ver[stale]
+            if len(rows):
+                score, left = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
+                # per node the best card: highest score, least left, lowest position
+                order = np.lexsort((pos, left, -score, rows))
+                r = rows[order]
+                first = np.ones(len(r), dtype=bool)
+                first[1:] = r[1:] != r[:-1]
+                pick = order[first]
+                ent.score[rows[pick]] = score[pick]
+                ent.left[rows[pick]] = left[pick]
+                ent.pos[rows[pick]] = pos[pick]
+        sc = ent.score[cands]
+        mx = sc.max() if len(sc) else -np.inf
+        if mx == -np.inf:
+            return None
+        sel = cands[sc == mx]
+        if len(sel) > 1:
+            lf = ent.left[sel]
+            sel = sel[lf == lf.min()]
+        row = int(sel[np.argmin(st.n_rank[sel])]) if len(sel) > 1 else int(sel[0])
+        return row, int(ent.pos[row]), float(mx)

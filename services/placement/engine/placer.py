@@ -13,6 +13,7 @@ cumulative quota) does it try the next node. ``decide`` is pure: it never reserv
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from shared.schemas import (
 
 from . import model as m
 from .frag import FRAG_POLICIES, VARIANTS, FragScorer, ShapeModel
-from .state import BOOL, ClusterState, NodeRec
+from .state import BOOL, I64, ClusterState, NodeRec
 
 NODE_POLICIES = ("binpack", "spread", "random", "bestfit", *FRAG_POLICIES)
 _F64 = npt.NDArray[np.float64]
@@ -64,6 +65,7 @@ class Chain:
     topology: bool
 
 
+@functools.lru_cache(maxsize=256)
 def parse_chain(text: str) -> Chain:
     """``binpack,numa`` -> sort keys; ``mutex`` / ``topology-aware`` filter; else spread."""
     keys: list[str] = []
@@ -120,6 +122,23 @@ def labels_match(labels: dict[str, str], cons: Constraints) -> bool:
     return False
 
 
+@dataclass(slots=True)
+class _MaskEntry:
+    """A cached card mask (static and dynamic checks) for one ask.
+
+    ``ok`` and ``cnt`` (fitting cards per node) are exact for every node whose version
+    equals ``ver``; a decision refreshes only the nodes that changed since, which after
+    a reservation is one node. Callers must not write into ``ok``.
+    """
+
+    ok: BOOL
+    cnt: I64
+    ver: I64
+
+
+_CACHE_MAX = 192  # cached asks (each: a bool per card and two ints per node)
+
+
 class _Fail(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -143,6 +162,11 @@ class Placer:
         self._frag: dict[str, FragScorer] = {}
         self._label_cache: dict[tuple[int, bytes], BOOL] = {}
         self._static_cache: dict[tuple[object, ...], BOOL] = {}
+        self._mask_cache: dict[tuple[object, ...], _MaskEntry] = {}
+        self._score_key: tuple[int, int] = (-1, -1)
+        self._score: _F64 = np.zeros(0)
+        self._score_ver: I64 = np.zeros(0, dtype=np.int64)
+        self.use_cache = True  # False: recompute everything (tests compare both paths)
 
     # ---------------------------------------------------------------- public API
 
@@ -168,11 +192,17 @@ class Placer:
         static: dict[Ask, BOOL] = {}
         dyn: dict[Ask, BOOL] = {}
         cnode = st.c_node[:nc]
+        # the namespace quota depends on use all over the cluster: no per-node cache then
+        cached = self.use_cache and req.namespace not in st.quotas
         for a in dict.fromkeys(flat):
             s_ok = self._static_mask(a, cons)
-            d_ok = s_ok & self._dynamic_mask(a, cons, req.namespace)
+            if cached:
+                ent = self._cached_mask(a, cons, s_ok)
+                d_ok, cnt = ent.ok, ent.cnt
+            else:
+                d_ok = s_ok & self._dynamic_mask(a, cons, req.namespace)
+                cnt = np.bincount(cnode[d_ok], minlength=nn)
             static[a], dyn[a] = s_ok, d_ok
-            cnt = np.bincount(cnode[d_ok], minlength=nn)
             node_ok &= cnt >= a.nums
         policy = (cons.node_policy or self.scheduler.node_policy).lower()
         if policy not in NODE_POLICIES and policy not in VARIANTS:
@@ -332,8 +362,7 @@ class Placer:
         health, cordon, model or mode can change; most requests share a few keys.
         """
         st = self.cluster
-        key = (st.labels_version, st.nc, a.vendor, tuple(cons.use_types), tuple(cons.nouse_types),
-               tuple(cons.use_uuids), tuple(cons.nouse_uuids), cons.vgpu_mode)  # fmt: skip
+        key = self._static_key(a, cons)
         got = self._static_cache.get(key)
         if got is None:
             got = st.c_live[: st.nc].copy()
@@ -343,6 +372,49 @@ class Placer:
                 self._static_cache.clear()
             self._static_cache[key] = got
         return got
+
+    def _static_key(self, a: Ask, cons: Constraints) -> tuple[object, ...]:
+        st = self.cluster
+        return (st.labels_version, st.nc, a.vendor, tuple(cons.use_types), tuple(cons.nouse_types),
+                tuple(cons.use_uuids), tuple(cons.nouse_uuids), cons.vgpu_mode)  # fmt: skip
+
+    def _use_ok(self, a: Ask, mutex: bool, pos: I64 | slice) -> BOOL:
+        """The use-dependent checks but quota (``_dynamic_codes``) at ``pos``, combined."""
+        st = self.cluster
+        uslot, tslot = st.c_uslot[pos], st.c_tslot[pos]
+        tmem, tcore, ucore = st.c_tmem[pos], st.c_tcore[pos], st.c_ucore[pos]
+        need = a.mem if a.pct is None else tmem * a.pct // 100
+        ok = (uslot < tslot) & (st.c_umem[pos] + need <= tmem) & (ucore + a.cores <= tcore)
+        if mutex or a.cores >= 100:
+            ok &= uslot == 0
+        if a.cores == 0:
+            ok &= ucore < tcore
+        return ok
+
+    def _cached_mask(self, a: Ask, cons: Constraints, s_ok: BOOL) -> _MaskEntry:
+        """Static & dynamic card mask of ``a`` and its per-node count, refreshed only
+        on the nodes whose version moved since the ask was last seen."""
+        st = self.cluster
+        nn = st.nn
+        mutex = parse_chain(cons.gpu_policy or self.scheduler.gpu_policy).mutex
+        key = (self._static_key(a, cons), st.layout, nn, a, mutex)
+        ent = self._mask_cache.get(key)
+        if ent is None:
+            ok = s_ok & self._use_ok(a, mutex, slice(0, st.nc))
+            cnt = np.bincount(st.c_node[: st.nc][ok], minlength=nn)
+            ent = _MaskEntry(ok, cnt, st.n_ver[:nn].copy())
+            if len(self._mask_cache) >= _CACHE_MAX:
+                del self._mask_cache[next(iter(self._mask_cache))]  # oldest first
+            self._mask_cache[key] = ent
+            return ent
+        stale = np.flatnonzero(ent.ver != st.n_ver[:nn])
+        if len(stale):
+            pos, owner = st.card_positions(stale)
+            got = s_ok[pos] & self._use_ok(a, mutex, pos)
+            ent.ok[pos] = got
+            ent.cnt[stale] = np.bincount(owner, weights=got, minlength=len(stale)).astype(np.int64)
+            ent.ver[stale] = st.n_ver[stale]
+        return ent
 
     def _dynamic_mask(self, a: Ask, cons: Constraints, ns: str) -> BOOL:
         checks = self._dynamic_codes(a, cons, ns)
@@ -362,7 +434,25 @@ class Placer:
     # ------------------------------------------------------------- node policies
 
     def node_scores(self, rows: npt.NDArray[np.int64]) -> _F64:
-        """HAMi's node score before the pod: 10 x (slots + cores + memory used ratios)."""
+        """HAMi's node score before the pod: 10 x (slots + cores + memory used ratios).
+
+        Kept per node and recomputed only for nodes whose version moved.
+        """
+        st = self.cluster
+        if not self.use_cache:
+            return self._node_scores(rows)
+        nn = st.nn
+        if self._score_key != (st.layout, nn):
+            self._score_key = (st.layout, nn)
+            self._score = np.zeros(nn)
+            self._score_ver = np.full(nn, -1, dtype=np.int64)
+        stale = np.flatnonzero(self._score_ver != st.n_ver[:nn])
+        if len(stale):
+            self._score[stale] = self._node_scores(stale)
+            self._score_ver[stale] = st.n_ver[stale]
+        return self._score[rows]
+
+    def _node_scores(self, rows: npt.NDArray[np.int64]) -> _F64:
         st = self.cluster
 
         def ratio(used: npt.NDArray[np.int64], tot: npt.NDArray[np.int64]) -> _F64:
@@ -628,7 +718,10 @@ class Placer:
         if scorer is None:
             scorer = self._frag[policy] = FragScorer(policy)
         a = flat[0] if flat else None
-        got = scorer.choose(self.cluster, self.shapes, a, cpu, mem, cands, dyn.get(a) if a else None, self.rng)
+        key: tuple[object, ...] | None = None
+        if self.use_cache and req.namespace not in self.cluster.quotas:
+            key = (a, cpu, self._static_key(a, req.constraints) if a else None)
+        got = scorer.choose(self.cluster, self.shapes, a, cpu, mem, cands, dyn.get(a) if a else None, self.rng, key)
         if got is None:
             return None
         row, positions, score = got

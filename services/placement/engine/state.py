@@ -187,6 +187,16 @@ class ClusterState:
     def nodes_total(self) -> int:
         return len(self.nodes)
 
+    def card_positions(self, rows: I64) -> tuple[I64, I64]:
+        """Card positions of the given node rows (contiguous per node) and, per card,
+        the index into ``rows`` of its node: how the incremental caches refresh."""
+        counts = self.n_ncards[rows]
+        total = int(counts.sum())
+        starts = self.n_start[rows]
+        owner = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
+        pos = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(total, dtype=np.int64)
+        return pos, owner
+
     # ------------------------------------------------------------------- inventory
 
     def upsert_node(self, inv: NodeInventory) -> None:
