@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from services.placement.engine import NODE_POLICIES, ClusterState, Placement, Placer
-from services.placement.engine.frag import VARIANTS
+from services.placement.engine.frag import PRODUCT_DEFAULT, VARIANTS
 from shared.config import NodeSettings, SchedulerSettings
 from shared.schemas import (
     AllocRequested,
@@ -135,7 +135,12 @@ def replay_one(
     tune: float = 1.3,
     progress: bool = False,
 ) -> Run:
-    """One seed of one policy; returns the unallocated GPU % at arrived = 100 %."""
+    """One seed of one policy; returns the unallocated GPU % at arrived = 100 %.
+
+    ``policy`` "default" is the product default (:data:`PRODUCT_DEFAULT`).
+    """
+    label = policy
+    policy = resolve_policy(policy)
     cluster = ClusterState()
     for inv in nodes:
         cluster.upsert_node(inv)
@@ -165,7 +170,18 @@ def replay_one(
                 _bar(f"{policy} seed {seed}", i + 1, len(seq))
     if at100 is None:  # --tune below 1: report where the replay stopped
         at100 = 100.0 * (1.0 - allocated / total)
-    return Run(policy, seed, at100, time.perf_counter() - t0, len(seq), curve)
+    return Run(label, seed, at100, time.perf_counter() - t0, len(seq), curve)
+
+
+def resolve_policy(name: str) -> str:
+    """``default`` names the product default node policy; other names pass through."""
+    return PRODUCT_DEFAULT if name == "default" else name
+
+
+def published(trace: str, policy: str) -> float | None:
+    """The published figure a policy is compared with (the default: FGD's, its target)."""
+    key = "fgd" if policy == "default" else policy
+    return PUBLISHED.get(trace, {}).get(key)
 
 
 def _bar(label: str, done: int, total: int) -> None:
@@ -223,14 +239,14 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="hami replay", description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", required=True, help="openb node list CSV")
     ap.add_argument("--pods", required=True, help="openb pod list CSV")
-    ap.add_argument("--policy", action="append", required=True, help=f"node policy: {', '.join(NODE_POLICIES)} (repeat)")
+    ap.add_argument("--policy", action="append", required=True, help=f"node policy: default (the product default, {PRODUCT_DEFAULT}), {', '.join(NODE_POLICIES)} (repeat)")
     ap.add_argument("--seeds", default="42-51", help="e.g. 42-51 or 42,43 (default 42-51)")
     ap.add_argument("--tune", type=float, default=1.3, help="inflate the GPU request to this x cluster GPUs")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--plot", help="write unallocated %% vs arrived %% to this PNG")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    bad = [p for p in args.policy if p not in NODE_POLICIES and p not in VARIANTS]
+    bad = [p for p in args.policy if resolve_policy(p) not in NODE_POLICIES and resolve_policy(p) not in VARIANTS]
     if bad:
         ap.error(f"unknown policy {', '.join(bad)}; choose from {', '.join(NODE_POLICIES)}")
     nodes = load_nodes(args.nodes)
@@ -250,7 +266,8 @@ def main(argv: list[str]) -> int:
                 "median": round(statistics.median(vals), 2),
                 "stdev": round(statistics.pstdev(vals), 2),
                 "per_seed": {r.seed: round(r.unallocated, 2) for r in runs if r.policy == pol},
-                "published": PUBLISHED.get(trace, {}).get(pol),
+                "policy_used": resolve_policy(pol),
+                "published": published(trace, pol),
                 "seconds_per_seed": round(statistics.fmean(r.seconds for r in runs if r.policy == pol), 1),
             }
         )

@@ -40,7 +40,7 @@ def test_inflate_reaches_the_tuned_request() -> None:
     assert replay.parse_seeds("42-44,7") == [42, 43, 44, 7]
 
 
-@pytest.mark.parametrize("policy", ["bestfit", "fgd", "frag", "random"])
+@pytest.mark.parametrize("policy", ["bestfit", "fgd", "frag", "random", "default"])
 def test_replay_one_places_through_the_engine(tmp_path: Path, policy: str) -> None:
     nodes_csv, pods_csv = _trace(tmp_path)
     nodes, tasks = replay.load_nodes(nodes_csv), replay.load_tasks(pods_csv)
@@ -55,11 +55,13 @@ def test_replay_one_places_through_the_engine(tmp_path: Path, policy: str) -> No
 def test_main_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     nodes_csv, pods_csv = _trace(tmp_path)
     png = tmp_path / "out.png"
-    rc = replay.main(["--nodes", nodes_csv, "--pods", pods_csv, "--policy", "bestfit", "--policy", "frag",
+    rc = replay.main(["--nodes", nodes_csv, "--pods", pods_csv, "--policy", "bestfit", "--policy", "default",
                       "--seeds", "1-2", "--json", "--plot", str(png), "--quiet"])  # fmt: skip
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["policy"] for r in out["results"]] == ["bestfit", "frag"]
+    assert [r["policy"] for r in out["results"]] == ["bestfit", "default"]
+    # "default" is the product default policy, compared with the published FGD figure
+    assert out["results"][1]["policy_used"] == replay.PRODUCT_DEFAULT
     assert all(set(r["per_seed"]) == {"1", "2"} for r in out["results"])
     assert png.stat().st_size > 1000
 
@@ -68,3 +70,9 @@ def test_main_rejects_unknown_policy(tmp_path: Path) -> None:
     nodes_csv, pods_csv = _trace(tmp_path)
     with pytest.raises(SystemExit):
         replay.main(["--nodes", nodes_csv, "--pods", pods_csv, "--policy", "nope"])
+
+
+def test_default_is_the_product_default_and_compares_with_fgd() -> None:
+    assert replay.resolve_policy("default") == replay.PRODUCT_DEFAULT
+    assert replay.resolve_policy("bestfit") == "bestfit"
+    assert replay.published("cpu050", "default") == replay.PUBLISHED["cpu050"]["fgd"]

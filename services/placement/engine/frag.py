@@ -38,6 +38,7 @@ from . import model as m
 from .state import BOOL, ClusterState
 
 FRAG_POLICIES = ("fgd", "frag")
+PRODUCT_DEFAULT = "frag"  # the product's own policy; `hami replay --policy default` means it
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class Variant:
     quantum: float = 0.0  # exact Δ rounded to this many cards (0: not rounded)
     gpu_weighted: bool = False  # shape frequencies weighted by their GPU request
     gpu_cover: bool = False  # shape list: the task cover plus the shapes covering 95 % of GPU demand
+    model_aware: str = ""  # "" | "tie" (after the score) | "first" (before it): prefer unpressured models
 
 
 VARIANTS: dict[str, Variant] = {
@@ -75,6 +77,9 @@ VARIANTS: dict[str, Variant] = {
     "frag-gpu": Variant(two_d=True, exact=False, tie="bestfit", gpu_weighted=True),
     "frag-cg": Variant(two_d=True, exact=False, tie="bestfit2", gpu_cover=True),
     "frag-cg1": Variant(two_d=True, exact=False, tie="bestfit", gpu_cover=True),
+    "frag-cgm": Variant(two_d=True, exact=False, tie="bestfit2", gpu_cover=True, model_aware="tie"),
+    "frag-cgM": Variant(two_d=True, exact=False, tie="bestfit2", gpu_cover=True, model_aware="first"),
+    "frag-m": Variant(two_d=True, exact=False, tie="bestfit2", model_aware="tie"),
     "frag-q10-cg": Variant(two_d=True, exact=True, tie="bestfit2", quantum=0.1, gpu_cover=True),
 }
 _F64 = npt.NDArray[np.float64]
@@ -212,6 +217,7 @@ class FragScorer:
         self._need_c: _F64 = np.zeros(0)
         self._excl: BOOL = np.zeros(0, dtype=bool)
         self._best: dict[tuple[object, ...], _Best] = {}
+        self.pressure: _F64 = np.zeros(0)  # per node: demand of model-constrained shapes on its model
 
     # ------------------------------------------------------------ card measures
 
@@ -272,13 +278,41 @@ class FragScorer:
 
     # ------------------------------------------------------------ node aggregates
 
-    def _refresh(self, st: ClusterState, shapes: list[Shape], version: int) -> BOOL:
+    def _pressure(self, st: ClusterState, shapes: list[Shape], p: _F64, type_ok: BOOL) -> _F64:
+        """Per node, how much of the model-constrained demand its model must carry.
+
+        A shape allowed only on some models spreads its GPU demand (frequency x cards)
+        over the capacity of those models; a model's pressure is the sum over the shapes
+        it serves, in units of the cluster's capacity. Unconstrained shapes add nothing,
+        so without model constraints every node has pressure 0.
+        """
+        nc, nn = st.nc, st.nn
+        live = st.c_live[:nc]
+        cap = np.bincount(st.c_type[:nc][live], minlength=type_ok.shape[0]).astype(np.float64)
+        total = max(cap.sum(), 1.0)
+        per_type = np.zeros(type_ok.shape[0])
+        for j, sh in enumerate(shapes):
+            if sh.models and sh.k:
+                allowed = type_ok[:, j]
+                c = cap[allowed].sum()
+                if c > 0:
+                    per_type[allowed] += p[j] * ShapeModel.gpu_of(sh) * total / c
+        out = np.zeros(nn)
+        has = st.n_ncards[:nn] > 0
+        out[has] = per_type[st.c_type[st.n_start[:nn][has]]]
+        return out
+
+    def _refresh(self, st: ClusterState, shapes: list[Shape], version: int, p: _F64 | None = None) -> BOOL:
         nn, ns = st.nn, len(shapes)
         key = (st.layout, version, nn)
         if key != self._key or self._type_key != (len(st.types), version):
             self._type_key = (len(st.types), version)
             self._type_cache = self._type_ok(st, shapes)
             self._shape_vectors(shapes, version)
+            if self.variant.model_aware and p is not None:
+                self.pressure = self._pressure(st, shapes, p, self._type_cache)
+            else:
+                self.pressure = np.zeros(nn)
         type_ok = self._type_cache
         if key != self._key:
             self._key = key
@@ -418,7 +452,7 @@ class FragScorer:
         if self.variant.gpu_weighted:
             g = np.array([max(s.k * max(s.cores, s.pct or 0) / 100.0, 0.1) for s in shapes])
             p = p * g / (p * g).sum()
-        type_ok = self._refresh(st, shapes, model.version)
+        type_ok = self._refresh(st, shapes, model.version, p)
         k = 0
         if ask is not None and feasible is not None:
             from .placer import Ask
@@ -454,7 +488,11 @@ class FragScorer:
             best = np.flatnonzero(score == score.max())
             i = int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
         else:
-            i = int(np.lexsort((pos, st.n_rank[rows], left, -score))[0])
+            pr = self.pressure[rows]
+            if self.variant.model_aware == "first":
+                i = int(np.lexsort((pos, st.n_rank[rows], left, -score, pr))[0])
+            else:  # pressure 0 everywhere without the model-aware flag
+                i = int(np.lexsort((pos, st.n_rank[rows], left, pr, -score))[0])
         return int(rows[i]), int(pos[i]), float(score[i])
 
     def _choose_cached(
@@ -488,10 +526,18 @@ class FragScorer:
                 ent.left[rows[pick]] = left[pick]
                 ent.pos[rows[pick]] = pos[pick]
         sc = ent.score[cands]
-        mx = sc.max() if len(sc) else -np.inf
-        if mx == -np.inf:
+        if len(sc) == 0 or sc.max() == -np.inf:
             return None
-        sel = cands[sc == mx]
+        sel = cands[sc > -np.inf]
+        if self.variant.model_aware == "first":
+            pr = self.pressure[sel]
+            sel = sel[pr == pr.min()]
+        sc = ent.score[sel]
+        mx = sc.max()
+        sel = sel[sc == mx]
+        if len(sel) > 1 and self.variant.model_aware == "tie":
+            pr = self.pressure[sel]
+            sel = sel[pr == pr.min()]
         if len(sel) > 1:
             lf = ent.left[sel]
             sel = sel[lf == lf.min()]
