@@ -1,8 +1,22 @@
-"""``python -m services.binder``: run the binder service alone against a NATS server."""
+"""``python -m services.binder``: run the binder service alone against a NATS server.
+
+Standalone (default): decisions are bound at once; direct clients are served.
+
+Kubernetes mode (``--kube``): watch pods with our scheduler name, write HAMi's
+annotations, create Bindings (see :mod:`services.binder.kube`). The API server is found
+by ``--kube-host URL`` (no auth; tests), ``--in-cluster`` (service account),
+``--kubeconfig PATH`` (or ``$KUBECONFIG``, or ``~/.kube/config``), else in-cluster.
+
+Admission webhook: ``--webhook-cert FILE --webhook-key FILE`` serves HTTPS on
+``--webhook-port`` (9443) at ``/mutate`` (see :mod:`services.binder.webhook`).
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+from pathlib import Path
 
 from services.binder.service import BinderService
 from shared import runner
@@ -10,12 +24,85 @@ from shared.bus import Bus
 from shared.config import Config
 
 
-async def make(bus: Bus, cfg: Config) -> BinderService:
-    return BinderService(bus, cfg)
+def default_kubeconfig(given: str | None) -> str | None:
+    if given or os.environ.get("KUBECONFIG"):
+        return given or os.environ["KUBECONFIG"]
+    home = Path("~/.kube/config").expanduser()
+    return str(home) if home.exists() else None
+
+
+class KubeMode:
+    """The Kubernetes binder and/or the webhook, started and stopped as one service."""
+
+    def __init__(self, bus: Bus, cfg: Config, args: argparse.Namespace) -> None:
+        self.bus, self.cfg, self.args = bus, cfg, args
+        self.parts: list[object] = []
+        self.kube: object | None = None
+
+    async def start(self) -> None:
+        from services.binder.kube import KubeBinder
+        from services.binder.webhook import WebhookServer, WebhookSettings
+        from shared.kube import Kube
+
+        a = self.args
+        if a.kube:
+            kubeconfig = default_kubeconfig(a.kubeconfig)
+            if a.kube_host:
+                kube = await Kube.connect(host=a.kube_host)
+            elif a.in_cluster or not kubeconfig:
+                kube = await Kube.connect(in_cluster=True)
+            else:
+                kube = await Kube.connect(kubeconfig=kubeconfig, context=a.context)
+            self.kube = kube
+            binder = KubeBinder(self.bus, self.cfg, kube)
+            await binder.start(serve_api=not a.no_api)
+            self.parts.append(binder)
+        else:
+            svc = BinderService(self.bus, self.cfg)
+            await svc.start()
+            self.parts.append(svc)
+        if a.webhook_cert:
+            if not a.webhook_key:
+                raise SystemExit("binder: --webhook-cert needs --webhook-key")
+            hook = WebhookServer(WebhookSettings.from_config(self.cfg, a.overwrite_env),
+                                 certfile=a.webhook_cert, keyfile=a.webhook_key,
+                                 host=a.webhook_host, port=a.webhook_port)
+            await hook.start()
+            self.parts.append(hook)
+
+    async def stop(self) -> None:
+        for p in reversed(self.parts):
+            await p.stop()  # type: ignore[attr-defined]
+        self.parts.clear()
+        if self.kube is not None:
+            await self.kube.close()  # type: ignore[attr-defined]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = runner.common_args("python -m services.binder")
+    k = p.add_argument_group("Kubernetes mode")
+    k.add_argument("--kube", action="store_true", help="watch pods and bind them in Kubernetes")
+    k.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG, ~/.kube/config)")
+    k.add_argument("--context", default=None, help="kubeconfig context")
+    k.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
+    k.add_argument("--kube-host", default=None, help="API server URL without auth (tests)")
+    k.add_argument("--no-api", action="store_true", help="do not serve hami.api.submit/release")
+    w = p.add_argument_group("admission webhook")
+    w.add_argument("--webhook-cert", default=None, help="TLS certificate file (enables the webhook)")
+    w.add_argument("--webhook-key", default=None, help="TLS key file")
+    w.add_argument("--webhook-host", default="0.0.0.0")
+    w.add_argument("--webhook-port", type=int, default=9443)
+    w.add_argument("--overwrite-env", action="store_true",
+                   help="NVIDIA_VISIBLE_DEVICES=none for containers without HAMi resources")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = runner.common_args("python -m services.binder").parse_args(argv)
+    args = parser().parse_args(argv)
+
+    async def make(bus: Bus, cfg: Config) -> KubeMode:
+        return KubeMode(bus, cfg, args)
+
     return runner.run("binder", args, make)
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -141,21 +139,6 @@ def test_json_patch_replaces_and_removes() -> None:
 
 
 # ------------------------------------------------------------------------ HTTPS server
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not available")
-    d = tmp_path_factory.mktemp("tls")
-    crt, key = d / "tls.crt", d / "tls.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(crt)],
-        check=True, capture_output=True,
-    )
-    return crt, key
 
 
 async def test_https_admission_review_round_trip(cert: tuple[Path, Path]) -> None:
