@@ -51,7 +51,8 @@ class Variant:
     quantum: float = 0.0  # exact Δ rounded to this many cards (0: not rounded)
     gpu_weighted: bool = False  # shape frequencies weighted by their GPU request
     gpu_cover: bool = False  # shape list: the task cover plus the shapes covering 95 % of GPU demand
-    model_aware: str = ""  # "" | "tie" (after the score) | "first" (before it): prefer unpressured models
+    model_aware: str = ""  # "" | "tie" (after the score) | "first" (before it) | "delta" (added to Δ)
+    card_tie: bool = False  # within a node, ties go to the fullest card that fits (else lowest index)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -78,7 +79,11 @@ VARIANTS: dict[str, Variant] = {
     "frag-cg": Variant(two_d=True, exact=False, tie="bestfit2", gpu_cover=True),
     "frag-cg1": Variant(two_d=True, exact=False, tie="bestfit", gpu_cover=True),
     "frag-cgm": Variant(two_d=True, exact=False, tie="bestfit2", gpu_cover=True, model_aware="tie"),
-    "frag-cgM": Variant(two_d=True, exact=False, tie="bestfit2", gpu_cover=True, model_aware="first"),
+    "frag-cgp": Variant(two_d=True, exact=False, tie="bestfit2", gpu_cover=True, model_aware="first"),
+    "frag-cgp1": Variant(two_d=True, exact=False, tie="bestfit", gpu_cover=True, model_aware="first"),
+    "frag-cgd": Variant(two_d=True, exact=False, tie="bestfit2", gpu_cover=True, model_aware="delta"),
+    "frag-cgd1": Variant(two_d=True, exact=False, tie="bestfit", gpu_cover=True, model_aware="delta"),
+    "frag-cgd1c": Variant(two_d=True, exact=False, tie="bestfit", gpu_cover=True, model_aware="delta", card_tie=True),
     "frag-m": Variant(two_d=True, exact=False, tie="bestfit2", model_aware="tie"),
     "frag-q10-cg": Variant(two_d=True, exact=True, tie="bestfit2", quantum=0.1, gpu_cover=True),
 }
@@ -384,8 +389,9 @@ class FragScorer:
     def _score(
         self, st: ClusterState, shapes: list[Shape], p: _F64, type_ok: BOOL, ask: object | None, k: int,
         cpu: int, rows: _I64, pos: _I64,
-    ) -> tuple[_F64, _F64]:
-        """Per candidate (row, card): the policy score and the tie-breaking leftover.
+    ) -> tuple[_F64, _F64, _F64]:
+        """Per candidate (row, card): the policy score, the node's leftover and the card's
+        leftover (tie-breakers, smaller first).
 
         Every quantity is node-local (the node's cards, CPU, aggregates), which is what
         lets :meth:`choose` cache the best card of a node until the node changes.
@@ -408,12 +414,18 @@ class FragScorer:
             cnt2 = cnt + k * (f_after.astype(np.float64) - f_before)
             small2 = small + k * (np.where(f_after, 0.0, w2[:, None]) - np.where(f_before, 0.0, w[:, None]))
             idle2 = idle - k * (w - w2)
+            card_left = np.round(w2, 9) if self.variant.card_tie else np.zeros(len(rows))
         else:
             cnt2, small2, idle2 = cnt, small, idle
+            card_left = np.zeros(len(rows))
         after = np.where(self._runnable(st, rows, cnt2, cpu, shapes), small2, idle2[:, None])
         # row by row (not one matrix product): a row's Δ must not depend on which other
         # rows are scored with it, or cached and fresh scores could differ in the last bit
         delta = np.einsum("ij,j->i", after - before, p)
+        if k and self.variant.model_aware == "delta":
+            # GPU taken from a model that model-constrained shapes depend on counts as
+            # growth: that capacity is, in expectation, theirs
+            delta = delta + self.pressure[rows] * k * np.maximum(need_m, ask.cores / 100.0)  # type: ignore[attr-defined]
         v = self.variant
         if v.exact and v.quantum > 0:
             score = -np.round(delta / v.quantum)
@@ -426,7 +438,7 @@ class FragScorer:
         if v.tie == "bestfit2":  # the openb BestFit measure: CPU and GPU left over
             cpu_left = (st.n_cpu_tot[rows] - st.n_cpu_used[rows] - cpu) / 128000.0
             left = 0.5 * cpu_left + 0.5 * left / 8.0
-        return score, np.round(left, 9)
+        return score, np.round(left, 9), card_left
 
     def choose(
         self,
@@ -483,16 +495,16 @@ class FragScorer:
         rows, pos = self._candidates(st, k, feasible, node_ok, cands)
         if len(rows) == 0:
             return None
-        score, left = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
+        score, left, cleft = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
         if self.variant.tie == "random":
             best = np.flatnonzero(score == score.max())
             i = int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
         else:
             pr = self.pressure[rows]
             if self.variant.model_aware == "first":
-                i = int(np.lexsort((pos, st.n_rank[rows], left, -score, pr))[0])
+                i = int(np.lexsort((pos, cleft, st.n_rank[rows], left, -score, pr))[0])
             else:  # pressure 0 everywhere without the model-aware flag
-                i = int(np.lexsort((pos, st.n_rank[rows], left, pr, -score))[0])
+                i = int(np.lexsort((pos, cleft, st.n_rank[rows], left, pr, -score))[0])
         return int(rows[i]), int(pos[i]), float(score[i])
 
     def _choose_cached(
@@ -515,9 +527,9 @@ class FragScorer:
             ent.score[stale] = -np.inf
             ent.ver[stale] = st.n_ver[stale]
             if len(rows):
-                score, left = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
+                score, left, cleft = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
                 # per node the best card: highest score, least left, lowest position
-                order = np.lexsort((pos, left, -score, rows))
+                order = np.lexsort((pos, cleft, left, -score, rows))
                 r = rows[order]
                 first = np.ones(len(r), dtype=bool)
                 first[1:] = r[1:] != r[:-1]
