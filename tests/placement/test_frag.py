@@ -74,3 +74,28 @@ def test_frag_falls_back_without_shapes_and_for_complex_pods() -> None:
     p.observe(req(DeviceAsk(mem=100, cores=1)))
     got = p.decide(req(DeviceAsk(nums=2, mem=100, cores=1), numa_bind=True))
     assert isinstance(got, Placement) and len(cards_of(got)) == 2
+
+
+def test_frag_keeps_scarce_models_for_the_tasks_that_need_them() -> None:
+    # half the workload may only run on T4; the rest runs anywhere. An unconstrained
+    # task goes to the G2 node although the T4 node sorts first by name; a T4 task
+    # still goes to T4.
+    cl = cluster(node("a-t4", 2, dev={"type": "T4"}), node("b-g2", 2, dev={"type": "G2"}))
+    p = placer(cl, node_policy="frag")
+    for _ in range(10):
+        p.observe(req(DeviceAsk(nums=1), use_types=["T4"]))
+        p.observe(req(DeviceAsk(nums=1)))
+    assert place(p, req(DeviceAsk(nums=1))).node == "b-g2"
+    assert place(p, req(DeviceAsk(nums=1), use_types=["T4"])).node == "a-t4"
+
+
+def test_shape_cover_by_gpu_demand_keeps_rare_whole_node_shapes() -> None:
+    sm = ShapeModel()
+    for _ in range(97):
+        sm.observe(req(DeviceAsk(mem_percent=10, cores=10), cpu=1000), NodeSettings())
+    for _ in range(3):
+        sm.observe(req(DeviceAsk(nums=8), cpu=8000), NodeSettings())
+    assert [s.k for s in sm.top()[0]] == [1]  # 3 % of tasks: below the task cover
+    shapes, p = sm.top_gpu()
+    assert [s.k for s in shapes] == [1, 8]  # but 71 % of the GPU demand
+    assert abs(p.sum() - 1.0) < 1e-9
