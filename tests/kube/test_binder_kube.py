@@ -275,6 +275,11 @@ async def test_restart_reconciles_leaked_and_lost_reservations(kc: KubeCluster, 
     allocs = {k: v for k, v in led.allocs.items() if k != uid}
     allocs["ghost-uid"] = ghost
     await kc.bus.kv_cas(subjects.LEDGER_BUCKET, node, NodeLedger(node=node, allocs=allocs), rev)
+    # Placement follows the ledger through its KV watch; let it see the change first (in
+    # real life only placement writes the ledger, so it never lags behind itself).
+    assert kc.placement is not None
+    await kc.wait_for(lambda: uid not in kc.placement.owner and "ghost-uid" in kc.placement.owner,  # type: ignore[union-attr]
+                      desc="placement sees the corrupted ledger")
     await kc.start_binder()
 
     async def healed() -> bool:
