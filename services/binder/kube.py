@@ -75,7 +75,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -236,8 +236,13 @@ async def list_all(kube: Kube, resource_path: str, **query: Any) -> tuple[list[O
 class KubeBackend(Backend):
     """Writes HAMi's annotations and creates the Binding; emits HAMi's Events."""
 
-    def __init__(self, kube: Kube, *, instance: str = "") -> None:
+    def __init__(
+        self, kube: Kube, *, instance: str = "", pods: Mapping[str, Obj] | None = None
+    ) -> None:
         self.kube = kube
+        # The binder's watch cache (uid -> pod): saves a GET per bind. A stale entry is
+        # harmless: the patch of a deleted pod fails, the Binding of a bound one is 409.
+        self.pods: Mapping[str, Obj] = pods if pods is not None else {}
         self.core = kclient.CoreV1Api(kube.api)
         self.instance = instance or COMPONENT
         self._locks: dict[str, asyncio.Lock] = {}
@@ -326,7 +331,8 @@ class KubeBackend(Backend):
     async def _bind(self, d: AllocDecided) -> None:
         ns = d.namespace or "default"
         try:
-            pod = await self.kube.get(path("pods", ns, d.name))
+            cached = self.pods.get(d.uid)
+            pod = cached if cached is not None else await self.kube.get(path("pods", ns, d.name))
         except NotFound:
             raise BindError(f"pod {ns}/{d.name} no longer exists") from None
         except (KubeError, aiohttp.ClientError, OSError) as exc:
@@ -397,12 +403,12 @@ class KubeBinder(BinderService):
         retry_backoff_s: float = 1.0,
     ) -> None:
         self.kube = kube
-        self.kbackend = KubeBackend(kube)
+        self.pods: dict[str, Obj] = {}  # uid -> last seen pod (ours, not yet released)
+        self.kbackend = KubeBackend(kube, pods=self.pods)
         super().__init__(bus, cfg, self.kbackend)
         self.scheduler_name = cfg.scheduler.scheduler_name
         self.watch_timeout_s = watch_timeout_s
         self.retry_backoff_s = retry_backoff_s
-        self.pods: dict[str, Obj] = {}  # uid -> last seen pod (ours, not yet released)
         self.requested: set[str] = set()  # uids with a requested published
         self.released: set[str] = set()
         self.attempts: dict[str, int] = {}

@@ -83,8 +83,11 @@ def validate_submit(req: SubmitRequest) -> None:
 
 
 class BinderService:
-    def __init__(self, bus: Bus, cfg: Config, backend: Backend | None = None) -> None:
+    def __init__(
+        self, bus: Bus, cfg: Config, backend: Backend | None = None, concurrency: int = 64
+    ) -> None:
         self.bus = bus
+        self.concurrency = concurrency
         self.cfg = cfg
         self.backend: Backend = backend or StandaloneBackend()
         self.by_name: dict[str, tuple[str, str]] = {}  # "ns/name" -> (uid, node)
@@ -188,11 +191,28 @@ class BinderService:
         await msg.ack()
 
     async def _consume(self) -> None:
+        """Handle decisions concurrently: a Kubernetes bind is several API round trips,
+        and binds of different pods do not depend on each other (a backend serialises
+        what concerns one pod)."""
         wq = self._sub
         assert wq is not None
-        while True:
-            for m in await wq.batch(64):
-                await self._handle_msg(m)
+        room = asyncio.Semaphore(self.concurrency)
+        inflight: set[asyncio.Task[None]] = set()
+
+        def done(t: asyncio.Task[None]) -> None:
+            inflight.discard(t)
+            room.release()
+
+        try:
+            while True:
+                for m in await wq.batch(64):
+                    await room.acquire()
+                    t = asyncio.create_task(self._handle_msg(m))
+                    inflight.add(t)
+                    t.add_done_callback(done)
+        finally:
+            for t in inflight:
+                t.cancel()
 
     # ---------------------------------------------------------- direct clients
 

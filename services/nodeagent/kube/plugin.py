@@ -208,6 +208,7 @@ class GpuPlugin:
         self.ambiguous = 0  # answers for several possible containers
         self._lock = asyncio.Lock()
         self._health: tuple[tuple[str, bool, int], ...] = ()
+        self._save_task: asyncio.Task[None] | None = None
         self.plugin = DevicePlugin(
             resource,
             self.devices,
@@ -237,6 +238,9 @@ class GpuPlugin:
             if fn in lst:
                 lst.remove(fn)  # type: ignore[arg-type]
         await self.plugin.stop()
+        if self._save_task is not None:
+            await self._save_task  # the last state reaches the disk before we go
+        self._write_state(self.matcher.dumps())
 
     def _load(self) -> Matcher:
         if self.state_path is not None:
@@ -248,13 +252,29 @@ class GpuPlugin:
         m.update(self.agent.allocs)
         return m
 
-    def _save(self) -> None:
+    def _write_state(self, text: str) -> None:
         if self.state_path is None:
             return
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        tmp.write_text(self.matcher.dumps())
+        tmp.write_text(text)
         os.replace(tmp, self.state_path)
+
+    def _save(self) -> None:
+        """Persist the matcher soon, off the event loop, coalescing a burst of changes.
+
+        A save lost to a crash only costs exactness after the restart (more calls are
+        answered with a union of candidates); the slice files keep every container on
+        its own cards regardless.
+        """
+        if self.state_path is None or (self._save_task is not None and not self._save_task.done()):
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(self._write_state, self.matcher.dumps())
+
+        self._save_task = asyncio.get_running_loop().create_task(later())
 
     # ------------------------------------------------------------------ agent hooks
 
@@ -319,8 +339,9 @@ class GpuPlugin:
             except Exception:
                 pass
         cands = self.matcher.allocate(n)
-        # Every candidate's slice is on disk before the container can start.
-        await self.slices.sync(self.agent.allocs)
+        # Every candidate's slice is on disk before the container can start: the
+        # ledger listeners (the slice writer among them) have run for the revision
+        # refresh_ledger saw, since it waits for them.
         if same_slice(cands):
             self.exact += 1
             env = exact_env(cands[0], self.opts)
