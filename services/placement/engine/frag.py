@@ -136,6 +136,8 @@ class ShapeModel:
         self.version = 0
         self._top: tuple[list[Shape], _F64] | None = None
         self._top_gpu: tuple[list[Shape], _F64] | None = None
+        self._prev: tuple[list[Shape], _F64] | None = None
+        self._top_gpu_version = -1
         self._top_total = 0
 
     @staticmethod
@@ -159,7 +161,6 @@ class ShapeModel:
         # the shape list is recomputed when the sample grew by 5 %: cheap and stable
         if self._top is None or self.total >= self._top_total * 1.05 + 1:
             self._top = None
-            self._top_gpu = None
 
     @staticmethod
     def gpu_of(s: Shape) -> float:
@@ -173,7 +174,8 @@ class ShapeModel:
         (8-card tasks): those are the tasks that fail when the cluster fragments.
         """
         shapes, _ = self.top()
-        if self._top_gpu is None:
+        if self._top_gpu is None or self._top_gpu_version != self.version:
+            self._top_gpu_version = self.version
             demand = {s: n * self.gpu_of(s) for s, n in self.counts.items()}
             total = sum(demand.values())
             keep = list(shapes)
@@ -201,9 +203,17 @@ class ShapeModel:
                 if acc >= self.cover * self.total or len(keep) >= self.max_shapes:
                     break
             w = np.array([n for _, n in keep], dtype=np.float64)
-            self._top = ([s for s, _ in keep], w / w.sum() if len(w) else w)
+            new = ([s for s, _ in keep], w / w.sum() if len(w) else w)
             self._top_total = self.total
-            self.version += 1
+            old = self._prev
+            # a new version throws away every per-node cache of the scorers (a full
+            # re-evaluation per kind of request): keep the old list while the same
+            # shapes keep about the same frequencies
+            if old is None or old[0] != new[0] or float(np.abs(old[1] - new[1]).max(initial=0.0)) > 0.01:
+                self._prev = new
+                self.version += 1
+            self._top = self._prev
+        assert self._top is not None
         return self._top
 
 
