@@ -16,8 +16,9 @@ All functions return a new document and never modify their arguments.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
+
+from .jcopy import jcopy
 
 JSONPATCH = "application/json-patch+json"
 MERGEPATCH = "application/merge-patch+json"
@@ -119,7 +120,7 @@ def json_patch(doc: Any, ops: Any) -> Any:
     """Apply an RFC 6902 patch; a failed ``test`` raises ``PatchError(invalid=True)``."""
     if not isinstance(ops, list):
         raise PatchError("json patch must be a JSON array of operations")
-    doc = copy.deepcopy(doc)
+    doc = jcopy(doc)
     for op in ops:
         if not isinstance(op, dict) or "op" not in op or "path" not in op:
             raise PatchError(f"invalid json patch operation {op!r}")
@@ -128,14 +129,14 @@ def json_patch(doc: Any, ops: Any) -> Any:
         if kind in ("add", "replace", "test") and "value" not in op:
             raise PatchError(f"{kind} operation has no value: {op!r}")
         if kind == "add":
-            doc = _add(doc, tokens, copy.deepcopy(op["value"]), path)
+            doc = _add(doc, tokens, jcopy(op["value"]), path)
         elif kind == "remove":
             doc, _ = _remove(doc, tokens, path)
         elif kind == "replace":
             _resolve(doc, tokens, path)  # must exist
             if tokens:
                 doc, _ = _remove(doc, tokens, path)
-            doc = _add(doc, tokens, copy.deepcopy(op["value"]), path)
+            doc = _add(doc, tokens, jcopy(op["value"]), path)
         elif kind in ("move", "copy"):
             src = op.get("from")
             from_tokens = _pointer(src)
@@ -144,7 +145,7 @@ def json_patch(doc: Any, ops: Any) -> Any:
                     raise PatchError(f"cannot move {src} into its own child {path}", invalid=True)
                 doc, value = _remove(doc, from_tokens, str(src))
             else:
-                value = copy.deepcopy(_resolve(doc, from_tokens, str(src)))
+                value = jcopy(_resolve(doc, from_tokens, str(src)))
             doc = _add(doc, tokens, value, path)
         elif kind == "test":
             try:
@@ -166,8 +167,8 @@ def json_patch(doc: Any, ops: Any) -> Any:
 def merge_patch(target: Any, patch: Any) -> Any:
     """Apply an RFC 7386 JSON merge patch."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+        return jcopy(patch)
+    result = jcopy(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
@@ -216,7 +217,7 @@ def _strip(value: Any) -> Any:
 def _merge_list(original: list[Any], patch: list[Any], key: str) -> list[Any]:
     if any(isinstance(e, dict) and e.get("$patch") == "replace" for e in patch):
         return _strip(patch)  # type: ignore[no-any-return]
-    result = copy.deepcopy(original)
+    result = jcopy(original)
     for elem in patch:
         if not isinstance(elem, dict):
             raise PatchError(f"list element {elem!r} is not a map with merge key {key!r}")
@@ -249,7 +250,7 @@ def _merge_map(original: dict[str, Any], patch: dict[str, Any]) -> Any:
         return None
     if directive is not None:
         raise PatchError(f"unknown patch type: {directive!r}")
-    result = copy.deepcopy(original)
+    result = jcopy(original)
     retain = patch.get("$retainKeys")
     if retain is not None:
         if not isinstance(retain, list):

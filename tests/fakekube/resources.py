@@ -11,7 +11,6 @@ update rules, and the fields each kind can be selected on.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ApiError, bad_request, invalid, status_body
+from .jcopy import jcopy
 
 Obj = dict[str, Any]
 
@@ -389,7 +389,7 @@ _POD_UPDATE_FORBIDDEN = (
 
 
 def _mutable_pod_fields_masked(spec: Obj, old: Obj) -> Obj:
-    masked = copy.deepcopy(spec)
+    masked = jcopy(spec)
     for key in ("containers", "initContainers"):
         for c in masked.get(key) or []:
             if isinstance(c, dict):
@@ -415,7 +415,7 @@ def prepare_update(res: Resource, old: Obj, new: Obj, subresource: str | None) -
     """Keep the half of the object the endpoint may not change (spec vs status)."""
     if subresource == "status":
         if "spec" in old:
-            new["spec"] = copy.deepcopy(old["spec"])
+            new["spec"] = jcopy(old["spec"])
         else:
             new.pop("spec", None)
         if res.kind == "Pod":
@@ -423,11 +423,11 @@ def prepare_update(res: Resource, old: Obj, new: Obj, subresource: str | None) -
             if refs is None:
                 new["metadata"].pop("ownerReferences", None)
             else:
-                new["metadata"]["ownerReferences"] = copy.deepcopy(refs)
+                new["metadata"]["ownerReferences"] = jcopy(refs)
         return
     if "status" in res.subresources:
         if "status" in old:
-            new["status"] = copy.deepcopy(old["status"])
+            new["status"] = jcopy(old["status"])
         else:
             new.pop("status", None)
     if res.kind == "Pod":

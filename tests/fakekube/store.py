@@ -10,7 +10,6 @@ out.  Errors are raised as ``ApiError`` carrying the Status body the server answ
 from __future__ import annotations
 
 import asyncio
-import copy
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -19,6 +18,7 @@ from typing import Any
 
 from . import errors
 from .errors import ApiError
+from .jcopy import jcopy
 from .patch import PatchError, apply_patch
 from .resources import (
     RESOURCES,
@@ -89,7 +89,7 @@ class Watcher:
             self.send(kind, change.obj)
 
     def send(self, kind: str, obj: Obj) -> None:
-        self.queue.put_nowait({"type": kind, "object": self.resource.to_view(copy.deepcopy(obj))})
+        self.queue.put_nowait({"type": kind, "object": self.resource.to_view(jcopy(obj))})
 
 
 @dataclass
@@ -134,10 +134,10 @@ class Store:
         return obj
 
     def _view(self, res: Resource, obj: Obj) -> Obj:
-        return res.to_view(copy.deepcopy(obj))
+        return res.to_view(jcopy(obj))
 
     def _record(self, res: Resource, kind: str, obj: Obj, prev: Obj | None) -> None:
-        change = Change(self.rv, res.store_key, kind, copy.deepcopy(obj), prev)
+        change = Change(self.rv, res.store_key, kind, jcopy(obj), prev)
         self.history.append(change)
         while len(self.history) > self.history_size:
             self.oldest = self.history.popleft().rv
@@ -200,7 +200,7 @@ class Store:
         if not isinstance(body, dict):
             raise errors.bad_request(f"expected a {res.kind} object")
         kind_check(res, body)
-        obj = res.from_view(copy.deepcopy(body))
+        obj = res.from_view(jcopy(body))
         obj["kind"], obj["apiVersion"] = (
             res.kind,
             "v1" if res.store_key == "events" else res.api_version,
@@ -281,7 +281,7 @@ class Store:
             if res.create_on_update and allow_create and subresource is None:
                 return self.create(res, namespace, body, dry_run=dry_run), True
             raise errors.not_found(res.plural, name, res.group)
-        new = res.from_view(copy.deepcopy(body))
+        new = res.from_view(jcopy(body))
         meta = new["metadata"]
         wanted_rv = meta.get("resourceVersion")
         if wanted_rv not in (None, "") and wanted_rv != old["metadata"]["resourceVersion"]:
@@ -385,7 +385,7 @@ class Store:
             return self._view(res, old)
         if meta.get("finalizers"):
             if not meta.get("deletionTimestamp"):
-                new = copy.deepcopy(old)
+                new = jcopy(old)
                 new["metadata"]["deletionTimestamp"] = now()
                 new["metadata"]["deletionGracePeriodSeconds"] = 0
                 self.rv += 1
@@ -413,7 +413,7 @@ class Store:
 
     def _remove(self, res: Resource, key: Key) -> Obj:
         old = self.objects[res.store_key].pop(key)
-        gone = copy.deepcopy(old)
+        gone = jcopy(old)
         self.rv += 1
         gone["metadata"]["resourceVersion"] = str(self.rv)
         self._record(res, "DELETED", gone, old)
@@ -453,7 +453,7 @@ class Store:
             raise errors.conflict(
                 "pods/binding", name, f'pod {name} is already assigned to node "{current}"'
             )
-        new = copy.deepcopy(old)
+        new = jcopy(old)
         new["spec"]["nodeName"] = node
         if bmeta.get("annotations"):
             new["metadata"].setdefault("annotations", {}).update(bmeta["annotations"])

@@ -321,8 +321,9 @@ class GpuPlugin:
             log.warning("%s: ledger refresh failed: %s", self.agent.node, exc)
         deadline = time.monotonic() + self.wait_timeout
         # The decision may not have reached the node yet (the watch lags a binding only
-        # when NATS is slow); wait for it briefly, never for minutes.
-        while not self.matcher.candidates(n):
+        # when NATS is slow); wait for it briefly, never for minutes. (An allocate that
+        # finds no candidate changes nothing, so it doubles as the check.)
+        while not (cands := self.matcher.allocate(n)):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AllocationError(
@@ -338,7 +339,6 @@ class GpuPlugin:
                 await self.agent.refresh_ledger()
             except Exception:
                 pass
-        cands = self.matcher.allocate(n)
         # Every candidate's slice is on disk before the container can start: the
         # ledger listeners (the slice writer among them) have run for the revision
         # refresh_ledger saw, since it waits for them.
