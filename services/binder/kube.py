@@ -664,9 +664,15 @@ class KubeBinder(BinderService):
         )
 
     async def stop(self) -> None:
-        for t in [*self._kube_tasks, *self._retries]:
+        tasks = [*self._kube_tasks, *self._retries]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._kube_tasks, *self._retries, return_exceptions=True)
+        if tasks:
+            # Bounded: a watch blocked in the HTTP client may take its cancellation only
+            # when the connection closes (the caller closes the client after this).
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            for t in stuck:
+                log.warning("%s did not stop within 5s; its connection is closed next", t.get_name())
         self._kube_tasks.clear()
         await super().stop()
         await self.kbackend.flush_events()

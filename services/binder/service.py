@@ -13,6 +13,7 @@ For direct clients (``hami submit`` / ``hami release``) the binder answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -182,6 +183,12 @@ class BinderService:
                 await self.handle_decided(ev)
             elif isinstance(ev, AllocFailed):
                 await self.handle_failed(ev)
+        except asyncio.CancelledError:
+            # Stopping mid-bind: hand the decision back now rather than after ack_wait,
+            # so the next binder (a restart, another replica) takes it at once.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nak())
+            raise
         except Exception:
             log.exception("cannot handle %s; it will be redelivered", msg.subject)
             await msg.nak(delay=0.5)
