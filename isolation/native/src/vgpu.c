@@ -1207,7 +1207,14 @@ static ctxm_t ctx_measure_before(int card) {
 static uint64_t ctx_measure_after(int card, ctxm_t before) {
     if (g_ctx_size >= 0) return (uint64_t)g_ctx_size;
     uint64_t own = 0;
-    if (before.own_ok && nvml_own_used(card, &own) == 1) return own > before.own ? own - before.own : 0;
+    if (before.own_ok) {
+        int k = nvml_own_used(card, &own);
+        if (k == 1) return own > before.own ? own - before.own : 0;
+        /* NVML lists processes but still not us: the context holds no device memory.
+         * Falling back to the card-wide growth here would charge other tenants'
+         * allocations made at the same instant to this context. */
+        if (k == 2) return 0;
+    }
     uint64_t after = nvml_used(card);
     if (after <= before.dev || after - before.dev > (4ull << 30)) return 0;
     return after - before.dev;
