@@ -57,6 +57,7 @@ class PlacementService:
         self.cluster = ClusterState()
         self.placer = Placer(self.cluster, cfg.scheduler, cfg.node)
         self.revs: dict[str, int] = {}  # ledger revision per node, as last seen
+        self._key_node: dict[str, str] = {}  # ledger KV key -> node name
         self.owner: dict[str, str] = {}  # alloc uid -> node
         self.pending: OrderedDict[str, AllocRequested] = OrderedDict()
         self.lock = asyncio.Lock()
@@ -93,9 +94,15 @@ class PlacementService:
     async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
             return
+        node = self._key_node.get(key)
+        if node is not None and revision <= self.revs.get(node, 0):
+            # Our own write, already applied, or an older one arriving late; most of
+            # the watch's traffic is our own writes, so skip them before decoding.
+            return
         led = decode(value, NodeLedger)
+        self._key_node[key] = led.node
         if revision <= self.revs.get(led.node, 0):
-            return  # our own write, already applied, or an older one arriving late
+            return
         self._adopt(led, revision)
 
     def _adopt(self, led: NodeLedger, revision: int) -> None:
