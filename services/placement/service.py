@@ -131,16 +131,7 @@ class PlacementService:
             if isinstance(result, Failure):
                 return result
             node = result.node
-            alloc = LedgerAlloc(
-                uid=req.uid,
-                name=req.name,
-                namespace=req.namespace,
-                containers=result.containers,
-                decided_at=time.time(),
-                source=req.source,
-                cpu_milli=result.cpu_milli,
-                memory_mib=result.memory_mib,
-            )
+            alloc = result.to_alloc(req, time.time())
             current = self.cluster.ledger(node)
             new = NodeLedger(node=node, allocs={**current.allocs, req.uid: alloc})
             try:
@@ -208,18 +199,6 @@ class PlacementService:
         )
         return await self.bus.publish_event_nowait(  # type: ignore[return-value]
             subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:{req.requested_at}"
-        )
-
-    def _alloc(self, req: AllocRequested, placement: Placement) -> LedgerAlloc:
-        return LedgerAlloc(
-            uid=req.uid,
-            name=req.name,
-            namespace=req.namespace,
-            containers=placement.containers,
-            decided_at=time.time(),
-            source=req.source,
-            cpu_milli=placement.cpu_milli,
-            memory_mib=placement.memory_mib,
         )
 
     async def _already_placed(self, req: AllocRequested, acks: list[asyncio.Future[object]]) -> bool:
@@ -298,7 +277,7 @@ class PlacementService:
                         acks.append(await self._publish_failed(ev, result))
                         continue
                     span.set_attribute("hami.node", result.node)
-                    alloc = self._alloc(ev, result)
+                    alloc = result.to_alloc(ev, time.time())
                     self.cluster.reserve(result.node, alloc)
                     self.owner[ev.uid] = result.node
                     tentative.setdefault(result.node, []).append((ev, alloc, context.get_current()))
