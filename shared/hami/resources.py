@@ -1,9 +1,8 @@
 """HAMi's request defaults (REFERENCE §1): the single copy, shared by codec and placement.
 
-These two functions were written for the placement engine
-(``services/placement/engine/model.py``); they live here because ``shared`` may not
-import a service and both the Kubernetes codec (binder, webhook) and placement need the
-same answers. Keep them identical: the engine should import them from here.
+They live in ``shared`` because a service may not import another: the Kubernetes codec
+(binder, webhook) and the placement engine (which re-exports them from
+``services/placement/engine/model.py``) must give the same answers.
 """
 
 from __future__ import annotations
