@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -74,6 +75,9 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream(timeout=10.0)
         self.name = name
         self.closing = False
+        # Copies of the stream and buckets kept by a NATS cluster (1 on one server);
+        # a clustered deployment sets HAMI_NATS_REPLICAS=3 so losing a server loses nothing.
+        self.replicas = max(1, int(os.environ.get("HAMI_NATS_REPLICAS", "1") or 1))
         self._kv: dict[str, KeyValue] = {}
 
     @classmethod
@@ -108,6 +112,7 @@ class Bus:
         """Create the event stream and the KV buckets; safe to call from every replica."""
         cfg = api.StreamConfig(
             name=subjects.EVENTS_STREAM,
+            num_replicas=self.replicas,
             subjects=list(subjects.EVENTS_SUBJECTS),
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
@@ -127,7 +132,7 @@ class Bus:
         kv = self._kv.get(bucket)
         if kv is None:
             # history=1: the ledger needs only the latest value and its revision.
-            kv = await self.js.create_key_value(bucket=bucket, history=1)
+            kv = await self.js.create_key_value(bucket=bucket, history=1, replicas=self.replicas)
             self._kv[bucket] = kv
         return kv
 

@@ -103,6 +103,8 @@ annotations:
   value: /etc/hami/config.yaml
 - name: HAMI_NATS_URL
   value: {{ include "hami-bus.natsUrl" . | quote }}
+- name: HAMI_NATS_REPLICAS
+  value: {{ if and .Values.nats.enabled .Values.nats.config.cluster.enabled }}{{ .Values.nats.config.cluster.replicas | quote }}{{ else }}"1"{{ end }}
 {{- end }}
 
 {{- define "hami-bus.configVolume" -}}
