@@ -139,6 +139,10 @@ class ShapeModel:
         self._prev: tuple[list[Shape], _F64] | None = None
         self._top_gpu_version = -1
         self._top_total = 0
+        # The counts as of ``version``: what depends on the workload and is cached per
+        # version (CPU's weight in ties) must read these, not the live counts, or a
+        # cached decision differs from a fresh one after an observe.
+        self.snapshot: dict[Shape, int] = {}
 
     @staticmethod
     def shape_of(req: AllocRequested, settings: NodeSettings) -> Shape:
@@ -212,6 +216,7 @@ class ShapeModel:
             if old is None or old[0] != new[0] or float(np.abs(old[1] - new[1]).max(initial=0.0)) > 0.01:
                 self._prev = new
                 self.version += 1
+                self.snapshot = dict(self.counts)
             self._top = self._prev
         assert self._top is not None
         return self._top
@@ -240,6 +245,10 @@ class FragScorer:
         self._best: dict[tuple[object, ...], _Best] = {}
         self.pressure: _F64 = np.zeros(0)  # per node: demand of model-constrained shapes on its model
         self.cpu_weight = 0.5  # CPU left's weight in best-fit ties (adaptive: by CPU scarcity)
+        # The per-node best-card cache is off: tests/placement/test_cache.py found a
+        # sequence (CPU-only pods, then a model-constrained one) after which the cached
+        # choice differed from a fresh one; until that is understood, decide fresh.
+        self.cache_best = False
 
     # ------------------------------------------------------------ card measures
 
@@ -335,10 +344,10 @@ class FragScorer:
         0.3 points less; on the other traces (rho 0.78-0.83) the CPU term wins 0.1-0.2.
         The ramp from 0.70 to 0.78 is calibrated on those traces (docs/placement.md).
         """
-        if model is None or not model.counts:
+        if model is None or not model.snapshot:
             return 0.5
-        cpu = sum(n * s.cpu for s, n in model.counts.items())
-        gpu = sum(n * ShapeModel.gpu_of(s) for s, n in model.counts.items())
+        cpu = sum(n * s.cpu for s, n in model.snapshot.items())
+        gpu = sum(n * ShapeModel.gpu_of(s) for s, n in model.snapshot.items())
         nc, nn = st.nc, st.nn
         cards = float(np.count_nonzero(st.c_live[:nc]))
         node_cpu = float(st.n_cpu_tot[:nn][st.n_live[:nn]].sum())
@@ -525,7 +534,7 @@ class FragScorer:
 
             assert isinstance(ask, Ask)
             k = ask.nums
-        if cache_key is not None and self.variant.tie != "random":
+        if self.cache_best and cache_key is not None and self.variant.tie != "random":
             got = self._choose_cached(st, shapes, p, type_ok, ask, k, cpu, cands, feasible, (cache_key, model.version))
         else:
             got = self._choose_all(st, shapes, p, type_ok, ask, k, cpu, cands, feasible, rng)
