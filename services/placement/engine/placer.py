@@ -751,7 +751,94 @@ class Placer:
         ns: str,
         tried: dict[int, str],
     ) -> dict[str, int]:
-        """One reason per live node: the first filter it fails, else its cards' reason."""
+        """One reason per live node: the first filter it fails, else its cards' reason.
+
+        Vectorised over node rows (a Python loop over 5,000 nodes cost tens of ms and
+        was most of ``frag``'s p99). Each node gets a reason id: 1..10 are the card
+        codes, above them the node-level reasons; 0 means "no reason yet", so a mask
+        applied later never overrides an earlier one (the filters' order is the rule).
+        Returns exactly what :meth:`_explain_ref` (the readable loop, kept for the
+        tests) returns, dict insertion order included.
+        """
+        st = self.cluster
+        nn = st.nn
+        live = st.n_live[:nn]
+        names: list[str] = [""] + [m.CARD_REASONS[c] for c in range(1, m.N_CARD_CODES)]
+        rid = np.zeros(nn, dtype=np.int64)
+
+        def assign(mask: BOOL, why: str) -> None:
+            free = mask & (rid == 0)
+            if free.any():
+                names.append(why)
+                rid[free] = len(names) - 1
+
+        if cons.node_name is not None:
+            other = np.ones(nn, dtype=bool)
+            rec = st.nodes.get(cons.node_name)
+            if rec is not None:
+                other[rec.row] = False
+            assign(other, m.NODE_NAME)
+        unreg = ~st.n_healthy[:nn]
+        if flat:
+            unreg = unreg | (st.n_ncards[:nn] == 0)
+        assign(unreg, m.NODE_UNREGISTERED)
+        assign(st.n_unsched[:nn], m.NODE_UNSCHEDULABLE)
+        if cons.node_selector or cons.affinity:
+            assign(~self._labels(cons), m.NODE_SELECTOR)
+        tainted = np.zeros(nn, dtype=bool)
+        for r in np.flatnonzero(st.n_tainted[:nn] & live & (rid == 0)):
+            rec = st.rows[r]
+            assert rec is not None
+            tainted[r] = not self._taints_ok(rec, cons.tolerations)
+        assign(tainted, m.NODE_TAINT)
+        mx = st.n_pods_max[:nn]
+        assign((mx > 0) & (st.n_pods_used[:nn] >= mx), m.TOO_MANY_PODS)
+        if cpu:
+            tot = st.n_cpu_tot[:nn]
+            assign((tot > 0) & (st.n_cpu_used[:nn] + cpu > tot), m.INSUFFICIENT_CPU)
+        if mem:
+            tot = st.n_mem_tot[:nn]
+            assign((tot > 0) & (st.n_mem_used[:nn] + mem > tot), m.INSUFFICIENT_MEMORY)
+        cnode = st.c_node[: st.nc]
+        for a in dict.fromkeys(flat):
+            code = self._card_codes(a, cons, ns)
+            code[~st.c_live[: st.nc]] = 0
+            mat = np.bincount(cnode * m.N_CARD_CODES + code, minlength=nn * m.N_CARD_CODES)
+            mat = mat.reshape(nn, m.N_CARD_CODES)
+            short = live & (rid == 0) & (mat[:, 0] < a.nums)
+            if not short.any():
+                continue
+            mat[:, 0] = 0
+            insuff = short & ((st.n_ncards[:nn] < a.nums) | (mat.max(axis=1) == 0))
+            assign(insuff, m.NODE_INSUFFICIENT_DEVICE)
+            by_card = short & ~insuff
+            rid[by_card] = mat.argmax(axis=1)[by_card]  # the most frequent; ties: first code
+        for r, why in tried.items():
+            if rid[r] == 0:
+                names.append(why)
+                rid[r] = len(names) - 1
+        assign(live, m.NODE_UNFIT_POD)
+        ids, first, counts = np.unique(rid[live], return_index=True, return_counts=True)
+        out: dict[str, int] = {}
+        for i in np.argsort(first, kind="stable"):
+            why = names[int(ids[i])]
+            out[why] = out.get(why, 0) + int(counts[i])
+        return out
+
+    def _explain_ref(
+        self,
+        cons: Constraints,
+        cpu: int,
+        mem: int,
+        flat: list[Ask],
+        static: dict[Ask, BOOL],
+        ns: str,
+        tried: dict[int, str],
+    ) -> dict[str, int]:
+        """The reference for :meth:`_explain`: the same rules as a loop over nodes.
+
+        Slow (tens of ms at 5,000 nodes) but readable; the tests compare both.
+        """
         st = self.cluster
         nn = st.nn
         reason: list[str | None] = [None] * nn
