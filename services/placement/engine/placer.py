@@ -801,6 +801,11 @@ class Placer:
             assign((tot > 0) & (st.n_mem_used[:nn] + mem > tot), m.INSUFFICIENT_MEMORY)
         cnode = st.c_node[: st.nc]
         for a in dict.fromkeys(flat):
+            # a node with fewer cards than asked cannot have enough fitting ones; the
+            # card codes (a pass over every card) are computed only if a node is left
+            assign(st.n_ncards[:nn] < a.nums, m.NODE_INSUFFICIENT_DEVICE)
+            if not (live & (rid == 0)).any():
+                break
             code = self._card_codes(a, cons, ns)
             code[~st.c_live[: st.nc]] = 0
             mat = np.bincount(cnode * m.N_CARD_CODES + code, minlength=nn * m.N_CARD_CODES)
