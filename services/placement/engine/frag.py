@@ -245,10 +245,7 @@ class FragScorer:
         self._best: dict[tuple[object, ...], _Best] = {}
         self.pressure: _F64 = np.zeros(0)  # per node: demand of model-constrained shapes on its model
         self.cpu_weight = 0.5  # CPU left's weight in best-fit ties (adaptive: by CPU scarcity)
-        # The per-node best-card cache is off: tests/placement/test_cache.py found a
-        # sequence (CPU-only pods, then a model-constrained one) after which the cached
-        # choice differed from a fresh one; until that is understood, decide fresh.
-        self.cache_best = False
+        self.cache_best = True  # False: score every candidate afresh (the reference path)
 
     # ------------------------------------------------------------ card measures
 
@@ -610,7 +607,10 @@ class FragScorer:
         sc = ent.score[sel]
         mx = sc.max()
         sel = sel[sc == mx]
-        if len(sel) > 1 and self.variant.model_aware == "tie":
+        if len(sel) > 1 and self.variant.model_aware != "first":
+            # The same second key as _choose_all: pressure right after the score (all
+            # zeros without the model-aware flag; with "delta" it still breaks the ties
+            # of CPU-only pods, whose delta carries no pressure).
             pr = self.pressure[sel]
             sel = sel[pr == pr.min()]
         if len(sel) > 1:
