@@ -25,6 +25,7 @@ from opentelemetry import context
 from shared import subjects, tracing
 from shared.bus import BadMessage, Bus, WorkQueue, add_service, decode, decode_event
 from shared.config import Config
+from shared.lifecycle import Background
 from shared.schemas import (
     AllocBindFailed,
     AllocBound,
@@ -96,7 +97,7 @@ class BinderService:
         self.waiters: dict[str, asyncio.Future[AllocDecided | AllocFailed]] = {}
         self.gone: dict[str, asyncio.Event] = {}  # uid -> set when it leaves the ledger
         self.ledger_uids: dict[str, set[str]] = {}  # node -> uids in its ledger
-        self._tasks: list[asyncio.Task[None]] = []
+        self._bg = Background()
         self._sub: WorkQueue | None = None
         self._svc: object | None = None
 
@@ -275,12 +276,12 @@ class BinderService:
 
     async def start(self, serve_api: bool = True) -> None:
         ready = asyncio.Event()
-        self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready))
+        self._bg.add(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready))
         await asyncio.wait_for(ready.wait(), 15)
         self._sub = await self.bus.work_queue(
             BINDER_CONSUMER, [subjects.alloc_any("decided"), subjects.alloc("failed")]
         )
-        self._tasks.append(asyncio.create_task(self._consume(), name="binder-consume"))
+        self._bg.spawn(self._consume(), "binder-consume")
         if serve_api:
             self._svc = await add_service(
                 self.bus, "hami-binder",
@@ -288,10 +289,7 @@ class BinderService:
             )
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._bg.stop()
         if self._svc is not None:
             await self._svc.stop()  # type: ignore[attr-defined]
             self._svc = None

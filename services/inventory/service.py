@@ -19,6 +19,7 @@ from services.inventory.health import HealthTracker, Transition
 from shared import subjects
 from shared.bus import Bus, Conflict, add_service, decode
 from shared.config import Config
+from shared.lifecycle import Background
 from shared.schemas import (
     ClusterStatus,
     Heartbeat,
@@ -42,8 +43,7 @@ class InventoryService:
         self.health_rev: dict[str, int] = {}
         self.ledgers: dict[str, NodeLedger] = {}
         self.tracker = HealthTracker(cfg.unhealthy_after, time.time())
-        self._tasks: list[asyncio.Task[None]] = []
-        self._subs: list[object] = []
+        self._bg = Background()
         self._svc: object | None = None
 
     async def _on_node(self, key: str, value: bytes | None, revision: int) -> None:
@@ -123,21 +123,15 @@ class InventoryService:
 
     async def start(self) -> None:
         ready = [asyncio.Event() for _ in range(3)]
-        self._tasks.append(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[0]))
-        self._tasks.append(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[1]))
-        self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))
+        self._bg.add(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[0]))
+        self._bg.add(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[1]))
+        self._bg.add(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 10)
-        self._subs.append(await self.bus.subscribe(subjects.HEARTBEAT_ALL, self._on_heartbeat))
-        self._tasks.append(asyncio.create_task(self._ticker(), name="health-ticker"))
+        self._bg.add_sub(await self.bus.subscribe(subjects.HEARTBEAT_ALL, self._on_heartbeat))
+        self._bg.spawn(self._ticker(), "health-ticker")
         self._svc = await add_service(self.bus, "hami-inventory", {subjects.API_STATUS: self._status})
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        for s in self._subs:
-            await s.unsubscribe()  # type: ignore[attr-defined]
-        self._subs.clear()
+        await self._bg.stop()
         if self._svc is not None:
             await self._svc.stop()  # type: ignore[attr-defined]

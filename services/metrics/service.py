@@ -20,6 +20,7 @@ from services.metrics.dashboard import render
 from shared import subjects
 from shared.bus import BadMessage, Bus, decode, decode_event
 from shared.config import Config
+from shared.lifecycle import Background
 from shared.schemas import (
     AllocBound,
     AllocDecided,
@@ -46,8 +47,7 @@ class MetricsService:
         self.registry.register(AllocationCollector(self.snapshot))
         self.latency = LatencyMetrics(self.registry)
         self._decided_at: OrderedDict[str, float] = OrderedDict()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._subs: list[object] = []
+        self._bg = Background()
         self._runner: web.AppRunner | None = None
 
     def snapshot(self) -> Snapshot:
@@ -111,13 +111,13 @@ class MetricsService:
 
     async def start(self) -> None:
         ready = [asyncio.Event() for _ in range(3)]
-        self._tasks.append(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[0]))
-        self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[1]))
-        self._tasks.append(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[2]))
+        self._bg.add(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[0]))
+        self._bg.add(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[1]))
+        self._bg.add(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[2]))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 15)
         for verb in ("decided", "bound"):
-            self._subs.append(await self.bus.subscribe(subjects.alloc_any(verb), self._on_event))
-        self._subs.append(await self.bus.subscribe(subjects.alloc("failed"), self._on_event))
+            self._bg.add_sub(await self.bus.subscribe(subjects.alloc_any(verb), self._on_event))
+        self._bg.add_sub(await self.bus.subscribe(subjects.alloc("failed"), self._on_event))
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
@@ -134,13 +134,7 @@ class MetricsService:
         log.info("metrics on %s/metrics", self.url)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        for s in self._subs:
-            await s.unsubscribe()  # type: ignore[attr-defined]
-        self._subs.clear()
+        await self._bg.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

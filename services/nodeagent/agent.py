@@ -23,6 +23,7 @@ from services.nodeagent.registration import register
 from shared import subjects
 from shared.bus import Bus, decode
 from shared.config import Config
+from shared.lifecycle import Background
 from shared.schemas import Heartbeat, LedgerAlloc, NodeInventory, NodeLedger
 
 log = logging.getLogger("hami.nodeagent")
@@ -62,7 +63,7 @@ class NodeAgent:
         self.inventory_listeners: list[InventoryListener] = []
         self._ledger_lock = asyncio.Lock()
         self.beating = True  # tests stop the heartbeat to simulate a dead node
-        self._tasks: list[asyncio.Task[None]] = []
+        self._bg = Background()
         self._seq = 0
 
     def build_inventory(self) -> NodeInventory:
@@ -160,16 +161,13 @@ class NodeAgent:
     async def start(self) -> None:
         await self.publish_inventory(force=True)
         await self.heartbeat_once()
-        self._tasks.append(asyncio.create_task(self._heartbeats(), name=f"hb-{self.node}"))
-        self._tasks.append(asyncio.create_task(self._rediscover(), name=f"disc-{self.node}"))
-        self._tasks.append(
+        self._bg.spawn(self._heartbeats(), f"hb-{self.node}")
+        self._bg.spawn(self._rediscover(), f"disc-{self.node}")
+        self._bg.add(
             await self.bus.watch_kv(
                 subjects.LEDGER_BUCKET, self._on_ledger, ready=self.ledger_ready, key=self.node
             )
         )
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._bg.stop()

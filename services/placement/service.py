@@ -25,6 +25,7 @@ from services.placement.engine import ClusterState, Failure, Placement, Placer
 from shared import subjects, tracing
 from shared.bus import BadMessage, Bus, Conflict, WorkQueue, decode, decode_event
 from shared.config import Config
+from shared.lifecycle import Background
 from shared.schemas import (
     AllocDecided,
     AllocFailed,
@@ -62,7 +63,7 @@ class PlacementService:
         self.pending: OrderedDict[str, AllocRequested] = OrderedDict()
         self.lock = asyncio.Lock()
         self.capacity_changed = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._bg = Background()
         self._sub: WorkQueue | None = None
         self.decisions = 0
         self.conflicts = 0
@@ -405,21 +406,18 @@ class PlacementService:
 
     async def start(self) -> None:
         ready = [asyncio.Event() for _ in range(4)]
-        self._tasks.append(await self.bus.watch_kv(subjects.QUOTA_BUCKET, self._on_quota, ready[3]))
-        self._tasks.append(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[0]))
-        self._tasks.append(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[1]))
-        self._tasks.append(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))
+        self._bg.add(await self.bus.watch_kv(subjects.QUOTA_BUCKET, self._on_quota, ready[3]))
+        self._bg.add(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[0]))
+        self._bg.add(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[1]))
+        self._bg.add(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 15)
         self._sub = await self.bus.work_queue(subjects.PLACEMENT_CONSUMER, DECISION_FILTERS)
-        self._tasks.append(asyncio.create_task(self._consume(), name="placement-consume"))
-        self._tasks.append(asyncio.create_task(self._retry_pending(), name="placement-retry"))
+        self._bg.spawn(self._consume(), "placement-consume")
+        self._bg.spawn(self._retry_pending(), "placement-retry")
         log.info("%s ready: %d nodes", self.replica, len(list(self.cluster.nodes)))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._bg.stop()
         if self._sub is not None:
             await self._sub.close()
             self._sub = None

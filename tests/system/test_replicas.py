@@ -106,7 +106,7 @@ async def test_stale_view_conflicts_and_decides_again(nats_url: str, cfg: Config
     await wait_nodes(p, 1)
     uuid = agent.inventory.devices[0].uuid  # type: ignore[union-attr]
     # A replica whose ledger watch lags behind: stop its watch.
-    for t in p._tasks:
+    for t in p._bg.tasks:
         if t.get_name() == f"watch-{subjects.LEDGER_BUCKET}":
             t.cancel()
     # Another writer fills the card behind this replica's back...
