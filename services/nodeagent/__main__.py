@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         backend: Backend
         if args.sim_gpus is None and nvml.available():
             backend = nvml.NvmlBackend()
+        elif args.kube and args.sim_gpus is None:
+            # A GPU node whose NVML is missing must not advertise simulated cards to
+            # its kubelet; simulation in Kubernetes mode is asked for explicitly.
+            raise SystemExit(
+                f"nodeagent --kube: NVML found no GPU on {node}; pass --sim-gpus to simulate"
+            )
         else:
             specs = [parse_gpu_spec(s) for s in (args.sim_gpus or cfg.sim.gpus)]
             backend = SimBackend(node, specs, cfg.sim.numa_nodes, args.topology or cfg.sim.nvlink)
