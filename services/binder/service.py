@@ -25,6 +25,7 @@ from opentelemetry import context
 from shared import subjects, tracing
 from shared.bus import BadMessage, Bus, WorkQueue, add_service, decode, decode_event
 from shared.config import Config
+from shared.hami.codec import NODE_POLICIES, parse_gpu_policy
 from shared.lifecycle import Background
 from shared.schemas import (
     AllocBindFailed,
@@ -76,12 +77,14 @@ def validate_submit(req: SubmitRequest) -> None:
                 raise ValueError(f"memory percentage must be 1..100, got {d.mem_percent}")
             if not 0 <= d.cores <= 100:
                 raise ValueError(f"cores must be 0..100, got {d.cores}")
-    for pol, allowed in (
-        (req.constraints.node_policy, {"binpack", "spread"}),
-        (req.constraints.gpu_policy, None),
-    ):
-        if pol is not None and allowed is not None and pol not in allowed and not pol.isidentifier():
-            raise ValueError(f"unknown policy {pol!r}")
+    pol = req.constraints.node_policy
+    if pol is not None and pol not in NODE_POLICIES:
+        raise ValueError(f"unknown node policy {pol!r}; use one of {', '.join(NODE_POLICIES)}")
+    if req.constraints.gpu_policy is not None:
+        try:
+            parse_gpu_policy(req.constraints.gpu_policy)
+        except ValueError as exc:
+            raise ValueError(f"gpu policy: {exc}") from exc
 
 
 class BinderService:

@@ -41,7 +41,8 @@ from shared.schemas import (
     Toleration,
 )
 
-NODE_POLICIES = ("binpack", "spread")
+# HAMi's two, then the ones this project adds (docs/placement.md).
+NODE_POLICIES = ("binpack", "spread", "random", "bestfit", "fgd", "frag")
 GPU_POLICIES = ("binpack", "spread", "topology-aware", "mutex", "numa")
 VGPU_MODES = ("hami-core", "mig", "mps")
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
@@ -229,7 +230,10 @@ def constraints(pod: Mapping[str, Any], problems: list[str]) -> Constraints:
         if v in NODE_POLICIES:
             c.node_policy = v
         else:
-            problems.append(f"annotation {ann.NODE_SCHEDULER_POLICY}: {a[ann.NODE_SCHEDULER_POLICY]!r} is not binpack or spread")
+            problems.append(
+                f"annotation {ann.NODE_SCHEDULER_POLICY}: {a[ann.NODE_SCHEDULER_POLICY]!r} is not "
+                f"one of {', '.join(NODE_POLICIES)}"
+            )
     if ann.GPU_SCHEDULER_POLICY in a:
         try:
             c.gpu_policy = parse_gpu_policy(a[ann.GPU_SCHEDULER_POLICY])

@@ -97,7 +97,7 @@ ERROR_CASES = [
     ({G: "-1"}, {}, "nvidia.com/gpu must not be negative"),
     ({G: "1", M: "lots"}, {}, "nvidia.com/gpumem must be a whole number"),
     ({G: "1", "cpu": "fast"}, {}, "cpu 'fast' is not a quantity"),
-    ({G: "1"}, {ann.NODE_SCHEDULER_POLICY: "random"}, "is not binpack or spread"),
+    ({G: "1"}, {ann.NODE_SCHEDULER_POLICY: "roundrobin"}, "is not one of binpack, spread"),
     ({G: "1"}, {ann.GPU_SCHEDULER_POLICY: "binpack,fastest"}, "unknown 'fastest'"),
     ({G: "1"}, {ann.DEVICE_SCORING_WEIGHTS: "slot=1,core=1"}, "missing memory"),
     ({G: "1"}, {ann.DEVICE_SCORING_WEIGHTS: "slot=0,core=0,memory=0"}, "at least one weight must be positive"),

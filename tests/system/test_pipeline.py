@@ -177,3 +177,15 @@ async def test_namespace_quota_from_the_bucket_caps_placements(system: System, b
     r = await submit(bus, second)  # would make 61440
     assert not r.ok and r.failure is not None and "ResourceQuotaNotFit" in r.failure.reasons
     assert (await submit(bus, other)).ok  # another namespace is not capped
+
+
+async def test_unknown_policies_are_refused_with_the_known_ones_named(system: System, bus: Bus) -> None:
+    from shared.schemas import ErrorReply
+
+    for bad, what in ((ask("p1", node_policy="roundrobin"), "node policy"),
+                      (ask("p2", gpu_policy="binpack,fastest"), "gpu policy")):
+        raw = await bus.nc.request(subjects.API_SUBMIT, msgspec.json.encode(bad), timeout=10)
+        err = msgspec.json.decode(raw.data, type=ErrorReply)
+        assert what in err.error and "binpack" in err.error
+    r = await submit(bus, ask("p3", node_policy="frag"))
+    assert r.ok
