@@ -26,6 +26,7 @@ from typing import Protocol
 from services.nodeagent.slices import REGION_FILE, SliceWriter, pod_slices
 from shared import subjects
 from shared.bus import Bus
+from shared.lifecycle import Background
 from shared.region import RegionError, RegionSnapshot, read_region
 from shared.schemas import ContainerUsage, DeviceUsage, LedgerAlloc, Telemetry
 
@@ -110,7 +111,7 @@ class TelemetryPublisher:
         self.interval = interval
         self.reader = reader
         self.published = 0
-        self._task: asyncio.Task[None] | None = None
+        self._bg = Background()
 
     async def publish_once(self) -> Telemetry:
         tel = await asyncio.to_thread(
@@ -129,11 +130,7 @@ class TelemetryPublisher:
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"tel-{self.node}")
+        self._bg.spawn(self._run(), f"tel-{self.node}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._bg.stop()

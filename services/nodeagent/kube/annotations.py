@@ -11,7 +11,6 @@ never written twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from shared import kube as k
@@ -21,6 +20,7 @@ from shared.hami.annotations import (
     encode_node_devices,
     encode_node_scores,
 )
+from shared.lifecycle import Background
 from shared.schemas import NodeInventory
 
 log = logging.getLogger("hami.nodeagent.annotations")
@@ -56,7 +56,7 @@ class NodeAnnotator:
         self._want: dict[str, str] | None = None
         self._dirty = asyncio.Event()
         self._synced = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._bg = Background()
 
     async def on_inventory(self, inv: NodeInventory) -> None:
         """Agent hook: remember the new value; the writer task does the API call."""
@@ -67,14 +67,10 @@ class NodeAnnotator:
             self._dirty.set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"annotate-{self.node}")
+        self._bg.spawn(self._run(), f"annotate-{self.node}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._bg.stop()
 
     async def wait_synced(self) -> None:
         """Until the latest inventory is on the Node (bound it with asyncio.timeout)."""
