@@ -145,3 +145,31 @@ def test_abandoned_admission_is_safe() -> None:
     m.update({"x": shaped("x", [1, 1]), "y": shaped("y", [1])})
     m.allocate(1)  # x's first container (or y's)
     assert "y" in {c.uid for c in m.allocate(1)}  # y, after x was abandoned
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mixed_burst_resolves_fully(seed: int) -> None:
+    """Pods of four words arriving while earlier ones are being admitted (a node in a
+    burst): every call's truth is a candidate, and once the kubelet is through, every
+    pod is known allocated (nothing left to confuse the next pod with). Groups kept
+    per arrival made the parses multiply past MAX_CONFIGS here, and the collapse left
+    pods pending for good."""
+    rng = random.Random(seed)
+    words = [[1]] * 6 + [[2], [1, 1], [2, 1]]
+    m = Matcher()
+    allocs: dict[str, LedgerAlloc] = {}
+    queue: list[str] = []
+
+    def admit(uid: str) -> None:
+        for pos, g in enumerate(c for c in allocs[uid].containers if c.devices):
+            assert (uid, pos) in {(c.uid, c.position) for c in m.allocate(len(g.devices))}
+
+    for i in range(40):
+        allocs[f"p{i}"] = shaped(f"p{i}", rng.choice(words))
+        queue.append(f"p{i}")
+        m.update(allocs)
+        while queue and rng.random() < 0.6:
+            admit(queue.pop(0))
+    for uid in queue:
+        admit(uid)
+    assert m.pending() == set()

@@ -16,11 +16,12 @@ parse of that sequence that is still possible and answers, for the next call of 
 candidate means the call is certainly for that container; several mean the caller must
 answer something safe for all of them.
 
-Pods that no observation can tell apart (same word, nothing consumed yet when they
-joined) form a *group*; a parse (a :class:`Config`) only counts how many pods of each
-group the kubelet has started, and which group's pod is in progress. That keeps the
-number of parses small: a burst of 40 identical pods is one group and one parse per
-step, not 40! orderings. A group consumed in every parse is dropped (its pods are known
+Pods with the same word form a *group*; a parse (a :class:`Config`) only counts how
+many pods of each group the kubelet has started, and which group's pod is in progress.
+That keeps the number of parses small: a burst of 40 identical pods is one group and
+one parse per step, not 40! orderings. (A pod joining a group some of whose pods may
+have started adds parses that cannot be true; the set of parses is then a superset of
+the truth, which is always safe: candidates only grow.) A group consumed in every parse is dropped (its pods are known
 to be allocated), so a pod arriving later is never confused with pods that already run.
 
 When the observations contradict every parse (a pod unknown to the ledger, a restart
@@ -34,42 +35,32 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+import msgspec
 
 from shared.schemas import ContainerGrant, LedgerAlloc
 
 log = logging.getLogger("hami.nodeagent.matching")
 
 Word = tuple[int, ...]
-Counts = tuple[tuple[int, int], ...]  # (group id, pods of it started), sorted, no zeros
+Counts = tuple[int, ...]  # pods started of each group, in the matcher's group order
 
 # Past this many parses, merge them into an over-approximation (see _collapse).
 MAX_CONFIGS = 256
 
 
-@dataclass(frozen=True)
-class Config:
-    """One parse of the Allocate calls so far."""
+class Config(NamedTuple):
+    """One parse of the Allocate calls so far. A plain tuple underneath: a burst makes
+    and hashes hundreds of thousands of them."""
 
+    # Pods started per group, aligned with ``Matcher.order`` (dense: one int per group).
     counts: Counts = ()
-    cur: tuple[int, int] | None = None  # (group, next container position) in progress
+    cur: tuple[int, int] | None = None  # (group id, next container position) in progress
 
-    def count(self, gid: int) -> int:
-        for g, c in self.counts:
-            if g == gid:
-                return c
-        return 0
 
-    def with_count(self, gid: int, value: int) -> Counts:
-        d = dict(self.counts)
-        if value:
-            d[gid] = value
-        else:
-            d.pop(gid, None)
-        return tuple(sorted(d.items()))
-
-    def in_progress(self, gid: int) -> bool:
-        return self.cur is not None and self.cur[0] == gid
+def _put(counts: Counts, i: int, value: int) -> Counts:
+    return counts[:i] + (value,) + counts[i + 1 :]
 
 
 @dataclass
@@ -110,10 +101,38 @@ class Matcher:
         self.allocs: dict[str, LedgerAlloc] = {}
         self.groups: dict[int, Group] = {}
         self.group_of: dict[str, int] = {}
+        self.order: list[int] = []  # group ids, in the order of every Config's counts
+        self.slot: dict[int, int] = {}  # group id -> its position in ``order``
         self.configs: set[Config] = {Config()}
         self.done: set[str] = set()  # pods known to be fully allocated
         self.next_gid = 0
         self.contradictions = 0
+
+    def _zero(self) -> Config:
+        return Config((0,) * len(self.order), None)
+
+    def _new_group(self, word: Word, members: list[str], gid: int | None = None) -> int:
+        if gid is None:
+            gid = self.next_gid
+            self.next_gid += 1
+        self.groups[gid] = Group(word, members)
+        for uid in members:
+            self.group_of[uid] = gid
+        self.slot[gid] = len(self.order)
+        self.order.append(gid)
+        self.configs = {Config((*c.counts, 0), c.cur) for c in self.configs}
+        return gid
+
+    def _drop_groups(self, gids: set[int]) -> None:
+        """Forget groups (their counts leave every parse)."""
+        keep = [i for i, g in enumerate(self.order) if g not in gids]
+        for gid in gids:
+            del self.groups[gid]
+        self.order = [self.order[i] for i in keep]
+        self.slot = {g: i for i, g in enumerate(self.order)}
+        self.configs = {
+            Config(tuple(c.counts[i] for i in keep), c.cur) for c in self.configs
+        }
 
     # ------------------------------------------------------------------ the ledger
 
@@ -139,18 +158,20 @@ class Matcher:
             self.done.add(alloc.uid)  # no Allocate call will ever come for it
             return
         for gid, grp in self.groups.items():
-            # Join a group only while none of its pods may have started: only then are
-            # the newcomer and the members interchangeable in every parse.
-            if grp.word == word and all(
-                c.count(gid) == 0 and not c.in_progress(gid) for c in self.configs
-            ):
+            # One group per word. A newcomer joining a group some of whose pods may have
+            # started adds parses in which the newcomer started (it cannot have: its
+            # decision is newer than those calls), so the parses become a superset of
+            # the truth: candidates only grow, and a group is still dropped only when
+            # every member is consumed in every parse. What it buys: the parses stay
+            # few in a burst (one count per distinct word) instead of multiplying with
+            # every arrival; what it costs is exactness only in rare orders (a removal,
+            # or several containers per pod), since the pods that remain are ambiguous
+            # to the kubelet's next call either way.
+            if grp.word == word:
                 grp.members.append(alloc.uid)
                 self.group_of[alloc.uid] = gid
                 return
-        gid = self.next_gid
-        self.next_gid += 1
-        self.groups[gid] = Group(word, [alloc.uid])
-        self.group_of[alloc.uid] = gid
+        self._new_group(word, [alloc.uid])
 
     def _remove(self, uid: str) -> None:
         self.allocs.pop(uid, None)
@@ -160,22 +181,24 @@ class Matcher:
         gid = self.group_of.pop(uid)
         grp = self.groups[gid]
         size = len(grp.members)
+        i = self.slot[gid]
         out: set[Config] = set()
         # The pod that left was either one the kubelet had finished (or abandoned), the
         # one in progress, or one never started; keep every parse each case allows.
         for c in self.configs:
-            n = c.count(gid)
-            finished = n - (1 if c.in_progress(gid) else 0)
+            n = c.counts[i]
+            in_progress = c.cur is not None and c.cur[0] == gid
+            finished = n - (1 if in_progress else 0)
             if finished >= 1:
-                out.add(Config(c.with_count(gid, n - 1), c.cur))
-            if c.in_progress(gid):
-                out.add(Config(c.with_count(gid, n - 1), None))
+                out.add(Config(_put(c.counts, i, n - 1), c.cur))
+            if in_progress:
+                out.add(Config(_put(c.counts, i, n - 1), None))
             if size - n >= 1:
                 out.add(c)
         grp.members.remove(uid)
+        self.configs = out or {self._zero()}
         if not grp.members:
-            del self.groups[gid]
-        self.configs = out or {Config()}
+            self._drop_groups({gid})  # its count is 0 in every parse left
         self._prune()
 
     # ------------------------------------------------------------------ the kubelet
@@ -183,22 +206,28 @@ class Matcher:
     def _step(self, n: int) -> tuple[set[Config], set[tuple[int, int]]]:
         out: set[Config] = set()
         seen: set[tuple[int, int]] = set()
-        for c in self.configs:
-            if c.cur is not None:
-                gid, pos = c.cur
-                word = self.groups[gid].word
+        groups = self.groups
+        # The groups a call of n cards may start a pod of: (slot, gid, size, next).
+        starters = [
+            (self.slot[gid], gid, len(g.members), (gid, 1) if len(g.word) > 1 else None)
+            for gid, g in groups.items()
+            if g.word[0] == n
+        ]
+        abandon = self.abandon
+        for counts, cur in self.configs:
+            if cur is not None:
+                gid, pos = cur
+                word = groups[gid].word
                 if word[pos] == n:
-                    nxt = (gid, pos + 1) if pos + 1 < len(word) else None
-                    out.add(Config(c.counts, nxt))
-                    seen.add((gid, pos))
-            if c.cur is not None and not self.abandon:
-                continue
+                    out.add(Config(counts, (gid, pos + 1) if pos + 1 < len(word) else None))
+                    seen.add(cur)
+                if not abandon:
+                    continue
             # A fresh pod starts (after the one in progress, if any, was abandoned).
-            for gid, grp in self.groups.items():
-                k = c.count(gid)
-                if k < len(grp.members) and grp.word[0] == n:
-                    nxt = (gid, 1) if len(grp.word) > 1 else None
-                    out.add(Config(c.with_count(gid, k + 1), nxt))
+            for i, gid, size, nxt in starters:
+                k = counts[i]
+                if k < size:
+                    out.add(Config(counts[:i] + (k + 1,) + counts[i + 1 :], nxt))
                     seen.add((gid, 0))
         return out, seen
 
@@ -240,19 +269,27 @@ class Matcher:
             # kubelet retried); forget what was consumed: more candidates, never fewer.
             self.contradictions += 1
             log.warning("Allocate of %d matches no parse; %d candidates by size", n, len(cands))
-            self.configs = {Config()}
+            self.configs = {self._zero()}
         return cands
 
     def _prune(self) -> None:
-        for gid, grp in list(self.groups.items()):
-            size = len(grp.members)
-            if all(c.count(gid) == size and not c.in_progress(gid) for c in self.configs):
-                # Every pod of the group is allocated in every parse: known done.
+        # The groups every member of which is allocated in every parse: known done.
+        sizes = [len(self.groups[g].members) for g in self.order]
+        full = set(range(len(sizes)))
+        for counts, cur in self.configs:
+            if cur is not None:
+                full.discard(self.slot[cur[0]])
+            full = {i for i in full if counts[i] == sizes[i]}
+            if not full:
+                break
+        if full:
+            gids = {self.order[i] for i in full}
+            for gid in gids:
+                grp = self.groups[gid]
                 self.done.update(grp.members)
                 for uid in grp.members:
                     self.group_of.pop(uid, None)
-                del self.groups[gid]
-                self.configs = {Config(c.with_count(gid, 0), c.cur) for c in self.configs}
+            self._drop_groups(gids)
         if len(self.configs) > MAX_CONFIGS:
             self._collapse()
 
@@ -260,18 +297,11 @@ class Matcher:
         # Per in-progress state, keep the fewest pods started of each group: every
         # continuation of a merged parse is a continuation of the result, so the
         # candidates only grow.
-        by_cur: dict[tuple[int, int] | None, dict[int, int]] = {}
-        for c in self.configs:
-            mins = by_cur.get(c.cur)
-            counts = dict(c.counts)
-            if mins is None:
-                by_cur[c.cur] = counts
-            else:
-                by_cur[c.cur] = {g: min(v, counts.get(g, 0)) for g, v in mins.items()}
-        self.configs = {
-            Config(tuple(sorted((g, v) for g, v in m.items() if v)), cur)
-            for cur, m in by_cur.items()
-        }
+        by_cur: dict[tuple[int, int] | None, Counts] = {}
+        for counts, cur in self.configs:
+            mins = by_cur.get(cur)
+            by_cur[cur] = counts if mins is None else tuple(map(min, mins, counts))
+        self.configs = {Config(counts, cur) for cur, counts in by_cur.items()}
 
     # ------------------------------------------------------------------ inspection
 
@@ -290,7 +320,10 @@ class Matcher:
                 for g, grp in self.groups.items()
             },
             "configs": [
-                {"counts": [list(x) for x in c.counts], "cur": list(c.cur) if c.cur else None}
+                {
+                    "counts": [[g, k] for g, k in zip(self.order, c.counts, strict=True) if k],
+                    "cur": c.cur,  # a tuple encodes as a JSON array
+                }
                 for c in self.configs
             ],
             "done": sorted(self.done),
@@ -308,20 +341,18 @@ class Matcher:
         if data.get("v") != 1:
             m.update(allocs)
             return m
-        for g, spec in data["groups"].items():
-            m.groups[int(g)] = Group(tuple(spec["word"]), list(spec["members"]))
-        m.configs = {
-            Config(
-                tuple((int(a), int(b)) for a, b in c["counts"] if int(b)),
-                tuple(c["cur"]) if c["cur"] else None,
-            )
-            for c in data["configs"]
-        } or {Config()}
+        for g, spec in sorted(data["groups"].items(), key=lambda kv: int(kv[0])):
+            m._new_group(tuple(spec["word"]), list(spec["members"]), gid=int(g))
+        configs = set()
+        for c in data["configs"]:
+            counts = [0] * len(m.order)
+            for g, k in c["counts"]:
+                counts[m.slot[int(g)]] = int(k)
+            cur = tuple(c["cur"]) if c["cur"] else None
+            configs.add(Config(tuple(counts), (int(cur[0]), int(cur[1])) if cur else None))
+        m.configs = configs or {m._zero()}
         m.done = set(data["done"])
-        m.next_gid = int(data["next_gid"])
-        for gid, grp in m.groups.items():
-            for uid in grp.members:
-                m.group_of[uid] = gid
+        m.next_gid = max(int(data["next_gid"]), m.next_gid)
         # Adopt the saved pods whose ledger entry still has the saved word; the rest
         # (gone, or changed) are removed and re-added by update().
         for uid in list(m.group_of) + list(m.done):
@@ -336,7 +367,7 @@ class Matcher:
         return m
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), separators=(",", ":"))
+        return msgspec.json.encode(self.to_json()).decode()
 
     @classmethod
     def loads(cls, text: str, allocs: Mapping[str, LedgerAlloc]) -> Matcher:
