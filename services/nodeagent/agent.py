@@ -150,9 +150,10 @@ class NodeAgent:
         The device plugin calls this before matching an Allocate, so a decision written
         a moment ago is never missed because the watch lags.
         """
-        led, rev = await self.bus.kv_get(subjects.LEDGER_BUCKET, self.node, NodeLedger)
+        raw, rev = await self.bus.kv_get_raw(subjects.LEDGER_BUCKET, self.node)
         if rev > self.ledger_revision:
-            await self._apply_ledger(led or NodeLedger(node=self.node), rev)
+            led = decode(raw, NodeLedger) if raw else NodeLedger(node=self.node)
+            await self._apply_ledger(led, rev)
         else:
             # Applied already, but its listeners may still be running: wait for them.
             async with self._ledger_lock:
