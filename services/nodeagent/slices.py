@@ -123,12 +123,12 @@ def container_dirs(allocs: Mapping[str, LedgerAlloc]) -> dict[str, ContainerSlic
 
 def _write_atomic(path: Path, text: str) -> None:
     # A container starting while we write must see the old file or the new one, never
-    # half of one: write a temp file in the same directory, then rename over.
+    # half of one: write a temp file in the same directory, then rename over. No fsync:
+    # after a crash of the host the agent's start-up reconcile compares every file with
+    # the ledger and rewrites what is missing or stale, before any Allocate is answered.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
