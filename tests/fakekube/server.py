@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from . import errors
@@ -33,6 +34,9 @@ from .patch import APPLY_YAML, JSONPATCH, MERGEPATCH, STRATEGIC
 from .resources import BY_PATH, Obj, Resource, lookup
 from .selectors import SelectorError, parse_field_selector, parse_label_selector
 from .store import ABORT, CLOSE, Fault, Store, Watcher
+
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder()
 
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 PATCH_TYPES = (JSONPATCH, MERGEPATCH, STRATEGIC)
@@ -96,7 +100,7 @@ def _truthy(value: str | None) -> bool:
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(body), status=status, content_type="application/json")
+    return web.Response(body=_enc.encode(body), status=status, content_type="application/json")
 
 
 class FakeKube:
@@ -376,8 +380,8 @@ class FakeKube:
     async def _body(self, request: web.Request) -> Any:
         raw = await request.read()
         try:
-            return json.loads(raw) if raw else None
-        except ValueError as exc:
+            return _dec.decode(raw) if raw else None
+        except ValueError as exc:  # msgspec.DecodeError is one
             raise errors.bad_request(f"error decoding request body: {exc}") from None
 
     def _fault(self, verb: str, target: Target, name: str | None = None) -> None:
@@ -581,7 +585,9 @@ class FakeKube:
                 if request.transport is not None:
                     request.transport.close()
                 return
-            assert isinstance(item, dict)
-            await resp.write(json.dumps(item).encode() + b"\n")
+            if isinstance(item, dict):
+                item = _enc.encode(item) + b"\n"
+            assert isinstance(item, bytes)
+            await resp.write(item)
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from . import errors
 from .errors import ApiError
 from .jcopy import jcopy
@@ -35,6 +37,8 @@ from .selectors import FieldRequirement, Requirement, fields_match, labels_match
 
 Key = tuple[str, str]  # (namespace or "", name)
 
+_enc = msgspec.json.Encoder()
+
 # The watch stream's end-of-stream markers (queued instead of an event).
 CLOSE = "close"  # end the response cleanly, like a server-side timeout
 ABORT = "abort"  # cut the TCP connection mid-stream
@@ -49,6 +53,18 @@ class Change:
     type: str  # ADDED | MODIFIED | DELETED
     obj: Obj  # state after the write (for DELETED: the last state, at the deletion rv)
     prev: Obj | None  # state before the write
+    lines: dict[str, bytes] = field(default_factory=dict)  # event type -> wire line
+
+    def line(self, kind: str, res: Resource) -> bytes:
+        """The watch event as sent, encoded once however many watchers receive it."""
+        out = self.lines.get(kind)
+        if out is None:
+            out = self.lines[kind] = encode_event(kind, res, self.obj)
+        return out
+
+
+def encode_event(kind: str, res: Resource, obj: Obj) -> bytes:
+    return _enc.encode({"type": kind, "object": res.to_view(jcopy(obj))}) + b"\n"
 
 
 @dataclass(eq=False)
@@ -57,7 +73,8 @@ class Watcher:
     namespace: str | None
     labels: list[Requirement]
     fields: list[FieldRequirement]
-    queue: asyncio.Queue[dict[str, Any] | str] = field(default_factory=asyncio.Queue)
+    # A wire line (bytes), an event still to encode (dict), or CLOSE / ABORT.
+    queue: asyncio.Queue[bytes | dict[str, Any] | str] = field(default_factory=asyncio.Queue)
 
     def matches(self, obj: Obj | None) -> bool:
         if obj is None:
@@ -86,10 +103,10 @@ class Watcher:
         else:
             kind = "DELETED" if was_in else None
         if kind is not None:
-            self.send(kind, change.obj)
+            self.queue.put_nowait(change.line(kind, self.resource))
 
     def send(self, kind: str, obj: Obj) -> None:
-        self.queue.put_nowait({"type": kind, "object": self.resource.to_view(jcopy(obj))})
+        self.queue.put_nowait(encode_event(kind, self.resource, obj))
 
 
 @dataclass
