@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
+import msgspec  # noqa: E402
 
 from services.binder.webhook import WebhookServer, WebhookSettings  # noqa: E402
 from services.nodeagent.slices import CONTAINERS_DIR, ENV_FILE, dir_name, parse_env  # noqa: E402
@@ -53,6 +54,7 @@ from tests.fakekube import json_patch  # noqa: E402
 from tests.fakekubelet import FakeKubelet  # noqa: E402
 
 RES = "nvidia.com/gpu"
+_decode = msgspec.json.Decoder().decode
 ALLOCATED = "hami.io/vgpu-devices-allocated"
 # Slice sizes of the burst: (cards, MiB per card, cores per card).
 # A mix that fits a burst of 40 on one 8-card node (cores are the scarce dimension).
@@ -135,7 +137,7 @@ class Burst:
                     async with http.get(f"{url}/api/v1/pods", params=params,
                                         timeout=aiohttp.ClientTimeout(total=None)) as resp:
                         async for line in resp.content:
-                            ev = json.loads(line)
+                            ev = _decode(line)
                             obj = ev["object"]
                             rv = obj.get("metadata", {}).get("resourceVersion", rv)
                             if ev["type"] not in ("ADDED", "MODIFIED"):
