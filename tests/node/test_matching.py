@@ -173,3 +173,44 @@ def test_mixed_burst_resolves_fully(seed: int) -> None:
     for uid in queue:
         admit(uid)
     assert m.pending() == set()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dropping_dominated_parses_changes_no_answer(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``minimal`` is an optimisation, not an approximation: a matcher that keeps every
+    parse gives the same candidates and knows the same pods done, call after call,
+    through arrivals, admissions and pods leaving."""
+    from services.nodeagent.kube import matching
+
+    rng = random.Random(seed)
+    fast, full = Matcher(), Matcher()
+    allocs: dict[str, LedgerAlloc] = {}
+    queue: list[str] = []
+
+    def both(op: str, *args: object) -> tuple[object, object]:
+        with monkeypatch.context() as mp:
+            mp.setattr(matching, "THIN_ABOVE", 0)  # thinned at every step
+            a = getattr(fast, op)(*args)
+        with monkeypatch.context() as mp:
+            mp.setattr(matching, "minimal", lambda c: c)
+            mp.setattr(matching, "MAX_CONFIGS", 10**9)  # every parse, never collapsed
+            b = getattr(full, op)(*args)
+        return a, b
+
+    for step in range(80):
+        r = rng.random()
+        if r < 0.45 or not queue:
+            uid = f"p{step}"
+            allocs[uid] = shaped(uid, rng.choice([[1], [1], [2], [1, 1], [2, 1], [1, 2]]))
+            queue.append(uid)
+            both("update", dict(allocs))
+        elif r < 0.9:
+            uid = queue.pop(rng.randrange(len(queue)))
+            for g in (c for c in allocs[uid].containers if c.devices):
+                a, b = both("allocate", len(g.devices))
+                assert {(c.uid, c.position) for c in a} == {(c.uid, c.position) for c in b}  # type: ignore[attr-defined]
+        elif len(allocs) > len(queue):
+            del allocs[rng.choice([u for u in allocs if u not in queue])]
+            both("update", dict(allocs))
+        assert fast.pending() == full.pending()
+        assert len(fast.configs) <= len(full.configs)

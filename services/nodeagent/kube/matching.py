@@ -35,6 +35,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import le
 from typing import Any, NamedTuple
 
 import msgspec
@@ -48,6 +49,8 @@ Counts = tuple[int, ...]  # pods started of each group, in the matcher's group o
 
 # Past this many parses, merge them into an over-approximation (see _collapse).
 MAX_CONFIGS = 256
+# Past this many parses, drop the dominated ones (exact; see minimal).
+THIN_ABOVE = 24
 
 
 class Config(NamedTuple):
@@ -61,6 +64,33 @@ class Config(NamedTuple):
 
 def _put(counts: Counts, i: int, value: int) -> Counts:
     return counts[:i] + (value,) + counts[i + 1 :]
+
+
+def minimal(configs: set[Config]) -> set[Config]:
+    """Drop every parse that another with the same pod in progress dominates.
+
+    If parse A has started no more pods of any group than parse B (and the same
+    container is in progress), every step B can take A can take too, into a parse
+    that again dominates B's: A allows every candidate B allows, forever, and a group
+    full in A is full in B. So B adds nothing, to the candidates or to what is known
+    done, and is dropped. In a burst of mixed words this keeps a handful of parses
+    where there were a hundred.
+    """
+    by_cur: dict[tuple[int, int] | None, list[Counts]] = {}
+    for counts, cur in configs:
+        by_cur.setdefault(cur, []).append(counts)
+    out: set[Config] = set()
+    for cur, vecs in by_cur.items():
+        if len(vecs) > 1:
+            # Only a smaller total can dominate (an equal one would be the same parse).
+            vecs.sort(key=sum)
+            kept: list[Counts] = []
+            for v in vecs:
+                if not any(all(map(le, k, v)) for k in kept):
+                    kept.append(v)
+            vecs = kept
+        out.update(Config(v, cur) for v in vecs)
+    return out
 
 
 @dataclass
@@ -196,7 +226,7 @@ class Matcher:
             if size - n >= 1:
                 out.add(c)
         grp.members.remove(uid)
-        self.configs = out or {self._zero()}
+        self.configs = self._thin(out) or {self._zero()}
         if not grp.members:
             self._drop_groups({gid})  # its count is 0 in every parse left
         self._prune()
@@ -260,7 +290,7 @@ class Matcher:
         out, seen = self._step(n)
         if seen:
             cands = self._expand(seen)
-            self.configs = out
+            self.configs = self._thin(out)
             self._prune()
             return cands
         cands = self._loose(n)
@@ -271,6 +301,12 @@ class Matcher:
             log.warning("Allocate of %d matches no parse; %d candidates by size", n, len(cands))
             self.configs = {self._zero()}
         return cands
+
+    @staticmethod
+    def _thin(configs: set[Config]) -> set[Config]:
+        # Dominated parses change no answer (see minimal), so they are only dropped
+        # once there are enough of them for the steps to cost more than the check.
+        return minimal(configs) if len(configs) > THIN_ABOVE else configs
 
     def _prune(self) -> None:
         # The groups every member of which is allocated in every parse: known done.
