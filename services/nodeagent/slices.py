@@ -157,6 +157,7 @@ class SliceWriter:
         self.removed = 0
         self._lock = asyncio.Lock()
         self._reconciled = False
+        self._texts: dict[str, tuple[ContainerGrant, str]] = {}  # dir -> (grant, env text)
 
     def path(self, pod_uid: str, container: str) -> Path:
         """Host path of a container's directory (its ``env`` and ``region.cache``)."""
@@ -168,40 +169,66 @@ class SliceWriter:
     async def sync(self, allocs: Mapping[str, LedgerAlloc]) -> list[LedgerAlloc]:
         """Make the directory match ``allocs``; returns the pods newly prepared."""
         async with self._lock:
-            new_pods = await asyncio.to_thread(self._sync_files, dict(allocs))
+            allocs = dict(allocs)
+            if not self._reconciled:
+                new_pods = await asyncio.to_thread(self._sync_files, allocs)
+            else:
+                # Planned here (rendering is cached per grant), written in a thread
+                # only when there is something to write: most ledger changes add one pod.
+                writes, removes = self._plan(allocs)
+                if writes or removes:
+                    await asyncio.to_thread(self._apply, writes, removes)
+                new_pods = self._newly_prepared(allocs)
         for alloc in new_pods:
             await self._publish_prepared(alloc)
         return new_pods
 
-    def _sync_files(self, allocs: dict[str, LedgerAlloc]) -> list[LedgerAlloc]:
+    def _text(self, s: ContainerSlice) -> str:
+        cached = self._texts.get(s.dir_name)
+        if cached is not None and cached[0] == s.grant:
+            return cached[1]
+        text = render_env(slice_env(s.grant, self.settings))
+        self._texts[s.dir_name] = (s.grant, text)
+        return text
+
+    def _plan(self, allocs: dict[str, LedgerAlloc]) -> tuple[list[tuple[str, str]], list[str]]:
         want = container_dirs(allocs)
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not self._reconciled:
-            # First sync after a (re)start: trust the disk, not memory. Pods whose
-            # slices are all on disk as they should be were announced before.
-            self.written = self._scan()
-            self._reconciled = True
-            for uid, a in allocs.items():
-                mine = pod_slices(a)
-                if mine and all(
-                    self.written.get(s.dir_name) == render_env(slice_env(s.grant, self.settings))
-                    for s in mine
-                ):
-                    self.prepared.add(uid)
-        for name in list(self.written):
-            if name not in want:
-                self._remove(name)
+        removes = [name for name in self.written if name not in want]
+        writes = []
         for name, s in want.items():
-            text = render_env(slice_env(s.grant, self.settings))
+            text = self._text(s)
             if self.written.get(name) != text:
-                d = self.root / name
-                d.mkdir(exist_ok=True)
-                _write_atomic(d / ENV_FILE, text)
-                self.written[name] = text
+                writes.append((name, text))
+        return writes, removes
+
+    def _apply(self, writes: list[tuple[str, str]], removes: list[str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in removes:
+            self._remove(name)
+        for name, text in writes:
+            d = self.root / name
+            d.mkdir(exist_ok=True)
+            _write_atomic(d / ENV_FILE, text)
+            self.written[name] = text
+
+    def _newly_prepared(self, allocs: dict[str, LedgerAlloc]) -> list[LedgerAlloc]:
         self.prepared &= set(allocs)
         new = [a for uid, a in allocs.items() if uid not in self.prepared]
         self.prepared.update(a.uid for a in new)
         return new
+
+    def _sync_files(self, allocs: dict[str, LedgerAlloc]) -> list[LedgerAlloc]:
+        """The first sync after a (re)start: trust the disk, not memory. Pods whose
+        slices are all on disk as they should be were announced before."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.written = self._scan()
+        self._reconciled = True
+        for uid, a in allocs.items():
+            mine = pod_slices(a)
+            if mine and all(self.written.get(s.dir_name) == self._text(s) for s in mine):
+                self.prepared.add(uid)
+        self._apply(*self._plan(allocs))
+        return self._newly_prepared(allocs)
 
     def _scan(self) -> dict[str, str]:
         """What is on disk: directory name -> env text ("" when unreadable)."""
@@ -221,6 +248,7 @@ class SliceWriter:
         # so nothing maps the region file any more; remove the whole directory.
         shutil.rmtree(self.root / name, ignore_errors=True)
         self.written.pop(name, None)
+        self._texts.pop(name, None)
         self.removed += 1
 
     async def _publish_prepared(self, alloc: LedgerAlloc) -> None:

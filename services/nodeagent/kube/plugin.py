@@ -271,7 +271,7 @@ class GpuPlugin:
             return
 
         async def later() -> None:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.25)
             await asyncio.to_thread(self._write_state, self.matcher.dumps())
 
         self._save_task = asyncio.get_running_loop().create_task(later())
