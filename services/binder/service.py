@@ -100,6 +100,8 @@ class BinderService:
         self.waiters: dict[str, asyncio.Future[AllocDecided | AllocFailed]] = {}
         self.gone: dict[str, asyncio.Event] = {}  # uid -> set when it leaves the ledger
         self.ledger_uids: dict[str, set[str]] = {}  # node -> uids in its ledger
+        self.names: dict[str, tuple[str, str]] = {}  # uid -> (name, namespace), ledger's
+        self.serve_api = True
         self._bg = Background()
         self._sub: WorkQueue | None = None
         self._svc: object | None = None
@@ -119,12 +121,13 @@ class BinderService:
             ev = self.gone.pop(uid, None)
             if ev is not None:
                 ev.set()
-            for k, (u, _n) in list(self.by_name.items()):
-                if u == uid:
-                    del self.by_name[k]
+            k = self.key(*self.names.pop(uid, ("", "")))
+            if self.by_name.get(k, ("",))[0] == uid:
+                del self.by_name[k]
         self.ledger_uids[led.node] = now
         for a in led.allocs.values():
             self.by_name[self.key(a.name, a.namespace)] = (a.uid, led.node)
+            self.names[a.uid] = (a.name, a.namespace)
 
     # ----------------------------------------------------------------- decisions
 
@@ -154,7 +157,8 @@ class BinderService:
                            bound_at=time.time()),
                 msg_id=f"bound:{d.uid}:{d.decided_at}",
             )
-        self.by_name[self.key(d.name, d.namespace)] = (d.uid, d.node)
+        if self.serve_api:  # the ledger view removes it again; without it, nothing would
+            self.by_name[self.key(d.name, d.namespace)] = (d.uid, d.node)
         self.inflight.pop(self.key(d.name, d.namespace), None)
         fut = self.waiters.pop(d.uid, None)
         if fut is not None and not fut.done():
@@ -278,9 +282,13 @@ class BinderService:
     # --------------------------------------------------------------------- life
 
     async def start(self, serve_api: bool = True) -> None:
-        ready = asyncio.Event()
-        self._bg.add(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready))
-        await asyncio.wait_for(ready.wait(), 15)
+        self.serve_api = serve_api
+        if serve_api:
+            # The ledger view answers the API (names in use, releases done); without
+            # the API, following every node's ledger would be work for nobody.
+            ready = asyncio.Event()
+            self._bg.add(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready))
+            await asyncio.wait_for(ready.wait(), 15)
         self._sub = await self.bus.work_queue(
             BINDER_CONSUMER, [subjects.alloc_any("decided"), subjects.alloc("failed")]
         )
