@@ -64,7 +64,8 @@ class Change:
 
 
 def encode_event(kind: str, res: Resource, obj: Obj) -> bytes:
-    return _enc.encode({"type": kind, "object": res.to_view(jcopy(obj))}) + b"\n"
+    # No copy: views never modify what they are given, and encoding only reads.
+    return _enc.encode({"type": kind, "object": res.to_view(obj)}) + b"\n"
 
 
 @dataclass(eq=False)
