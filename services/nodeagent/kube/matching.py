@@ -119,6 +119,14 @@ def device_containers(alloc: LedgerAlloc) -> list[tuple[int, ContainerGrant]]:
     return [(i, c) for i, c in enumerate(alloc.containers) if c.devices]
 
 
+def candidates_of(alloc: LedgerAlloc) -> list[Candidate]:
+    """The pod's containers with devices, as the candidates they would be."""
+    return [
+        Candidate(alloc.uid, pos, index, grant.name, grant)
+        for pos, (index, grant) in enumerate(device_containers(alloc))
+    ]
+
+
 def word_of(alloc: LedgerAlloc) -> Word:
     return tuple(len(c.devices) for _, c in device_containers(alloc))
 
@@ -137,6 +145,7 @@ class Matcher:
         self.done: set[str] = set()  # pods known to be fully allocated
         self.next_gid = 0
         self.contradictions = 0
+        self._cands: dict[str, list[Candidate]] = {}  # uid -> its device containers
 
     def _zero(self) -> Config:
         return Config((0,) * len(self.order), None)
@@ -187,6 +196,7 @@ class Matcher:
         if not word:
             self.done.add(alloc.uid)  # no Allocate call will ever come for it
             return
+        self._cands[alloc.uid] = candidates_of(alloc)
         for gid, grp in self.groups.items():
             # One group per word. A newcomer joining a group some of whose pods may have
             # started adds parses in which the newcomer started (it cannot have: its
@@ -205,6 +215,7 @@ class Matcher:
 
     def _remove(self, uid: str) -> None:
         self.allocs.pop(uid, None)
+        self._cands.pop(uid, None)
         if uid in self.done:
             self.done.discard(uid)
             return
@@ -265,8 +276,7 @@ class Matcher:
         out: list[Candidate] = []
         for gid, pos in sorted(seen):
             for uid in self.groups[gid].members:
-                index, grant = device_containers(self.allocs[uid])[pos]
-                out.append(Candidate(uid, pos, index, grant.name, grant))
+                out.append(self._cands[uid][pos])
         return out
 
     def _loose(self, n: int) -> list[Candidate]:
@@ -399,6 +409,7 @@ class Matcher:
             # A placeholder with no containers differs from any current entry, so
             # update() removes the saved pod (and re-adds it if it is still there).
             m.allocs[uid] = alloc if same and alloc is not None else LedgerAlloc(uid=uid, name="")
+            m._cands[uid] = candidates_of(m.allocs[uid])
         m.update(allocs)
         return m
 
