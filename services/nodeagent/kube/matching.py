@@ -35,10 +35,10 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from operator import le
 from typing import Any, NamedTuple
 
 import msgspec
+import numpy as np
 
 from shared.schemas import ContainerGrant, LedgerAlloc
 
@@ -76,21 +76,18 @@ def minimal(configs: set[Config]) -> set[Config]:
     done, and is dropped. In a burst of mixed words this keeps a handful of parses
     where there were a hundred.
     """
-    by_cur: dict[tuple[int, int] | None, list[Counts]] = {}
-    for counts, cur in configs:
-        by_cur.setdefault(cur, []).append(counts)
-    out: set[Config] = set()
-    for cur, vecs in by_cur.items():
-        if len(vecs) > 1:
-            # Only a smaller total can dominate (an equal one would be the same parse).
-            vecs.sort(key=sum)
-            kept: list[Counts] = []
-            for v in vecs:
-                if not any(all(map(le, k, v)) for k in kept):
-                    kept.append(v)
-            vecs = kept
-        out.update(Config(v, cur) for v in vecs)
-    return out
+    if len(configs) < 2:
+        return configs
+    cs = list(configs)
+    curs: dict[tuple[int, int] | None, int] = {}
+    cur_ids = np.array([curs.setdefault(c.cur, len(curs)) for c in cs])
+    counts = np.array([c.counts for c in cs], dtype=np.int32).reshape(len(cs), len(cs[0].counts))
+    # le[i, j]: parse i dominates parse j (or is j). All pairs at once: a burst's few
+    # hundred parses are a few hundred thousand comparisons, too many one by one.
+    le = (counts[:, None, :] <= counts[None, :, :]).all(axis=2)
+    le &= cur_ids[:, None] == cur_ids[None, :]
+    dominated = le.sum(axis=0) > 1  # by itself and another (distinct: a set)
+    return {c for c, d in zip(cs, dominated.tolist(), strict=True) if not d}
 
 
 @dataclass
