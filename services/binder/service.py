@@ -132,7 +132,7 @@ class BinderService:
     # ----------------------------------------------------------------- decisions
 
     async def handle_decided(self, d: AllocDecided) -> None:
-        with tracer.start_as_current_span("binder.bind") as span:
+        with tracing.span(tracer, "binder.bind") as span:
             span.set_attribute("hami.uid", d.uid)
             span.set_attribute("hami.node", d.node)
             try:
@@ -246,7 +246,7 @@ class BinderService:
             constraints=req.constraints, priority=req.priority, pending=req.wait,
             source="cli", requested_at=time.time(),
         )
-        with tracer.start_as_current_span("binder.submit") as span:
+        with tracing.span(tracer, "binder.submit") as span:
             span.set_attribute("hami.uid", uid)
             await self.bus.publish_event(subjects.alloc("requested"), ask, msg_id=f"requested:{uid}")
         try:

@@ -13,6 +13,7 @@ capacity changes — a release, a node registered or recovered — never on a ti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -220,7 +221,7 @@ class PlacementService:
         try:
             if await self._already_placed(req, acks):
                 return True
-            with tracer.start_as_current_span("placement.decide") as span:
+            with tracing.span(tracer, "placement.decide") as span:
                 span.set_attribute("hami.uid", req.uid)
                 span.set_attribute("hami.retry", retry)
                 if not retry:
@@ -243,15 +244,19 @@ class PlacementService:
             if acks:
                 await asyncio.gather(*acks)
 
-    async def _handle_batch(self, batch: list[tuple[Msg, AllocRequested | AllocReleased]]) -> None:
+    async def _handle_batch(
+        self,
+        batch: list[tuple[Msg, AllocRequested | AllocReleased]],
+        acks: list[asyncio.Future[object]],
+    ) -> None:
         """Decide a batch in memory, then commit one compare-and-set per node.
 
         Reservations are applied to the local view as they are decided, so later
         requests of the batch see them; a node whose write conflicts is re-read and
-        its requests decided again one by one.
+        its requests decided again one by one. The stream's acknowledgements of the
+        events published are appended to ``acks``, for the caller to wait on.
         """
         tentative: dict[str, list[tuple[AllocRequested, LedgerAlloc, context.Context]]] = {}
-        acks: list[asyncio.Future[object]] = []
         for msg, ev in batch:
             token = context.attach(tracing.extract(msg.headers))
             try:
@@ -267,7 +272,7 @@ class PlacementService:
                     if not any(r.uid == ev.uid for lst in tentative.values() for r, _, _ in lst):
                         await self._already_placed(ev, acks)
                     continue
-                with tracer.start_as_current_span("placement.decide") as span:
+                with tracing.span(tracer, "placement.decide") as span:
                     span.set_attribute("hami.uid", ev.uid)
                     self.placer.observe(ev)
                     result = self.placer.decide(ev)
@@ -285,8 +290,6 @@ class PlacementService:
             finally:
                 context.detach(token)
         await self._commit(tentative, acks)
-        if acks:
-            await asyncio.gather(*acks)
 
     async def _commit(
         self,
@@ -369,13 +372,34 @@ class PlacementService:
                 await msg.ack()
         if not batch:
             return
+        acks: list[asyncio.Future[object]] = []
         try:
             async with self.lock:
-                await self._handle_batch(batch)
+                await self._handle_batch(batch, acks)
         except Exception:
             log.exception("cannot handle a batch of %d; it will be redelivered", len(batch))
             for msg, _ in batch:
                 await msg.nak(delay=0.5)
+            return
+        # The decisions are committed and the local view holds them: the next batch
+        # may be decided while the stream acknowledges this one's events. A message is
+        # acknowledged only once the events it caused are stored (else redelivered,
+        # and _already_placed announces the decision again).
+        self._bg.spawn_short(self._settle(batch, acks), "placement-settle")
+
+    async def _settle(
+        self,
+        batch: list[tuple[Msg, AllocRequested | AllocReleased]],
+        acks: list[asyncio.Future[object]],
+    ) -> None:
+        try:
+            if acks:
+                await asyncio.gather(*acks)
+        except Exception as exc:
+            log.warning("events of a batch of %d not stored (%s); redelivering", len(batch), exc)
+            for msg, _ in batch:
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=0.5)
             return
         for msg, _ in batch:
             await msg.ack()
