@@ -21,10 +21,18 @@ class Background:
     def __init__(self) -> None:
         self.tasks: list[asyncio.Task[Any]] = []
         self.subs: list[Subscription] = []
+        self.short: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self.tasks.append(task)
+        return task
+
+    def spawn_short(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """A task that ends on its own (one per message or batch): forgotten when done."""
+        task = asyncio.create_task(coro, name=name)
+        self.short.add(task)
+        task.add_done_callback(self.short.discard)
         return task
 
     def add(self, task: asyncio.Task[Any]) -> None:
@@ -34,9 +42,10 @@ class Background:
         self.subs.append(sub)
 
     async def stop(self) -> None:
-        for t in self.tasks:
+        tasks = [*self.tasks, *self.short]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
         for s in self.subs:
             with contextlib.suppress(Exception):  # the connection may be closed already
