@@ -99,3 +99,18 @@ def test_shape_cover_by_gpu_demand_keeps_rare_whole_node_shapes() -> None:
     shapes, p = sm.top_gpu()
     assert [s.k for s in shapes] == [1, 8]  # but 71 % of the GPU demand
     assert abs(p.sum() - 1.0) < 1e-9
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("fgd", "a-t4"), ("fgd-models", "b-g2")])
+def test_fgd_measure_is_blind_to_the_shapes_models(policy: str, expected: str) -> None:
+    # The same workload as above. fgd-models counts the G2 node as wholly fragmented
+    # for the T4-only shape, so taking a G2 card lowers its measure: the task goes
+    # there. fgd (as the published figures were made) sees both nodes alike and takes
+    # the first by name: the model constraint acts only as the task's own filter.
+    cl = cluster(node("a-t4", 2, dev={"type": "T4"}), node("b-g2", 2, dev={"type": "G2"}))
+    p = placer(cl, node_policy=policy)
+    for _ in range(10):
+        p.observe(req(DeviceAsk(nums=1), use_types=["T4"]))
+        p.observe(req(DeviceAsk(nums=1)))
+    assert place(p, req(DeviceAsk(nums=1))).node == expected
+    assert place(p, req(DeviceAsk(nums=1), use_types=["G2"])).node == "b-g2"
