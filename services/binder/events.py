@@ -32,7 +32,7 @@ class EventSender:
         *,
         max_queue: int = 10000,
         max_delay: float = 10.0,
-        quiet: float = 0.1,
+        quiet: float = 0.5,
         senders: int = 4,
     ) -> None:
         self.post = post
