@@ -7,8 +7,8 @@ event broadcaster does, Events go through a bounded queue drained by a few sende
 tasks; and, since this is one thread, the senders yield to binding: an Event waits
 until no bind has run for ``quiet`` seconds (the burst is over), for at most
 ``max_delay`` seconds (then it is sent regardless, so a steady load cannot starve
-them). A full queue drops the new Event and
-counts it (client-go drops too); Events are best effort and never fail a bind.
+them). A full queue drops the new Event and counts it (client-go drops too); Events are
+best effort and never fail a bind.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class EventSender:
         self._drained = asyncio.Event()  # the queue is empty and nothing is being sent
         self._drained.set()
         self._inflight = 0
+        self._flushing = False
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------- the binder's side
@@ -77,15 +78,17 @@ class EventSender:
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Send what is queued now without waiting for idleness (stop, tests)."""
-        delay, self.max_delay = self.max_delay, 0.0
-        self._ready.set()  # senders parked on an idle wait look again
+        self._flushing = True
+        self._idle.set()  # wakes the senders waiting for the binds to go quiet
         try:
             async with asyncio.timeout(timeout):
                 await self._drained.wait()
         except TimeoutError:
             log.warning("%d events not sent", len(self.queue) + self._inflight)
         finally:
-            self.max_delay = delay
+            self._flushing = False
+            if self._busy:
+                self._idle.clear()
 
     async def stop(self) -> None:
         await self.flush()
@@ -137,7 +140,8 @@ class _Busy:
 
     def __enter__(self) -> None:
         self.s._busy += 1
-        self.s._idle.clear()
+        if not self.s._flushing:
+            self.s._idle.clear()
 
     def __exit__(self, *exc: object) -> None:
         s = self.s

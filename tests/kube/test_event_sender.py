@@ -74,3 +74,21 @@ async def test_failed_posts_are_counted_not_raised() -> None:
     await s.flush()
     assert (s.sent, s.failed) == (0, 1)
     await s.stop()
+
+
+async def test_flush_sends_at_once_even_with_senders_waiting_for_quiet() -> None:
+    sink = Sink()
+    s = EventSender(sink.post, quiet=0.1, max_delay=60.0)
+    with s.busy():
+        s.emit("/events", {"reason": "A"})
+        await asyncio.sleep(0.1)  # the senders are parked, waiting for the binds to end
+        t0 = time.monotonic()
+        await s.flush(timeout=2.0)
+        assert [r for _, r in sink.got] == ["A"]
+        assert time.monotonic() - t0 < 1.0
+        s.emit("/events", {"reason": "B"})  # after the flush: waits for quiet again
+        await asyncio.sleep(0.2)
+        assert [r for _, r in sink.got] == ["A"]
+    await asyncio.sleep(0.3)
+    assert [r for _, r in sink.got] == ["A", "B"]
+    await s.stop()
