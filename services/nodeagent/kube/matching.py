@@ -35,6 +35,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import msgspec
@@ -106,8 +107,10 @@ class Candidate:
     container: str  # container name ("" for direct clients)
     grant: ContainerGrant
 
-    @property
+    @cached_property
     def uuids(self) -> tuple[str, ...]:
+        # A candidate lives as long as its pod is on the node and is asked for on
+        # every call that may be its own (the union env of a burst reads dozens).
         return tuple(d.uuid for d in self.grant.devices)
 
 
