@@ -41,6 +41,7 @@ from shared.schemas import (
 
 log = logging.getLogger("hami.placement")
 tracer = tracing.tracer("hami.placement")
+SETTLE_TIMEOUT_S = 10.0  # for the stream to acknowledge a batch's events
 
 CAS_ATTEMPTS = 16
 DECISION_FILTERS = [
@@ -394,7 +395,8 @@ class PlacementService:
     ) -> None:
         try:
             if acks:
-                await asyncio.gather(*acks)
+                # An acknowledgement lost with the connection never arrives: bounded.
+                await asyncio.wait_for(asyncio.gather(*acks), SETTLE_TIMEOUT_S)
         except Exception as exc:
             log.warning("events of a batch of %d not stored (%s); redelivering", len(batch), exc)
             for msg, _ in batch:
