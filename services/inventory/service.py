@@ -41,7 +41,10 @@ class InventoryService:
         self.nodes: dict[str, NodeInventory] = {}
         self.health: dict[str, NodeHealth] = {}
         self.health_rev: dict[str, int] = {}
-        self.ledgers: dict[str, NodeLedger] = {}
+        # Ledger entries as they came (KV key -> bytes), decoded only when a status is
+        # asked for: every decision changes one, a status is rare.
+        self._ledgers_raw: dict[str, bytes] = {}
+        self._ledgers: dict[str, tuple[bytes, NodeLedger]] = {}
         self.tracker = HealthTracker(cfg.unhealthy_after, time.time())
         self._bg = Background()
         self._svc: object | None = None
@@ -74,12 +77,21 @@ class InventoryService:
 
     async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
-            for name in list(self.ledgers):
-                if subjects.kv_key(name) == key:
-                    del self.ledgers[name]
+            self._ledgers_raw.pop(key, None)
+            self._ledgers.pop(key, None)
             return
-        led = decode(value, NodeLedger)
-        self.ledgers[led.node] = led
+        self._ledgers_raw[key] = value
+
+    @property
+    def ledgers(self) -> dict[str, NodeLedger]:
+        """Node -> its ledger, decoding what changed since the last call."""
+        out: dict[str, NodeLedger] = {}
+        for key, raw in self._ledgers_raw.items():
+            got = self._ledgers.get(key)
+            if got is None or got[0] is not raw:
+                got = self._ledgers[key] = (raw, decode(raw, NodeLedger))
+            out[got[1].node] = got[1]
+        return out
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         hb = decode(msg.data, Heartbeat)
