@@ -41,7 +41,7 @@ class EventSender:
         self.quiet = quiet
         self._last_busy = 0.0
         self.n_senders = senders
-        self.queue: deque[tuple[float, str, dict[str, Any]]] = deque()
+        self.queue: deque[tuple[float, str, dict[str, Any], Post]] = deque()
         self.sent = 0
         self.dropped = 0
         self.failed = 0
@@ -61,13 +61,15 @@ class EventSender:
         """``with sender.busy():`` around a bind: Events wait while any is running."""
         return _Busy(self)
 
-    def emit(self, path: str, body: dict[str, Any]) -> None:
+    def emit(self, path: str, body: dict[str, Any], send: Post | None = None) -> None:
+        """Queue an Event (POSTed to ``path``), or another write nobody waits on (sent
+        with ``send``)."""
         if len(self.queue) >= self.max_queue:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("event queue full (%d): %d events dropped", self.max_queue, self.dropped)
             return
-        self.queue.append((time.monotonic(), path, body))
+        self.queue.append((time.monotonic(), path, body, send or self.post))
         self._drained.clear()
         self._ready.set()
         if not self._tasks:
@@ -118,10 +120,10 @@ class EventSender:
                 except TimeoutError:
                     pass
                 continue  # another sender may have taken it meanwhile
-            _, path, body = self.queue.popleft()
+            _, path, body, send = self.queue.popleft()
             self._inflight += 1
             try:
-                await self.post(path, body)
+                await send(path, body)
                 self.sent += 1
             except asyncio.CancelledError:
                 raise

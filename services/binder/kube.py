@@ -5,9 +5,10 @@ Pieces:
 - :class:`ListWatch`: list, then watch from the list's resourceVersion; a watch that
   ends (server timeout, dropped connection) resumes from the last resourceVersion seen
   (bookmarks keep it fresh); a 410 Gone relists.
-- :class:`KubeBackend` (the binder's ``Backend``): on ``decided``, writes exactly the pod
-  annotations of REFERENCE §4 plus the ``hami.io/vgpu-node`` label in one merge patch,
-  then creates the Binding (with the pod's UID as precondition). A failure raises
+- :class:`KubeBackend` (the binder's ``Backend``): on ``decided``, creates the Binding
+  (with the pod's UID as precondition) carrying exactly the pod annotations of
+  REFERENCE §4 (the API server writes them with the node name, in one write), then the
+  ``hami.io/vgpu-node`` label behind the binds. A failure raises
   :class:`BindError`, and the binder publishes ``released``. Emits HAMi's Events
   (FilteringSucceed, BindingSucceed, BindingFailed; FilteringFailed from ``failed``),
   queued behind the binds (:mod:`services.binder.events`).
@@ -41,8 +42,7 @@ list really is gone. For each kube-sourced allocation and pod:
 
 1. in the ledger, pod gone or terminal -> ``released`` (the reservation would leak);
 2. in the ledger, pod pending -> bind it now from the ledger entry (the crash came
-   between the decision and the Binding, or mid-way: the annotation patch is
-   rewritten, the Binding created). The durable ``decided`` may be redelivered later;
+   between the decision and the Binding). The durable ``decided`` may be redelivered later;
    binding is idempotent (a pod already bound to the decided node is success) and
    serialised per pod;
 3. in the ledger on node A, pod bound to node B -> release A, then as 4;
@@ -287,19 +287,35 @@ class KubeBackend(Backend):
 
     # --------------------------------------------------------------------- bind
 
-    async def create_binding(self, namespace: str, name: str, uid: str, node: str) -> None:
+    async def create_binding(
+        self, namespace: str, name: str, uid: str, node: str,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
         """POST pods/<name>/binding. The API answers a *Status* on success, which the
         37.x client's ``create_namespaced_pod_binding`` cannot deserialise into
         V1Binding (it raises; tests/test_fakekube.py shows it). The generic request
         takes the raw answer and checks its status, and skips the generated method's
         pydantic validation, a tenth of the binder's CPU in a burst."""
+        meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid}
+        if annotations:
+            meta["annotations"] = annotations
         body = {
             "apiVersion": "v1",
             "kind": "Binding",
-            "metadata": {"name": name, "namespace": namespace, "uid": uid},
+            "metadata": meta,
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         }
         await self.kube.post(path("pods", namespace, name, "binding"), body)
+
+    def label_later(self, namespace: str, name: str, node: str) -> None:
+        """The ``hami.io/vgpu-node`` label, written behind the binds like the Events.
+
+        A Binding carries annotations (the API server copies them onto the pod with
+        the node name, in one write) but not labels; nothing of ours reads the label,
+        so it does not hold up the next pod.
+        """
+        patch = {"metadata": {"labels": {ann.VGPU_NODE: node}}}
+        self.events.emit(path("pods", namespace, name), patch, send=self.kube.patch)
 
     async def bind(self, decision: AllocDecided) -> None:
         d = decision
@@ -326,21 +342,20 @@ class KubeBackend(Backend):
             raise BindError(f"pod {ns}/{d.name} was recreated (uid {meta.get('uid')}, decided for {d.uid})")
         current = (pod.get("spec") or {}).get("nodeName")
         if current == d.node:
-            return  # bound already (a redelivered decision, or bound before a restart)
+            # Bound already (a redelivered decision, or bound before a restart); the
+            # label may not have followed yet.
+            if (meta.get("labels") or {}).get(ann.VGPU_NODE) != d.node:
+                self.label_later(ns, d.name, d.node)
+            return
         if current:
             raise BindError(f"pod {ns}/{d.name} is already assigned to node {current}")
         if meta.get("deletionTimestamp"):
             raise BindError(f"pod {ns}/{d.name} is being deleted")
         self.event(pod, FILTERING_SUCCEED, f"find fit node({d.node}), 1 nodes fit({d.node})")
-        patch = {
-            "metadata": {
-                "annotations": pod_annotations(d, time.time()),
-                "labels": {ann.VGPU_NODE: d.node},
-            }
-        }
         try:
-            await self.kube.patch(path("pods", ns, d.name), patch)
-            await self.create_binding(ns, d.name, d.uid, d.node)
+            # REFERENCE §4's annotations travel in the Binding: the pod is never seen
+            # bound without them, nor annotated for a bind that did not happen.
+            await self.create_binding(ns, d.name, d.uid, d.node, pod_annotations(d, time.time()))
         except (KubeError, aiohttp.ClientError, OSError) as exc:
             if isinstance(exc, KubeError) and f'assigned to node "{d.node}"' in exc.message:
                 self.event(pod, BINDING_SUCCEED, f"Successfully binding node [{d.node}] to {ns}/{d.name}")
@@ -351,6 +366,7 @@ class KubeBackend(Backend):
                 await self.kube.patch(path("pods", ns, d.name),
                                       {"metadata": {"annotations": {ann.BIND_PHASE: ann.BIND_FAILED}}})
             raise BindError(msg) from exc
+        self.label_later(ns, d.name, d.node)
         self.event(pod, BINDING_SUCCEED, f"Successfully binding node [{d.node}] to {ns}/{d.name}")
 
 

@@ -56,7 +56,12 @@ async def test_pod_gets_hami_annotations_binding_and_events(kc: KubeCluster, fak
     pod = await kc.wait_bound("default", "train")
     a = pod["metadata"]["annotations"]
     node = pod["spec"]["nodeName"]
-    assert a[ann.VGPU_NODE] == node and pod["metadata"]["labels"][ann.VGPU_NODE] == node
+    assert a[ann.VGPU_NODE] == node
+    # The label follows the binds (with the Events), once the binder is quiet.
+    await kc.wait_for(
+        lambda: (fake.get("pods", "default", "train")["metadata"].get("labels") or {}).get(ann.VGPU_NODE) == node,
+        desc="hami.io/vgpu-node label",
+    )
     # REFERENCE §4 encoding: init container without devices first, then app containers.
     pattern = r";GPU-[^,;:]+,NVIDIA,3000,30:;GPU-[^,;:]+,NVIDIA,5000,30:GPU-[^,;:]+,NVIDIA,5000,30:;"
     assert re.fullmatch(pattern, a[ann.DEVICES_TO_ALLOCATE]), a[ann.DEVICES_TO_ALLOCATE]
@@ -130,7 +135,7 @@ async def test_bind_failure_releases_then_retries(kc: KubeCluster, fake: FakeKub
 
 async def test_bind_failure_for_a_vanished_pod_frees_it(kc: KubeCluster, fake: FakeKube) -> None:
     """The pod is deleted between decision and binding: the Binding fails, nothing leaks."""
-    fake.fail_next("patch", "pods", 404, name="ghost", times=5)
+    fake.fail_next("create", "pods/binding", 404, name="ghost", times=5)
     uid = add_pod(fake, "ghost")["metadata"]["uid"]
     await kc.wait_for(lambda: kc.events("ghost", "BindingFailed"), desc="BindingFailed")
     fake.delete("pods", "default", "ghost")
