@@ -63,8 +63,8 @@ class EventSender:
 
     def emit(self, path: str, body: dict[str, Any], send: Post | None = None) -> None:
         """Queue an Event (POSTed to ``path``), or another write nobody waits on (sent
-        with ``send``)."""
-        if len(self.queue) >= self.max_queue:
+        with ``send``; never dropped: one per pod, so bounded by the pods bound)."""
+        if send is None and len(self.queue) >= self.max_queue:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("event queue full (%d): %d events dropped", self.max_queue, self.dropped)

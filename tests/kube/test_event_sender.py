@@ -59,13 +59,20 @@ async def test_a_steady_load_does_not_starve_events() -> None:
 async def test_full_queue_drops_and_counts_and_stop_flushes() -> None:
     sink = Sink()
     s = EventSender(sink.post, max_queue=3, max_delay=60.0)
+    labels: list[str] = []
+
+    async def label(path: str, body: dict[str, Any]) -> None:
+        labels.append(path)
+
     with s.busy():
         for i in range(5):
             s.emit("/events", {"reason": f"E{i}"})
+        s.emit("/pods/p", {}, send=label)  # not an Event: never dropped
         assert s.dropped == 2
         await s.stop()  # sends what is queued, busy or not
     assert [r for _, r in sink.got] == ["E0", "E1", "E2"]
-    assert s.sent == 3
+    assert labels == ["/pods/p"]
+    assert s.sent == 4
 
 
 async def test_failed_posts_are_counted_not_raised() -> None:
