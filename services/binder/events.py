@@ -1,4 +1,4 @@
-"""Kubernetes Events, posted behind the binds they describe.
+"""Kubernetes Events (and the pods' node label), written behind the binds.
 
 An Event costs the binder as much as a Binding (one API request each), and each pod
 gets two (FilteringSucceed, BindingSucceed). Posting them inline would halve the rate
