@@ -9,7 +9,9 @@ Prints one JSON object:
   the ``decided`` / ``failed`` event at a subscriber; throughput is requests over the
   time from the first publish to the last answer;
 - ``nats_rtt``: a core NATS request/reply round trip measured in the same run, so the
-  overhead above reads as a ratio;
+  overhead above reads as a ratio: once after the load, in a tight loop on an idle
+  machine (``nats_rtt_ms``), and sampled every 50 ms while the load runs
+  (``nats_rtt_under_load_ms``), which is what the decisions' messages see;
 - ``placement_rss_mb``: the placement process's resident memory at the end.
 
     .venv/bin/python bench/placement.py [--nodes 5000] [--cards 8] [--requests 20000] [--rate 1500]
@@ -72,6 +74,25 @@ async def rtt(bus: Bus, n: int = 2000) -> float:
     return pct(samples[n // 10:], 50)
 
 
+async def rtt_sampler(bus: Bus, out: list[float], every: float = 0.05) -> None:
+    """Request/reply round trips, one every ``every`` seconds, until cancelled."""
+    async def echo(msg: object) -> None:
+        await msg.respond(b"ok")  # type: ignore[attr-defined]
+
+    sub = await bus.nc.subscribe("bench.echo.load", cb=echo)
+    other = await Bus.connect(bus.nc.connected_url.geturl() if bus.nc.connected_url else "", "rtt-load", setup=False)
+    try:
+        await bus.nc.flush()
+        while True:
+            t = time.perf_counter()
+            await other.nc.request("bench.echo.load", b"x", timeout=5)
+            out.append(time.perf_counter() - t)
+            await asyncio.sleep(every)
+    finally:
+        await sub.unsubscribe()
+        await other.close()
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -128,6 +149,10 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
             r.pending = False
             reqs.append(r)
         interval = 1.0 / rate if rate > 0 else 0.0
+        # The round trip while the load runs, sampled every 50 ms (the one after the run
+        # is measured on an idle machine, in a tight loop).
+        loaded_rtt: list[float] = []
+        sampling = asyncio.create_task(rtt_sampler(bus, loaded_rtt))
         start = time.time()
         acks = []
         for i, r in enumerate(reqs):
@@ -144,6 +169,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
                 acks.clear()
         await asyncio.gather(*acks)
         await asyncio.wait_for(done.wait(), timeout=max(60.0, requests / 200))
+        sampling.cancel()
+        await asyncio.gather(sampling, return_exceptions=True)
         end = max(answers[u] for u in sent)
         lat = [answers[u] - sent[u] for u in sent]
         rss = rss_mb(proc.pid)
@@ -159,6 +186,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
             "p99_ms": round(pct(lat, 99) * 1e3, 3),
             "nats_rtt_ms": round(round_trip * 1e3, 3),
             "p50_over_rtt": round(p50 / round_trip, 2),
+            "nats_rtt_under_load_ms": round(pct(loaded_rtt, 50) * 1e3, 3),
+            "p50_over_rtt_under_load": round(p50 / pct(loaded_rtt, 50), 2) if loaded_rtt else None,
             "placement_rss_mb": round(rss, 1),
         }
     finally:
