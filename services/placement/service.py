@@ -61,6 +61,8 @@ class PlacementService:
         self.placer = Placer(self.cluster, cfg.scheduler, cfg.node)
         self.revs: dict[str, int] = {}  # ledger revision per node, as last seen
         self._key_node: dict[str, str] = {}  # ledger KV key -> node name
+        self._writing: set[str] = set()  # nodes whose ledger write awaits its reply
+        self._deferred: dict[str, tuple[bytes, int]] = {}  # node -> watch update held meanwhile
         self.owner: dict[str, str] = {}  # alloc uid -> node
         self.pending: OrderedDict[str, AllocRequested] = OrderedDict()
         self.lock = asyncio.Lock()
@@ -101,6 +103,11 @@ class PlacementService:
         if node is not None and revision <= self.revs.get(node, 0):
             # Our own write, already applied, or an older one arriving late; most of
             # the watch's traffic is our own writes, so skip them before decoding.
+            return
+        if node is not None and node in self._writing:
+            # Our write to this node may be echoing back before its reply: decide
+            # once the reply says which revision was ours.
+            self._deferred[node] = (value, revision)
             return
         led = decode(value, NodeLedger)
         self._key_node[key] = led.node
@@ -311,14 +318,20 @@ class PlacementService:
 
         async def one(node: str, view: NodeLedger, last: int) -> None:
             entries = tentative[node]
+            self._writing.add(node)
             try:
                 rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, view, last)
             except Conflict:
                 self.conflicts += 1
                 redo.extend(req for req, _, _ in entries)
                 return
+            finally:
+                self._writing.discard(node)
+                echo = self._deferred.pop(node, None)
             if rev > self.revs.get(node, 0):
                 self.revs[node] = rev
+            if echo is not None and echo[1] > rev:  # someone else's, newer than ours
+                self._adopt(decode(echo[0], NodeLedger), echo[1])
             for req, alloc, ctx in entries:
                 self.pending.pop(req.uid, None)
                 self.decisions += 1
