@@ -58,39 +58,35 @@ def inventories(nodes: int, cards: int) -> list[NodeInventory]:
     return out
 
 
-async def rtt(bus: Bus, n: int = 2000) -> float:
+async def round_trips(
+    bus: Bus, out: list[float], *, count: int | None = None, every: float = 0.0,
+    subject: str = "bench.echo",
+) -> None:
+    """Core request/reply round trips (seconds) into ``out``: ``count`` of them, one
+    every ``every`` seconds (0: back to back), or until cancelled when ``count`` is None."""
     async def echo(msg: object) -> None:
         await msg.respond(b"ok")  # type: ignore[attr-defined]
 
-    sub = await bus.nc.subscribe("bench.echo", cb=echo)
+    sub = await bus.nc.subscribe(subject, cb=echo)
     other = await Bus.connect(bus.nc.connected_url.geturl() if bus.nc.connected_url else "", "rtt", setup=False)
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await other.nc.request("bench.echo", b"x", timeout=5)
-        samples.append(time.perf_counter() - t)
-    await sub.unsubscribe()
-    await other.close()
-    return pct(samples[n // 10:], 50)
-
-
-async def rtt_sampler(bus: Bus, out: list[float], every: float = 0.05) -> None:
-    """Request/reply round trips, one every ``every`` seconds, until cancelled."""
-    async def echo(msg: object) -> None:
-        await msg.respond(b"ok")  # type: ignore[attr-defined]
-
-    sub = await bus.nc.subscribe("bench.echo.load", cb=echo)
-    other = await Bus.connect(bus.nc.connected_url.geturl() if bus.nc.connected_url else "", "rtt-load", setup=False)
     try:
         await bus.nc.flush()
-        while True:
+        while count is None or len(out) < count:
             t = time.perf_counter()
-            await other.nc.request("bench.echo.load", b"x", timeout=5)
+            await other.nc.request(subject, b"x", timeout=5)
             out.append(time.perf_counter() - t)
-            await asyncio.sleep(every)
+            if every:
+                await asyncio.sleep(every)
     finally:
         await sub.unsubscribe()
         await other.close()
+
+
+async def rtt(bus: Bus, n: int = 2000) -> float:
+    """The idle round trip: ``n`` back to back, p50 of all but the first tenth."""
+    samples: list[float] = []
+    await round_trips(bus, samples, count=n)
+    return pct(samples[n // 10:], 50)
 
 
 def rss_mb(pid: int) -> float:
@@ -152,7 +148,7 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
         # The round trip while the load runs, sampled every 50 ms (the one after the run
         # is measured on an idle machine, in a tight loop).
         loaded_rtt: list[float] = []
-        sampling = asyncio.create_task(rtt_sampler(bus, loaded_rtt))
+        sampling = asyncio.create_task(round_trips(bus, loaded_rtt, every=0.05, subject="bench.echo.load"))
         start = time.time()
         acks = []
         for i, r in enumerate(reqs):
