@@ -44,7 +44,7 @@ class InventoryService:
         # Ledger entries as they came (KV key -> bytes), decoded only when a status is
         # asked for: every decision changes one, a status is rare.
         self._ledgers_raw: dict[str, bytes] = {}
-        self._ledgers: dict[str, tuple[bytes, NodeLedger]] = {}
+        self._ledgers: dict[str, NodeLedger] = {}  # decoded, dropped when the entry changes
         self.tracker = HealthTracker(cfg.unhealthy_after, time.time())
         self._bg = Background()
         self._svc: object | None = None
@@ -76,9 +76,9 @@ class InventoryService:
         self.tracker.healthy[h.node] = h.healthy
 
     async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
+        self._ledgers.pop(key, None)
         if value is None:
             self._ledgers_raw.pop(key, None)
-            self._ledgers.pop(key, None)
             return
         self._ledgers_raw[key] = value
 
@@ -87,10 +87,10 @@ class InventoryService:
         """Node -> its ledger, decoding what changed since the last call."""
         out: dict[str, NodeLedger] = {}
         for key, raw in self._ledgers_raw.items():
-            got = self._ledgers.get(key)
-            if got is None or got[0] is not raw:
-                got = self._ledgers[key] = (raw, decode(raw, NodeLedger))
-            out[got[1].node] = got[1]
+            led = self._ledgers.get(key)
+            if led is None:
+                led = self._ledgers[key] = decode(raw, NodeLedger)
+            out[led.node] = led
         return out
 
     async def _on_heartbeat(self, msg: Msg) -> None:
