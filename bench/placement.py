@@ -89,6 +89,12 @@ async def rtt(bus: Bus, n: int = 2000) -> float:
     return pct(samples[n // 10:], 50)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -113,6 +119,7 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
         rng = np.random.default_rng(seed)
         answers: dict[str, float] = {}
         outcome: dict[str, str] = {}
+        decided_at: dict[str, float] = {}
         sent: dict[str, float] = {}
         done = asyncio.Event()
 
@@ -122,6 +129,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
             if isinstance(ev, AllocDecided | AllocFailed) and ev.uid not in answers:
                 answers[ev.uid] = t
                 outcome[ev.uid] = "decided" if isinstance(ev, AllocDecided) else "failed"
+                if isinstance(ev, AllocDecided):
+                    decided_at[ev.uid] = ev.decided_at
                 if len(answers) >= requests + 1:
                     done.set()
 
@@ -149,6 +158,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
         # is measured on an idle machine, in a tight loop).
         loaded_rtt: list[float] = []
         sampling = asyncio.create_task(round_trips(bus, loaded_rtt, every=0.05, subject="bench.echo.load"))
+        pids = {"placement": proc.pid, "nats_server": server.proc.pid, "bench": os.getpid()}  # type: ignore[union-attr]
+        cpu0 = {k: cpu_s(p) for k, p in pids.items()}
         start = time.time()
         acks = []
         for i, r in enumerate(reqs):
@@ -165,6 +176,7 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
                 acks.clear()
         await asyncio.gather(*acks)
         await asyncio.wait_for(done.wait(), timeout=max(60.0, requests / 200))
+        cpu = {k: (cpu_s(p) - cpu0[k]) * 1e3 / requests for k, p in pids.items()}
         sampling.cancel()
         await asyncio.gather(sampling, return_exceptions=True)
         end = max(answers[u] for u in sent)
@@ -172,6 +184,10 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
         rss = rss_mb(proc.pid)
         round_trip = await rtt(bus)
         p50 = pct(lat, 50)
+        # Where the time goes: up to the decision (delivery, queueing, deciding), and
+        # from it to the answer's arrival (the compare-and-set, the event's publish).
+        before = [decided_at[u] - sent[u] for u in sent if u in decided_at]
+        after = [answers[u] - decided_at[u] for u in sent if u in decided_at]
         return {
             "nodes": nodes, "cards": nodes * cards, "requests": requests,
             "target_rate_per_s": rate,
@@ -180,11 +196,16 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
             "failed": sum(1 for u in sent if outcome[u] == "failed"),
             "p50_ms": round(p50 * 1e3, 3),
             "p99_ms": round(pct(lat, 99) * 1e3, 3),
+            "p50_to_decision_ms": round(pct(before, 50) * 1e3, 3),
+            "p50_decision_to_answer_ms": round(pct(after, 50) * 1e3, 3),
             "nats_rtt_ms": round(round_trip * 1e3, 3),
             "p50_over_rtt": round(p50 / round_trip, 2),
             "nats_rtt_under_load_ms": round(pct(loaded_rtt, 50) * 1e3, 3),
             "p50_over_rtt_under_load": round(p50 / pct(loaded_rtt, 50), 2) if loaded_rtt else None,
             "placement_rss_mb": round(rss, 1),
+            # CPU milliseconds per request, by process, over the timed run: two cores
+            # shared by the three is what makes the round trip under load slower.
+            "cpu_ms_per_request": {k: round(v, 3) for k, v in cpu.items()},
         }
     finally:
         if proc is not None:
