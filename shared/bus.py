@@ -79,6 +79,7 @@ class Bus:
         # a clustered deployment sets HAMI_NATS_REPLICAS=3 so losing a server loses nothing.
         self.replicas = max(1, int(os.environ.get("HAMI_NATS_REPLICAS", "1") or 1))
         self._kv: dict[str, KeyValue] = {}
+        self._writes = _Writes(nc)
 
     @classmethod
     async def connect(cls, url: str, name: str, *, setup: bool = True) -> Bus:
@@ -164,15 +165,13 @@ class Bus:
 
     async def publish_event_nowait(
         self, subject: str, msg: msgspec.Struct, msg_id: str
-    ) -> asyncio.Future[api.PubAck]:
-        """Like :meth:`publish_event`, but returns the acknowledgement as a future.
+    ) -> asyncio.Future[int]:
+        """Like :meth:`publish_event`, but returns the stored sequence as a future.
 
         Lets a batch of events go out back to back; await the futures before
         acknowledging the work that produced them.
         """
-        return await self.js.publish_async(
-            subject, ENCODER.encode(msg), headers=self.headers(msg_id)
-        )
+        return await self._writes.send(subject, ENCODER.encode(msg), self.headers(msg_id))
 
     async def publish(self, subject: str, msg: msgspec.Struct) -> None:
         """Core NATS, not stored (heartbeats, telemetry)."""
@@ -225,6 +224,25 @@ class Bus:
             except BadRequestError as exc:
                 raise Conflict(description=str(exc)) from exc
         return await kv.update(k, data, last=last)
+
+    async def kv_cas_nowait(
+        self, bucket: str, key: str, value: msgspec.Struct, last: int
+    ) -> asyncio.Future[int]:
+        """Like :meth:`kv_cas`, but returns once the write is sent: await the result
+        for the new revision (or :data:`Conflict`).
+
+        Several writes (and whatever else is published before the next await) leave in
+        one socket write, and the answers come back through the one reply
+        subscription of asynchronous publishes instead of a request each.
+        """
+        if last == 0:  # a create (a tombstone may be in the way): the ordinary path
+            return asyncio.ensure_future(self.kv_cas(bucket, key, value, last))
+        await self.kv(bucket)  # the bucket exists (created once per process)
+        return await self._writes.send(
+            f"$KV.{bucket}.{subjects.kv_key(key)}",
+            ENCODER.encode(value),
+            {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)},
+        )
 
     async def kv_delete(self, bucket: str, key: str) -> None:
         kv = await self.kv(bucket)
@@ -329,6 +347,96 @@ class Bus:
                 await self.nc.drain()
             except Exception:  # already closing or the server is gone
                 await self.nc.close()
+
+
+class _PubError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    seq: int = 0
+    error: _PubError | None = None
+
+
+_PUB_ACK = msgspec.json.Decoder(_PubAck)
+# The stream's answers to conditional writes whose expected last sequence did not hold.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+class _Writes:
+    """JetStream writes whose acknowledgements are awaited later, as futures.
+
+    One wildcard inbox subscription receives every acknowledgement (nats-py's own
+    ``publish_async`` leaves the future pending forever when the stream answers an
+    error, because its reply handler raises instead of failing the future). An
+    acknowledgement that never comes (a lost connection) fails its future after
+    ``timeout`` seconds, so no caller waits forever.
+    """
+
+    def __init__(self, nc: NATS, timeout: float = 10.0) -> None:
+        self.nc = nc
+        self.timeout = timeout
+        self.prefix = ""
+        self.pending: dict[str, tuple[asyncio.Future[int], float]] = {}
+        self._next = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def send(self, subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future[int]:
+        if not self.prefix:
+            prefix = f"{self.nc.new_inbox()}."
+            await self.nc.subscribe(f"{prefix}*", cb=self._on_reply)
+            self.prefix = prefix
+        self._next += 1
+        token = str(self._next)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self.pending[token] = (fut, loop.time() + self.timeout)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="bus-write-timeouts")
+        try:
+            await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
+        except BaseException:
+            self.pending.pop(token, None)
+            raise
+        return fut
+
+    async def _on_reply(self, msg: Msg) -> None:
+        entry = self.pending.pop(msg.subject[len(self.prefix):], None)
+        if entry is None or entry[0].done():
+            return
+        fut = entry[0]
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            ack = _PUB_ACK.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            fut.set_exception(BadMessage(f"cannot decode a stream acknowledgement: {exc}"))
+            return
+        err = ack.error
+        if err is None:
+            fut.set_result(ack.seq)
+        elif err.err_code in _WRONG_LAST_SEQUENCE:
+            fut.set_exception(Conflict(description=err.description))
+        else:
+            fut.set_exception(
+                nats.js.errors.APIError(code=err.code, err_code=err.err_code, description=err.description)
+            )
+
+    async def _sweep(self) -> None:
+        """Fail the futures whose acknowledgement is overdue (oldest first)."""
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            for token, (fut, deadline) in list(self.pending.items()):
+                if deadline > now:
+                    break  # insertion order is deadline order
+                del self.pending[token]
+                if not fut.done():
+                    fut.set_exception(TimeoutError(f"no acknowledgement in {self.timeout:g} s"))
 
 
 class WorkQueue:

@@ -42,6 +42,9 @@ from shared.schemas import (
 log = logging.getLogger("hami.placement")
 tracer = tracing.tracer("hami.placement")
 SETTLE_TIMEOUT_S = 10.0  # for the stream to acknowledge a batch's events
+# A handled message is acknowledged with the next batch's ledger writes (one socket
+# write for both), or after this long when no batch follows.
+ACK_DELAY_S = 0.005
 
 CAS_ATTEMPTS = 16
 DECISION_FILTERS = [
@@ -69,6 +72,8 @@ class PlacementService:
         self.capacity_changed = asyncio.Event()
         self._bg = Background()
         self._sub: WorkQueue | None = None
+        self._acks_due: list[Msg] = []
+        self._ack_timer: asyncio.TimerHandle | None = None
         self.decisions = 0
         self.conflicts = 0
 
@@ -180,12 +185,12 @@ class PlacementService:
         alloc: LedgerAlloc,
         rev: int,
         ctx: context.Context | None = None,
-    ) -> asyncio.Future[object]:
+    ) -> asyncio.Future[int]:
         # The event carries the trace of the decision that made it, also when it is
         # published after the batch it was decided in.
         token = context.attach(ctx) if ctx is not None else None
         try:
-            return await self.bus.publish_event_nowait(  # type: ignore[return-value]
+            return await self.bus.publish_event_nowait(
                 subjects.alloc("decided", node),
                 self._decided_event(req, node, alloc, rev),
                 msg_id=f"decided:{req.uid}:{alloc.decided_at}",
@@ -194,7 +199,7 @@ class PlacementService:
             if token is not None:
                 context.detach(token)
 
-    async def _publish_failed(self, req: AllocRequested, result: Failure) -> asyncio.Future[object]:
+    async def _publish_failed(self, req: AllocRequested, result: Failure) -> asyncio.Future[int]:
         ev = AllocFailed(
             uid=req.uid,
             name=req.name,
@@ -207,11 +212,11 @@ class PlacementService:
             requested_at=req.requested_at,
             failed_at=time.time(),
         )
-        return await self.bus.publish_event_nowait(  # type: ignore[return-value]
+        return await self.bus.publish_event_nowait(
             subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:{req.requested_at}"
         )
 
-    async def _already_placed(self, req: AllocRequested, acks: list[asyncio.Future[object]]) -> bool:
+    async def _already_placed(self, req: AllocRequested, acks: list[asyncio.Future[int]]) -> bool:
         """A redelivered or repeated request: the ledger holds it; say so again."""
         node = self.owner.get(req.uid)
         if node is None:
@@ -225,7 +230,7 @@ class PlacementService:
 
     async def handle_request(self, req: AllocRequested, retry: bool = False) -> bool:
         """Decide and commit one request on its own; True when it was placed."""
-        acks: list[asyncio.Future[object]] = []
+        acks: list[asyncio.Future[int]] = []
         try:
             if await self._already_placed(req, acks):
                 return True
@@ -255,7 +260,7 @@ class PlacementService:
     async def _handle_batch(
         self,
         batch: list[tuple[Msg, AllocRequested | AllocReleased]],
-        acks: list[asyncio.Future[object]],
+        acks: list[asyncio.Future[int]],
     ) -> None:
         """Decide a batch in memory, then commit one compare-and-set per node.
 
@@ -302,7 +307,7 @@ class PlacementService:
     async def _commit(
         self,
         tentative: dict[str, list[tuple[AllocRequested, LedgerAlloc, context.Context]]],
-        acks: list[asyncio.Future[object]],
+        acks: list[asyncio.Future[int]],
     ) -> None:
         redo: list[AllocRequested] = []
         writes: dict[str, tuple[NodeLedger, int]] = {}
@@ -320,7 +325,8 @@ class PlacementService:
             entries = tentative[node]
             self._writing.add(node)
             try:
-                rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, view, last)
+                sent = await self.bus.kv_cas_nowait(subjects.LEDGER_BUCKET, node, view, last)
+                rev = await sent
             except Conflict:
                 self.conflicts += 1
                 redo.extend(req for req, _, _ in entries)
@@ -337,7 +343,9 @@ class PlacementService:
                 self.decisions += 1
                 acks.append(await self._publish_decided(req, node, alloc, rev, ctx))
 
-        await asyncio.gather(*(one(n, v, r) for n, (v, r) in writes.items()))
+        # Every task publishes before the first await, so the writes and the due
+        # acknowledgements leave together, in one socket write.
+        await asyncio.gather(*(one(n, v, r) for n, (v, r) in writes.items()), self._send_acks())
         redo_uids = {r.uid for r in redo}
         for node, entries in tentative.items():
             if any(req.uid in redo_uids for req, _, _ in entries):
@@ -386,7 +394,7 @@ class PlacementService:
                 await msg.ack()
         if not batch:
             return
-        acks: list[asyncio.Future[object]] = []
+        acks: list[asyncio.Future[int]] = []
         try:
             async with self.lock:
                 await self._handle_batch(batch, acks)
@@ -404,7 +412,7 @@ class PlacementService:
     async def _settle(
         self,
         batch: list[tuple[Msg, AllocRequested | AllocReleased]],
-        acks: list[asyncio.Future[object]],
+        acks: list[asyncio.Future[int]],
     ) -> None:
         try:
             if acks:
@@ -416,8 +424,24 @@ class PlacementService:
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=0.5)
             return
-        for msg, _ in batch:
-            await msg.ack()
+        self._acks_due.extend(msg for msg, _ in batch)
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._ack_soon)
+
+    def _ack_soon(self) -> None:
+        self._ack_timer = None
+        if self._acks_due:
+            self._bg.spawn_short(self._send_acks(), "placement-ack")
+
+    async def _send_acks(self) -> None:
+        """Acknowledge the messages whose decisions are committed and announced."""
+        due, self._acks_due = self._acks_due, []
+        for msg in due:
+            try:
+                await msg.ack()
+            except Exception as exc:  # the connection is gone: redelivered, and idempotent
+                log.warning("cannot acknowledge a handled message (%s); it will be redelivered", exc)
+                return
 
     async def _consume(self) -> None:
         wq = self._sub
@@ -457,6 +481,10 @@ class PlacementService:
 
     async def stop(self) -> None:
         await self._bg.stop()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        await self._send_acks()
         if self._sub is not None:
             await self._sub.close()
             self._sub = None

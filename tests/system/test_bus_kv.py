@@ -1,15 +1,18 @@
-"""The bus's KV buckets: direct gets, also on buckets an older release made."""
+"""The bus's KV buckets (direct gets, also on buckets an older release made) and its
+writes whose acknowledgement is awaited later."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import nats
+import pytest
 
 from shared import subjects
-from shared.bus import Bus
+from shared.bus import Bus, Conflict, _Writes
 from shared.natsserver import EmbeddedNats
-from shared.schemas import NodeLedger
+from shared.schemas import AllocReleased, NodeLedger
 
 
 async def test_buckets_made_without_direct_gets_are_upgraded(tmp_path: Path) -> None:
@@ -36,3 +39,42 @@ async def test_buckets_made_without_direct_gets_are_upgraded(tmp_path: Path) -> 
             await bus.close()
     finally:
         srv.cleanup()
+
+
+async def test_writes_without_waiting_answer_every_outcome(bus: Bus) -> None:
+    """kv_cas_nowait / publish_event_nowait: the revision, a conflict, a stream error."""
+    first = await bus.kv_cas(subjects.LEDGER_BUCKET, "n1", NodeLedger(node="n1"), 0)
+    ok = await bus.kv_cas_nowait(subjects.LEDGER_BUCKET, "n1", NodeLedger(node="n1"), first)
+    # sent before the first answer: both expect the same revision; the second loses
+    stale = await bus.kv_cas_nowait(subjects.LEDGER_BUCKET, "n1", NodeLedger(node="n1"), first)
+    second = await ok
+    assert second > first
+    with pytest.raises(Conflict):
+        await stale
+    assert (await bus.kv_get_raw(subjects.LEDGER_BUCKET, "n1"))[1] == second
+
+    ev = AllocReleased(uid="u1", node="n1")
+    seq = await bus.publish_event_nowait(subjects.alloc("released"), ev, msg_id="r1")
+    again = await bus.publish_event_nowait(subjects.alloc("released"), ev, msg_id="r1")
+    assert await seq == await again  # the same id is stored once
+    # A stream that rejects the write (here: it expects another stream) fails the
+    # future instead of leaving it pending, as nats-py's publish_async does.
+    bad = await bus._writes.send(subjects.alloc("released"), b"{}", {"Nats-Expected-Stream": "other"})
+    with pytest.raises(nats.js.errors.APIError) as err:
+        await asyncio.wait_for(bad, 5)
+    assert err.value.err_code == 10060
+
+
+async def test_an_unanswered_write_times_out(bus: Bus) -> None:
+    """No stream takes the subject and nobody answers: the future fails, not hangs."""
+    writes = _Writes(bus.nc, timeout=0.5)
+    # a plain subscriber on the reply-less subject swallows the message: no answer
+    await bus.nc.subscribe("nobody.answers", cb=_ignore)
+    fut = await writes.send("nobody.answers", b"x", {})
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(fut, 5)
+    assert not writes.pending
+
+
+async def _ignore(msg: object) -> None:
+    return None

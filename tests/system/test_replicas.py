@@ -90,6 +90,10 @@ async def test_two_replicas_never_double_book(nats_url: str, cfg: Config, bus: B
             u[1] += cores
             u[2] += slots
     assert all(m <= 24576 and c <= 100 and s <= 10 for m, c, s in per_card.values())
+    # Every request is acknowledged, with a later batch's writes or after a short delay.
+    async with asyncio.timeout(5):
+        while (await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PLACEMENT_CONSUMER)).num_ack_pending:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
     for s in (a, b):
         await s.stop()
     await agent.stop()
