@@ -41,7 +41,6 @@ from shared.schemas import (
 
 log = logging.getLogger("hami.placement")
 tracer = tracing.tracer("hami.placement")
-SETTLE_TIMEOUT_S = 10.0  # for the stream to acknowledge a batch's events
 # A handled message is acknowledged with the next batch's ledger writes (one socket
 # write for both), or after this long when no batch follows.
 ACK_DELAY_S = 0.005
@@ -416,8 +415,9 @@ class PlacementService:
     ) -> None:
         try:
             if acks:
-                # An acknowledgement lost with the connection never arrives: bounded.
-                await asyncio.wait_for(asyncio.gather(*acks), SETTLE_TIMEOUT_S)
+                # Bounded: an acknowledgement lost with the connection fails its
+                # future after Bus's write timeout (10 s).
+                await asyncio.gather(*acks)
         except Exception as exc:
             log.warning("events of a batch of %d not stored (%s); redelivering", len(batch), exc)
             for msg, _ in batch:
