@@ -9,9 +9,14 @@ Prints one JSON object:
   the ``decided`` / ``failed`` event at a subscriber; throughput is requests over the
   time from the first publish to the last answer;
 - ``nats_rtt``: a core NATS request/reply round trip measured in the same run, so the
-  overhead above reads as a ratio: once after the load, in a tight loop on an idle
-  machine (``nats_rtt_ms``), and sampled every 50 ms while the load runs
-  (``nats_rtt_under_load_ms``), which is what the decisions' messages see;
+  overhead above reads as a ratio. The responder is a process of its own
+  (``bench/_echo.py``), as placement is: once after the load, in a tight loop
+  (``nats_rtt_ms``), and sampled every 50 ms while the load runs
+  (``nats_rtt_under_load_ms``), which is what the decisions' messages see. The same
+  tight loop against a responder inside the bench process (one event loop answering
+  itself, no second process to wake) is ``nats_rtt_same_process_ms``;
+- ``p50_to_decision_ms`` / ``p50_decision_to_answer_ms``: the p50 split at the
+  decision's time stamp; ``cpu_ms_per_request``: CPU per request of each process;
 - ``placement_rss_mb``: the placement process's resident memory at the end.
 
     .venv/bin/python bench/placement.py [--nodes 5000] [--cards 8] [--requests 20000] [--rate 1000]
@@ -63,14 +68,17 @@ def inventories(nodes: int, cards: int) -> list[NodeInventory]:
 
 async def round_trips(
     bus: Bus, out: list[float], *, count: int | None = None, every: float = 0.0,
-    subject: str = "bench.echo",
+    subject: str = "bench.echo", local: bool = True,
 ) -> None:
     """Core request/reply round trips (seconds) into ``out``: ``count`` of them, one
-    every ``every`` seconds (0: back to back), or until cancelled when ``count`` is None."""
+    every ``every`` seconds (0: back to back), or until cancelled when ``count`` is None.
+
+    ``local``: the responder is a subscription of this process (else the echo process
+    answers ``subject``)."""
     async def echo(msg: object) -> None:
         await msg.respond(b"ok")  # type: ignore[attr-defined]
 
-    sub = await bus.nc.subscribe(subject, cb=echo)
+    sub = await bus.nc.subscribe(subject, cb=echo) if local else None
     other = await Bus.connect(bus.nc.connected_url.geturl() if bus.nc.connected_url else "", "rtt", setup=False)
     try:
         await bus.nc.flush()
@@ -81,14 +89,15 @@ async def round_trips(
             if every:
                 await asyncio.sleep(every)
     finally:
-        await sub.unsubscribe()
+        if sub is not None:
+            await sub.unsubscribe()
         await other.close()
 
 
-async def rtt(bus: Bus, n: int = 2000) -> float:
+async def rtt(bus: Bus, n: int = 2000, *, local: bool, subject: str = "bench.echo") -> float:
     """The idle round trip: ``n`` back to back, p50 of all but the first tenth."""
     samples: list[float] = []
-    await round_trips(bus, samples, count=n)
+    await round_trips(bus, samples, count=n, local=local, subject=subject)
     return pct(samples[n // 10:], 50)
 
 
@@ -110,11 +119,14 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
     url = await server.astart()
     bus = await Bus.connect(url, "bench")
     proc: subprocess.Popen[bytes] | None = None
+    echo: subprocess.Popen[bytes] | None = None
     try:
         for i, inv in enumerate(inventories(nodes, cards)):
             await bus.kv_put(subjects.NODES_BUCKET, inv.node, inv)
             if i % 500 == 0:
                 await asyncio.sleep(0)
+        echo = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
+            [sys.executable, str(ROOT / "bench" / "_echo.py"), url, "bench.echo.remote.>"], cwd=ROOT)
         env = dict(os.environ, HAMI_LOG_LEVEL="WARNING", HAMI__SCHEDULER__NODEPOLICY="binpack")
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
             [sys.executable, "-m", "services.placement", "--nats-url", url], cwd=ROOT, env=env)
@@ -160,7 +172,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
         # The round trip while the load runs, sampled every 50 ms (the one after the run
         # is measured on an idle machine, in a tight loop).
         loaded_rtt: list[float] = []
-        sampling = asyncio.create_task(round_trips(bus, loaded_rtt, every=0.05, subject="bench.echo.load"))
+        sampling = asyncio.create_task(
+            round_trips(bus, loaded_rtt, every=0.05, subject="bench.echo.remote.load", local=False))
         pids = {"placement": proc.pid, "nats_server": server.proc.pid, "bench": os.getpid()}  # type: ignore[union-attr]
         cpu0 = {k: cpu_s(p) for k, p in pids.items()}
         start = time.time()
@@ -185,7 +198,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
         end = max(answers[u] for u in sent)
         lat = [answers[u] - sent[u] for u in sent]
         rss = rss_mb(proc.pid)
-        round_trip = await rtt(bus)
+        round_trip = await rtt(bus, local=False, subject="bench.echo.remote.idle")
+        same_process = await rtt(bus, local=True)
         p50 = pct(lat, 50)
         # Where the time goes: up to the decision (delivery, queueing, deciding), and
         # from it to the answer's arrival (the compare-and-set, the event's publish).
@@ -203,6 +217,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
             "p50_decision_to_answer_ms": round(pct(after, 50) * 1e3, 3),
             "nats_rtt_ms": round(round_trip * 1e3, 3),
             "p50_over_rtt": round(p50 / round_trip, 2),
+            "nats_rtt_same_process_ms": round(same_process * 1e3, 3),
+            "p50_over_rtt_same_process": round(p50 / same_process, 2),
             "nats_rtt_under_load_ms": round(pct(loaded_rtt, 50) * 1e3, 3),
             "p50_over_rtt_under_load": round(p50 / pct(loaded_rtt, 50), 2) if loaded_rtt else None,
             "placement_rss_mb": round(rss, 1),
@@ -211,9 +227,10 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
             "cpu_ms_per_request": {k: round(v, 3) for k, v in cpu.items()},
         }
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=10)
+        for p in (proc, echo):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=10)
         await bus.close()
         server.cleanup()
 
