@@ -213,6 +213,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
             "failed": sum(1 for u in sent if outcome[u] == "failed"),
             "p50_ms": round(p50 * 1e3, 3),
             "p99_ms": round(pct(lat, 99) * 1e3, 3),
+            # drift over the run (a view, a stream or a ledger growing) shows here
+            "p50_ms_by_tenth": [round(pct(list(x), 50) * 1e3, 3) for x in np.array_split(np.array(lat), 10)],
             "p50_to_decision_ms": round(pct(before, 50) * 1e3, 3),
             "p50_decision_to_answer_ms": round(pct(after, 50) * 1e3, 3),
             "nats_rtt_ms": round(round_trip * 1e3, 3),
