@@ -406,25 +406,45 @@ class PlacementService:
         # may be decided while the stream acknowledges this one's events. A message is
         # acknowledged only once the events it caused are stored (else redelivered,
         # and _already_placed announces the decision again).
-        self._bg.spawn_short(self._settle(batch, acks), "placement-settle")
+        self._settle(batch, acks)
 
-    async def _settle(
+    def _settle(
         self,
         batch: list[tuple[Msg, AllocRequested | AllocReleased]],
         acks: list[asyncio.Future[int]],
     ) -> None:
-        try:
-            if acks:
-                # Bounded: an acknowledgement lost with the connection fails its
-                # future after Bus's write timeout (10 s).
-                await asyncio.gather(*acks)
-        except Exception as exc:
-            log.warning("events of a batch of %d not stored (%s); redelivering", len(batch), exc)
-            for msg, _ in batch:
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=0.5)
-            return
-        self._acks_due.extend(msg for msg, _ in batch)
+        """Acknowledge the batch once every event it caused is stored (callbacks on the
+        futures, not a task per batch). Bounded: an acknowledgement lost with the
+        connection fails its future after the bus's write timeout (10 s)."""
+        msgs = [msg for msg, _ in batch]
+        left = len(acks)
+        failed: list[BaseException] = []
+
+        def one_done(fut: asyncio.Future[int]) -> None:
+            nonlocal left
+            exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+            if exc is not None:
+                failed.append(exc)
+            left -= 1
+            if left == 0:
+                if failed:
+                    self._bg.spawn_short(self._redeliver(msgs, failed[0]), "placement-nak")
+                else:
+                    self._ack_later(msgs)
+
+        if not acks:
+            self._ack_later(msgs)
+        for fut in acks:
+            fut.add_done_callback(one_done)
+
+    async def _redeliver(self, msgs: list[Msg], exc: BaseException) -> None:
+        log.warning("events of a batch of %d not stored (%s); redelivering", len(msgs), exc)
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=0.5)
+
+    def _ack_later(self, msgs: list[Msg]) -> None:
+        self._acks_due.extend(msgs)
         if self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._ack_soon)
 

@@ -126,3 +126,37 @@ async def test_stale_view_conflicts_and_decides_again(nats_url: str, cfg: Config
     await p.stop()
     await agent.stop()
     await pbus.close()
+
+
+class _Recorded:
+    """Stands in for a delivered message: records how it was settled."""
+
+    def __init__(self) -> None:
+        self.settled: list[str] = []
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nak(self, delay: float = 0) -> None:
+        self.settled.append("nak")
+
+
+async def test_a_batch_is_acknowledged_only_once_its_events_are_stored(bus: Bus, cfg: Config) -> None:
+    p = PlacementService(bus, cfg, replica="p")
+    loop = asyncio.get_running_loop()
+    stored, also_stored, lost = loop.create_future(), loop.create_future(), loop.create_future()
+    good = [_Recorded(), _Recorded()]
+    bad = [_Recorded(), _Recorded()]
+    p._settle([(m, req(f"g{i}", 10)) for i, m in enumerate(good)], [stored])  # type: ignore[misc]
+    p._settle([(m, req(f"b{i}", 10)) for i, m in enumerate(bad)], [also_stored, lost])  # type: ignore[misc]
+    await asyncio.sleep(0.05)
+    assert all(not m.settled for m in good + bad)  # nothing before the stream answers
+    stored.set_result(7)
+    also_stored.set_result(8)
+    await asyncio.sleep(0.05)
+    assert all(m.settled == ["ack"] for m in good)
+    assert all(not m.settled for m in bad)  # one of its events is still unanswered
+    lost.set_exception(TimeoutError("no acknowledgement"))
+    await asyncio.sleep(0.05)
+    assert all(m.settled == ["nak"] for m in bad)  # not stored: redelivered, never acknowledged
+    await p.stop()
