@@ -342,6 +342,7 @@ class Bus:
 
     async def close(self) -> None:
         self.closing = True
+        self._writes.close()
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
@@ -424,6 +425,15 @@ class _Writes:
             fut.set_exception(
                 nats.js.errors.APIError(code=err.code, err_code=err.err_code, description=err.description)
             )
+
+    def close(self) -> None:
+        """Stop the timeouts; a write still unanswered fails now (the connection goes)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for fut, _ in self.pending.values():
+            if not fut.done():
+                fut.set_exception(nats.errors.ConnectionClosedError())
+        self.pending.clear()
 
     async def _sweep(self) -> None:
         """Fail the futures whose acknowledgement is overdue (oldest first)."""

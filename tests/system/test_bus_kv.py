@@ -78,3 +78,14 @@ async def test_an_unanswered_write_times_out(bus: Bus) -> None:
 
 async def _ignore(msg: object) -> None:
     return None
+
+
+async def test_a_write_nobody_stores_fails_at_once(bus: Bus) -> None:
+    """No stream and no subscriber on the subject: the server says so (503)."""
+    fut = await bus._writes.send("no.stream.here", b"x", {})
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        await asyncio.wait_for(fut, 5)
+    pending = await bus._writes.send("no.stream.here", b"x", {})
+    await bus.close()  # before any answer: closing fails what is still unanswered
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await pending
