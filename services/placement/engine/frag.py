@@ -252,6 +252,8 @@ class FragScorer:
         self._any_mib = False
         self._need_c: _F64 = np.zeros(0)
         self._excl: BOOL = np.zeros(0, dtype=bool)
+        self._gidx: _I64 = np.zeros(0, dtype=np.int64)  # shape -> its group of card tests
+        self._gfirst: _I64 = np.zeros(0, dtype=np.int64)  # group -> its first shape
         self._best: dict[tuple[object, ...], _Best] = {}
         self.pressure: _F64 = np.zeros(0)  # per node: demand of model-constrained shapes on its model
         self.cpu_weight = 0.5  # CPU left's weight in best-fit ties (adaptive: by CPU scarcity)
@@ -269,20 +271,31 @@ class FragScorer:
         return fm, fc, np.where(usable, w, 0.0)
 
     def _shape_vectors(self, shapes: list[Shape], version: int) -> None:
-        """Per-shape needs as vectors, so the card x shape tests broadcast."""
-        if self._vec_version == version and len(self._need_c) == len(shapes):
+        """Per-group needs as vectors, so the card x group tests broadcast.
+
+        Shapes that differ only in CPU or card count ask the same of a card: the card
+        tests are made once per group of them (a quarter of the columns on a typical
+        workload) and spread to the shapes by ``_gidx``.
+        """
+        if self._vec_version == version and len(self._gidx) == len(shapes):
             return
         self._vec_version = version
-        self._pct = np.array([(s.pct if s.pct is not None else -1) for s in shapes], dtype=np.float64) / 100.0
-        self._mib = np.array([s.gmem for s in shapes], dtype=np.float64)
+        groups: dict[tuple[object, ...], int] = {}
+        gidx = [groups.setdefault((s.pct, s.gmem, s.cores, s.k > 0, s.models), len(groups)) for s in shapes]
+        self._gidx = np.array(gidx, dtype=np.int64)
+        first = [gidx.index(g) for g in range(len(groups))]
+        self._gfirst = np.array(first, dtype=np.int64)
+        reps = [shapes[i] for i in first]
+        self._pct = np.array([(s.pct if s.pct is not None else -1) for s in reps], dtype=np.float64) / 100.0
+        self._mib = np.array([s.gmem for s in reps], dtype=np.float64)
         self._any_mib = any(s.pct is None and s.k > 0 for s in shapes)
-        self._need_c = np.array([s.cores for s in shapes], dtype=np.float64) / 100.0
-        self._excl = np.array([s.cores >= 100 for s in shapes], dtype=bool)
+        self._need_c = np.array([s.cores for s in reps], dtype=np.float64) / 100.0
+        self._excl = np.array([s.cores >= 100 for s in reps], dtype=bool)
 
     def _fits(self, st: ClusterState, pos: _I64, fm: _F64, fc: _F64, slots_used: _I64, static: BOOL) -> BOOL:
-        """(cards x shapes): can this card (in the given state) host one card of m.
+        """(cards x shape groups): can this card (in the given state) host one card of m.
 
-        ``static`` is the (cards x shapes) part that does not depend on use: the card
+        ``static`` is the (cards x groups) part that does not depend on use: the card
         is usable and its model allowed for the shape.
         """
         if self._any_mib:
@@ -302,8 +315,9 @@ class FragScorer:
         return ok
 
     def _static(self, st: ClusterState, pos: _I64, type_ok: BOOL) -> BOOL:
+        """(cards x groups); ``type_ok`` is (models x shapes)."""
         usable = st.c_live[pos] & st.c_health[pos] & ~st.c_cordon[pos]
-        return usable[:, None] & type_ok[st.c_type[pos]]
+        return usable[:, None] & type_ok[:, self._gfirst][st.c_type[pos]]
 
     @staticmethod
     def _type_ok(st: ClusterState, shapes: list[Shape]) -> BOOL:
@@ -366,7 +380,7 @@ class FragScorer:
     def _refresh(
         self, st: ClusterState, shapes: list[Shape], version: int, p: _F64 | None = None, model: ShapeModel | None = None
     ) -> BOOL:
-        nn, ns = st.nn, len(shapes)
+        nn = st.nn
         key = (st.layout, version, nn)
         if key != self._key or self._type_key != (len(st.types), version):
             self._type_key = (len(st.types), version)
@@ -382,11 +396,12 @@ class FragScorer:
             else:
                 self.pressure = np.zeros(nn)
         type_ok = self._type_cache
+        ng = len(self._gfirst)
         if key != self._key:
             self._key = key
             self._ver = np.full(nn, -1, dtype=np.int64)
-            self.cnt = np.zeros((nn, ns))
-            self.small = np.zeros((nn, ns))
+            self.cnt = np.zeros((nn, ng))  # per group: cards able to host it
+            self.small = np.zeros((nn, ng))  # per group: idle share of the cards unable to
             self.idle = np.zeros(nn)
         stale = np.flatnonzero(self._ver != st.n_ver[:nn])
         if len(stale) == 0:
@@ -396,8 +411,8 @@ class FragScorer:
         owner = np.repeat(np.arange(len(stale)), counts)
         fm, fc, w = self._card_free(st, pos)
         fit = self._fits(st, pos, fm, fc, st.c_uslot[pos], self._static(st, pos, type_ok))
-        cnt = np.zeros((len(stale), ns))
-        small = np.zeros((len(stale), ns))
+        cnt = np.zeros((len(stale), ng))
+        small = np.zeros((len(stale), ng))
         np.add.at(cnt, owner, fit.astype(np.float64))
         np.add.at(small, owner, np.where(fit, 0.0, w[:, None]))
         self.cnt[stale] = cnt
@@ -460,7 +475,8 @@ class FragScorer:
         lets :meth:`choose` cache the best card of a node until the node changes.
         """
         cnt, small, idle = self.cnt[rows], self.small[rows], self.idle[rows]
-        before = np.where(self._runnable(st, rows, cnt, 0, shapes), small, idle[:, None])
+        gi = self._gidx
+        before = np.where(self._runnable(st, rows, cnt[:, gi], 0, shapes), small[:, gi], idle[:, None])
         if k:
             assert ask is not None
             fm, fc, w = self._card_free(st, pos)
@@ -481,7 +497,7 @@ class FragScorer:
         else:
             cnt2, small2, idle2 = cnt, small, idle
             card_left = np.zeros(len(rows))
-        after = np.where(self._runnable(st, rows, cnt2, cpu, shapes), small2, idle2[:, None])
+        after = np.where(self._runnable(st, rows, cnt2[:, gi], cpu, shapes), small2[:, gi], idle2[:, None])
         # row by row (not one matrix product): a row's Δ must not depend on which other
         # rows are scored with it, or cached and fresh scores could differ in the last bit
         delta = np.einsum("ij,j->i", after - before, p)
