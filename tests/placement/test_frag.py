@@ -114,3 +114,20 @@ def test_fgd_measure_is_blind_to_the_shapes_models(policy: str, expected: str) -
         p.observe(req(DeviceAsk(nums=1)))
     assert place(p, req(DeviceAsk(nums=1))).node == expected
     assert place(p, req(DeviceAsk(nums=1), use_types=["G2"])).node == "b-g2"
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_frag_cpu_only_pods_go_by_best_fit_not_by_model_pressure(use_cache: bool) -> None:
+    # T4 carries the demand of the T4-only shape (pressure), G2 none. A CPU-only pod
+    # changes neither node's measure, so the two score alike; it goes where the least
+    # is left (a-t4, one card already taken), not to the unpressured node: steering
+    # CPU-only pods there strands its GPUs (gpuspec10: 5.60 % unallocated vs 5.01).
+    cl = cluster(node("a-t4", 2, dev={"type": "T4"}), node("b-g2", 2, dev={"type": "G2"}))
+    p = placer(cl, node_policy="frag")
+    p.use_cache = use_cache
+    for _ in range(10):
+        p.observe(req(DeviceAsk(nums=1), use_types=["T4"]))
+        p.observe(req(DeviceAsk(nums=1)))
+        p.observe(req(cpu=1000))
+    assert place(p, req(DeviceAsk(nums=1), use_types=["T4"])).node == "a-t4"
+    assert place(p, req(cpu=1000)).node == "a-t4"

@@ -593,8 +593,14 @@ class FragScorer:
             pr = self.pressure[rows]
             if self.variant.model_aware == "first":
                 i = int(np.lexsort((pos, cleft, st.n_rank[rows], left, -score, pr))[0])
-            else:  # pressure 0 everywhere without the model-aware flag
+            elif self.variant.model_aware == "tie":
                 i = int(np.lexsort((pos, cleft, st.n_rank[rows], left, pr, -score))[0])
+            else:
+                # "delta" has the pressure in the score already; as a tie key it would
+                # steer CPU-only pods (no pressure in their Δ) onto the nodes no
+                # model-constrained shape needs, whose GPUs they then strand
+                # (gpuspec10: 5.60 with it, 10 seeds, against 5.01 without)
+                i = int(np.lexsort((pos, cleft, st.n_rank[rows], left, -score))[0])
         return int(rows[i]), int(pos[i]), float(score[i])
 
     def _choose_cached(
@@ -637,10 +643,8 @@ class FragScorer:
         sc = ent.score[sel]
         mx = sc.max()
         sel = sel[sc == mx]
-        if len(sel) > 1 and self.variant.model_aware != "first":
-            # The same second key as _choose_all: pressure right after the score (all
-            # zeros without the model-aware flag; with "delta" it still breaks the ties
-            # of CPU-only pods, whose delta carries no pressure).
+        if len(sel) > 1 and self.variant.model_aware == "tie":
+            # the same second key as _choose_all: pressure right after the score
             pr = self.pressure[sel]
             sel = sel[pr == pr.min()]
         if len(sel) > 1:
