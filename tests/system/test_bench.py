@@ -26,3 +26,29 @@ def test_placement_bench_over_nats_answers_every_request() -> None:
     # the decision precedes the answer, so its share cannot exceed the latency
     assert n["p50_to_decision_ms"] <= n["p99_ms"]
     assert set(n["cpu_ms_per_request"]) == {"placement", "nats_server", "bench"}
+
+
+def test_openb_variants_meet_their_definitions(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import openb_variants as ov
+
+    head = "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\n"
+    rows = ["s,4000,1,1,500,", "w,8000,1,1,1000,", "m,8000,1,4,1000,", "c,2000,1,0,0,"] * 25
+    (tmp_path / "openb_pod_list_default.csv").write_text(head + "\n".join(f"p{i}{r}" for i, r in enumerate(rows)) + "\n")
+    (tmp_path / "openb_pod_list_gpuspec10.csv").write_text(head + "g,1000,1,1,1000,T4|G2\n")
+    out = tmp_path / "out"
+    assert ov.main([str(out), "--data", str(tmp_path)]) == 0
+
+    def load(t: str) -> list[dict[str, str]]:
+        return ov.load(out, t)
+
+    share = load("gpushare60")
+    gpu = sum(map(ov.gpu, share))
+    assert sum(ov.gpu(r) for r in share if r["num_gpu"] == "1" and r["gpu_milli"] != "1000") / gpu >= 0.60
+    multi = load("multigpu40")
+    assert sum(ov.gpu(r) for r in multi if int(r["num_gpu"]) > 1) / sum(map(ov.gpu, multi)) >= 0.40
+    cpu = load("cpu200")
+    assert sum(r["num_gpu"] == "0" for r in cpu) / len(cpu) >= 0.20
+    spec = [r for r in load("gpuspec33") if r["num_gpu"] != "0"]
+    assert 0.15 < sum(r["gpu_spec"] == "T4|G2" for r in spec) / len(spec) < 0.50
+    assert len({r["name"] for r in share}) == len(share)  # clones are named apart
