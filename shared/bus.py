@@ -342,12 +342,13 @@ class Bus:
 
     async def close(self) -> None:
         self.closing = True
-        self._writes.close()
         if not self.nc.is_closed:
             try:
+                # Draining delivers the answers already received before it closes.
                 await self.nc.drain()
             except Exception:  # already closing or the server is gone
                 await self.nc.close()
+        self._writes.close()
 
 
 class _PubError(msgspec.Struct):
@@ -383,12 +384,15 @@ class _Writes:
         self.pending: dict[str, tuple[asyncio.Future[int], float]] = {}
         self._next = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self.closed = False
 
     async def send(self, subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future[int]:
+        if self.closed:
+            raise nats.errors.ConnectionClosedError
         if not self.prefix:
-            prefix = f"{self.nc.new_inbox()}."
-            await self.nc.subscribe(f"{prefix}*", cb=self._on_reply)
-            self.prefix = prefix
+            # Set before the await: a concurrent first send reuses it, not a second inbox.
+            self.prefix = f"{self.nc.new_inbox()}."
+            await self.nc.subscribe(f"{self.prefix}*", cb=self._on_reply)
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
@@ -428,6 +432,7 @@ class _Writes:
 
     def close(self) -> None:
         """Stop the timeouts; a write still unanswered fails now (the connection goes)."""
+        self.closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         for fut, _ in self.pending.values():

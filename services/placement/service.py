@@ -44,6 +44,7 @@ tracer = tracing.tracer("hami.placement")
 # A handled message is acknowledged with the next batch's ledger writes (one socket
 # write for both), or after this long when no batch follows.
 ACK_DELAY_S = 0.005
+STOP_SETTLE_S = 2.0  # at stop, for the stream to answer the events already sent
 
 CAS_ATTEMPTS = 16
 DECISION_FILTERS = [
@@ -51,6 +52,11 @@ DECISION_FILTERS = [
     subjects.alloc("released"),
     subjects.alloc_any("released"),
 ]
+
+
+def _retrieve(fut: asyncio.Future[int]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class PlacementService:
@@ -73,6 +79,8 @@ class PlacementService:
         self._sub: WorkQueue | None = None
         self._acks_due: list[Msg] = []
         self._ack_timer: asyncio.TimerHandle | None = None
+        self._unsettled = 0  # batches whose events the stream has not yet answered
+        self._stopping = False
         self.decisions = 0
         self.conflicts = 0
 
@@ -320,6 +328,8 @@ class PlacementService:
                 # replica wrote it); the decision may no longer hold: decide again.
                 redo.extend(req for req, _, _ in entries)
 
+        failed: dict[str, Exception] = {}
+
         async def one(node: str, view: NodeLedger, last: int) -> None:
             entries = tentative[node]
             self._writing.add(node)
@@ -329,6 +339,12 @@ class PlacementService:
             except Conflict:
                 self.conflicts += 1
                 redo.extend(req for req, _, _ in entries)
+                return
+            except Exception as exc:
+                # No answer (a lost connection, a timeout): the write may or may not
+                # have landed. The node is read again below, after it on the same
+                # connection, so the view holds exactly what the ledger does.
+                failed[node] = exc
                 return
             finally:
                 self._writing.discard(node)
@@ -347,10 +363,14 @@ class PlacementService:
         await asyncio.gather(*(one(n, v, r) for n, (v, r) in writes.items()), self._send_acks())
         redo_uids = {r.uid for r in redo}
         for node, entries in tentative.items():
-            if any(req.uid in redo_uids for req, _, _ in entries):
+            if node in failed or any(req.uid in redo_uids for req, _, _ in entries):
                 for req, _, _ in entries:
                     self.owner.pop(req.uid, None)
                 await self._refresh(node)  # drops this replica's tentative reservations there
+        if failed:
+            # The batch is redelivered: what landed is announced again (_already_placed),
+            # the rest decided again.
+            raise next(iter(failed.values()))
         for req in redo:
             await self.handle_request(req, retry=False)
 
@@ -399,8 +419,11 @@ class PlacementService:
                 await self._handle_batch(batch, acks)
         except Exception:
             log.exception("cannot handle a batch of %d; it will be redelivered", len(batch))
+            for fut in acks:  # events already sent: their outcome no longer matters
+                fut.add_done_callback(_retrieve)
             for msg, _ in batch:
-                await msg.nak(delay=0.5)
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=0.5)
             return
         # The decisions are committed and the local view holds them: the next batch
         # may be decided while the stream acknowledges this one's events. A message is
@@ -427,13 +450,16 @@ class PlacementService:
                 failed.append(exc)
             left -= 1
             if left == 0:
-                if failed:
+                self._unsettled -= 1
+                if failed and not self._stopping:
                     self._bg.spawn_short(self._redeliver(msgs, failed[0]), "placement-nak")
-                else:
+                elif not failed:
                     self._ack_later(msgs)
 
         if not acks:
             self._ack_later(msgs)
+            return
+        self._unsettled += 1
         for fut in acks:
             fut.add_done_callback(one_done)
 
@@ -445,7 +471,7 @@ class PlacementService:
 
     def _ack_later(self, msgs: list[Msg]) -> None:
         self._acks_due.extend(msgs)
-        if self._ack_timer is None:
+        if self._ack_timer is None and not self._stopping:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._ack_soon)
 
     def _ack_soon(self) -> None:
@@ -456,12 +482,15 @@ class PlacementService:
     async def _send_acks(self) -> None:
         """Acknowledge the messages whose decisions are committed and announced."""
         due, self._acks_due = self._acks_due, []
+        lost = 0
         for msg in due:
             try:
                 await msg.ack()
-            except Exception as exc:  # the connection is gone: redelivered, and idempotent
-                log.warning("cannot acknowledge a handled message (%s); it will be redelivered", exc)
-                return
+            except Exception as exc:  # redelivered after ack_wait, and handled idempotently
+                lost += 1
+                error = exc
+        if lost:
+            log.warning("cannot acknowledge %d handled messages (%s); they will be redelivered", lost, error)
 
     async def _consume(self) -> None:
         wq = self._sub
@@ -500,7 +529,13 @@ class PlacementService:
         log.info("%s ready: %d nodes", self.replica, len(list(self.cluster.nodes)))
 
     async def stop(self) -> None:
+        self._stopping = True
         await self._bg.stop()
+        # Batches whose events are on their way to the stream: acknowledged if they
+        # are stored soon, else redelivered to whichever replica runs next.
+        deadline = time.monotonic() + STOP_SETTLE_S
+        while self._unsettled and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None

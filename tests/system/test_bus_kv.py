@@ -85,7 +85,10 @@ async def test_a_write_nobody_stores_fails_at_once(bus: Bus) -> None:
     fut = await bus._writes.send("no.stream.here", b"x", {})
     with pytest.raises(nats.js.errors.NoStreamResponseError):
         await asyncio.wait_for(fut, 5)
-    pending = await bus._writes.send("no.stream.here", b"x", {})
-    await bus.close()  # before any answer: closing fails what is still unanswered
+    await bus.nc.subscribe("nobody.answers", cb=_ignore)
+    pending = await bus._writes.send("nobody.answers", b"x", {})
+    await bus.close()  # closing fails what is still unanswered, and any later write
     with pytest.raises(nats.errors.ConnectionClosedError):
         await pending
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await bus._writes.send("no.stream.here", b"x", {})

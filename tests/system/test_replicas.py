@@ -133,6 +133,7 @@ class _Recorded:
 
     def __init__(self) -> None:
         self.settled: list[str] = []
+        self.headers: dict[str, str] = {}
 
     async def ack(self) -> None:
         self.settled.append("ack")
@@ -160,3 +161,29 @@ async def test_a_batch_is_acknowledged_only_once_its_events_are_stored(bus: Bus,
     await asyncio.sleep(0.05)
     assert all(m.settled == ["nak"] for m in bad)  # not stored: redelivered, never acknowledged
     await p.stop()
+
+
+async def test_a_ledger_write_left_unanswered_forgets_its_bookings(nats_url: str, cfg: Config, bus: Bus) -> None:
+    pbus = await Bus.connect(nats_url, "p")
+    agent = await start_node(bus, cfg, "n1", "A10:1:24576")
+    p = PlacementService(pbus, cfg, replica="p")
+    await p.start()
+    await wait_nodes(p, 1)
+
+    async def no_answer(*args: object) -> asyncio.Future[int]:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut.set_exception(TimeoutError("no acknowledgement"))
+        return fut
+
+    pbus.kv_cas_nowait = no_answer  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):  # the batch is redelivered...
+        async with p.lock:
+            await p._handle_batch([(_Recorded(), req("lost", 50))], [])  # type: ignore[list-item]
+    # ...and the view holds what the ledger does: the booking that never landed is gone
+    assert "lost" not in p.owner
+    assert "lost" not in p.cluster.ledger("n1").allocs
+    del pbus.kv_cas_nowait
+    assert await p.handle_request(req("whole", 100))  # the card is all free again
+    await p.stop()
+    await agent.stop()
+    await pbus.close()
