@@ -49,6 +49,8 @@ def gpu(r: Row) -> float:
 def grow(rows: list[Row], kind: Callable[[Row], bool], frac: float, rnd: random.Random) -> list[Row]:
     """Clones of the ``kind`` tasks until they are ``frac`` of the GPU request."""
     out, pool = list(rows), [r for r in rows if kind(r)]
+    if not pool:
+        raise SystemExit("the trace has no task of that kind to clone")
     total, part = sum(map(gpu, out)), sum(gpu(r) for r in out if kind(r))
     while part / total < frac:
         r = rnd.choice(pool)

@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import nats
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,15 @@ async def rtt(bus: Bus, n: int = 2000, *, local: bool, subject: str = "bench.ech
     return pct(samples[n // 10:], 50)
 
 
+async def _until_answered(bus: Bus, subject: str) -> None:
+    while True:
+        try:
+            await bus.nc.request(subject, b"x", timeout=0.5)
+            return
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            await asyncio.sleep(0.1)
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -130,6 +140,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
         env = dict(os.environ, HAMI_LOG_LEVEL="WARNING", HAMI__SCHEDULER__NODEPOLICY="binpack")
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
             [sys.executable, "-m", "services.placement", "--nats-url", url], cwd=ROOT, env=env)
+        # The echo process answers before any round trip is timed.
+        await asyncio.wait_for(_until_answered(bus, "bench.echo.remote.ready"), 30)
         # Wait until the service answers: one probe request.
         rng = np.random.default_rng(seed)
         answers: dict[str, float] = {}
@@ -194,7 +206,9 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
         await asyncio.wait_for(done.wait(), timeout=max(60.0, requests / 200))
         cpu = {k: (cpu_s(p) - cpu0[k]) * 1e3 / requests for k, p in pids.items()}
         sampling.cancel()
-        await asyncio.gather(sampling, return_exceptions=True)
+        (sampled,) = await asyncio.gather(sampling, return_exceptions=True)
+        if not loaded_rtt:
+            raise RuntimeError(f"no round trip sampled under load: {sampled!r}")
         end = max(answers[u] for u in sent)
         lat = [answers[u] - sent[u] for u in sent]
         rss = rss_mb(proc.pid)

@@ -23,8 +23,10 @@ def test_placement_bench_over_nats_answers_every_request() -> None:
     for key in ("p50_ms", "nats_rtt_ms", "nats_rtt_same_process_ms", "p50_to_decision_ms",
                 "p50_decision_to_answer_ms", "placement_rss_mb"):
         assert n[key] > 0, key
-    # the decision precedes the answer, so its share cannot exceed the latency
-    assert n["p50_to_decision_ms"] <= n["p99_ms"]
+    # request by request the decision precedes the answer, so its median cannot
+    # exceed the latency's (it would with the decision stamped after the publish)
+    assert n["p50_to_decision_ms"] <= n["p50_ms"]
+    assert n["nats_rtt_under_load_ms"] > 0
     assert set(n["cpu_ms_per_request"]) == {"placement", "nats_server", "bench"}
 
 
