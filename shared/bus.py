@@ -392,7 +392,11 @@ class _Writes:
         if not self.prefix:
             # Set before the await: a concurrent first send reuses it, not a second inbox.
             self.prefix = f"{self.nc.new_inbox()}."
-            await self.nc.subscribe(f"{self.prefix}*", cb=self._on_reply)
+            try:
+                await self.nc.subscribe(f"{self.prefix}*", cb=self._on_reply)
+            except BaseException:
+                self.prefix = ""  # the next send tries again
+                raise
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
