@@ -39,6 +39,16 @@ async def start_node(bus: Bus, cfg: Config, node: str, gpus: str) -> NodeAgent:
     return agent
 
 
+async def one_replica(nats_url: str, cfg: Config, bus: Bus) -> tuple[Bus, NodeAgent, PlacementService]:
+    """A placement replica on its own connection, and one node with one A10."""
+    pbus = await Bus.connect(nats_url, "p")
+    agent = await start_node(bus, cfg, "n1", "A10:1:24576")
+    p = PlacementService(pbus, cfg, replica="p")
+    await p.start()
+    await wait_nodes(p, 1)
+    return pbus, agent, p
+
+
 async def wait_nodes(p: PlacementService, n: int) -> None:
     async with asyncio.timeout(5):
         while len(p.cluster.nodes) < n:  # noqa: ASYNC110
@@ -103,11 +113,7 @@ async def test_two_replicas_never_double_book(nats_url: str, cfg: Config, bus: B
 
 
 async def test_stale_view_conflicts_and_decides_again(nats_url: str, cfg: Config, bus: Bus) -> None:
-    pbus = await Bus.connect(nats_url, "p")
-    agent = await start_node(bus, cfg, "n1", "A10:1:24576")
-    p = PlacementService(pbus, cfg, replica="p")
-    await p.start()
-    await wait_nodes(p, 1)
+    pbus, agent, p = await one_replica(nats_url, cfg, bus)
     uuid = agent.inventory.devices[0].uuid  # type: ignore[union-attr]
     # A replica whose ledger watch lags behind: stop its watch.
     for t in p._bg.tasks:
@@ -164,11 +170,7 @@ async def test_a_batch_is_acknowledged_only_once_its_events_are_stored(bus: Bus,
 
 
 async def test_a_ledger_write_left_unanswered_forgets_its_bookings(nats_url: str, cfg: Config, bus: Bus) -> None:
-    pbus = await Bus.connect(nats_url, "p")
-    agent = await start_node(bus, cfg, "n1", "A10:1:24576")
-    p = PlacementService(pbus, cfg, replica="p")
-    await p.start()
-    await wait_nodes(p, 1)
+    pbus, agent, p = await one_replica(nats_url, cfg, bus)
 
     async def no_answer(*args: object) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
