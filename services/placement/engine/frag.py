@@ -246,7 +246,8 @@ class FragScorer:
         self.idle: _F64 = np.zeros(0)
         self._vec_version = -1
         self._type_key: tuple[int, int] = (-1, -1)
-        self._type_cache: BOOL = np.zeros((0, 0), dtype=bool)
+        self._type_cache: BOOL = np.zeros((0, 0), dtype=bool)  # (models x shapes)
+        self._type_groups: BOOL = np.zeros((0, 0), dtype=bool)  # (models x shape groups)
         self._pct: _F64 = np.zeros(0)
         self._mib: _F64 = np.zeros(0)
         self._any_mib = False
@@ -315,9 +316,9 @@ class FragScorer:
         return ok
 
     def _static(self, st: ClusterState, pos: _I64, type_ok: BOOL) -> BOOL:
-        """(cards x groups); ``type_ok`` is (models x shapes)."""
+        """(cards x groups); ``type_ok`` is (models x groups)."""
         usable = st.c_live[pos] & st.c_health[pos] & ~st.c_cordon[pos]
-        return usable[:, None] & type_ok[:, self._gfirst][st.c_type[pos]]
+        return usable[:, None] & type_ok[st.c_type[pos]]
 
     @staticmethod
     def _type_ok(st: ClusterState, shapes: list[Shape]) -> BOOL:
@@ -390,12 +391,13 @@ class FragScorer:
                 else np.ones((max(len(st.types), 1), len(shapes)), dtype=bool)
             )
             self._shape_vectors(shapes, version)
+            self._type_groups = self._type_cache[:, self._gfirst]  # what the card tests read
             self.cpu_weight = self._cpu_weight(st, model)
             if self.variant.model_aware and p is not None:
                 self.pressure = self._pressure(st, shapes, p, self._type_cache)
             else:
                 self.pressure = np.zeros(nn)
-        type_ok = self._type_cache
+        type_ok = self._type_groups
         ng = len(self._gfirst)
         if key != self._key:
             self._key = key
