@@ -19,9 +19,10 @@ of the cluster is a handful of (cards x shapes) numpy operations.
   free), score ``100·sigmoid(−Δ)`` truncated to an integer, ties broken by best fit
   (least GPU left on the node), then node name and card index.
 - ``frag`` (the product default): memory and cores as separate dimensions (a card hosts
-  a shape only if both fit; its idle fraction is the mean of the two), the same
-  truncated score, ties by the openb BestFit measure (CPU and GPU left on the node),
-  then node name and card index.
+  a shape only if both fit; its idle fraction is the mean of the two), shapes covering
+  95 % of the GPU demand as well as of the tasks, model pressure added to Δ, and one
+  smooth score instead of a truncated one: least ``Δ + 0.05 x`` the openb BestFit
+  measure (CPU and GPU the node has left), then node name and the fullest card.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class Variant:
     model_aware: str = ""  # "" | "tie" (after the score) | "first" (before it) | "delta" (added to Δ)
     card_tie: bool = False  # within a node, ties go to the fullest card that fits (else lowest index)
     shape_types: bool = True  # a shape's allowed models limit where it counts as runnable
+    tau: float = 1.0  # the truncated score's scale: 100·sigmoid(−Δ / tau cards)
+    qmode: str = "round"  # exact Δ to bins of ``quantum``: round (centred on 0) | ceil (an edge at 0)
+    # > 0: no bins; score = −(Δ + blend x the tie measure), so a better fit outweighs a
+    # growth of at most ``blend`` cards, smoothly (the tie measure is 0..1)
+    blend: float = 0.0
 
 
 VARIANTS: dict[str, Variant] = {
@@ -67,10 +73,16 @@ VARIANTS: dict[str, Variant] = {
     # vs the published 5.34; model-blind 5.45), so the published harness did not.
     "fgd": Variant(two_d=False, exact=False, tie="bestfit", shape_types=False),
     "fgd-models": Variant(two_d=False, exact=False, tie="bestfit"),
-    # frag (the product default): memory and cores apart, the truncated score (exact or
-    # finely rounded Δ let noise-level differences override the tie-breaker and lost
-    # 0.5-1 point), ties by the openb BestFit measure (CPU and GPU left on the node).
-    "frag": Variant(two_d=True, exact=False, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True),
+    # frag (the product default): memory and cores apart, and one smooth score, Δ plus
+    # 0.05 x the openb BestFit measure (CPU and GPU left on the node), in place of the
+    # truncated score and its ties. Where the bin edges of a truncated score fall decides
+    # too much: 0.2 point either way on gpushare40 as the bin width moves by 0.005 card
+    # (docs/placement.md). Blend weights 0.04-0.06 give the same figures within noise.
+    "frag": Variant(
+        two_d=True, exact=True, tie="bestfit2", gpu_cover=True, model_aware="delta", card_tie=True, blend=0.05
+    ),
+    # the product default until the fourth session: truncated score, CPU weighed by its scarcity
+    "frag-v2": Variant(two_d=True, exact=False, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True),
     "frag-v1": Variant(two_d=True, exact=False, tie="bestfit2"),  # the first frag, for comparison
     "frag-q10": Variant(two_d=True, exact=True, tie="bestfit", quantum=0.1),
     # experiments reported in docs/placement.md; accepted by the Placer, not advertised
@@ -102,6 +114,14 @@ VARIANTS: dict[str, Variant] = {
     "fgd-bf2": Variant(two_d=False, exact=False, tie="bestfit2"),
     "fgd-bf2c": Variant(two_d=False, exact=False, tie="bestfit2", card_tie=True),
     "frag-q10-cg": Variant(two_d=True, exact=True, tie="bestfit2", quantum=0.1, gpu_cover=True),
+    # fourth session: the truncated score's bin width (tau), bins with an edge at Δ = 0,
+    # and the blend with the scarcity-weighted CPU term (cpu050 5.30)
+    "frag-t08": Variant(two_d=True, exact=False, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True, tau=0.8),
+    "frag-t125": Variant(two_d=True, exact=False, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True, tau=1.25),
+    "frag-c04": Variant(
+        two_d=True, exact=True, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True, quantum=0.04, qmode="ceil"
+    ),
+    "frag-ba": Variant(two_d=True, exact=True, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True, blend=0.05),
 }
 _F64 = npt.NDArray[np.float64]
 _I64 = npt.NDArray[np.int64]
@@ -509,11 +529,11 @@ class FragScorer:
             delta = delta + self.pressure[rows] * k * np.maximum(need_m, ask.cores / 100.0)  # type: ignore[attr-defined]
         v = self.variant
         if v.exact and v.quantum > 0:
-            score = -np.round(delta / v.quantum)
+            score = -np.ceil(np.round(delta / v.quantum, 9)) if v.qmode == "ceil" else -np.round(delta / v.quantum)
         elif v.exact:
             score = -np.round(delta, 9)  # rounding: equal growths must tie exactly
         else:
-            score = np.trunc(100.0 / (1.0 + np.exp(delta)))  # 100·sigmoid(−Δ), whole numbers
+            score = np.trunc(100.0 / (1.0 + np.exp(delta / v.tau)))  # 100·sigmoid(−Δ), whole numbers
         # ties by least GPU left on the node (best fit), then node name, card index
         left = idle2 if k else idle
         if v.tie == "bestfit2" or (v.tie == "bestfit2g" and k):
@@ -530,6 +550,8 @@ class FragScorer:
         elif v.tie == "bestfitlex":  # GPU left, then CPU left
             cpu_left = (st.n_cpu_tot[rows] - st.n_cpu_used[rows] - cpu) / 128000.0
             left = np.round(left, 4) + 1e-5 * np.clip(cpu_left, 0.0, 1.0)
+        if v.blend:
+            score = -np.round(delta + v.blend * left, 9)
         return score, np.round(left, 9), card_left
 
     def choose(
