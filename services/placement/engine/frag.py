@@ -59,8 +59,9 @@ class Variant:
     shape_types: bool = True  # a shape's allowed models limit where it counts as runnable
     tau: float = 1.0  # the truncated score's scale: 100·sigmoid(−Δ / tau cards)
     qmode: str = "round"  # exact Δ to bins of ``quantum``: round (centred on 0) | ceil (an edge at 0)
-    # > 0: no bins; score = −(Δ + blend x the tie measure), so a better fit outweighs a
-    # growth of at most ``blend`` cards, smoothly (the tie measure is 0..1)
+    # > 0: no bins (``exact`` and ``quantum`` unused); score = −(Δ + blend x the tie
+    # measure), so a better fit outweighs a growth of about ``blend`` cards at most,
+    # smoothly (the measure is 0..1 on nodes up to openb's 128 cores and 8 cards)
     blend: float = 0.0
 
 
@@ -536,19 +537,19 @@ class FragScorer:
             score = np.trunc(100.0 / (1.0 + np.exp(delta / v.tau)))  # 100·sigmoid(−Δ), whole numbers
         # ties by least GPU left on the node (best fit), then node name, card index
         left = idle2 if k else idle
+        tot = st.n_cpu_tot[rows]
+        # in cores/128 (openb's BestFit); a node that does not report its CPU (0) has
+        # none to pack, so it reads as neutral rather than as negative CPU left
+        cpu_left = np.where(tot > 0, tot - st.n_cpu_used[rows] - cpu, 0) / 128000.0
         if v.tie == "bestfit2" or (v.tie == "bestfit2g" and k):
             # the openb BestFit measure: CPU and GPU left over. For CPU-only tasks
             # (bestfit2g) GPU left only: packing them where CPU is scarcest strands GPUs
-            cpu_left = (st.n_cpu_tot[rows] - st.n_cpu_used[rows] - cpu) / 128000.0
             left = 0.5 * cpu_left + 0.5 * left / 8.0
         elif v.tie == "adaptive":
-            cpu_left = (st.n_cpu_tot[rows] - st.n_cpu_used[rows] - cpu) / 128000.0
             left = self.cpu_weight * cpu_left + 0.5 * left / 8.0
         elif v.tie == "bestfit2w":  # CPU at half BestFit's weight
-            cpu_left = (st.n_cpu_tot[rows] - st.n_cpu_used[rows] - cpu) / 128000.0
             left = 0.25 * cpu_left + 0.5 * left / 8.0
         elif v.tie == "bestfitlex":  # GPU left, then CPU left
-            cpu_left = (st.n_cpu_tot[rows] - st.n_cpu_used[rows] - cpu) / 128000.0
             left = np.round(left, 4) + 1e-5 * np.clip(cpu_left, 0.0, 1.0)
         if v.blend:
             score = -np.round(delta + v.blend * left, 9)
