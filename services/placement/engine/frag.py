@@ -27,7 +27,7 @@ of the cluster is a handful of (cards x shapes) numpy operations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +65,8 @@ class Variant:
     blend: float = 0.0
 
 
+_FRAG_V2 = Variant(two_d=True, exact=False, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True)
+
 VARIANTS: dict[str, Variant] = {
     # fgd: the paper's measure and truncated score. Ties go by best fit: with uniformly
     # random ties this harness loses about 10 % of the GPUs on the default trace, twice
@@ -83,7 +85,7 @@ VARIANTS: dict[str, Variant] = {
         two_d=True, exact=True, tie="bestfit2", gpu_cover=True, model_aware="delta", card_tie=True, blend=0.05
     ),
     # the product default until the fourth session: truncated score, CPU weighed by its scarcity
-    "frag-v2": Variant(two_d=True, exact=False, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True),
+    "frag-v2": _FRAG_V2,
     "frag-v1": Variant(two_d=True, exact=False, tie="bestfit2"),  # the first frag, for comparison
     "frag-q10": Variant(two_d=True, exact=True, tie="bestfit", quantum=0.1),
     # experiments reported in docs/placement.md; accepted by the Placer, not advertised
@@ -115,14 +117,12 @@ VARIANTS: dict[str, Variant] = {
     "fgd-bf2": Variant(two_d=False, exact=False, tie="bestfit2"),
     "fgd-bf2c": Variant(two_d=False, exact=False, tie="bestfit2", card_tie=True),
     "frag-q10-cg": Variant(two_d=True, exact=True, tie="bestfit2", quantum=0.1, gpu_cover=True),
-    # fourth session: the truncated score's bin width (tau), bins with an edge at Δ = 0,
-    # and the blend with the scarcity-weighted CPU term (cpu050 5.30)
-    "frag-t08": Variant(two_d=True, exact=False, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True, tau=0.8),
-    "frag-t125": Variant(two_d=True, exact=False, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True, tau=1.25),
-    "frag-c04": Variant(
-        two_d=True, exact=True, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True, quantum=0.04, qmode="ceil"
-    ),
-    "frag-ba": Variant(two_d=True, exact=True, tie="adaptive", gpu_cover=True, model_aware="delta", card_tie=True, blend=0.05),
+    # fourth session, frag-v2 with: the truncated score's bin width (tau), bins with an
+    # edge at Δ = 0, the blend with the scarcity-weighted CPU term (cpu050 5.30)
+    "frag-t08": replace(_FRAG_V2, tau=0.8),
+    "frag-t125": replace(_FRAG_V2, tau=1.25),
+    "frag-c04": replace(_FRAG_V2, exact=True, quantum=0.04, qmode="ceil"),
+    "frag-ba": replace(_FRAG_V2, exact=True, blend=0.05),
 }
 _F64 = npt.NDArray[np.float64]
 _I64 = npt.NDArray[np.int64]
@@ -529,12 +529,6 @@ class FragScorer:
             # growth: that capacity is, in expectation, theirs
             delta = delta + self.pressure[rows] * k * np.maximum(need_m, ask.cores / 100.0)  # type: ignore[attr-defined]
         v = self.variant
-        if v.exact and v.quantum > 0:
-            score = -np.ceil(np.round(delta / v.quantum, 9)) if v.qmode == "ceil" else -np.round(delta / v.quantum)
-        elif v.exact:
-            score = -np.round(delta, 9)  # rounding: equal growths must tie exactly
-        else:
-            score = np.trunc(100.0 / (1.0 + np.exp(delta / v.tau)))  # 100·sigmoid(−Δ), whole numbers
         # ties by least GPU left on the node (best fit), then node name, card index
         left = idle2 if k else idle
         tot = st.n_cpu_tot[rows]
@@ -553,6 +547,12 @@ class FragScorer:
             left = np.round(left, 4) + 1e-5 * np.clip(cpu_left, 0.0, 1.0)
         if v.blend:
             score = -np.round(delta + v.blend * left, 9)
+        elif v.exact and v.quantum > 0:
+            score = -np.ceil(np.round(delta / v.quantum, 9)) if v.qmode == "ceil" else -np.round(delta / v.quantum)
+        elif v.exact:
+            score = -np.round(delta, 9)  # rounding: equal growths must tie exactly
+        else:
+            score = np.trunc(100.0 / (1.0 + np.exp(delta / v.tau)))  # 100·sigmoid(−Δ), whole numbers
         return score, np.round(left, 9), card_left
 
     def choose(
