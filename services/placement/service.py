@@ -421,9 +421,7 @@ class PlacementService:
             log.exception("cannot handle a batch of %d; it will be redelivered", len(batch))
             for fut in acks:  # events already sent: their outcome no longer matters
                 fut.add_done_callback(_retrieve)
-            for msg, _ in batch:
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=0.5)
+            await self._redeliver([msg for msg, _ in batch])
             return
         # The decisions are committed and the local view holds them: the next batch
         # may be decided while the stream acknowledges this one's events. A message is
@@ -452,7 +450,8 @@ class PlacementService:
             if left == 0:
                 self._unsettled -= 1
                 if failed and not self._stopping:
-                    self._bg.spawn_short(self._redeliver(msgs, failed[0]), "placement-nak")
+                    log.warning("events of a batch of %d not stored (%s); redelivering", len(msgs), failed[0])
+                    self._bg.spawn_short(self._redeliver(msgs), "placement-nak")
                 elif not failed:
                     self._ack_later(msgs)
 
@@ -463,8 +462,8 @@ class PlacementService:
         for fut in acks:
             fut.add_done_callback(one_done)
 
-    async def _redeliver(self, msgs: list[Msg], exc: BaseException) -> None:
-        log.warning("events of a batch of %d not stored (%s); redelivering", len(msgs), exc)
+    async def _redeliver(self, msgs: list[Msg]) -> None:
+        """Hand the messages back to the stream, for whichever replica takes them next."""
         for msg in msgs:
             with contextlib.suppress(Exception):
                 await msg.nak(delay=0.5)
