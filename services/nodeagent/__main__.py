@@ -2,7 +2,8 @@
 
 With ``--kube`` it runs in Kubernetes mode (a DaemonSet pod): the agent plus the kubelet
 device plugin for ``nvidia.com/gpu`` on ``--plugin-dir``, the per-container slice files
-under ``--host-root``, HAMi's node annotations (``--no-annotations`` to switch off) and
+under ``--host-root`` (with the limiter and its ``ld.so.preload``, installed there at
+start from ``--limiter-source``), HAMi's node annotations (``--no-annotations`` to switch off) and
 telemetry. The Kubernetes API is reached with ``--kubeconfig`` or, by default, the pod's
 service account.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from services.nodeagent.agent import NodeAgent
@@ -20,6 +22,9 @@ from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from shared import runner
 from shared.bus import Bus
 from shared.config import Config
+
+# Where the image carries the limiter (Dockerfile); installed under --host-root at start.
+LIMITER_IN_IMAGE = "/usr/local/vgpu/libvgpu.so"
 
 
 class _KubeService:
@@ -50,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster)")
     k.add_argument("--plugin-dir", default=DEVICE_PLUGIN_PATH, help="kubelet device plugin dir")
     k.add_argument("--host-root", default="/", help="where the host's / is mounted")
+    k.add_argument(
+        "--limiter-source",
+        default=LIMITER_IN_IMAGE,
+        help="the libvgpu.so to install on the host at start ('' to install none)",
+    )
     k.add_argument(
         "--no-annotations",
         action="store_true",
@@ -98,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             args.plugin_dir,
             client,
             telemetry_interval=args.telemetry_interval or None,
+            limiter_source=Path(args.limiter_source) if args.limiter_source else None,
         )
         return _KubeService(kn, client)
 

@@ -52,6 +52,7 @@ def dirs() -> Iterator[tuple[Path, Path]]:
     finally:
         shutil.rmtree(plugin_dir, ignore_errors=True)
         shutil.rmtree(host_root, ignore_errors=True)
+        Path(f"{host_root}.libvgpu.so").unlink(missing_ok=True)
 
 
 def sim(gpus: str = "A100-80GB:4") -> SimBackend:
@@ -68,6 +69,8 @@ async def make_node(
     telemetry_interval: float | None = None,
 ) -> KubeNode:
     plugin_dir, host_root = dirs
+    lib = host_root.parent / f"{host_root.name}.libvgpu.so"  # the image's copy
+    lib.write_bytes(b"\x7fELF fake limiter")
     return await start_node(
         bus,
         NODE,
@@ -79,6 +82,7 @@ async def make_node(
         telemetry_interval=telemetry_interval,
         poll_interval=0.05,
         wait_timeout=2.0,
+        limiter_source=lib,
     )
 
 
@@ -207,6 +211,37 @@ async def test_unique_candidate_gets_hamis_exact_env(
         assert [i.split("::")[0] for i in kubelet.pod_devices("b")[RES]] == [c[2]]
     finally:
         await node.stop()
+
+
+async def test_start_installs_the_limiter_and_allocate_mounts_only_what_exists(
+    bus: Bus, cfg: Config, dirs: tuple[Path, Path], kubelet: FakeKubelet
+) -> None:
+    vgpu = dirs[1] / "usr/local/vgpu"
+    vgpu.mkdir(parents=True)
+    (vgpu / "ld.so.preload").write_text("/stale/lib.so\n")  # a previous version's
+    node = await make_node(bus, cfg, dirs)
+    try:
+        assert (vgpu / "libvgpu.so").read_bytes() == b"\x7fELF fake limiter"
+        assert (vgpu / "ld.so.preload").read_text() == "/usr/local/vgpu/libvgpu.so\n"
+        assert {p.name for p in vgpu.iterdir()} == {"libvgpu.so", "ld.so.preload", "containers"}
+        assert (vgpu / "ld.so.preload").stat().st_mode & 0o777 == 0o644
+        await kubelet.wait_devices(RES, lambda d: len(d) == 40)
+        c = cards(node)
+        a, b = pod("a", grant("m", [c[0]], mem=100)), pod("b", grant("m", [c[1]], mem=100))
+        await put_ledger(bus, [a])
+        assert await start_and_check(kubelet, dirs[1], a) == []  # both mounts
+        # Without the library on the host neither file is mounted (a preload naming a
+        # missing library would break every program in the container).
+        (vgpu / "libvgpu.so").unlink()
+        await put_ledger(bus, [a, b])
+        [resp] = await kubelet.admit_pod("b", [{RES: 1}])
+        assert list(resp[RES].mounts) == []
+    finally:
+        await node.stop()
+    # The next start puts it back.
+    node = await make_node(bus, cfg, dirs)
+    await node.stop()
+    assert (vgpu / "libvgpu.so").is_file()
 
 
 async def test_allocate_waits_briefly_for_a_late_decision_then_refuses(

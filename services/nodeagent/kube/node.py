@@ -6,7 +6,8 @@ tests and the burst benchmarks (many simulated nodes in one process, one bus).
     ...                                   # a FakeKubelet on d allocates against it
     await node.stop()
 
-Order matters on start: the agent registers and reads its ledger entry first, then the
+Order matters on start: the limiter and its ``ld.so.preload`` are installed on the host
+(services/nodeagent/install.py), the agent registers and reads its ledger entry first, then the
 slice directory is reconciled with it (a restarted agent removes what was released
 while it was down and writes what is missing), then the plugin loads its saved matcher
 state and registers with the kubelet, so the first Allocate already sees the ledger.
@@ -23,6 +24,7 @@ from pathlib import Path
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.backends import Backend
 from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
+from services.nodeagent.install import install
 from services.nodeagent.kube.annotations import NodeAnnotator
 from services.nodeagent.kube.plugin import EnvOptions, GpuPlugin
 from services.nodeagent.slices import SliceWriter
@@ -51,6 +53,7 @@ class KubeNode:
     wait_timeout: float = 5.0  # Allocate: wait for a lagging decision
     state_path: Path | None = None  # default: STATE_FILE under host_root
     env: EnvOptions | None = None
+    limiter_source: Path | None = None  # the image's libvgpu.so, installed on the host
     agent_kwargs: dict[str, object] = field(default_factory=dict)
 
     agent: NodeAgent = field(init=False)
@@ -73,6 +76,7 @@ class KubeNode:
             wait_timeout=self.wait_timeout,
             poll_interval=self.poll_interval,
             env=self.env,
+            host_root=self.host_root,
         )
         if self.kube is not None:
             self.annotator = NodeAnnotator(self.kube, self.node)
@@ -86,6 +90,8 @@ class KubeNode:
             )
 
     async def start(self) -> None:
+        # Before the plugin registers: its first Allocate must find the limiter in place.
+        await asyncio.to_thread(install, self.host_root, self.limiter_source)
         if self.annotator is not None:
             self.agent.inventory_listeners.append(self.annotator.on_inventory)
             self.annotator.start()
@@ -126,6 +132,7 @@ async def start_node(
     wait_timeout: float = 5.0,
     state_path: str | os.PathLike[str] | None = None,
     env: EnvOptions | None = None,
+    limiter_source: str | os.PathLike[str] | None = None,
     **agent_kwargs: object,
 ) -> KubeNode:
     """Build and start one Kubernetes-mode node (see :class:`KubeNode`)."""
@@ -142,6 +149,7 @@ async def start_node(
         wait_timeout,
         Path(state_path) if state_path else None,
         env,
+        Path(limiter_source) if limiter_source else None,
         dict(agent_kwargs),
     )
     await n.start()

@@ -36,6 +36,7 @@ from services.nodeagent.deviceplugin.server import (
     DeviceState,
 )
 from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
+from services.nodeagent.install import Installed, installed
 from services.nodeagent.kube.matching import Candidate, Matcher
 from services.nodeagent.slices import REGION_PATH, SliceWriter, core_policy
 from shared.config import NodeSettings
@@ -130,10 +131,17 @@ def union_env(cands: Sequence[Candidate], opts: EnvOptions) -> dict[str, str]:
     return env
 
 
-def mounts(opts: EnvOptions) -> list[tuple[str, str, bool]]:
+def mounts(opts: EnvOptions, present: Installed) -> list[tuple[str, str, bool]]:
+    """The limiter's mounts (REFERENCE §6), only of the host files that exist: the
+    kubelet would fail the container's start on a missing one."""
     if opts.disable_control:
         return []
-    return [(LIB_PATH, opts.lib_path, True), (PRELOAD_CONTAINER, opts.preload_path, True)]
+    out = []
+    if present.lib:
+        out.append((LIB_PATH, opts.lib_path, True))
+    if present.preload:
+        out.append((PRELOAD_CONTAINER, opts.preload_path, True))
+    return out
 
 
 def same_slice(cands: Sequence[Candidate]) -> bool:
@@ -181,6 +189,7 @@ def prefer(
 class GpuPlugin:
     """The ``nvidia.com/gpu`` device plugin of one node agent (see the module doc).
 
+    ``host_root``: where the host's ``/`` is seen (which limiter files exist there).
     ``state_path``: where the matcher's state survives an agent restart (None: kept in
     memory only). ``wait_timeout``: how long Allocate waits for a decision that has not
     reached the node yet before refusing.
@@ -197,8 +206,10 @@ class GpuPlugin:
         wait_timeout: float = 5.0,
         poll_interval: float = 0.5,
         env: EnvOptions | None = None,
+        host_root: str | os.PathLike[str] = "/",
     ) -> None:
         self.agent = agent
+        self.host_root = Path(host_root)
         self.slices = slices
         self.state_path = Path(state_path) if state_path else None
         self.wait_timeout = wait_timeout
@@ -348,4 +359,5 @@ class GpuPlugin:
         else:
             self.ambiguous += 1
             env = union_env(cands, self.opts)
-        return ContainerAllocation(envs=env, mounts=mounts(self.opts))
+        present = await asyncio.to_thread(installed, self.host_root)
+        return ContainerAllocation(envs=env, mounts=mounts(self.opts, present))
