@@ -166,6 +166,9 @@ class Constraints(_Base, kw_only=True):
     affinity: list[list[SelectorRequirement]] = []
     tolerations: list[Toleration] = []
     node_name: str | None = None  # pin to a node (used by direct clients)
+    # Candidate nodes: decide among these only (kube-scheduler's feasible nodes, in
+    # extender mode); empty = every node.
+    nodes: list[str] = []
 
 
 class Quota(_Base, kw_only=True):
@@ -236,6 +239,9 @@ class AllocFailed(_Base, kw_only=True, omit_defaults=False, tag="failed", tag_fi
     source: str = "cli"
     requested_at: float = 0.0
     failed_at: float = 0.0
+    # Per candidate node, its reason, when the request named its candidates
+    # (``Constraints.nodes``); nodes placement does not know are absent.
+    node_reasons: dict[str, str] = {}
 
 
 class AllocBound(_Base, kw_only=True, omit_defaults=False, tag="bound", tag_field="kind"):

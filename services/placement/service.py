@@ -218,6 +218,7 @@ class PlacementService:
             source=req.source,
             requested_at=req.requested_at,
             failed_at=time.time(),
+            node_reasons=self.placer.node_reasons(req, result) if req.constraints.nodes else {},
         )
         return await self.bus.publish_event_nowait(
             subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:{req.requested_at}"

@@ -532,3 +532,25 @@ def test_node_name_pin() -> None:
     assert place(p, req(DeviceAsk(mem=10, cores=1), node_name="b")).node == "b"
     f = fail(p, req(DeviceAsk(mem=10, cores=1), node_name="nope"))
     assert f.reasons == {"node(s) didn't match the requested node name": 2}
+
+
+def test_candidate_nodes_allowlist() -> None:
+    # kube-scheduler's feasible nodes (extender mode): decide among these only
+    p = placer(cluster(node("a"), node("b"), node("c")))
+    ask = DeviceAsk(mem=10, cores=1)
+    assert p.decide(req(ask)).node == "a"  # type: ignore[union-attr]  # empty = every node
+    assert place(p, req(ask, nodes=["c"])).node == "c"
+    assert place(p, req(ask, nodes=["unknown", "b"])).node == "b"  # binpack would pick "c"
+    f = fail(p, req(ask, nodes=["unknown"]))
+    assert f.reasons == {"node(s) not among the scheduler's candidates": 3}
+
+
+def test_candidate_nodes_reasons_per_node() -> None:
+    p = placer(cluster(node("a", 1, 4000), node("b", 1, 10000), node("c", 2)))
+    f = fail(p, req(DeviceAsk(nums=2, mem=6000, cores=1), nodes=["a", "b", "zzz"]))
+    r = req(DeviceAsk(nums=2, mem=6000, cores=1), nodes=["a", "b", "zzz"])
+    assert p.node_reasons(r, f) == {"a": "NodeInsufficientDevice", "b": "NodeInsufficientDevice"}
+    r = req(DeviceAsk(nums=1, mem=6000, cores=1), nodes=["a"])
+    f = fail(p, r)
+    assert p.node_reasons(r, f) == {"a": "CardInsufficientMemory"}
+    assert f.reasons == {"node(s) not among the scheduler's candidates": 2, "CardInsufficientMemory": 1}

@@ -60,6 +60,7 @@ NODE_UNREGISTERED = "node unregistered"
 NODE_UNSCHEDULABLE = "node(s) were unschedulable"
 NODE_SELECTOR = "node(s) didn't match Pod's node affinity/selector"
 NODE_NAME = "node(s) didn't match the requested node name"
+NODE_NOT_OFFERED = "node(s) not among the scheduler's candidates"
 NODE_TAINT = "node(s) had untolerated taint"
 INSUFFICIENT_CPU = "Insufficient cpu"
 INSUFFICIENT_MEMORY = "Insufficient memory"
@@ -119,6 +120,8 @@ class Failure:
     reasons: dict[str, int] = field(default_factory=dict)
     nodes_total: int = 0
     message: str = ""
+    # node row -> the reason the exact stage gave it (for per-node reasons later)
+    tried: dict[int, str] = field(default_factory=dict)
 
 
 def failure_message(reasons: dict[str, int], nodes_total: int) -> str:

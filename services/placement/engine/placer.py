@@ -229,7 +229,8 @@ class Placer:
             return m.Failure(nodes_total=st.nodes_total(), message="no node fits")
         reasons = self._explain(cons, cpu, mem, flat, static, req.namespace, tried)
         total = st.nodes_total()
-        return m.Failure(reasons=reasons, nodes_total=total, message=m.failure_message(reasons, total))
+        return m.Failure(reasons=reasons, nodes_total=total, message=m.failure_message(reasons, total),
+                         tried=tried)
 
     # ------------------------------------------------------------- vector stage
 
@@ -248,6 +249,8 @@ class Placer:
             if rec is not None:
                 pin[rec.row] = True
             ok &= pin
+        if cons.nodes:
+            ok &= self._offered(cons.nodes)
         if cons.node_selector or cons.affinity:
             ok &= self._labels(cons)
         if cons.tolerations is not None:
@@ -265,6 +268,16 @@ class Placer:
         mx = st.n_pods_max[:nn]
         ok &= (mx == 0) | (st.n_pods_used[:nn] < mx)
         return ok
+
+    def _offered(self, names: list[str]) -> BOOL:
+        """The rows of the candidate nodes a request names (``Constraints.nodes``)."""
+        st = self.cluster
+        mask = np.zeros(st.nn, dtype=bool)
+        for name in names:
+            rec = st.nodes.get(name)
+            if rec is not None:
+                mask[rec.row] = True
+        return mask
 
     @staticmethod
     def _taints_ok(rec: NodeRec, tols: list[Toleration]) -> bool:
@@ -751,14 +764,55 @@ class Placer:
         ns: str,
         tried: dict[int, str],
     ) -> dict[str, int]:
+        """How many live nodes failed for each reason (see :meth:`_reason_ids`)."""
+        rid, names = self._reason_ids(cons, cpu, mem, flat, static, ns, tried)
+        live = self.cluster.n_live[: self.cluster.nn]
+        ids, first, counts = np.unique(rid[live], return_index=True, return_counts=True)
+        out: dict[str, int] = {}
+        for i in np.argsort(first, kind="stable"):
+            why = names[int(ids[i])]
+            out[why] = out.get(why, 0) + int(counts[i])
+        return out
+
+    def node_reasons(self, req: AllocRequested, failure: m.Failure) -> dict[str, str]:
+        """Each offered node's reason, for a failed request that names its candidate
+        nodes (``Constraints.nodes``: kube-scheduler's extender asks per node). Nodes
+        placement does not know are left out; the caller says why for them."""
+        cons = req.constraints
+        if not cons.nodes:
+            return {}
+        conts = m.ordered_containers(req)
+        flat = [self._ask(a) for c in conts for a in c.devices if a.nums > 0]
+        cpu, mem = m.pod_node_resources(conts)
+        static = {a: self._static_mask(a, cons) for a in dict.fromkeys(flat)}
+        rid, names = self._reason_ids(cons, cpu, mem, flat, static, req.namespace, failure.tried)
+        st = self.cluster
+        out: dict[str, str] = {}
+        for name in cons.nodes:
+            rec = st.nodes.get(name)
+            if rec is not None and st.n_live[rec.row]:
+                out[name] = names[int(rid[rec.row])]
+        return out
+
+    def _reason_ids(
+        self,
+        cons: Constraints,
+        cpu: int,
+        mem: int,
+        flat: list[Ask],
+        static: dict[Ask, BOOL],
+        ns: str,
+        tried: dict[int, str],
+    ) -> tuple[npt.NDArray[np.int64], list[str]]:
         """One reason per live node: the first filter it fails, else its cards' reason.
 
         Vectorised over node rows (a Python loop over 5,000 nodes cost tens of ms and
         was most of ``frag``'s p99). Each node gets a reason id: 1..10 are the card
         codes, above them the node-level reasons; 0 means "no reason yet", so a mask
         applied later never overrides an earlier one (the filters' order is the rule).
-        Returns exactly what :meth:`_explain_ref` (the readable loop, kept for the
-        tests) returns, dict insertion order included.
+        :meth:`_explain` counts them to exactly what :meth:`_explain_ref` (the readable
+        loop, kept for the tests) returns, dict insertion order included. Returns the
+        reason id per node row and the reason names the ids index.
         """
         st = self.cluster
         nn = st.nn
@@ -778,6 +832,8 @@ class Placer:
             if rec is not None:
                 other[rec.row] = False
             assign(other, m.NODE_NAME)
+        if cons.nodes:
+            assign(~self._offered(cons.nodes), m.NODE_NOT_OFFERED)
         unreg = ~st.n_healthy[:nn]
         if flat:
             unreg = unreg | (st.n_ncards[:nn] == 0)
@@ -823,12 +879,7 @@ class Placer:
                 names.append(why)
                 rid[r] = len(names) - 1
         assign(live, m.NODE_UNFIT_POD)
-        ids, first, counts = np.unique(rid[live], return_index=True, return_counts=True)
-        out: dict[str, int] = {}
-        for i in np.argsort(first, kind="stable"):
-            why = names[int(ids[i])]
-            out[why] = out.get(why, 0) + int(counts[i])
-        return out
+        return rid, names
 
     def _explain_ref(
         self,
@@ -848,6 +899,7 @@ class Placer:
         nn = st.nn
         reason: list[str | None] = [None] * nn
         pin = cons.node_name
+        offered = set(cons.nodes) if cons.nodes else None
         labels = self._labels(cons) if (cons.node_selector or cons.affinity) else None
         for rec in st.rows:
             if rec is None:
@@ -855,6 +907,8 @@ class Placer:
             r, inv = rec.row, rec.inv
             if pin is not None and rec.name != pin:
                 reason[r] = m.NODE_NAME
+            elif offered is not None and rec.name not in offered:
+                reason[r] = m.NODE_NOT_OFFERED
             elif not st.n_healthy[r] or (flat and rec.n == 0):
                 reason[r] = m.NODE_UNREGISTERED
             elif inv.unschedulable:
