@@ -7,7 +7,10 @@ and a ``subPathExpr`` mount of the host directory
 ``/usr/local/vgpu/containers/$(HAMI_POD_UID)_<container>`` at ``/usr/local/vgpu/slice``.
 This module writes that directory's ``env`` file from the node's ledger entry, so the
 preloaded limiter (which ``setenv``s each ``KEY=VALUE`` line before CUDA initialises)
-applies the slice the scheduler decided for exactly this pod and container.
+applies the slice the scheduler decided for exactly this pod and container. It also
+pre-creates the container's shared usage region (``region.cache``, mode 0666, in a
+root-owned 0755 directory), so a workload running as any user can map and update it
+without being able to create anything else there.
 
 Pure parts: :func:`slice_env` (one container's file contents), :func:`container_dirs`
 (the directories a ledger implies). :class:`SliceWriter` does the small file I/O (atomic
@@ -40,6 +43,14 @@ SLICE_MOUNT = "/usr/local/vgpu/slice"
 ENV_FILE = "env"
 REGION_FILE = "region.cache"
 REGION_PATH = f"{SLICE_MOUNT}/{REGION_FILE}"
+# The limiter's region file (isolation/native/README.md, "Region file layout"): a 4096-byte
+# header, then 1024 process slots of 384 bytes. Pre-created at this size, zero-filled
+# (sparse): the limiter initialises a file whose magic is not yet set.
+REGION_SIZE = 4096 + 1024 * 384
+# The workload may run as any user: it must map and update its region, but must not
+# create, replace or remove anything in its directory (the agent owns the env file).
+REGION_MODE = 0o666
+DIR_MODE = 0o755
 
 
 def container_name(grant: ContainerGrant, position: int) -> str:
@@ -121,6 +132,32 @@ def container_dirs(allocs: Mapping[str, LedgerAlloc]) -> dict[str, ContainerSlic
     return {s.dir_name: s for a in allocs.values() for s in pod_slices(a)}
 
 
+def ensure_region(d: Path) -> None:
+    """Create ``d/region.cache`` (zero-filled, :data:`REGION_SIZE`, mode 0666) unless it
+    exists. Never touches an existing one: a live container's accounting is in it.
+
+    Built aside and hard-linked into place, so a limiter opening the path meanwhile sees
+    no file (and creates its own, which the link then leaves alone) or the complete one.
+    """
+    region = d / REGION_FILE
+    if region.exists():
+        return
+    tmp = d / f".{REGION_FILE}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, REGION_MODE)
+        try:
+            os.fchmod(fd, REGION_MODE)  # the umask narrowed the mode open() gave
+            os.ftruncate(fd, REGION_SIZE)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, region)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     # A container starting while we write must see the old file or the new one, never
     # half of one: write a temp file in the same directory, then rename over. No fsync:
@@ -129,6 +166,7 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
+        os.fchmod(f.fileno(), 0o644)  # any container user reads it, whatever our umask
     os.replace(tmp, path)
 
 
@@ -207,8 +245,10 @@ class SliceWriter:
             self._remove(name)
         for name, text in writes:
             d = self.root / name
-            d.mkdir(exist_ok=True)
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+            os.chmod(d, DIR_MODE)  # not the umask's: the env file must stay readable
             _write_atomic(d / ENV_FILE, text)
+            ensure_region(d)
             self.written[name] = text
 
     def _newly_prepared(self, allocs: dict[str, LedgerAlloc]) -> list[LedgerAlloc]:
@@ -228,6 +268,8 @@ class SliceWriter:
             if mine and all(self.written.get(s.dir_name) == self._text(s) for s in mine):
                 self.prepared.add(uid)
         self._apply(*self._plan(allocs))
+        for name in container_dirs(allocs):
+            ensure_region(self.root / name)  # directories an older agent wrote have none
         return self._newly_prepared(allocs)
 
     def _scan(self) -> dict[str, str]:
