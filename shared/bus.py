@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -69,6 +70,15 @@ def decode_event(data: bytes) -> AllocEvent | NodeEvent:
         raise BadMessage(f"cannot decode event: {exc}") from exc
 
 
+@dataclass
+class WatchState:
+    """One KV watch of :meth:`Bus.watch_kv`, for readiness (``shared.health``)."""
+
+    name: str  # bucket, or bucket/key
+    caught_up: bool = False  # the entries present when it began have been handled
+    ended: bool = False  # the watch stopped on its own (not by a cancelled task)
+
+
 class Bus:
     def __init__(self, nc: NATS, name: str) -> None:
         self.nc = nc
@@ -80,10 +90,24 @@ class Bus:
         self.replicas = max(1, int(os.environ.get("HAMI_NATS_REPLICAS", "1") or 1))
         self._kv: dict[str, KeyValue] = {}
         self._writes = _Writes(nc)
+        self._watches: list[WatchState] = []
 
     @classmethod
-    async def connect(cls, url: str, name: str, *, setup: bool = True) -> Bus:
+    async def connect(
+        cls, url: str, name: str, *, setup: bool = True, once: float | None = None
+    ) -> Bus:
+        """Connect, reconnecting forever after a loss (services outlive a NATS restart).
+
+        ``once``: a one-shot client (the CLI) instead makes a single attempt bounded by
+        that many seconds, never reconnects, and gets the attempt's own error (e.g.
+        ``ConnectionRefusedError``, ``TimeoutError``) rather than a retry loop.
+        """
+        failures: list[Exception] = []
+
         async def on_error(exc: Exception) -> None:
+            if once is not None:
+                failures.append(exc)  # the caller reports it; a log line would repeat it
+                return
             log.warning("%s: nats error: %s", name, exc)
 
         async def on_disconnect() -> None:
@@ -94,16 +118,33 @@ class Bus:
             log.info("%s: reconnected to nats", name)
 
         bus: Bus
-        nc = await nats.connect(
-            url,
-            name=f"hami-{name}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-        )
+        if once is None:
+            nc = await nats.connect(
+                url,
+                name=f"hami-{name}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+        else:
+            try:
+                # nats-py tries a server up to max_reconnect_attempts + 1 times even
+                # with allow_reconnect off; the outer timeout bounds the whole attempt.
+                async with asyncio.timeout(once):
+                    nc = await nats.connect(
+                        url,
+                        name=f"hami-{name}",
+                        allow_reconnect=False,
+                        max_reconnect_attempts=1,
+                        reconnect_time_wait=0,
+                        connect_timeout=once,
+                        error_cb=on_error,
+                    )
+            except Exception as exc:
+                raise (failures[0] if failures else exc) from None
         bus = cls(nc, name)
         if setup:
             await bus.setup()
@@ -262,11 +303,14 @@ class Bus:
         """
         kv = await self.kv(bucket)
         watcher = await (kv.watch(subjects.kv_key(key)) if key else kv.watchall())
+        state = WatchState(f"{bucket}/{key}" if key else bucket)
+        self._watches.append(state)
 
         async def run() -> None:
             try:
                 async for entry in watcher:
                     if entry is None:  # end of the initial values
+                        state.caught_up = True
                         if ready is not None:
                             ready.set()
                         continue
@@ -275,13 +319,23 @@ class Bus:
                         await handler(entry.key, None if deleted else entry.value, entry.revision or 0)
                     except Exception:
                         log.exception("%s: handler failed on %s/%s", self.name, bucket, entry.key)
+            except asyncio.CancelledError:
+                # Stopped by its owner: no longer one of the service's watches.
+                if state in self._watches:
+                    self._watches.remove(state)
+                raise
             finally:
+                state.ended = True
                 try:
                     await watcher.stop()  # type: ignore[no-untyped-call]
                 except Exception:  # the connection is already closed: nothing to stop
                     pass
 
         return asyncio.create_task(run(), name=f"watch-{bucket}")
+
+    def watch_states(self) -> list[WatchState]:
+        """The KV watches running or ended on their own (a stopped one is forgotten)."""
+        return list(self._watches)
 
     # ---------------------------------------------------------------- subscribing
 

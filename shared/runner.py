@@ -1,7 +1,10 @@
 """Running one service as its own process: ``python -m services.<name>``.
 
 Parses the common flags, loads the configuration, connects the bus, starts the service
-and stops it cleanly on SIGINT/SIGTERM.
+and stops it cleanly on SIGINT/SIGTERM. ``--health-port`` (8081; 0 switches it off)
+serves ``/healthz`` and ``/readyz`` (:mod:`shared.health`) from before the connection
+is made until the service has stopped; a service with a ``ready_checks()`` method adds
+its own readiness checks.
 """
 
 from __future__ import annotations
@@ -9,12 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from shared import config, logs, tracing
+from shared import config, health, logs, tracing
 from shared.bus import Bus
+
+log = logging.getLogger("hami.runner")
 
 
 class Service(Protocol):
@@ -26,7 +32,29 @@ def common_args(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--nats-url", default=None, help="NATS server (default: $HAMI_NATS_URL)")
     p.add_argument("--config", default=None, help="YAML configuration file")
+    p.add_argument("--health-port", type=int, default=health.DEFAULT_PORT,
+                   help="port of /healthz and /readyz (default %(default)s; 0: off)")
+    p.add_argument("--health-host", default="0.0.0.0", help="address of the health endpoints")
     return p
+
+
+async def start_health(args: argparse.Namespace, name: str) -> health.HealthServer | None:
+    """The health server of ``args``, started; None when switched off or the port is taken.
+
+    A taken port is logged, not fatal: several services run side by side on one host
+    (benchmarks, a laptop) share the default; in a pod the probes then fail and say so.
+    """
+    port = getattr(args, "health_port", 0)
+    if not port:
+        return None
+    server = health.HealthServer(health.Health(), getattr(args, "health_host", "0.0.0.0"), port)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.warning("%s: no health endpoints on port %d: %s (--health-port to choose another)",
+                    name, port, exc)
+        return None
+    return server
 
 
 async def wait_for_signal() -> None:
@@ -50,18 +78,32 @@ def run(
     tracing.setup(name)
 
     async def main() -> None:
-        bus = await Bus.connect(url, name)
-        svc = await make(bus, cfg)
-        await svc.start()
-        # What start-up built (modules, the cluster's state as first read) lives as long
-        # as the process: keep the collector from re-scanning it, whose full passes
-        # over a 5,000-node view were the tail of placement's latency.
-        gc.freeze()
+        hs = await start_health(args, name)
         try:
-            await wait_for_signal()
+            bus = await Bus.connect(url, name)
+            if hs is not None:
+                hs.health.add(health.bus_checks(bus))
+            svc = await make(bus, cfg)
+            checks = getattr(svc, "ready_checks", None)
+            if hs is not None and callable(checks):
+                hs.health.add(checks)
+            await svc.start()
+            if hs is not None:
+                hs.health.started = True
+            # What start-up built (modules, the cluster's state as first read) lives as
+            # long as the process: keep the collector from re-scanning it, whose full
+            # passes over a 5,000-node view were the tail of placement's latency.
+            gc.freeze()
+            try:
+                await wait_for_signal()
+            finally:
+                if hs is not None:
+                    hs.health.stopping = True
+                await svc.stop()
+                await bus.close()
         finally:
-            await svc.stop()
-            await bus.close()
+            if hs is not None:
+                await hs.stop()
 
     asyncio.run(main())
     return 0
