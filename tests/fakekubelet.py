@@ -15,6 +15,9 @@ directory (one per simulated node):
   as the kubelet does when it starts, starts again and waits for the plugins to
   register and stream their devices again.
 
+`FakeCsiKubelet` plays the kubelet's plugin watcher and CSI volume manager (the
+registration socket of a CSI plugin, NodePublishVolume of a pod's inline volumes).
+
 All waiting is bounded by ``timeout`` (seconds, constructor) and raises TimeoutError.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -34,6 +38,15 @@ from typing import Any, Literal
 import grpc
 import grpc.aio
 
+from services.nodeagent.csi.v1 import (
+    EPHEMERAL,
+    POD_NAME,
+    POD_NAMESPACE,
+    POD_UID,
+    SERVICE_ACCOUNT,
+    csi_pb2,
+    csi_pb2_grpc,
+)
 from services.nodeagent.deviceplugin.v1beta1 import (
     HEALTHY,
     KUBELET_SOCKET,
@@ -41,8 +54,20 @@ from services.nodeagent.deviceplugin.v1beta1 import (
     api_pb2,
     api_pb2_grpc,
 )
+from services.nodeagent.pluginregistration.v1 import CSI_PLUGIN
+from services.nodeagent.pluginregistration.v1 import api_pb2 as reg_pb2
+from services.nodeagent.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 
-__all__ = ["AllocationFailed", "AllocationRecord", "FakeKubelet", "PluginEndpoint", "Strategy"]
+__all__ = [
+    "AllocationFailed",
+    "AllocationRecord",
+    "CsiDriver",
+    "CsiRegistrationFailed",
+    "FakeCsiKubelet",
+    "FakeKubelet",
+    "PluginEndpoint",
+    "Strategy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -491,3 +516,149 @@ class FakeKubelet:
         )
         self._notify()
         return result
+
+
+# ------------------------------------------------------------------ CSI side of the kubelet
+
+
+class CsiRegistrationFailed(Exception):
+    """The fake kubelet's plugin watcher refused a plugin (the kubelet would too)."""
+
+
+@dataclass
+class CsiDriver:
+    """A CSI plugin registered through the plugin watcher."""
+
+    name: str
+    endpoint: str
+    versions: list[str]
+    node_id: str
+    channel: grpc.aio.Channel
+    node: Any
+    identity: Any
+
+
+class FakeCsiKubelet:
+    """The kubelet's plugin watcher and CSI volume manager, for ephemeral inline volumes.
+
+    ``register(socket)`` does what the plugin watcher does with a socket that appears in
+    ``plugins_registry``: ``GetInfo``; for a ``CSIPlugin`` with a 1.x version, dial its
+    endpoint, ``GetPluginInfo`` (the name must match) and ``NodeGetInfo``; then
+    ``NotifyRegistrationStatus``. ``publish``/``unpublish`` call the driver as the
+    kubelet's CSI mounter does for a pod's inline volume: target
+    ``<kubelet_root>/pods/<podUID>/volumes/kubernetes.io~csi/<volume>/mount`` (parent
+    made by the kubelet), the volume's attributes plus the pod's information when
+    ``pod_info_on_mount`` (the kubelet's values win).
+    """
+
+    def __init__(self, kubelet_root: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
+        self.root = Path(kubelet_root)
+        self.timeout = timeout
+        self.drivers: dict[str, CsiDriver] = {}
+
+    async def register(self, registration_socket: str | os.PathLike[str]) -> CsiDriver:
+        reg_api: Any = reg_grpc
+        csi_api: Any = csi_pb2_grpc
+        async with grpc.aio.insecure_channel(f"unix:{registration_socket}") as ch:
+            reg = reg_api.RegistrationStub(ch)
+            info = await reg.GetInfo(reg_pb2.InfoRequest(), timeout=self.timeout)
+            error = ""
+            driver: CsiDriver | None = None
+            if info.type != CSI_PLUGIN:
+                error = f"plugin type {info.type!r} is not {CSI_PLUGIN}"
+            elif not any(v.split(".")[0] == "1" for v in info.supported_versions):
+                error = f"no supported CSI version in {list(info.supported_versions)}"
+            else:
+                channel = grpc.aio.insecure_channel(f"unix:{info.endpoint}")
+                identity = csi_api.IdentityStub(channel)
+                node = csi_api.NodeStub(channel)
+                try:
+                    pinfo = await identity.GetPluginInfo(
+                        csi_pb2.GetPluginInfoRequest(), timeout=self.timeout
+                    )
+                    ninfo = await node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=self.timeout)
+                except grpc.aio.AioRpcError as exc:
+                    error = f"endpoint {info.endpoint}: {exc.details()}"
+                    await channel.close()
+                else:
+                    if pinfo.name != info.name:
+                        error = f"endpoint says it is {pinfo.name!r}, registration {info.name!r}"
+                        await channel.close()
+                    else:
+                        driver = CsiDriver(
+                            info.name, info.endpoint, list(info.supported_versions),
+                            ninfo.node_id, channel, node, identity,
+                        )
+            await reg.NotifyRegistrationStatus(
+                reg_pb2.RegistrationStatus(plugin_registered=driver is not None, error=error),
+                timeout=self.timeout,
+            )
+        if driver is None:
+            raise CsiRegistrationFailed(error)
+        old = self.drivers.pop(driver.name, None)
+        if old is not None:
+            await old.channel.close()
+        self.drivers[driver.name] = driver
+        return driver
+
+    def target(self, pod_uid: str, volume: str) -> Path:
+        return self.root / "pods" / pod_uid / "volumes" / "kubernetes.io~csi" / volume / "mount"
+
+    async def publish(
+        self,
+        driver: str,
+        pod_uid: str,
+        volume: str,
+        attributes: Mapping[str, str],
+        *,
+        pod_name: str = "pod",
+        namespace: str = "default",
+        pod_info_on_mount: bool = True,
+        readonly: bool = False,
+        target: str | None = None,
+    ) -> Path:
+        """NodePublishVolume for a pod's inline volume; the target path it used."""
+        d = self.drivers[driver]
+        path = Path(target) if target is not None else self.target(pod_uid, volume)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ctx = dict(attributes)
+        if pod_info_on_mount:
+            ctx.update(
+                {
+                    POD_NAME: pod_name,
+                    POD_NAMESPACE: namespace,
+                    POD_UID: pod_uid,
+                    SERVICE_ACCOUNT: "default",
+                    EPHEMERAL: "true",
+                }
+            )
+        cap = csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(
+                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+            ),
+        )
+        # The kubelet names an inline volume "csi-" + sha256(podUID + driver + volume).
+        vid = "csi-" + hashlib.sha256(f"{pod_uid}{driver}{volume}".encode()).hexdigest()
+        await d.node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=vid,
+                target_path=str(path),
+                volume_capability=cap,
+                readonly=readonly,
+                volume_context=ctx,
+            ),
+            timeout=self.timeout,
+        )
+        return path
+
+    async def unpublish(self, driver: str, target: str | os.PathLike[str]) -> None:
+        await self.drivers[driver].node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id="csi-x", target_path=str(target)),
+            timeout=self.timeout,
+        )
+
+    async def close(self) -> None:
+        for d in self.drivers.values():
+            await d.channel.close()
+        self.drivers.clear()

@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from services.nodeagent.csi.v1 import csi_pb2
 from services.nodeagent.deviceplugin.server import (
     AllocationError,
     ContainerAllocation,
@@ -24,6 +25,7 @@ from services.nodeagent.deviceplugin.server import (
     DeviceState,
 )
 from services.nodeagent.deviceplugin.v1beta1 import HEALTHY, UNHEALTHY, api_pb2, api_pb2_grpc
+from services.nodeagent.pluginregistration.v1 import api_pb2 as reg_pb2
 from tests.fakekubelet import AllocationFailed, FakeKubelet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,20 +110,93 @@ async def plugin_stub(p: DevicePlugin) -> tuple[grpc.aio.Channel, Any]:
 # -- generated code -------------------------------------------------------------------
 
 
-def test_generated_stubs_match_proto(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("api", "stem"),
+    [("deviceplugin/v1beta1", "api"), ("csi/v1", "csi"), ("pluginregistration/v1", "api")],
+)
+def test_generated_stubs_match_proto(tmp_path: Path, api: str, stem: str) -> None:
     subprocess.run(
         ["bash", str(ROOT / "proto" / "generate.sh"), str(tmp_path)],
         check=True,
         env={**os.environ, "PYTHON": sys.executable},
     )
-    committed = ROOT / "services/nodeagent/deviceplugin/v1beta1"
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py"]
-    _, mismatch, errors = filecmp.cmpfiles(tmp_path, committed, names, shallow=False)
+    generated = tmp_path / api
+    committed = ROOT / "services/nodeagent" / api
+    names = sorted(p.name for p in generated.iterdir())
+    assert names == [f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"]
+    _, mismatch, errors = filecmp.cmpfiles(generated, committed, names, shallow=False)
     assert not mismatch and not errors, (
         f"generated stubs differ from the committed ones: {mismatch + errors}; "
         "run proto/generate.sh and commit the result"
     )
+
+
+def test_csi_wire_names_and_numbers_match_the_spec() -> None:
+    d = csi_pb2.DESCRIPTOR
+    assert d.package == "csi.v1"
+    numbers = {
+        "GetPluginInfoResponse": {"name": 1, "vendor_version": 2, "manifest": 3},
+        "GetPluginCapabilitiesResponse": {"capabilities": 1},
+        "PluginCapability": {"service": 1},
+        "ProbeResponse": {"ready": 1},
+        "VolumeCapability": {"block": 1, "mount": 2, "access_mode": 3},
+        "NodePublishVolumeRequest": {
+            "volume_id": 1,
+            "publish_context": 2,
+            "staging_target_path": 3,
+            "target_path": 4,
+            "volume_capability": 5,
+            "readonly": 6,
+            "secrets": 7,
+            "volume_context": 8,
+        },
+        "NodeUnpublishVolumeRequest": {"volume_id": 1, "target_path": 2},
+        "NodeGetCapabilitiesResponse": {"capabilities": 1},
+        "NodeServiceCapability": {"rpc": 1},
+        "NodeGetInfoResponse": {"node_id": 1, "max_volumes_per_node": 2, "accessible_topology": 3},
+        "Topology": {"segments": 1},
+    }
+    for message, fields in numbers.items():
+        desc = d.message_types_by_name[message]
+        assert {f.name: f.number for f in desc.fields} == fields, message
+    mount = d.message_types_by_name["VolumeCapability"].nested_types_by_name["MountVolume"]
+    assert {f.name: f.number for f in mount.fields} == {"fs_type": 1, "mount_flags": 2}
+    mode = d.message_types_by_name["VolumeCapability"].nested_types_by_name["AccessMode"]
+    assert mode.enum_types_by_name["Mode"].values_by_name["SINGLE_NODE_WRITER"].number == 1
+    rpc = d.message_types_by_name["NodeServiceCapability"].nested_types_by_name["RPC"]
+    assert rpc.enum_types_by_name["Type"].values_by_name["STAGE_UNSTAGE_VOLUME"].number == 1
+    assert [m.name for m in d.services_by_name["Identity"].methods] == [
+        "GetPluginInfo",
+        "GetPluginCapabilities",
+        "Probe",
+    ]
+    assert {m.name for m in d.services_by_name["Node"].methods} == {
+        "NodePublishVolume",
+        "NodeUnpublishVolume",
+        "NodeGetCapabilities",
+        "NodeGetInfo",
+    }
+    # The kubelet calls /csi.v1.Node/NodePublishVolume.
+    assert d.services_by_name["Node"].full_name == "csi.v1.Node"
+
+
+def test_plugin_registration_wire_names_match_the_kubelet() -> None:
+    d = reg_pb2.DESCRIPTOR
+    # The kubelet's package has no version in it: /pluginregistration.Registration/GetInfo.
+    assert d.services_by_name["Registration"].full_name == "pluginregistration.Registration"
+    numbers = {
+        "PluginInfo": {"type": 1, "name": 2, "endpoint": 3, "supported_versions": 4},
+        "RegistrationStatus": {"plugin_registered": 1, "error": 2},
+        "RegistrationStatusResponse": {},
+        "InfoRequest": {},
+    }
+    for message, fields in numbers.items():
+        desc = d.message_types_by_name[message]
+        assert {f.name: f.number for f in desc.fields} == fields, message
+    assert [m.name for m in d.services_by_name["Registration"].methods] == [
+        "GetInfo",
+        "NotifyRegistrationStatus",
+    ]
 
 
 def test_wire_field_numbers_match_upstream() -> None:

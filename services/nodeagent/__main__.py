@@ -3,7 +3,8 @@
 With ``--kube`` it runs in Kubernetes mode (a DaemonSet pod): the agent plus the kubelet
 device plugin for ``nvidia.com/gpu`` on ``--plugin-dir``, the per-container slice files
 under ``--host-root`` (with the limiter and its ``ld.so.preload``, installed there at
-start from ``--limiter-source``), HAMi's node annotations (``--no-annotations`` to switch off) and
+start from ``--limiter-source``), the CSI node plugin of the per-container slice volumes
+(``--csi-plugins-dir``, registered with the kubelet through ``--plugins-registry``), HAMi's node annotations (``--no-annotations`` to switch off) and
 telemetry. The Kubernetes API is reached with ``--kubeconfig`` or, by default, the pod's
 service account.
 """
@@ -18,7 +19,9 @@ from typing import Any
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.backends import Backend, nvml
 from services.nodeagent.backends.sim import SimBackend, parse_gpu_spec
+from services.nodeagent.csi.v1 import PLUGINS_DIR
 from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
+from services.nodeagent.pluginregistration.v1 import REGISTRY_DIR
 from shared import runner
 from shared.bus import Bus
 from shared.config import Config
@@ -59,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         "--limiter-source",
         default=LIMITER_IN_IMAGE,
         help="the libvgpu.so to install on the host at start ('' to install none)",
+    )
+    k.add_argument(
+        "--csi-plugins-dir", default=PLUGINS_DIR, help="kubelet CSI plugins dir (our socket)"
+    )
+    k.add_argument(
+        "--plugins-registry", default=REGISTRY_DIR, help="kubelet plugin registration dir"
+    )
+    k.add_argument(
+        "--no-csi",
+        action="store_true",
+        help="do not serve the CSI driver of the slice volumes (pods then cannot start)",
     )
     k.add_argument(
         "--no-annotations",
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             client,
             telemetry_interval=args.telemetry_interval or None,
             limiter_source=Path(args.limiter_source) if args.limiter_source else None,
+            csi_plugins_dir=None if args.no_csi else Path(args.csi_plugins_dir),
+            csi_registry_dir=None if args.no_csi else Path(args.plugins_registry),
         )
         return _KubeService(kn, client)
 

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from services.nodeagent.backends.sim import SimBackend, parse_gpu_spec
+from services.nodeagent.csi.mount import can_mount
+from services.nodeagent.csi.volume import DRIVER
 from services.nodeagent.deviceplugin.v1beta1 import HEALTHY, UNHEALTHY
 from services.nodeagent.kube.node import KubeNode, start_node
-from services.nodeagent.slices import CONTAINERS_DIR, REGION_FILE
+from services.nodeagent.slices import CONTAINERS_DIR, REGION_FILE, parse_env
 from services.placement.service import PlacementService
 from shared import kube, region, subjects
 from shared.bus import Bus, decode, decode_event
@@ -34,7 +36,7 @@ from shared.schemas import (
     Telemetry,
 )
 from tests.fakekube import FakeKube
-from tests.fakekubelet import FakeKubelet
+from tests.fakekubelet import FakeCsiKubelet, FakeKubelet
 from tests.node.util import check_container, container_view, effective_env, grant, pod
 
 RES = "nvidia.com/gpu"
@@ -242,6 +244,47 @@ async def test_start_installs_the_limiter_and_allocate_mounts_only_what_exists(
     node = await make_node(bus, cfg, dirs)
     await node.stop()
     assert (vgpu / "libvgpu.so").is_file()
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs CAP_SYS_ADMIN (bind mounts)")
+async def test_the_containers_csi_volume_is_its_own_slice(
+    bus: Bus, cfg: Config, dirs: tuple[Path, Path], kubelet: FakeKubelet
+) -> None:
+    plugin_dir, host_root = dirs
+    node = await start_node(
+        bus,
+        NODE,
+        cfg,
+        sim(),
+        host_root=host_root,
+        plugin_dir=plugin_dir,
+        telemetry_interval=None,
+        poll_interval=0.05,
+        wait_timeout=2.0,
+        csi_plugins_dir=plugin_dir / "p",
+        csi_registry_dir=plugin_dir / "r",
+    )
+    csi = FakeCsiKubelet(plugin_dir / "k")
+    targets: list[Path] = []
+    try:
+        assert node.csi is not None
+        await csi.register(node.csi.registry_socket)
+        await kubelet.wait_devices(RES, lambda d: len(d) == 40)
+        c = cards(node)
+        a = pod("a", grant("x", [c[0]], mem=700), grant("y", [c[2], c[3]], mem=900))
+        await put_ledger(bus, [a])
+        await kubelet.admit_pod("a", kubelet_asks(a))
+        for i, g in enumerate(a.containers):
+            t = await csi.publish(DRIVER, "a", f"hami-slice-{i}", {"container": g.name})
+            targets.append(t)
+            seen = parse_env((t / "env").read_text())  # what the container reads
+            assert check_container(seen, [d.uuid for d in g.devices], g) == []
+    finally:
+        for t in targets:
+            await csi.unpublish(DRIVER, t)
+        await csi.close()
+        await node.stop()
+    assert node.csi is not None and not node.csi.registry_socket.exists()
 
 
 async def test_allocate_waits_briefly_for_a_late_decision_then_refuses(

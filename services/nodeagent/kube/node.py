@@ -1,5 +1,5 @@
-"""One node in Kubernetes mode: the node agent plus slices, device plugin, annotations,
-telemetry -- assembled in one call, for ``python -m services.nodeagent --kube``, the
+"""One node in Kubernetes mode: the node agent plus slices, device plugin, the CSI node
+plugin of the slice volumes, annotations, telemetry -- assembled in one call, for ``python -m services.nodeagent --kube``, the
 tests and the burst benchmarks (many simulated nodes in one process, one bus).
 
     node = await start_node(bus, "node-1", cfg, backend, host_root=root, plugin_dir=d)
@@ -9,7 +9,8 @@ tests and the burst benchmarks (many simulated nodes in one process, one bus).
 Order matters on start: the limiter and its ``ld.so.preload`` are installed on the host
 (services/nodeagent/install.py), the agent registers and reads its ledger entry first, then the
 slice directory is reconciled with it (a restarted agent removes what was released
-while it was down and writes what is missing), then the plugin loads its saved matcher
+while it was down and writes what is missing), then the CSI node plugin serves and
+registers (services/nodeagent/csi/server.py), then the device plugin loads its saved matcher
 state and registers with the kubelet, so the first Allocate already sees the ledger.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.backends import Backend
+from services.nodeagent.csi.server import SlicePlugin
 from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from services.nodeagent.install import install
 from services.nodeagent.kube.annotations import NodeAnnotator
@@ -55,12 +57,16 @@ class KubeNode:
     env: EnvOptions | None = None
     limiter_source: Path | None = None  # the image's libvgpu.so, installed on the host
     agent_kwargs: dict[str, object] = field(default_factory=dict)
+    # The CSI node plugin serving the slice volumes: both dirs, or None for none.
+    csi_plugins_dir: Path | None = None
+    csi_registry_dir: Path | None = None
 
     agent: NodeAgent = field(init=False)
     slices: SliceWriter = field(init=False)
     plugin: GpuPlugin = field(init=False)
     annotator: NodeAnnotator | None = field(init=False, default=None)
     telemetry: TelemetryPublisher | None = field(init=False, default=None)
+    csi: SlicePlugin | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.host_root = Path(self.host_root)
@@ -78,6 +84,13 @@ class KubeNode:
             env=self.env,
             host_root=self.host_root,
         )
+        if self.csi_plugins_dir is not None and self.csi_registry_dir is not None:
+            self.csi = SlicePlugin(
+                self.node,
+                self.host_root,
+                plugins_dir=self.csi_plugins_dir,
+                registry_dir=self.csi_registry_dir,
+            )
         if self.kube is not None:
             self.annotator = NodeAnnotator(self.kube, self.node)
         if self.telemetry_interval:
@@ -102,6 +115,8 @@ class KubeNode:
         await self.agent.refresh_ledger()
         # The ledger entry may be absent (nothing placed yet): reconcile regardless.
         await self.slices.sync(self.agent.allocs)
+        if self.csi is not None:
+            await self.csi.start()
         await self.plugin.start()
         if self.telemetry is not None:
             self.telemetry.start()
@@ -113,6 +128,8 @@ class KubeNode:
         if self.telemetry is not None:
             await self.telemetry.stop()
         await self.plugin.stop()
+        if self.csi is not None:
+            await self.csi.stop()
         if self.annotator is not None:
             await self.annotator.stop()
         await self.agent.stop()
@@ -133,6 +150,8 @@ async def start_node(
     state_path: str | os.PathLike[str] | None = None,
     env: EnvOptions | None = None,
     limiter_source: str | os.PathLike[str] | None = None,
+    csi_plugins_dir: str | os.PathLike[str] | None = None,
+    csi_registry_dir: str | os.PathLike[str] | None = None,
     **agent_kwargs: object,
 ) -> KubeNode:
     """Build and start one Kubernetes-mode node (see :class:`KubeNode`)."""
@@ -151,6 +170,8 @@ async def start_node(
         env,
         Path(limiter_source) if limiter_source else None,
         dict(agent_kwargs),
+        Path(csi_plugins_dir) if csi_plugins_dir else None,
+        Path(csi_registry_dir) if csi_registry_dir else None,
     )
     await n.start()
     return n

@@ -8,7 +8,7 @@ import warnings
 
 from . import api_pb2 as deviceplugin_dot_v1beta1_dot_api__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
