@@ -2,6 +2,7 @@
 A Deployment of a service that talks only to NATS (inventory, placement, metrics): no
 API-server token, non-root, read-only root filesystem.
 Input: (dict "ctx" $ "component" "placement" "values" .Values.placement "port" 0)
+With more than one replica it comes with a PodDisruptionBudget.
 */}}
 {{- define "hami-bus.busDeployment" -}}
 {{- $ctx := .ctx }}
@@ -35,24 +36,20 @@ spec:
           image: {{ include "hami-bus.image" $ctx }}
           imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
           command: ["python", "-m", "services.{{ .component }}"]
-          {{- with (concat (.args | default list) ($v.extraArgs | default list)) }}
           args:
+            {{- include "hami-bus.healthArgs" $ctx | nindent 12 }}
+            {{- with (concat (.args | default list) ($v.extraArgs | default list)) }}
             {{- toYaml . | nindent 12 }}
-          {{- end }}
+            {{- end }}
           env:
             {{- include "hami-bus.env" $ctx | nindent 12 }}
-          {{- if .port }}
           ports:
+            {{- include "hami-bus.healthPort" $ctx | nindent 12 }}
+            {{- if .port }}
             - name: http
               containerPort: {{ .port }}
-          readinessProbe:
-            httpGet: {path: /metrics, port: http}
-            periodSeconds: 10
-          livenessProbe:
-            httpGet: {path: /metrics, port: http}
-            initialDelaySeconds: 10
-            periodSeconds: 20
-          {{- end }}
+            {{- end }}
+          {{- include "hami-bus.probes" $ctx | nindent 10 }}
           resources:
             {{- toYaml $v.resources | nindent 12 }}
           securityContext:
@@ -65,5 +62,6 @@ spec:
         {{- include "hami-bus.configVolume" $ctx | nindent 8 }}
         - name: tmp
           emptyDir: {}
-      {{- include "hami-bus.scheduling" $v | nindent 6 }}
+      {{- include "hami-bus.scheduling" . | nindent 6 }}
+{{ include "hami-bus.pdb" . }}
 {{- end }}

@@ -47,26 +47,25 @@ app.kubernetes.io/component: {{ .component }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
-{{/*
-The NATS URL: natsUrl when given, else the Service of the NATS subchart (named as the
-official chart names it: its fullname, port 4222).
-*/}}
+{{/* The NATS URL: natsUrl when given, else the client Service of templates/nats.yaml. */}}
 {{- define "hami-bus.natsUrl" -}}
 {{- if .Values.natsUrl }}
 {{- .Values.natsUrl }}
 {{- else if .Values.nats.enabled }}
-{{- $name := default "nats" .Values.nats.nameOverride }}
-{{- $svc := "" }}
-{{- if .Values.nats.fullnameOverride }}
-{{- $svc = .Values.nats.fullnameOverride }}
-{{- else if contains $name .Release.Name }}
-{{- $svc = .Release.Name }}
-{{- else }}
-{{- $svc = printf "%s-%s" .Release.Name $name }}
-{{- end }}
-{{- printf "nats://%s.%s.svc:4222" ($svc | trunc 63 | trimSuffix "-") .Release.Namespace }}
+{{- printf "nats://%s.%s.svc:4222" (include "hami-bus.componentName" (dict "ctx" . "component" "nats")) .Release.Namespace }}
 {{- else }}
 {{- fail "nats.enabled is false: set natsUrl to the NATS server the services should use" }}
+{{- end }}
+{{- end }}
+
+{{/* Copies each stream and bucket keeps: natsStreamReplicas, else the NATS cluster size. */}}
+{{- define "hami-bus.natsReplicas" -}}
+{{- if .Values.natsStreamReplicas }}
+{{- .Values.natsStreamReplicas }}
+{{- else if .Values.nats.enabled }}
+{{- .Values.nats.replicas }}
+{{- else }}
+{{- 1 }}
 {{- end }}
 {{- end }}
 
@@ -104,7 +103,7 @@ annotations:
 - name: HAMI_NATS_URL
   value: {{ include "hami-bus.natsUrl" . | quote }}
 - name: HAMI_NATS_REPLICAS
-  value: {{ if and .Values.nats.enabled .Values.nats.config.cluster.enabled }}{{ .Values.nats.config.cluster.replicas | quote }}{{ else }}"1"{{ end }}
+  value: {{ include "hami-bus.natsReplicas" . | quote }}
 {{- end }}
 
 {{- define "hami-bus.configVolume" -}}
@@ -119,23 +118,96 @@ annotations:
   readOnly: true
 {{- end }}
 
-{{/* Scheduling fields of one component's pod: the component's values. */}}
+{{/*
+Scheduling fields of one component's pod: (dict "ctx" $ "component" "binder" "values"
+.Values.binder). Replicated components spread over nodes unless given their own affinity.
+*/}}
 {{- define "hami-bus.scheduling" -}}
-{{- with .nodeSelector }}
+{{- $v := .values }}
+{{- with $v.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .tolerations }}
+{{- with $v.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .affinity }}
+{{- if $v.affinity }}
 affinity:
-  {{- toYaml . | nindent 2 }}
+  {{- toYaml $v.affinity | nindent 2 }}
+{{- else if and (gt (int ($v.replicas | default 1)) 1) (ne .ctx.Values.podAntiAffinity "none") }}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "hami-bus.selectorLabels" . | fromYaml)) }}
+affinity:
+  podAntiAffinity:
+    {{- if eq .ctx.Values.podAntiAffinity "hard" }}
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - {{- toYaml $term | nindent 8 }}
+    {{- else }}
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          {{- toYaml $term | nindent 10 }}
+    {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+A PodDisruptionBudget for a component with more than one replica, so a node drain never
+takes all of them at once: (dict "ctx" $ "component" "binder" "values" .Values.binder).
+*/}}
+{{- define "hami-bus.pdb" -}}
+{{- if gt (int (.values.replicas | default 1)) 1 }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "hami-bus.componentName" . }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    {{- include "hami-bus.componentLabels" . | nindent 4 }}
+spec:
+  maxUnavailable: 1
+  selector:
+    matchLabels:
+      {{- include "hami-bus.selectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/* The health port and probes of a container running one of our services. */}}
+{{- define "hami-bus.healthArgs" -}}
+- --health-port={{ .Values.health.port }}
+{{- end }}
+
+{{- define "hami-bus.healthPort" -}}
+- name: health
+  containerPort: {{ .Values.health.port }}
+{{- end }}
+
+{{- define "hami-bus.probes" -}}
+livenessProbe:
+  httpGet: {path: /healthz, port: health}
+  {{- toYaml .Values.health.livenessProbe | nindent 2 }}
+readinessProbe:
+  httpGet: {path: /readyz, port: health}
+  {{- toYaml .Values.health.readinessProbe | nindent 2 }}
 {{- end }}
 
 {{/* The webhook's TLS Secret name. */}}
 {{- define "hami-bus.webhookSecret" -}}
-{{- .Values.binder.webhook.tls.existingSecret | default (printf "%s-webhook-tls" (include "hami-bus.fullname" .)) }}
+{{- $certs := .Values.binder.webhook.certs }}
+{{- if and (eq $certs.mode "provided") $certs.existingSecret }}
+{{- $certs.existingSecret }}
+{{- else }}
+{{- $certs.secretName | default (printf "%s-webhook-tls" (include "hami-bus.fullname" .)) }}
+{{- end }}
+{{- end }}
+
+{{/* The MutatingWebhookConfiguration's name (cluster-scoped, so it carries the release). */}}
+{{- define "hami-bus.webhookConfig" -}}
+{{- include "hami-bus.componentName" (dict "ctx" . "component" "webhook") }}
+{{- end }}
+
+{{/* The binder's leader election Lease. */}}
+{{- define "hami-bus.binderLease" -}}
+{{- include "hami-bus.componentName" (dict "ctx" . "component" "binder") }}
 {{- end }}
