@@ -10,13 +10,16 @@ For a pod that asks for HAMi NVIDIA resources (``nvidia.com/gpu``, ``gpumem``,
   (defaultMemory, defaultCores, percentages) are resolved when the pod is scheduled, by
   the same codec, so a configuration change applies to pods already admitted;
 - ``nvidia.com/priority`` becomes env ``CUDA_TASK_PRIORITY``;
-- each container that gets devices is told which slice is its own: env
-  ``HAMI_POD_UID`` (from ``metadata.uid``), ``HAMI_CONTAINER_NAME``,
-  ``HAMI_SLICE_FILE=/usr/local/vgpu/slice/env``, and a mount of the pod volume
-  ``hami-slices`` (hostPath ``/usr/local/vgpu/containers``, DirectoryOrCreate) at
-  ``/usr/local/vgpu/slice`` with ``subPathExpr: $(HAMI_POD_UID)_<container>``. The node
-  agent writes ``/usr/local/vgpu/containers/<podUID>_<container>/env`` when the
-  decision reaches its node; the preloaded limiter reads it at process start;
+- each container that gets devices is given its own slice: env ``HAMI_POD_UID`` (from
+  ``metadata.uid``), ``HAMI_CONTAINER_NAME``, ``HAMI_SLICE_FILE=/usr/local/vgpu/slice/env``,
+  and a CSI ephemeral inline volume ``hami-slice-<i>`` (driver ``slices.hami.io``,
+  ``volumeAttributes: {container: <name>}``) mounted at ``/usr/local/vgpu/slice``. The
+  node agent's CSI node plugin bind-mounts the host directory
+  ``/usr/local/vgpu/containers/<podUID>_<container>`` there (the kubelet hands it the
+  pod UID), where it writes the ``env`` file when the decision reaches its node; the
+  preloaded limiter reads it at process start. No hostPath: Pod Security ``baseline``
+  and ``restricted`` allow CSI volumes. Volumes of our driver that the pod declares
+  itself (and their mounts) are replaced, so no container can mount another's slice;
 - with ``overwrite_env``, containers without our resources get
   ``NVIDIA_VISIBLE_DEVICES=none`` (HAMi's ``overwriteEnv``), so they cannot see cards.
 
@@ -49,8 +52,12 @@ from shared.hami.codec import PodSpecError, has_device_resources, pod_request
 log = logging.getLogger("hami.binder.webhook")
 
 DEFAULT_SCHEDULER = "default-scheduler"
-SLICE_VOLUME = "hami-slices"
-SLICE_HOST_DIR = "/usr/local/vgpu/containers"
+SLICE_VOLUME_PREFIX = "hami-slice-"  # + the container's position among the wired ones
+LEGACY_SLICE_VOLUME = "hami-slices"  # the hostPath volume of earlier versions
+# The node agent's CSI driver (services/nodeagent/csi/volume.py DRIVER; services do not
+# import each other, tests check the two agree) and the attribute naming the container.
+SLICE_DRIVER = "slices.hami.io"
+SLICE_CONTAINER_ATTR = "container"
 SLICE_MOUNT = "/usr/local/vgpu/slice"
 SLICE_FILE = f"{SLICE_MOUNT}/env"
 ENV_POD_UID = "HAMI_POD_UID"
@@ -142,7 +149,8 @@ def mutate_pod(pod: Obj, s: WebhookSettings) -> Obj | None:
         raise Refused(f"invalid HAMi request: {exc}") from None
     devices = {c.name for c in req.containers if c.devices}
     ospec["schedulerName"] = s.scheduler_name
-    wired = False
+    _strip_slice_volumes(ospec)
+    vols: list[Obj] = ospec.get("volumes") or []
     for c in ours:
         name = str(c.get("name") or "")
         if name not in devices:
@@ -150,17 +158,37 @@ def mutate_pod(pod: Obj, s: WebhookSettings) -> Obj | None:
         _set_env(c, ENV_POD_UID, value_from={"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.uid"}})
         _set_env(c, ENV_CONTAINER, name)
         _set_env(c, ENV_SLICE_FILE, SLICE_FILE)
-        mounts: list[Obj] = [m for m in c.get("volumeMounts") or [] if m.get("name") != SLICE_VOLUME]
-        mounts.append({"name": SLICE_VOLUME, "mountPath": SLICE_MOUNT,
-                       "subPathExpr": f"$({ENV_POD_UID})_{name}"})
-        c["volumeMounts"] = mounts
-        wired = True
-    if wired:
-        vols: list[Obj] = [v for v in ospec.get("volumes") or [] if v.get("name") != SLICE_VOLUME]
-        vols.append({"name": SLICE_VOLUME,
-                     "hostPath": {"path": SLICE_HOST_DIR, "type": "DirectoryOrCreate"}})
+        vol = f"{SLICE_VOLUME_PREFIX}{len([v for v in vols if _is_slice_volume(v)])}"
+        c.setdefault("volumeMounts", []).append({"name": vol, "mountPath": SLICE_MOUNT})
+        vols.append({"name": vol, "csi": {"driver": SLICE_DRIVER,
+                                          "volumeAttributes": {SLICE_CONTAINER_ATTR: name}}})
+    if vols:
         ospec["volumes"] = vols
     return out
+
+
+def _is_slice_volume(v: Obj) -> bool:
+    return (v.get("name") == LEGACY_SLICE_VOLUME
+            or (v.get("csi") or {}).get("driver") == SLICE_DRIVER)
+
+
+def _strip_slice_volumes(spec: Obj) -> None:
+    """Remove every slice volume (ours from an earlier pass, or one the pod declares) and
+    every mount of one, and any mount at the slice path: the webhook alone decides which
+    container sees which slice."""
+    gone = {str(v.get("name")) for v in spec.get("volumes") or [] if _is_slice_volume(v)}
+    if "volumes" in spec:
+        spec["volumes"] = [v for v in spec["volumes"] or [] if not _is_slice_volume(v)]
+        if not spec["volumes"]:
+            del spec["volumes"]
+    for group in ("initContainers", "containers", "ephemeralContainers"):
+        for c in spec.get(group) or []:
+            if "volumeMounts" not in c:
+                continue
+            c["volumeMounts"] = [m for m in c["volumeMounts"] or []
+                                 if m.get("name") not in gone and m.get("mountPath") != SLICE_MOUNT]
+            if not c["volumeMounts"]:
+                del c["volumeMounts"]
 
 
 def json_patch(before: Obj, after: Obj) -> list[Obj]:

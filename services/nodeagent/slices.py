@@ -60,7 +60,7 @@ def container_name(grant: ContainerGrant, position: int) -> str:
 
 
 def dir_name(pod_uid: str, container: str) -> str:
-    """``<podUID>_<container>``: what the webhook's ``subPathExpr`` resolves to."""
+    """``<podUID>_<container>``: the directory a container's slice volume mounts."""
     return f"{pod_uid}_{container}"
 
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from services.binder.webhook import (
-    SLICE_VOLUME,
+    SLICE_DRIVER,
     WebhookServer,
     WebhookSettings,
     json_patch,
@@ -70,11 +70,55 @@ def test_gpu_pod_gets_scheduler_slice_wiring_and_priority() -> None:
         "HAMI_CONTAINER_NAME": "train",
         "HAMI_SLICE_FILE": "/usr/local/vgpu/slice/env",
     }
-    assert train["volumeMounts"] == [{"name": "hami-slices", "mountPath": "/usr/local/vgpu/slice",
-                                      "subPathExpr": "$(HAMI_POD_UID)_train"}]
+    assert train["volumeMounts"] == [{"name": "hami-slice-0", "mountPath": "/usr/local/vgpu/slice"}]
     assert "env" not in side and "volumeMounts" not in side
-    assert spec["volumes"] == [{"name": "hami-slices",
-                                "hostPath": {"path": "/usr/local/vgpu/containers", "type": "DirectoryOrCreate"}}]
+    # A CSI ephemeral inline volume, not a hostPath: Pod Security baseline/restricted allow it.
+    assert spec["volumes"] == [{"name": "hami-slice-0", "csi": {
+        "driver": "slices.hami.io", "volumeAttributes": {"container": "train"}}}]
+
+
+def test_every_gpu_container_gets_its_own_volume() -> None:
+    out = admitted(pod(c("a", gpu=1), c("b", gpu=2), initContainers=[c("i", gpu=1)]))
+    spec = out["spec"]
+    mounted = {ct["name"]: [m["name"] for m in ct["volumeMounts"]]
+               for ct in spec["initContainers"] + spec["containers"]}
+    assert mounted == {"i": ["hami-slice-0"], "a": ["hami-slice-1"], "b": ["hami-slice-2"]}
+    attrs = {v["name"]: v["csi"]["volumeAttributes"]["container"] for v in spec["volumes"]}
+    assert attrs == {"hami-slice-0": "i", "hami-slice-1": "a", "hami-slice-2": "b"}
+
+
+def test_a_pod_cannot_mount_another_containers_slice() -> None:
+    # The pod declares a volume of our driver for container b and mounts it in a (and in
+    # a plain container): replaced by the webhook's own wiring.
+    forged = {"name": "peek", "csi": {"driver": SLICE_DRIVER, "volumeAttributes": {"container": "b"}}}
+    a = c("a", gpu=1) | {"volumeMounts": [{"name": "peek", "mountPath": "/peek"},
+                                          {"name": "data", "mountPath": "/data"}]}
+    plain = c("plain") | {"volumeMounts": [{"name": "peek", "mountPath": "/x"}]}
+    out = admitted(pod(a, c("b", gpu=1), plain,
+                       volumes=[forged, {"name": "data", "emptyDir": {}}]))
+    spec = out["spec"]
+    assert spec["containers"][0]["volumeMounts"] == [
+        {"name": "data", "mountPath": "/data"},
+        {"name": "hami-slice-0", "mountPath": "/usr/local/vgpu/slice"}]
+    assert "volumeMounts" not in spec["containers"][2]
+    assert [(v["name"], (v.get("csi") or {}).get("volumeAttributes")) for v in spec["volumes"]] == [
+        ("data", None), ("hami-slice-0", {"container": "a"}), ("hami-slice-1", {"container": "b"})]
+
+
+def test_the_legacy_hostpath_volume_is_replaced() -> None:
+    old = c("a", gpu=1) | {"volumeMounts": [{"name": "hami-slices", "mountPath": "/usr/local/vgpu/slice",
+                                             "subPathExpr": "$(HAMI_POD_UID)_a"}]}
+    out = admitted(pod(old, volumes=[{"name": "hami-slices", "hostPath": {"path": "/usr/local/vgpu/containers"}}]))
+    assert [v["name"] for v in out["spec"]["volumes"]] == ["hami-slice-0"]
+    assert out["spec"]["containers"][0]["volumeMounts"] == [
+        {"name": "hami-slice-0", "mountPath": "/usr/local/vgpu/slice"}]
+
+
+def test_the_driver_name_is_the_node_agents() -> None:
+    from services.binder.webhook import SLICE_CONTAINER_ATTR
+    from services.nodeagent.csi.volume import CONTAINER_ATTR, DRIVER
+
+    assert (SLICE_DRIVER, SLICE_CONTAINER_ATTR) == (DRIVER, CONTAINER_ATTR)
 
 
 def test_init_containers_are_wired_too_and_reinvocation_is_idempotent() -> None:
@@ -84,7 +128,7 @@ def test_init_containers_are_wired_too_and_reinvocation_is_idempotent() -> None:
     warm = once["spec"]["initContainers"][0]
     assert warm["resources"]["limits"]["nvidia.com/gpu"] == "1"  # defaultGPUNum
     assert env(warm)["HAMI_CONTAINER_NAME"] == "warm"
-    assert [v["name"] for v in once["spec"]["volumes"]] == ["data", SLICE_VOLUME]
+    assert [v["name"] for v in once["spec"]["volumes"]] == ["data", "hami-slice-0", "hami-slice-1"]
     assert admitted(once) == once  # a second pass changes nothing
 
 
