@@ -3,8 +3,9 @@
 The kubelet's Allocate call names device IDs, never the pod, so the device plugin cannot
 always tell which pod it is serving (docs/exact-matching.md). The container can: the
 webhook gives every HAMi container ``HAMI_POD_UID`` (downward API), ``HAMI_CONTAINER_NAME``
-and a ``subPathExpr`` mount of the host directory
-``/usr/local/vgpu/containers/$(HAMI_POD_UID)_<container>`` at ``/usr/local/vgpu/slice``.
+and a CSI volume that the agent's CSI node plugin (services/nodeagent/csi/) serves by
+bind-mounting the host directory ``/usr/local/vgpu/containers/<podUID>_<container>`` at
+``/usr/local/vgpu/slice``.
 This module writes that directory's ``env`` file from the node's ledger entry, so the
 preloaded limiter (which ``setenv``s each ``KEY=VALUE`` line before CUDA initialises)
 applies the slice the scheduler decided for exactly this pod and container. It also
