@@ -160,10 +160,11 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 # ------------------------------------------------------------------ lint, install, render
 
 
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_lint_strict(name: str) -> None:
+def test_lint_strict(name: str, version: str) -> None:
     report = helm.lint(CHART, copy.deepcopy(VALUE_SETS[name]), strict=True, namespace=NS,
-                       kube_version="v1.30.0")
+                       kube_version=f"v{version}.0")
     problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings, errors
     assert not problems and not report["errors"], report
 
