@@ -14,7 +14,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY isolation/native/ ./
-RUN make clean && make all
+# check-glibc: the limiter must need nothing newer than glibc 2.17 (isolation/native/README.md)
+RUN make clean && make all check-glibc
 
 # ---- wheels of the project and all its dependencies
 FROM ${PYTHON_IMAGE} AS wheels
