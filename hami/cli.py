@@ -3,38 +3,76 @@
 ``hami up`` records where it listens in a state file (``$HAMI_STATE_FILE``, default
 ``~/.hami/state.json``) so the other commands find the running system without flags;
 ``--nats-url`` or ``$HAMI_NATS_URL`` point them elsewhere.
+
+Every failure is one line and an exit code (docs/cli.md): a one-shot command connects
+once, with a timeout, and never retries; with ``--json`` an error is one JSON object
+``{"error": ..., "code": ...}`` on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import signal
+import socket
 import sys
-from pathlib import Path
-from typing import Any
+import time
+from importlib import metadata
+from typing import Any, NoReturn
 
 import msgspec
 
+from hami import state
 from shared import config, logs, subjects, tracing
 from shared.bus import Bus
+from shared.hami.codec import NODE_POLICIES
 from shared.schemas import (
     ClusterStatus,
     Constraints,
     ContainerAsk,
     DeviceAsk,
     ErrorReply,
+    LedgerAlloc,
+    NodeStatus,
+    PendingRequest,
     ReleaseReply,
     ReleaseRequest,
+    StatusRequest,
     SubmitReply,
     SubmitRequest,
+    card_usage,
 )
 
+# Exit codes (docs/cli.md).
+OK = 0
+REFUSED = 1  # no placement, no such allocation
+USAGE = 2  # bad flags, configuration, input files
+UNREACHABLE = 3  # NATS or the hami services cannot be reached; no or stale state file
+CANNOT_START = 4  # hami up: a port in use, nats-server missing or failing
+INTERRUPTED = 130  # Ctrl-C
+BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE, as a shell reports it)
 
-def state_file() -> Path:
-    return Path(os.environ.get("HAMI_STATE_FILE") or Path.home() / ".hami" / "state.json")
+CONNECT_TIMEOUT = 2.0  # seconds for the one connection attempt of a one-shot command
+
+
+class Fail(Exception):
+    """A command's failure: one line for the user and the exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def version() -> str:
+    try:
+        return metadata.version("hami-bus")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def find_nats(explicit: str | None) -> str:
@@ -43,11 +81,69 @@ def find_nats(explicit: str | None) -> str:
     if os.environ.get("HAMI_NATS_URL"):
         return os.environ["HAMI_NATS_URL"]
     try:
-        return str(json.loads(state_file().read_text())["nats_url"])
-    except (OSError, ValueError, KeyError):
-        raise SystemExit(
-            "hami: no running system found: start one with 'hami up', or give --nats-url"
-        ) from None
+        return str(state.read()["nats_url"])
+    except state.StateError as exc:
+        raise Fail(str(exc), UNREACHABLE) from None
+
+
+def why(exc: BaseException) -> str:
+    """A connection failure in a few words."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g}s"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+async def connect(url: str) -> Bus:
+    try:
+        return await Bus.connect(url, "cli", setup=False, once=CONNECT_TIMEOUT)
+    except Exception as exc:
+        raise Fail(f"cannot reach NATS at {url}: {why(exc)}", UNREACHABLE) from None
+
+
+async def request(
+    url: str, subject: str, msg: msgspec.Struct | None, reply: type[Any], timeout: float
+) -> Any:
+    import nats.errors
+
+    bus = await connect(url)
+    body = msgspec.json.encode(msg) if msg is not None else b"{}"
+    asked = asyncio.ensure_future(bus.nc.request(subject, body, timeout=timeout))
+    try:
+        # Without reconnects a lost server closes the client, but leaves the request
+        # waiting out its whole timeout (minutes with --wait): look now and then.
+        while not (await asyncio.wait({asked}, timeout=0.25))[0]:
+            if not bus.nc.is_connected:
+                asked.cancel()
+                raise Fail(f"lost the connection to NATS at {url}", UNREACHABLE)
+        data = asked.result().data
+    except nats.errors.NoRespondersError:
+        raise Fail(f"nothing answers {subject} at {url}: is 'hami up' running?", UNREACHABLE) from None
+    except TimeoutError:
+        raise Fail(f"no answer on {subject} within {timeout:g}s", UNREACHABLE) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(bus.close(), CONNECT_TIMEOUT)
+    try:
+        err = msgspec.json.decode(data)
+        if isinstance(err, dict) and set(err) <= {"error", "detail"} and "error" in err:
+            return msgspec.convert(err, ErrorReply)
+        return msgspec.json.decode(data, type=reply)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise Fail(f"unexpected answer on {subject}: {exc}", UNREACHABLE) from None
+
+
+def emit(args: argparse.Namespace, obj: dict[str, Any], lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj))
+    else:
+        for line in lines:
+            print(line)
 
 
 # ----------------------------------------------------------------------------- up
@@ -55,38 +151,85 @@ def find_nats(explicit: str | None) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from hami.system import System
+    from services.nodeagent.backends.sim import SimSpecError, parse_gpu_spec
+    from shared.natsserver import NatsServerError
 
     cfg = config.load(args.config)
+    for spec in args.sim_gpus or []:
+        try:
+            parse_gpu_spec(spec)
+        except SimSpecError as exc:
+            raise Fail(str(exc), USAGE) from None
+    for spec in cfg.sim.gpus:
+        try:
+            parse_gpu_spec(spec)
+        except SimSpecError as exc:
+            raise Fail(f"configuration sim.gpus: {exc}", USAGE) from None
+    try:
+        other = state.read()
+    except state.StateError:
+        pass  # none, unreadable or stale (read() cleared a stale one): ours to write
+    else:
+        if other.get("pid") != os.getpid():
+            raise Fail(
+                f"another 'hami up' runs (pid {other.get('pid')}, {other['nats_url']}); "
+                "stop it, or give this one its own HAMI_STATE_FILE", CANNOT_START,
+            )
     logs.setup("up", cfg.log_level)
     tracing.setup("up")
 
     async def main() -> int:
-        system = System(cfg, nats_url=args.nats_url, sim_nodes=args.sim_nodes,
-                        sim_gpus=args.sim_gpus, metrics_port=args.metrics_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await system.start()
-        sf = state_file()
+        if args.nats_url:
+            # An outside server must answer now; the services would wait for it forever.
+            await (await connect(args.nats_url)).close()
+        system = System(cfg, nats_url=args.nats_url, sim_nodes=args.sim_nodes,
+                        sim_gpus=args.sim_gpus, metrics_port=args.metrics_port,
+                        nats_dies_with_parent=True)
+        starting = asyncio.create_task(system.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a signal while starting: System.start cleans up
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+            return INTERRUPTED
+        stopping.cancel()
         try:
-            sf.parent.mkdir(parents=True, exist_ok=True)
-            sf.write_text(json.dumps({"nats_url": system.nats_url, "metrics_url": system.metrics_url,
-                                      "pid": os.getpid()}))
-            print(f"NATS:    {system.nats_url}", flush=True)
-            print(f"Metrics: {system.metrics_url}/metrics", flush=True)
-            print(f"Nodes:   {', '.join(a.node for a in system.agents)}", flush=True)
-            print("hami is up; Ctrl-C stops it", flush=True)
+            starting.result()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise Fail(f"metrics port {system.metrics.port if system.metrics else '?'} "
+                           "is in use: choose another with --metrics-port", CANNOT_START) from None
+            raise Fail(f"cannot start: {exc}", CANNOT_START) from None
+        except NatsServerError as exc:
+            raise Fail(f"cannot start nats-server: {exc}", CANNOT_START) from None
+        except TimeoutError:
+            raise Fail("cannot start: the nodes did not register within 10s", CANNOT_START) from None
+        try:
+            nats_proc = system.nats.proc if system.nats else None
+            temp_dir = str(system.nats.data_dir) if system.nats and system.nats.temporary else None
+            try:
+                state.write(state.record(system.nats_url or "", system.metrics_url,
+                                         nats_proc.pid if nats_proc else None, temp_dir))
+            except OSError as exc:
+                raise Fail(f"cannot write state file {state.path()}: {exc}", CANNOT_START) from None
+            nodes = [a.node for a in system.agents]
+            emit(args, {"nats_url": system.nats_url, "metrics_url": system.metrics_url,
+                        "nodes": nodes, "pid": os.getpid(), "state_file": str(state.path())},
+                 [f"NATS:    {system.nats_url}", f"Metrics: {system.metrics_url}/metrics",
+                  f"Nodes:   {', '.join(nodes)}", "hami is up; Ctrl-C stops it"])
+            sys.stdout.flush()
             await stop.wait()
         finally:
-            try:
-                if json.loads(sf.read_text()).get("pid") == os.getpid():
-                    sf.unlink()
-            except (OSError, ValueError):
-                pass
+            state.remove_if_mine()
             await system.stop()
-        print("hami stopped", flush=True)
-        return 0
+        if not args.json:
+            print("hami stopped", flush=True)
+        return OK
 
     return asyncio.run(main())
 
@@ -95,8 +238,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def build_submit(args: argparse.Namespace) -> SubmitRequest:
-    if args.mem is not None and args.mem_percent is not None:
-        raise SystemExit("hami submit: give --mem or --mem-percent, not both")
     ask = DeviceAsk(
         nums=args.gpus,
         mem=args.mem or 0,
@@ -114,38 +255,23 @@ def build_submit(args: argparse.Namespace) -> SubmitRequest:
     )
 
 
-async def request(
-    url: str, subject: str, msg: msgspec.Struct | None, reply: type[Any], timeout: float
-) -> Any:
-    bus = await Bus.connect(url, "cli", setup=False)
-    body = msgspec.json.encode(msg) if msg is not None else b"{}"
-    try:
-        data = (await bus.nc.request(subject, body, timeout=timeout)).data
-    finally:
-        await bus.close()
-    err = msgspec.json.decode(data)
-    if isinstance(err, dict) and set(err) <= {"error", "detail"} and "error" in err:
-        return msgspec.convert(err, ErrorReply)
-    return msgspec.json.decode(data, type=reply)
-
-
 def placement_json(r: SubmitReply) -> dict[str, Any]:
+    """``submit --json``: the same keys whether placed or not."""
+    out: dict[str, Any] = {
+        "ok": r.ok, "name": r.name, "uid": r.uid, "node": None, "devices": [],
+        "reasons": {}, "message": "", "nodes_total": 0, "error": r.error,
+    }
     if r.ok and r.decision is not None:
         d = r.decision
-        return {
-            "ok": True, "name": r.name, "uid": r.uid, "node": d.node,
-            "devices": [
-                {"container": c.name, "uuid": g.uuid, "index": g.index, "type": g.type,
-                 "mem_mib": g.mem, "cores": g.cores}
-                for c in d.containers for g in c.devices
-            ],
-        }
-    out: dict[str, Any] = {"ok": False, "name": r.name, "uid": r.uid}
+        out["node"] = d.node
+        out["devices"] = [
+            {"container": c.name, "uuid": g.uuid, "index": g.index, "type": g.type,
+             "mem_mib": g.mem, "cores": g.cores}
+            for c in d.containers for g in c.devices
+        ]
     if r.failure is not None:
         out.update(reasons=r.failure.reasons, message=r.failure.message,
                    nodes_total=r.failure.nodes_total)
-    if r.error:
-        out["error"] = r.error
     return out
 
 
@@ -154,124 +280,381 @@ def cmd_submit(args: argparse.Namespace) -> int:
     url = find_nats(args.nats_url)
     r = asyncio.run(request(url, subjects.API_SUBMIT, req, SubmitReply, req.timeout + 10))
     if isinstance(r, ErrorReply):
-        print(f"hami submit: {r.error}", file=sys.stderr)
-        return 2
+        raise Fail(r.error, USAGE)
     out = placement_json(r)
     if args.json:
         print(json.dumps(out))
-        return 0 if r.ok else 1
+        return OK if r.ok else REFUSED
     if r.ok:
         print(f"{r.name}: placed on {out['node']}")
         for dev in out["devices"]:
             print(f"  {dev['uuid']}  {dev['type']}  {dev['mem_mib']} MiB  {dev['cores']}% cores")
-        return 0
+        return OK
     if r.failure is not None:
         print(f"{r.name}: no placement: {r.failure.message}")
         for reason, n in sorted(r.failure.reasons.items()):
             print(f"  {n}/{r.failure.nodes_total} {reason}")
     else:
         print(f"{r.name}: {r.error}")
-    return 1
+    return REFUSED
 
 
 def cmd_release(args: argparse.Namespace) -> int:
     url = find_nats(args.nats_url)
     r = asyncio.run(request(url, subjects.API_RELEASE, ReleaseRequest(name=args.name), ReleaseReply, 20))
-    if isinstance(r, ErrorReply) or not r.ok:
-        print(f"hami release: {r.error}", file=sys.stderr)
-        return 1
-    print(f"{args.name}: released from {r.node}")
-    return 0
+    if isinstance(r, ErrorReply):
+        raise Fail(r.error, USAGE)
+    if not r.ok:
+        raise Fail(r.error, REFUSED)
+    emit(args, {"ok": True, "name": args.name, "uid": r.uid, "node": r.node, "note": r.error},
+         [f"{args.name}: released from {r.node}" + (f" ({r.error})" if r.error else "")])
+    return OK
+
+
+# ------------------------------------------------------------------ looking at it
+
+
+def fetch_status(args: argparse.Namespace, detail: bool) -> ClusterStatus:
+    url = find_nats(args.nats_url)
+    st = asyncio.run(request(url, subjects.API_STATUS, StatusRequest(detail=detail), ClusterStatus, 10))
+    if isinstance(st, ErrorReply):
+        raise Fail(st.error, USAGE)
+    assert isinstance(st, ClusterStatus)
+    return st
+
+
+def node_json(n: NodeStatus) -> dict[str, Any]:
+    return {
+        "node": n.node, "healthy": n.healthy, "allocations": list(n.allocations),
+        "cards": [
+            {"uuid": c.uuid, "index": c.index, "type": c.type, "health": c.health,
+             "cordoned": c.cordoned, "used_mem": c.used_mem, "total_mem": c.total_mem,
+             "used_cores": c.used_cores, "total_cores": c.total_cores,
+             "used_slots": c.used_slots, "total_slots": c.total_slots}
+            for c in n.cards
+        ],
+    }
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    url = find_nats(args.nats_url)
-    st = asyncio.run(request(url, subjects.API_STATUS, None, ClusterStatus, 10))
-    if isinstance(st, ErrorReply):
-        print(f"hami status: {st.error}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(msgspec.json.encode(st).decode())
-        return 0
+    st = fetch_status(args, detail=False)
+    lines: list[str] = []
     for n in st.nodes:
-        print(f"{n.node}  {'healthy' if n.healthy else 'UNHEALTHY'}  {len(n.allocations)} allocations")
+        lines.append(f"{n.node}  {'healthy' if n.healthy else 'UNHEALTHY'}  {len(n.allocations)} allocations")
         for c in n.cards:
             flag = " cordoned" if c.cordoned else ("" if c.health else " unhealthy")
-            print(f"  [{c.index}] {c.uuid}  {c.type}  mem {c.used_mem}/{c.total_mem} MiB  "
-                  f"cores {c.used_cores}/{c.total_cores}  slots {c.used_slots}/{c.total_slots}{flag}")
-    return 0
+            lines.append(f"  [{c.index}] {c.uuid}  {c.type}  mem {c.used_mem}/{c.total_mem} MiB  "
+                         f"cores {c.used_cores}/{c.total_cores}  slots {c.used_slots}/{c.total_slots}{flag}")
+    if not st.nodes:
+        lines.append("no nodes registered")
+    if st.pending:
+        lines.append(f"{st.pending} pending request(s): see 'hami list'")
+    allocations = sorted(a for n in st.nodes for a in n.allocations)
+    emit(args, {"nodes": [node_json(n) for n in st.nodes], "allocations": allocations,
+                "pending": st.pending}, lines)
+    return OK
+
+
+def full_name(name: str, namespace: str) -> str:
+    return f"{namespace}/{name}" if namespace else name
+
+
+def alloc_json(node: str, a: LedgerAlloc) -> dict[str, Any]:
+    usage = card_usage(a.containers)
+    return {
+        "name": full_name(a.name, a.namespace), "namespace": a.namespace, "uid": a.uid,
+        "state": "allocated", "node": node, "source": a.source, "decided_at": a.decided_at,
+        "cards": len(usage), "mem_mib": sum(u[0] for u in usage.values()),
+        "cores": sum(u[1] for u in usage.values()),
+        "devices": [
+            {"container": c.name, "init": c.init, "uuid": g.uuid, "index": g.index,
+             "type": g.type, "mem_mib": g.mem, "cores": g.cores}
+            for c in a.containers for g in c.devices
+        ],
+    }
+
+
+def pending_json(p: PendingRequest) -> dict[str, Any]:
+    return {
+        "name": full_name(p.name, p.namespace), "namespace": p.namespace, "uid": p.uid,
+        "state": "pending", "source": p.source, "requested_at": p.requested_at,
+        "failed_at": p.failed_at, "reasons": dict(p.reasons), "nodes_total": p.nodes_total,
+        "message": p.message,
+    }
+
+
+def listing(st: ClusterStatus) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    allocs = [alloc_json(n.node, a) for n in st.nodes for a in n.held]
+    allocs.sort(key=lambda a: (a["node"], a["name"]))
+    return allocs, [pending_json(p) for p in st.pending_requests]
+
+
+def ago(t: float) -> str:
+    return f"{max(0.0, time.time() - t):.0f}s ago" if t else "-"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    allocs, pending = listing(fetch_status(args, detail=True))
+    lines: list[str] = []
+    if allocs:
+        lines.append(f"{'NAME':<24} {'NODE':<16} {'CARDS':>5} {'MEMORY':>11} {'CORES':>6}")
+        for a in allocs:
+            lines.append(f"{a['name']:<24} {a['node']:<16} {a['cards']:>5} "
+                         f"{a['mem_mib']:>7} MiB {a['cores']:>5}%")
+    else:
+        lines.append("no allocations")
+    if pending:
+        lines.append("")
+        lines.append(f"{'PENDING':<24} {'SINCE':<10} WHY")
+        for p in pending:
+            lines.append(f"{p['name']:<24} {ago(p['requested_at']):<10} {p['message']}")
+    emit(args, {"allocations": allocs, "pending": pending}, lines)
+    return OK
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    allocs, pending = listing(fetch_status(args, detail=True))
+    want = args.name
+    found = [e for e in [*allocs, *pending]
+             if e["name"] == want or (e["namespace"] and e["name"].split("/", 1)[1] == want)]
+    if not found:
+        raise Fail(f"{want}: no such allocation or pending request", REFUSED)
+    if len(found) > 1:
+        raise Fail(f"{want} is in several namespaces ({', '.join(e['name'] for e in found)}): "
+                   "give NAMESPACE/NAME", USAGE)
+    e = found[0]
+    lines = [f"Name:       {e['name']}", f"UID:        {e['uid']}", f"State:      {e['state']}",
+             f"Source:     {e['source']}"]
+    if e["state"] == "allocated":
+        lines += [f"Node:       {e['node']}", f"Decided:    {ago(e['decided_at'])}",
+                  f"Holds:      {e['cards']} card(s), {e['mem_mib']} MiB, {e['cores']}% cores",
+                  "Devices:"]
+        lines += [f"  {d['container'] or '-'}{' (init)' if d['init'] else ''}: [{d['index']}] "
+                  f"{d['uuid']}  {d['type']}  {d['mem_mib']} MiB  {d['cores']}% cores"
+                  for d in e["devices"]]
+    else:
+        lines += [f"Requested:  {ago(e['requested_at'])}", f"Last tried: {ago(e['failed_at'])}",
+                  f"Why:        {e['message'] or 'not yet tried'}"]
+        lines += [f"  {n}/{e['nodes_total']} {reason}" for reason, n in sorted(e["reasons"].items())]
+    emit(args, e, lines)
+    return OK
+
+
+# ------------------------------------------------------------------ self-contained
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from hami.demo import run_demo
 
     out = asyncio.run(run_demo())
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for phase in ("whole_gpu", "sliced"):
-            p = out[phase]
-            print(f"{phase}: {p['gpus_used']} GPU(s) used")
-            for pod, pl in p["pods"].items():
-                devs = ", ".join(f"card {d['index']} ({d['mem_mib']} MiB, {d['cores']}%)" for d in pl["devices"])
-                print(f"  {pod}: {devs}")
-    return 0
+    lines: list[str] = []
+    for phase in ("whole_gpu", "sliced"):
+        p = out[phase]
+        lines.append(f"{phase}: {p['gpus_used']} GPU(s) used")
+        for pod, pl in p["pods"].items():
+            devs = ", ".join(f"card {d['index']} ({d['mem_mib']} MiB, {d['cores']}%)" for d in pl["devices"])
+            lines.append(f"  {pod}: {devs}")
+    emit(args, out, lines)
+    return OK
 
 
-def cmd_replay(args: argparse.Namespace, rest: list[str]) -> int:
+def plot_target(rest: list[str]) -> str | None:
+    for i, a in enumerate(rest):
+        if a == "--plot" and i + 1 < len(rest):
+            return rest[i + 1]
+        if a.startswith("--plot="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def check_plot(target: str) -> None:
+    """Before a replay that may run for minutes: can its plot be written at all?"""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise Fail("--plot needs matplotlib: install hami-bus[plot]", USAGE) from None
+    ext = os.path.splitext(target)[1].lstrip(".").lower()
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if ext not in kinds:
+        raise Fail(f"--plot {target}: the file name must end in one of "
+                   f"{', '.join('.' + k for k in sorted(kinds))}", USAGE)
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent):
+        raise Fail(f"--plot {target}: no such directory {parent}", USAGE)
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise Fail(f"--plot {target}: not writable", USAGE)
+
+
+def cmd_replay(rest: list[str]) -> int:
     from services.placement import replay
 
-    return int(replay.main(rest))
+    target = plot_target(rest)
+    if target is not None and not any(a in ("-h", "--help") for a in rest):
+        check_plot(target)
+    try:
+        return int(replay.main(rest))
+    except OSError as exc:
+        raise Fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), USAGE) from None
+    except (ValueError, KeyError, IndexError) as exc:
+        raise Fail(f"bad trace file: {exc}", USAGE) from None
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line (and an exit code), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise Fail(f"{message} (see '{self.prog} --help')", USAGE)
+
+
+class Help(argparse.HelpFormatter):
+    """Shows each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.option_strings
+                and action.default not in (None, False, argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _int_in(lo: int, hi: int | None = None) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is not in {lo}..{hi if hi is not None else ''}")
+        return v
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hami", description="HAMi-compatible GPU sharing on NATS")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = Parser(prog="hami", description="HAMi-compatible GPU sharing on NATS",
+               epilog="exit codes: 0 ok, 1 refused or not found, 2 usage or configuration, "
+                      "3 cannot reach NATS or hami, 4 cannot start, 130 interrupted",
+               formatter_class=Help)
+    p.add_argument("--version", action="version", version=f"hami {version()}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
 
-    up = sub.add_parser("up", help="run everything in the foreground")
-    up.add_argument("--sim-nodes", type=int, default=None)
-    up.add_argument("--sim-gpus", action="append", default=None, metavar="MODEL:COUNT[:MEMORY_MIB]")
-    up.add_argument("--nats-url", default=None)
-    up.add_argument("--metrics-port", type=int, default=None)
-    up.add_argument("--config", default=None)
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=Help)
 
-    s = sub.add_parser("submit", help="ask for a slice")
-    s.add_argument("name")
-    s.add_argument("--gpus", type=int, default=1)
+    def client(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--nats-url", default=None,
+                       help="NATS server (default: $HAMI_NATS_URL, else the state file of 'hami up')")
+        c.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    up = command("up", "run everything in the foreground")
+    up.add_argument("--sim-nodes", type=_int_in(0, 10000), default=None,
+                    help="simulated nodes (default: sim.nodes of the configuration, 1)")
+    up.add_argument("--sim-gpus", action="append", default=None, metavar="MODEL:COUNT[:MEMORY_MIB]",
+                    help="cards of each simulated node, repeatable (default: sim.gpus, A100-80GB:4:81920)")
+    up.add_argument("--nats-url", default=None,
+                    help="use this NATS server (default: start an embedded nats-server)")
+    up.add_argument("--metrics-port", type=_int_in(0, 65535), default=None,
+                    help="port of /metrics, 0 for any (default: metricsPort, 9394, or a free one if taken)")
+    up.add_argument("--config", default=None, help="YAML configuration file (default: $HAMI_CONFIG)")
+    up.add_argument("--json", action="store_true", help="print where it listens as one JSON object")
+
+    s = command("submit", "ask for a slice")
+    s.add_argument("name", help="the allocation's name")
+    s.add_argument("--gpus", type=_int_in(1, 64), default=1, help="cards")
     m = s.add_mutually_exclusive_group()
-    m.add_argument("--mem", type=int, default=None, metavar="MIB")
-    m.add_argument("--mem-percent", type=int, default=None, metavar="P")
-    s.add_argument("--cores", type=int, default=None, metavar="P")
-    s.add_argument("--node-policy", default=None)
-    s.add_argument("--gpu-policy", default=None)
-    s.add_argument("--wait", type=float, default=None, metavar="SECONDS",
-                   help="stay pending up to SECONDS until capacity frees")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--nats-url", default=None)
+    m.add_argument("--mem", type=_int_in(1), default=None, metavar="MIB",
+                   help="MiB per card (default: the whole card, or defaultMemory)")
+    m.add_argument("--mem-percent", type=_int_in(1, 100), default=None, metavar="P",
+                   help="percent of each card's memory (default: not used)")
+    s.add_argument("--cores", type=_int_in(0, 100), default=None, metavar="P",
+                   help="percent of each card's SMs (default: 0, or 100 with neither --mem option)")
+    s.add_argument("--node-policy", default=None, choices=NODE_POLICIES,
+                   help="node policy (default: scheduler.nodePolicy)")
+    s.add_argument("--gpu-policy", default=None,
+                   help="card policy or chain such as binpack,numa (default: scheduler.gpuPolicy)")
+    s.add_argument("--wait", type=_seconds, default=None, metavar="SECONDS",
+                   help="stay pending up to SECONDS until capacity frees (default: fail at once)")
+    client(s)
 
-    r = sub.add_parser("release", help="give a slice back")
-    r.add_argument("name")
-    r.add_argument("--nats-url", default=None)
+    r = command("release", "give a slice back")
+    r.add_argument("name", help="the allocation's name")
+    client(r)
 
-    st = sub.add_parser("status", help="nodes and cards")
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--nats-url", default=None)
+    st = command("status", "nodes and cards")
+    client(st)
 
-    d = sub.add_parser("demo", help="HAMi's website example, self-contained")
-    d.add_argument("--json", action="store_true")
+    ls = command("list", "who holds what, and the pending requests")
+    client(ls)
+
+    de = command("describe", "one allocation or pending request in full, with why it waits")
+    de.add_argument("name", help="NAME or NAMESPACE/NAME")
+    client(de)
+
+    d = command("demo", "HAMi's website example, self-contained")
+    d.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     sub.add_parser("replay", help="replay an openb trace (see hami replay --help)", add_help=False)
     return p
 
 
+HANDLERS = {"up": cmd_up, "submit": cmd_submit, "release": cmd_release, "status": cmd_status,
+            "list": cmd_list, "describe": cmd_describe, "demo": cmd_demo}
+
+
+def run(argv: list[str]) -> int:
+    if argv[:1] == ["replay"]:
+        return cmd_replay(argv[1:])
+    args = parser().parse_args(argv)
+    return HANDLERS[args.cmd](args)
+
+
+def report(argv: list[str], message: str, code: int) -> int:
+    if "--json" in argv:
+        print(json.dumps({"error": message, "code": code}), flush=True)
+    else:
+        cmd = next((a for a in argv if a in HANDLERS or a == "replay"), None)
+        print(f"hami{' ' + cmd if cmd else ''}: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def guarded(argv: list[str]) -> int:
+    try:
+        code = run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except SystemExit:  # --help, --version, replay's own argument errors
+        sys.stdout.flush()
+        raise
+    except Fail as exc:
+        return report(argv, exc.message, exc.code)
+    except config.ConfigError as exc:
+        return report(argv, str(exc), USAGE)
+    except KeyboardInterrupt:
+        return report(argv, "interrupted", INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["replay"]:
-        return cmd_replay(argparse.Namespace(), argv[1:])
-    args = parser().parse_args(argv)
-    handlers = {"up": cmd_up, "submit": cmd_submit, "release": cmd_release,
-                "status": cmd_status, "demo": cmd_demo}
-    return handlers[args.cmd](args)
+    try:
+        return guarded(argv)
+    except BrokenPipeError:
+        # Nobody reads any more: send what is left nowhere, so exit does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hami.creds import Store, roles_for
 from services.binder.service import BinderService
 from services.inventory.service import InventoryService
 from services.metrics.service import MetricsService
@@ -37,15 +38,21 @@ class System:
     metrics_port: int | None = None
     data_dir: Path | None = None
     use_nvml: bool | None = None  # None: use NVML when it finds cards and no sim flag
+    # hami up: the embedded nats-server ends with this process, however it ends.
+    nats_dies_with_parent: bool = False
     nats: EmbeddedNats | None = None
     buses: list[Bus] = field(default_factory=list)
     services: list[Any] = field(default_factory=list)
     agents: list[NodeAgent] = field(default_factory=list)
     metrics: MetricsService | None = None
+    # Each service connects with its role's identity (docs/security.md); an embedded
+    # server then admits exactly these roles.
+    auth: Store | None = None
 
-    async def _bus(self, name: str) -> Bus:
+    async def _bus(self, name: str, role: str | None = None) -> Bus:
         assert self.nats_url
-        bus = await Bus.connect(self.nats_url, name)
+        creds = self.auth.credentials(role or name) if self.auth else None
+        bus = await Bus.connect(self.nats_url, name, creds=creds)
         self.buses.append(bus)
         return bus
 
@@ -66,7 +73,9 @@ class System:
     async def start(self) -> None:
         backends = self.backends()  # parse flags before starting anything
         if not self.nats_url:
-            self.nats = EmbeddedNats(data_dir=self.data_dir)
+            self.nats = EmbeddedNats(data_dir=self.data_dir, die_with_parent=self.nats_dies_with_parent)
+            if self.auth is not None:
+                self.nats.configure(self.auth.server_config(roles_for(n for n, _ in backends)))
             self.nats_url = await self.nats.astart()
         try:
             inventory = InventoryService(await self._bus("inventory"), self.cfg)
@@ -87,9 +96,11 @@ class System:
                 self.metrics.port = 0
                 await self.metrics.start()
             self.services.append(self.metrics)
-            agent_bus = await self._bus("nodeagent")
+            agent_bus = None if self.auth else await self._bus("nodeagent")
             for node, backend in backends:
-                agent = NodeAgent(agent_bus, node, backend, self.cfg)
+                # With identities, each agent may write only its own node's keys.
+                bus = agent_bus or await self._bus("nodeagent", f"nodeagent:{node}")
+                agent = NodeAgent(bus, node, backend, self.cfg)
                 await agent.start()
                 self.agents.append(agent)
             await self.wait_nodes(len(backends), placement)

@@ -4,12 +4,17 @@ The node settings keep HAMi's names (REFERENCE §3) so a HAMi values file transl
 to one. Environment overrides use ``HAMI__<SECTION>__<FIELD>=<yaml value>``, e.g.
 ``HAMI__NODE__DEVICESPLITCOUNT=4`` (field names are matched case-insensitively); the
 common ones have short forms: ``HAMI_NATS_URL``, ``HAMI_NODE_NAME``, ``HAMI_CONFIG``.
+
+Everything is checked at load, file and overrides alike: an unknown key (with the
+nearest known one suggested), a wrong type, a value outside its set (policies, modes)
+or its range raises :class:`ConfigError` with a one-line message naming the setting.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +54,8 @@ class SchedulerSettings(msgspec.Struct, kw_only=True, rename="camel"):
     node_policy: str = "binpack"
     gpu_policy: str = "spread"
     scheduler_name: str = "hami-scheduler"
+    mode: str = "extender"  # Kubernetes: extender (behind kube-scheduler) | direct (docs/extender.md)
+    extender_reservation_timeout: float = 60.0  # s a filter's reservation waits for its bind
 
 
 class SimSettings(msgspec.Struct, kw_only=True, rename="camel"):
@@ -80,6 +87,15 @@ def _norm(key: str) -> str:
     return key.replace("_", "").replace("-", "").lower()
 
 
+def _unknown(name: str, where: str, cls: Any) -> ConfigError:
+    known = [f.encode_name for f in msgspec.structs.fields(cls)]
+    section = f" in {where.rstrip('.')}" if where else ""
+    by_norm = {_norm(k): k for k in known}
+    close = difflib.get_close_matches(_norm(name), list(by_norm), n=1, cutoff=0.6)
+    hint = f"; did you mean {by_norm[close[0]]}?" if close else f"; known: {', '.join(known)}"
+    return ConfigError(f"unknown setting {name!r}{section}{hint}")
+
+
 def _set_path(tree: dict[str, Any], path: list[str], value: Any, schema: type[Any]) -> None:
     """Set ``value`` at ``path`` matching each name case-insensitively to a field."""
     node = tree
@@ -88,7 +104,7 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any, schema: type[An
         fields = {_norm(f.encode_name): f for f in msgspec.structs.fields(cls)}
         f = fields.get(_norm(part))
         if f is None:
-            raise ConfigError(f"unknown setting {'.'.join(path[: i + 1])!r}")
+            raise _unknown(part, ".".join(path[:i]), cls)
         if i == len(path) - 1:
             node[f.encode_name] = value
         else:
@@ -108,7 +124,7 @@ def _normalize(raw: Any, schema: Any, where: str) -> Any:
     for key, value in raw.items():
         f = fields.get(_norm(str(key)))
         if f is None:
-            raise ConfigError(f"unknown setting {where}{key!r}")
+            raise _unknown(str(key), where, schema)
         out[f.encode_name] = _normalize(value, f.type, f"{where}{f.encode_name}.")
     return out
 
@@ -138,6 +154,70 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
                 raise ConfigError(f"{key}: not a YAML value: {exc}") from exc
             _set_path(raw, parts, value, Config)
     try:
-        return msgspec.convert(raw, Config, strict=False)
+        cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+        # msgspec says "Expected `int`, got `str` - at `$.node.deviceSplitCount`".
+        text, _, at = str(exc).partition(" - at `$.")
+        where = at.rstrip("`") or "the top level"
+        raise ConfigError(f"invalid configuration: {where}: {text.replace('`', '').lower()}") from exc
+    validate(cfg)
+    return cfg
+
+
+_Check = tuple[str, Callable[[Config], Any], Callable[[Any], bool], str]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+GPU_CORE_POLICIES = ("default", "force", "disable")
+SCHEDULER_MODES = ("extender", "direct")
+NVLINK_TOPOLOGIES = ("pcie", "pairs", "dgx1", "nvswitch")
+
+
+def _one_of(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), f"one of {', '.join(options)}"
+
+
+def _checks() -> list[_Check]:
+    # Imported here: the HAMi codec reads these settings, so it imports this module.
+    from shared.hami.codec import NODE_POLICIES
+
+    def at_least(n: float) -> tuple[Callable[[Any], bool], str]:
+        return (lambda v: v >= n), f"at least {n:g}"
+
+    positive: tuple[Callable[[Any], bool], str] = (lambda v: v > 0), "greater than 0"
+    rows: list[tuple[str, Callable[[Config], Any], tuple[Callable[[Any], bool], str]]] = [
+        ("node.deviceSplitCount", lambda c: c.node.device_split_count, at_least(1)),
+        ("node.deviceMemoryScaling", lambda c: c.node.device_memory_scaling, positive),
+        ("node.deviceCoreScaling", lambda c: c.node.device_core_scaling, positive),
+        ("node.defaultMemory", lambda c: c.node.default_memory, at_least(0)),
+        ("node.defaultCores", lambda c: c.node.default_cores, ((lambda v: 0 <= v <= 100), "0..100")),
+        ("node.defaultGpuNum", lambda c: c.node.default_gpu_num, at_least(1)),
+        ("node.memoryFactor", lambda c: c.node.memory_factor, at_least(1)),
+        ("node.gpuCorePolicy", lambda c: c.node.gpu_core_policy, _one_of(GPU_CORE_POLICIES)),
+        ("node.maxPods", lambda c: c.node.max_pods, at_least(1)),
+        ("scheduler.nodePolicy", lambda c: c.scheduler.node_policy, _one_of(NODE_POLICIES)),
+        ("scheduler.mode", lambda c: c.scheduler.mode, _one_of(SCHEDULER_MODES)),
+        ("sim.nodes", lambda c: c.sim.nodes, at_least(0)),
+        ("sim.numaNodes", lambda c: c.sim.numa_nodes, at_least(1)),
+        ("sim.nvlink", lambda c: c.sim.nvlink, _one_of(NVLINK_TOPOLOGIES)),
+        ("heartbeatInterval", lambda c: c.heartbeat_interval, positive),
+        ("unhealthyAfter", lambda c: c.unhealthy_after, positive),
+        ("metricsPort", lambda c: c.metrics_port, ((lambda v: 0 <= v <= 65535), "0..65535")),
+        ("logLevel", lambda c: c.log_level.upper(), _one_of(LOG_LEVELS)),
+    ]
+    return [(name, get, ok, want) for name, get, (ok, want) in rows]
+
+
+def validate(cfg: Config) -> None:
+    """Sets and ranges msgspec's types do not express; raises the first problem found."""
+    from shared.hami.codec import parse_gpu_policy
+
+    for name, get, ok, want in _checks():
+        value = get(cfg)
+        if not ok(value):
+            raise ConfigError(f"invalid configuration: {name}: {value!r} is not {want}")
+    try:
+        parse_gpu_policy(cfg.scheduler.gpu_policy)
+    except ValueError as exc:
+        raise ConfigError(
+            f"invalid configuration: scheduler.gpuPolicy: {cfg.scheduler.gpu_policy!r}: {exc}"
+        ) from None

@@ -14,6 +14,7 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -70,7 +71,11 @@ def run(
     args: argparse.Namespace,
     make: Callable[[Bus, config.Config], Awaitable[Service]],
 ) -> int:
-    cfg = config.load(args.config)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
     url = args.nats_url or cfg.nats_url
     if not url:
         raise SystemExit(f"{name}: no NATS server given (--nats-url or HAMI_NATS_URL)")

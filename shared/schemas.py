@@ -412,11 +412,33 @@ class NodeStatus(_Base, kw_only=True):
     healthy: bool
     cards: list[CardStatus] = []
     allocations: list[str] = []
+    held: list[LedgerAlloc] = []  # what each allocation holds; only when detail is asked
+
+
+class PendingRequest(_Base, kw_only=True):
+    """A request that stays queued, with why it did not fit when placement last tried."""
+
+    uid: str
+    name: str
+    namespace: str = ""
+    source: str = "cli"
+    reasons: dict[str, int] = {}  # HAMi's reason counts, as in the last ``failed``
+    nodes_total: int = 0
+    message: str = ""
+    requested_at: float = 0.0
+    failed_at: float = 0.0
+
+
+class StatusRequest(_Base, kw_only=True):
+    """The body of ``hami.api.status``; an empty object asks for the summary."""
+
+    detail: bool = False  # also each allocation's grants and the pending requests
 
 
 class ClusterStatus(_Base, kw_only=True):
     nodes: list[NodeStatus] = []
     pending: int = 0
+    pending_requests: list[PendingRequest] = []  # only when detail is asked
 
 
 class ErrorReply(_Base, kw_only=True):

@@ -3,6 +3,8 @@
 Watches the inventory KV bucket (publishing ``registered`` / ``updated`` / ``removed``
 node events), listens to heartbeats and marks silent nodes unhealthy (the health KV
 bucket plus an ``unhealthy`` / ``recovered`` event), and answers ``hami.api.status``.
+It also remembers the requests left pending by placement, with the reasons of their
+last ``failed``, so ``hami list`` / ``hami describe`` can say who waits and why.
 With several replicas, the health key is written by compare-and-set so only one
 replica publishes each transition.
 """
@@ -21,12 +23,16 @@ from shared.bus import Bus, Conflict, add_service, decode
 from shared.config import Config
 from shared.lifecycle import Background
 from shared.schemas import (
+    AllocFailed,
+    AllocReleased,
     ClusterStatus,
     Heartbeat,
     NodeEvent,
     NodeHealth,
     NodeInventory,
     NodeLedger,
+    PendingRequest,
+    StatusRequest,
 )
 from shared.view import cluster_status
 
@@ -46,6 +52,9 @@ class InventoryService:
         self._ledgers_raw: dict[str, bytes] = {}
         self._ledgers: dict[str, NodeLedger] = {}  # decoded, dropped when the entry changes
         self.tracker = HealthTracker(cfg.unhealthy_after, time.time())
+        # uid -> the request's last pending ``failed``; dropped when it is released or
+        # (checked when asked) appears in a ledger.
+        self.pending: dict[str, PendingRequest] = {}
         self._bg = Background()
         self._svc: object | None = None
 
@@ -130,8 +139,38 @@ class InventoryService:
                 except Exception:
                     log.exception("cannot record health of %s", t.node)
 
+    async def _on_failed(self, msg: Msg) -> None:
+        f = decode(msg.data, AllocFailed)
+        if not f.pending:
+            self.pending.pop(f.uid, None)
+            return
+        self.pending[f.uid] = PendingRequest(
+            uid=f.uid, name=f.name, namespace=f.namespace, source=f.source,
+            reasons=f.reasons, nodes_total=f.nodes_total, message=f.message,
+            requested_at=f.requested_at, failed_at=f.failed_at,
+        )
+
+    async def _on_released(self, msg: Msg) -> None:
+        if self.pending:  # most releases concern no pending request: skip the decode
+            self.pending.pop(decode(msg.data, AllocReleased).uid, None)
+
     async def _status(self, data: bytes) -> ClusterStatus:
-        return cluster_status(self.nodes, self.health, self.ledgers)
+        req = decode(data or b"{}", StatusRequest)
+        ledgers = self.ledgers
+        st = cluster_status(self.nodes, self.health, ledgers)
+        placed = {uid for led in ledgers.values() for uid in led.allocs}
+        for uid in [u for u in self.pending if u in placed]:
+            del self.pending[uid]
+        st.pending = len(self.pending)
+        if req.detail:
+            for n in st.nodes:
+                led = ledgers.get(n.node)
+                if led is not None:
+                    n.held = sorted(led.allocs.values(), key=lambda a: (a.namespace, a.name))
+            st.pending_requests = sorted(
+                self.pending.values(), key=lambda p: (p.requested_at, p.namespace, p.name)
+            )
+        return st
 
     async def start(self) -> None:
         ready = [asyncio.Event() for _ in range(3)]
@@ -140,6 +179,9 @@ class InventoryService:
         self._bg.add(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 10)
         self._bg.add_sub(await self.bus.subscribe(subjects.HEARTBEAT_ALL, self._on_heartbeat))
+        self._bg.add_sub(await self.bus.subscribe(subjects.alloc("failed"), self._on_failed))
+        for released in (subjects.alloc("released"), subjects.alloc_any("released")):
+            self._bg.add_sub(await self.bus.subscribe(released, self._on_released))
         self._bg.spawn(self._ticker(), "health-ticker")
         self._svc = await add_service(self.bus, "hami-inventory", {subjects.API_STATUS: self._status})
 
