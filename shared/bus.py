@@ -4,6 +4,11 @@ One :class:`Bus` per process. It connects with reconnection, creates the event s
 and the KV buckets idempotently (any replica may start first), publishes events with a
 ``Nats-Msg-Id`` so a retried publish is stored once, and carries the W3C trace context
 in message headers. Encoders and decoders are built once and reused.
+
+With :class:`~shared.auth.Credentials` it authenticates with its role's nkey (and TLS),
+sets up only the stream and buckets its role may create, and when one of them has
+disappeared (deleted by an operator) it creates it again on the next write that finds
+it missing, and says so in the log.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,7 +29,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from shared import subjects, tracing
+from shared import auth, subjects, tracing
 from shared.schemas import AllocEvent, NodeEvent
 
 log = logging.getLogger("hami.bus")
@@ -91,17 +97,36 @@ class Bus:
         self._kv: dict[str, KeyValue] = {}
         self._writes = _Writes(nc)
         self._watches: list[WatchState] = []
+        # Streams this client may create and update (None: all, an unauthenticated bus).
+        self.creates: frozenset[str] | None = None
+        self.updates: frozenset[str] | None = None
+
+    def may_create(self, stream: str) -> bool:
+        return self.creates is None or stream in self.creates
+
+    def may_update(self, stream: str) -> bool:
+        return self.updates is None or stream in self.updates
 
     @classmethod
     async def connect(
-        cls, url: str, name: str, *, setup: bool = True, once: float | None = None
+        cls,
+        url: str,
+        name: str,
+        *,
+        setup: bool = True,
+        once: float | None = None,
+        creds: auth.Credentials | None = None,
     ) -> Bus:
         """Connect, reconnecting forever after a loss (services outlive a NATS restart).
 
         ``once``: a one-shot client (the CLI) instead makes a single attempt bounded by
         that many seconds, never reconnects, and gets the attempt's own error (e.g.
         ``ConnectionRefusedError``, ``TimeoutError``) rather than a retry loop.
+
+        ``creds``: authenticate as that role (nkey; TLS when it names a CA) with its
+        own inbox prefix, and set up only what the role may create.
         """
+        extra = connect_options(creds)
         failures: list[Exception] = []
 
         async def on_error(exc: Exception) -> None:
@@ -128,6 +153,7 @@ class Bus:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                **extra,
             )
         else:
             try:
@@ -142,16 +168,27 @@ class Bus:
                         reconnect_time_wait=0,
                         connect_timeout=once,
                         error_cb=on_error,
+                        **extra,
                     )
             except Exception as exc:
                 raise (failures[0] if failures else exc) from None
         bus = cls(nc, name)
+        if creds is not None:
+            perms = auth.permissions(creds.role)
+            bus.creates, bus.updates = perms.creates, perms.updates
         if setup:
             await bus.setup()
         return bus
 
     async def setup(self) -> None:
         """Create the event stream and the KV buckets; safe to call from every replica."""
+        if self.may_create(subjects.EVENTS_STREAM):
+            await self._setup_events()
+        for bucket in KV_BUCKETS:
+            if self.may_create(auth.kv_stream(bucket)):
+                await self.kv(bucket)
+
+    async def _setup_events(self) -> None:
         cfg = api.StreamConfig(
             name=subjects.EVENTS_STREAM,
             num_replicas=self.replicas,
@@ -165,10 +202,10 @@ class Bus:
         try:
             await self.js.add_stream(cfg)
         except BadRequestError:
-            # Exists with another configuration (an older release): bring it up to date.
-            await self.js.update_stream(cfg)
-        for bucket in KV_BUCKETS:
-            await self.kv(bucket)
+            # Exists with another configuration (an older release): bring it up to date,
+            # where this role owns it (the others use it as it is).
+            if self.may_update(subjects.EVENTS_STREAM):
+                await self.js.update_stream(cfg)
 
     async def kv(self, bucket: str) -> KeyValue:
         kv = self._kv.get(bucket)
@@ -182,6 +219,10 @@ class Bus:
                     bucket=bucket, history=1, replicas=self.replicas, direct=True
                 )
             except BadRequestError:
+                if not self.may_update(auth.kv_stream(bucket)):
+                    kv = await self.js.key_value(bucket)  # its owner brings it up to date
+                    self._kv[bucket] = kv
+                    return kv
                 # Made by an older release without direct gets: switch them on.
                 si = await self.js.stream_info(f"KV_{bucket}")
                 si.config.allow_direct = True
@@ -202,7 +243,12 @@ class Bus:
         self, subject: str, msg: msgspec.Struct, msg_id: str
     ) -> api.PubAck:
         """Store an event in the durable stream; the same ``msg_id`` is stored once."""
-        return await self.js.publish(subject, ENCODER.encode(msg), headers=self.headers(msg_id))
+        data, hdrs = ENCODER.encode(msg), self.headers(msg_id)
+        try:
+            return await self.js.publish(subject, data, headers=hdrs)
+        except nats.js.errors.NoStreamResponseError:
+            await self.recreate(subjects.EVENTS_STREAM)
+            return await self.js.publish(subject, data, headers=hdrs)
 
     async def publish_event_nowait(
         self, subject: str, msg: msgspec.Struct, msg_id: str
@@ -212,7 +258,29 @@ class Bus:
         Lets a batch of events go out back to back; await the futures before
         acknowledging the work that produced them.
         """
-        return await self._writes.send(subject, ENCODER.encode(msg), self.headers(msg_id))
+        data, hdrs = ENCODER.encode(msg), self.headers(msg_id)
+        sent = await self._writes.send(subject, data, hdrs)
+
+        async def stored() -> int:
+            try:
+                return await sent
+            except nats.js.errors.NoStreamResponseError:
+                await self.recreate(subjects.EVENTS_STREAM)
+                return await (await self._writes.send(subject, data, hdrs))
+
+        return asyncio.ensure_future(stored())
+
+    async def recreate(self, stream: str) -> None:
+        """Create again a stream or bucket a write found missing (an operator deleted
+        it); without the right to create it, the write's error stands."""
+        if not self.may_create(stream):
+            raise nats.js.errors.NoStreamResponseError
+        log.warning("%s: stream %s was missing; creating it again", self.name, stream)
+        if stream == subjects.EVENTS_STREAM:
+            await self._setup_events()
+        elif stream.startswith("KV_"):
+            self._kv.pop(stream[3:], None)
+            await self.kv(stream[3:])
 
     async def publish(self, subject: str, msg: msgspec.Struct) -> None:
         """Core NATS, not stored (heartbeats, telemetry)."""
@@ -247,7 +315,12 @@ class Bus:
 
     async def kv_put(self, bucket: str, key: str, value: msgspec.Struct) -> int:
         kv = await self.kv(bucket)
-        return await kv.put(subjects.kv_key(key), ENCODER.encode(value))
+        try:
+            return await kv.put(subjects.kv_key(key), ENCODER.encode(value))
+        except nats.js.errors.NoStreamResponseError:
+            await self.recreate(auth.kv_stream(bucket))
+            kv = await self.kv(bucket)
+            return await kv.put(subjects.kv_key(key), ENCODER.encode(value))
 
     async def kv_cas(self, bucket: str, key: str, value: msgspec.Struct, last: int) -> int:
         """Write only if the key is still at revision ``last`` (0: only if absent).
@@ -403,6 +476,23 @@ class Bus:
             except Exception:  # already closing or the server is gone
                 await self.nc.close()
         self._writes.close()
+
+
+def connect_options(creds: auth.Credentials | None) -> dict[str, Any]:
+    """nats-py's ``connect`` options for ``creds``: the nkey, the inbox prefix, TLS."""
+    if creds is None:
+        return {}
+    out: dict[str, Any] = {"inbox_prefix": creds.inbox_prefix}
+    if creds.seed_file:
+        out["nkeys_seed"] = creds.seed_file
+    else:
+        out["nkeys_seed_str"] = creds.seed.strip()
+    if creds.tls_ca:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=creds.tls_ca)
+        if creds.tls_cert:
+            ctx.load_cert_chain(creds.tls_cert, creds.tls_key or None)
+        out["tls"] = ctx
+    return out
 
 
 class _PubError(msgspec.Struct):
