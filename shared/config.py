@@ -129,6 +129,14 @@ def _normalize(raw: Any, schema: Any, where: str) -> Any:
     return out
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line report, in one line."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        m = exc.problem_mark
+        return f"line {m.line + 1} column {m.column + 1}: {exc.problem or exc.context or 'bad YAML'}"
+    return " ".join(str(exc).split())
+
+
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read the YAML file (``path`` or ``$HAMI_CONFIG``, optional) and apply overrides."""
     env = os.environ if env is None else env
@@ -137,8 +145,10 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     if path:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot read config {path}: {_yaml_problem(exc)}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path}: the top level must be a mapping")
         raw = _normalize(loaded, Config, "")
@@ -151,7 +161,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
             try:
                 value = yaml.safe_load(text)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{key}: not a YAML value: {exc}") from exc
+                raise ConfigError(f"{key}: not a YAML value: {_yaml_problem(exc)}") from exc
             _set_path(raw, parts, value, Config)
     try:
         cfg = msgspec.convert(raw, Config, strict=False)

@@ -1,4 +1,5 @@
-"""End to end through the real command line: hami up, submit, status, release, /metrics."""
+"""End to end through the real command line: hami up, submit, status, release, /metrics;
+and every way a new user can get it wrong: one line, an exit code, never a hang."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-HAMI = [sys.executable, "-m", "hami.cli"]
+_ENTRY = Path(sys.executable).parent / "hami"  # the installed entry point, as a user runs it
+HAMI = [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "hami.cli"]
+DEAD_URL = "nats://127.0.0.1:1"
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -115,3 +118,151 @@ def test_demo_json() -> None:
     assert out["whole_gpu"]["gpus_used"] == 3
     assert out["sliced"]["gpus_used"] == 1
     assert set(out["sliced"]["pods"]) == {"pod-a", "pod-b", "pod-c"}
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def quiet_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ, HAMI_STATE_FILE=str(tmp_path / "state.json"), HAMI_LOG_LEVEL="WARNING")
+    for k in ("HAMI_NATS_URL", "HAMI_CONFIG"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["status"], ["list"], ["describe", "x"], ["submit", "x", "--mem", "100"],
+     ["submit", "x", "--mem", "100", "--wait", "60"], ["release", "x"],
+     ["up", "--sim-nodes", "1"]],
+)
+def test_an_unreachable_server_is_one_line_and_exit_3(tmp_path: Path, args: list[str]) -> None:
+    r = subprocess.run([*HAMI, *args, "--nats-url", DEAD_URL], env=quiet_env(tmp_path),
+                       capture_output=True, text=True, timeout=20)
+    one_line_error(r, 3, f"cannot reach NATS at {DEAD_URL}: connection refused")
+
+
+def test_json_errors_are_one_object_on_stdout(tmp_path: Path) -> None:
+    r = run(quiet_env(tmp_path), "status", "--json", "--nats-url", DEAD_URL)
+    assert r.returncode == 3 and r.stderr == ""
+    assert json.loads(r.stdout) == {
+        "error": f"cannot reach NATS at {DEAD_URL}: connection refused", "code": 3}
+
+
+def test_a_state_file_of_a_dead_hami_up_is_stale(tmp_path: Path) -> None:
+    env = quiet_env(tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    sf = Path(env["HAMI_STATE_FILE"])
+    sf.write_text(json.dumps({"nats_url": DEAD_URL, "pid": gone.pid}))
+    one_line_error(run(env, "status"), 3, "stale state file", f"pid {gone.pid}")
+    assert not sf.exists()
+    one_line_error(run(env, "status"), 3, "hami up")
+
+
+def test_kill_9_of_hami_up_takes_its_nats_server_along(up) -> None:  # type: ignore[no-untyped-def]
+    proc, env, _ = up
+    st = json.loads(Path(env["HAMI_STATE_FILE"]).read_text())
+    assert st["pid"] == proc.pid and st["nats_pid"] in children(proc.pid)
+
+    # While it runs: who holds what, and a request left waiting with HAMi's reasons.
+    assert run(env, "submit", "big", "--gpus", "4").returncode == 0
+    assert run(env, "submit", "small", "--mem", "1000", "--cores", "20").returncode == 0
+    waiting = subprocess.Popen([*HAMI, "submit", "later", "--gpus", "8", "--wait", "120"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while True:
+        listed = json.loads(run(env, "list", "--json").stdout)
+        if listed["pending"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    by_name = {a["name"]: a for a in listed["allocations"]}
+    assert set(by_name) == {"big", "small"}
+    assert by_name["big"]["cards"] == 4 and by_name["big"]["cores"] == 400
+    assert (by_name["small"]["mem_mib"], by_name["small"]["cores"]) == (1000, 20)
+    assert [p["name"] for p in listed["pending"]] == ["later"]
+    d = json.loads(run(env, "describe", "later", "--json").stdout)
+    assert d["state"] == "pending" and sum(d["reasons"].values()) == d["nodes_total"] == 2
+    human = run(env, "describe", "later").stdout
+    assert "pending" in human and "0/2 nodes are available" in human
+    assert "NVIDIA-A100-80GB  1000 MiB  20% cores" in run(env, "describe", "small").stdout
+    one_line_error(run(env, "describe", "nobody"), 1, "nobody: no such allocation")
+    status = json.loads(run(env, "status", "--json").stdout)
+    assert status["pending"] == 1 and sorted(status["allocations"]) == ["big", "small"]
+
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(st["nats_pid"], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(st["nats_pid"], 0)
+    # The client waiting on it notices the server is gone instead of waiting 120 s.
+    _, err = waiting.communicate(timeout=20)
+    assert waiting.returncode == 3 and "Traceback" not in err, err
+    one_line_error(run(env, "status"), 3, "stale state file")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [("node:\n  deviceSplitCnt: 4\n", ["unknown setting 'deviceSplitCnt' in node", "deviceSplitCount"]),
+     ("node:\n  deviceSplitCount: many\n", ["node.deviceSplitCount", "expected int"]),
+     ("scheduler:\n  nodePolicy: binpak\n", ["scheduler.nodePolicy", "binpak"]),
+     ("node:\n  deviceSplitCount: -3\n", ["node.deviceSplitCount", "-3"]),
+     ("node: [\n", ["cannot read config"])],
+)
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path: Path, text: str, words: list[str]) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    one_line_error(run(quiet_env(tmp_path), "up", "--config", str(f)), 2, *words)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["up", "--sim-gpus", "A100"], ["--sim-gpus 'A100'", "MODEL:COUNT"]),
+     (["up", "--sim-gpus", "A100:x"], ["integers"]),
+     (["up", "--sim-nodes", "-1"], ["--sim-nodes"]),
+     (["submit", "x", "--mem-percent", "150"], ["--mem-percent", "150"]),
+     (["submit", "x", "--node-policy", "binpak"], ["binpak"]),
+     (["nosuch"], ["invalid choice"]),
+     (["replay", "--nodes", "n.csv", "--pods", "p.csv", "--policy", "fgd", "--plot", "out.txt"], ["--plot", ".png"]),
+     (["replay", "--nodes", "n.csv", "--pods", "p.csv", "--policy", "fgd", "--plot", "/no/such/dir/a.png"], ["no such directory"]),
+     (["replay", "--nodes", "/no/such.csv", "--pods", "p.csv", "--policy", "fgd"], ["/no/such.csv"])],
+)
+def test_bad_flags_are_one_line_and_exit_2(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    one_line_error(run(quiet_env(tmp_path), *args), 2, *words)
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_4(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run(quiet_env(tmp_path), "up", "--sim-nodes", "1", "--metrics-port", str(port))
+    one_line_error(r, 4, f"metrics port {port} is in use")
+    assert not Path(quiet_env(tmp_path)["HAMI_STATE_FILE"]).exists()
+
+
+def test_version_help_defaults_and_a_closed_pipe(tmp_path: Path) -> None:
+    r = run(quiet_env(tmp_path), "--version")
+    assert r.returncode == 0 and r.stdout.startswith("hami ")
+    helptext = run(quiet_env(tmp_path), "submit", "--help").stdout
+    assert "--gpus GPUS           cards (default: 1)" in helptext
+    assert "--nats-url" in helptext and "default: $HAMI_NATS_URL" in helptext
+    # The reader of stdout is gone before the answer is written: no traceback, 141.
+    p = subprocess.Popen([*HAMI, "status", "--json", "--nats-url", DEAD_URL], env=quiet_env(tmp_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()
+    assert p.wait(timeout=20) == 141
+    assert p.stderr.read() == ""
