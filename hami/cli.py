@@ -99,11 +99,17 @@ def why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def shown(url: str) -> str:
+    """A URL fit for a message: credentials left out."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}" if sep and "@" in rest else url
+
+
 async def connect(url: str) -> Bus:
     try:
         return await Bus.connect(url, "cli", setup=False, once=CONNECT_TIMEOUT)
     except Exception as exc:
-        raise Fail(f"cannot reach NATS at {url}: {why(exc)}", UNREACHABLE) from None
+        raise Fail(f"cannot reach NATS at {shown(url)}: {why(exc)}", UNREACHABLE) from None
 
 
 async def request(
@@ -120,10 +126,10 @@ async def request(
         while not (await asyncio.wait({asked}, timeout=0.25))[0]:
             if not bus.nc.is_connected:
                 asked.cancel()
-                raise Fail(f"lost the connection to NATS at {url}", UNREACHABLE)
+                raise Fail(f"lost the connection to NATS at {shown(url)}", UNREACHABLE)
         data = asked.result().data
     except nats.errors.NoRespondersError:
-        raise Fail(f"nothing answers {subject} at {url}: is 'hami up' running?", UNREACHABLE) from None
+        raise Fail(f"nothing answers {subject} at {shown(url)}: is 'hami up' running?", UNREACHABLE) from None
     except TimeoutError:
         raise Fail(f"no answer on {subject} within {timeout:g}s", UNREACHABLE) from None
     finally:
