@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from hami import state
+from hami import creds, state
 from shared import config, logs, subjects, tracing
 from shared.bus import Bus
 from shared.hami.codec import NODE_POLICIES
@@ -107,7 +107,8 @@ def shown(url: str) -> str:
 
 async def connect(url: str) -> Bus:
     try:
-        return await Bus.connect(url, "cli", setup=False, once=CONNECT_TIMEOUT)
+        return await Bus.connect(url, "cli", setup=False, once=CONNECT_TIMEOUT,
+                                 creds=creds.client_credentials())
     except Exception as exc:
         raise Fail(f"cannot reach NATS at {shown(url)}: {why(exc)}", UNREACHABLE) from None
 
@@ -194,7 +195,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             await (await connect(args.nats_url)).close()
         system = System(cfg, nats_url=args.nats_url, sim_nodes=args.sim_nodes,
                         sim_gpus=args.sim_gpus, metrics_port=args.metrics_port,
-                        nats_dies_with_parent=True)
+                        nats_dies_with_parent=True,
+                        auth=creds.up_store(args.no_auth, bool(args.nats_url)))
         starting = asyncio.create_task(system.start())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,14 +222,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             temp_dir = str(system.nats.data_dir) if system.nats and system.nats.temporary else None
             try:
                 state.write(state.record(system.nats_url or "", system.metrics_url,
-                                         nats_proc.pid if nats_proc else None, temp_dir))
+                                         nats_proc.pid if nats_proc else None, temp_dir)
+                            | creds.up_state(system.auth, system.nats.config_file if system.nats else None))
             except OSError as exc:
                 raise Fail(f"cannot write state file {state.path()}: {exc}", CANNOT_START) from None
             nodes = [a.node for a in system.agents]
             emit(args, {"nats_url": system.nats_url, "metrics_url": system.metrics_url,
                         "nodes": nodes, "pid": os.getpid(), "state_file": str(state.path())},
                  [f"NATS:    {system.nats_url}", f"Metrics: {system.metrics_url}/metrics",
-                  f"Nodes:   {', '.join(nodes)}", "hami is up; Ctrl-C stops it"])
+                  f"Nodes:   {', '.join(nodes)}",
+                  *creds.up_lines(system.auth, system.nats_url or ""), "hami is up; Ctrl-C stops it"])
             sys.stdout.flush()
             await stop.wait()
         finally:
@@ -576,6 +580,10 @@ def parser() -> argparse.ArgumentParser:
                     help="port of /metrics, 0 for any (default: metricsPort, 9394, or a free one if taken)")
     up.add_argument("--config", default=None, help="YAML configuration file (default: $HAMI_CONFIG)")
     up.add_argument("--json", action="store_true", help="print where it listens as one JSON object")
+    up.add_argument("--no-auth", action="store_true",
+                    help="no identities, no TLS: any client may do anything (docs/security.md)")
+
+    creds.add_arguments(command("creds", "print a role's nkey seed (hami creds reader), or --revoke it"))
 
     s = command("submit", "ask for a slice")
     s.add_argument("name", help="the allocation's name")
@@ -617,7 +625,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 HANDLERS = {"up": cmd_up, "submit": cmd_submit, "release": cmd_release, "status": cmd_status,
-            "list": cmd_list, "describe": cmd_describe, "demo": cmd_demo}
+            "list": cmd_list, "describe": cmd_describe, "demo": cmd_demo, "creds": creds.cmd_creds}
 
 
 def run(argv: list[str]) -> int:

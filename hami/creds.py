@@ -1,15 +1,21 @@
 """The credentials ``hami up`` makes for itself: a local CA, the server's certificate, an
 nkey per role, and the nats-server configuration that admits them.
 
-Everything lives in one directory (``$HAMI_STATE_DIR``, else ``~/.hami``), made once
-and reused, every secret file 0600. Revoking a role is deleting its seed file and
-restarting ``hami up`` (or rewriting the configuration and reloading the server): the
-role's next key is a new one, and the old one no longer authenticates.
+Everything lives in ``auth/`` beside the state file (``~/.hami/auth`` by default,
+``$HAMI_STATE_FILE``'s directory otherwise), made once and reused, every secret file
+0600. Revoking a role (``hami creds --revoke ROLE``) deletes its seed, rewrites the
+server's configuration without it and reloads the running server: the server closes
+the role's connections; the role's next seed is a new key.
+
+The one-shot commands find their ``cli`` identity the same way, or from
+``$HAMI_NATS_SEED`` (a seed file), ``$HAMI_NATS_ROLE`` and ``$HAMI_NATS_CA``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,9 +24,10 @@ from shared import auth
 SERVER_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
-def state_dir() -> Path:
-    env = os.environ.get("HAMI_STATE_DIR")
-    return Path(env) if env else Path.home() / ".hami"
+def default_dir() -> Path:
+    from hami import state
+
+    return state.path().parent / "auth"
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -36,7 +43,7 @@ class Store:
     """The CA, server key pair and role seeds under ``root`` (created on first use)."""
 
     def __init__(self, root: Path | None = None, *, tls: bool = True) -> None:
-        self.root = (root or state_dir()) / "auth"
+        self.root = root or default_dir()
         self.tls = tls
 
     @property
@@ -85,3 +92,111 @@ class Store:
 def roles_for(nodes: Iterable[str]) -> list[str]:
     """Every role of a ``hami up`` with these node agents."""
     return [*auth.FIXED_ROLES, *(f"{auth.NODEAGENT}:{n}" for n in nodes)]
+
+
+def client_credentials(role: str = auth.CLI) -> auth.Credentials | None:
+    """The identity a one-shot command connects with; None where there is none (a
+    server without authorization, ``hami up --no-auth``)."""
+    seed = os.environ.get("HAMI_NATS_SEED")
+    if seed:
+        return auth.Credentials(role=os.environ.get("HAMI_NATS_ROLE", role), seed_file=seed,
+                                tls_ca=os.environ.get("HAMI_NATS_CA", ""))
+    from hami import state
+
+    try:
+        st = state.read()
+    except state.StateError:
+        return None
+    root = st.get("auth_dir")
+    if not root:
+        return None
+    return Store(Path(root), tls=bool(st.get("tls", True))).credentials(role)
+
+
+def revoke(store: Store, role: str, nats_pid: int | None, config: Path) -> None:
+    """Forget ``role``'s key and have the running server drop it (SIGHUP reload)."""
+    import signal
+
+    path = store.seed_file(role)
+    path.unlink(missing_ok=True)
+    roles = [r.stem for r in (store.root / "nkeys").glob("*.nk")]
+    text = config.read_text()
+    port = _port_of(text)
+    # Roles are stored by identity; the file name is the role (":" kept by token()).
+    new = store.server_config(roles, port=port)
+    _write_secret(config, new.encode())
+    if nats_pid:
+        os.kill(nats_pid, signal.SIGHUP)
+
+
+def _port_of(text: str) -> int:
+    for line in text.splitlines():
+        if line.startswith("port:"):
+            return int(line.split(":", 1)[1])
+    return 4222
+
+
+# ---------------------------------------------------------------- the hami command
+
+
+def up_store(no_auth: bool, external_nats: bool) -> Store | None:
+    """``hami up``'s credentials: on for its embedded server unless ``--no-auth``
+    (an outside server has its own authorization, given by ``$HAMI_NATS_SEED``)."""
+    return None if no_auth or external_nats else Store()
+
+
+def up_state(store: Store | None, nats_config: Path | None) -> dict[str, object]:
+    """What the state file records so the other commands find their identity."""
+    if store is None:
+        return {}
+    return {"auth_dir": str(store.root), "tls": store.tls,
+            "nats_config": str(nats_config) if nats_config else None}
+
+
+def up_lines(store: Store | None, url: str) -> list[str]:
+    if store is None:
+        return ["Auth:    off (--no-auth): any client on the port may do anything"]
+    ca = store.ca_file
+    return [
+        f"Auth:    nkeys + TLS (CA {ca}); a read-only identity of the event stream:",
+        "         hami creds reader > reader.nk",
+        f"         nats -s {url} --nkey reader.nk --tlsca {ca} --inbox-prefix _INBOX.reader \\",
+        f"              sub --stream {auth.EVENTS} 'hami.evt.>'",
+    ]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("role", help="reader, cli, admin, a service, or nodeagent:<node>")
+    p.add_argument("--revoke", action="store_true",
+                   help="forget the role's key and cut its connections off (reloads the server)")
+
+
+def cmd_creds(args: argparse.Namespace) -> int:
+    """Print a role's nkey seed (the secret a client connects with), or revoke it."""
+    from hami import state
+
+    try:
+        auth.parse_role(args.role)
+    except ValueError as exc:
+        print(f"hami creds: {exc}", file=sys.stderr)
+        return 2
+    try:
+        st = state.read()
+    except state.StateError:
+        st = {}
+    store = Store(Path(st["auth_dir"])) if st.get("auth_dir") else Store()
+    if args.revoke:
+        config = st.get("nats_config")
+        if not config:
+            print("hami creds: no running 'hami up' with authorization to revoke from",
+                  file=sys.stderr)
+            return 1
+        revoke(store, args.role, st.get("nats_pid"), Path(config))
+        print(f"revoked {args.role}", file=sys.stderr)
+        return 0
+    if not store.seed_file(args.role).exists() and st.get("auth_dir"):
+        print(f"hami creds: the running server does not know {args.role}; "
+              "it admits the roles it started with", file=sys.stderr)
+        return 1
+    print(store.seed(args.role))
+    return 0

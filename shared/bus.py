@@ -492,7 +492,20 @@ def connect_options(creds: auth.Credentials | None) -> dict[str, Any]:
         if creds.tls_cert:
             ctx.load_cert_chain(creds.tls_cert, creds.tls_key or None)
         out["tls"] = ctx
+        _quiet_ssl_eof()
     return out
+
+
+def _ssl_eof_noise(record: logging.LogRecord) -> bool:
+    # asyncio warns each time nats-py's protocol keeps a TLS connection half-open at
+    # its close; harmless, and it would be a second line under every CLI message.
+    return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+def _quiet_ssl_eof() -> None:
+    lg = logging.getLogger("asyncio")
+    if _ssl_eof_noise not in lg.filters:
+        lg.addFilter(_ssl_eof_noise)
 
 
 class _PubError(msgspec.Struct):
