@@ -231,3 +231,64 @@ async def test_services_recreate_a_deleted_stream(
         assert any("was missing" in r.getMessage() for r in caplog.records)
     finally:
         await binder.close()
+
+
+async def test_hami_up_hands_out_a_reader_and_revokes_it(tmp_path: Path) -> None:
+    """Through the real command line: ``hami up`` is secured by default, ``hami creds
+    reader`` gives a working read-only identity, ``--revoke`` cuts it off."""
+    import json
+    import os
+    import subprocess
+
+    from tests.system.test_cli import HAMI, run
+
+    env = dict(os.environ, HAMI_STATE_FILE=str(tmp_path / "state.json"), HAMI_LOG_LEVEL="WARNING")
+    env.pop("HAMI_NATS_URL", None)
+    env.pop("HAMI_NATS_SEED", None)
+    proc = await asyncio.to_thread(
+        subprocess.Popen, [*HAMI, "up", "--sim-nodes", "1", "--metrics-port", "0"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    async def hami(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(run, env, *args)
+
+    try:
+        assert proc.stdout is not None
+        lines = []
+        async with asyncio.timeout(60):
+            while not lines or "hami is up" not in lines[-1]:
+                line = await asyncio.to_thread(proc.stdout.readline)
+                assert line, proc.stderr.read() if proc.stderr else ""
+                lines.append(line)
+        assert any("hami creds reader" in ln for ln in lines)
+        st = json.loads((tmp_path / "state.json").read_text())
+        seeds = list((Path(st["auth_dir"]) / "nkeys").glob("*.nk"))
+        assert seeds and all(p.stat().st_mode & 0o077 == 0 for p in seeds)
+
+        got = await hami("creds", "reader")
+        assert got.returncode == 0 and got.stdout.startswith("SU"), got.stderr
+        from shared.auth import Credentials
+
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        reader = await nats.connect(st["nats_url"], allow_reconnect=False, error_cb=on_error, **connect_options(
+            Credentials(role="reader", seed=got.stdout, tls_ca=str(Path(st["auth_dir"]) / "ca.crt"))))
+        c = Client_(reader, errors)
+        forged = subjects.alloc("decided", "attacker-node")
+        await c.refused(lambda: reader.publish(forged, b"{}"), forged)
+        events = await reader.subscribe("hami.evt.>")
+        await reader.flush()
+        assert (await hami("submit", "job-1", "--mem", "1000")).returncode == 0  # the cli identity
+        assert (await events.next_msg(timeout=10)).subject.startswith("hami.evt.")
+
+        assert (await hami("creds", "reader", "--revoke")).returncode == 0
+        async with asyncio.timeout(10):
+            while reader.is_connected:  # noqa: ASYNC110 - the server closes it
+                await asyncio.sleep(0.02)
+        assert (await hami("status")).returncode == 0  # the others keep working
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
