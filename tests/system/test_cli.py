@@ -266,3 +266,18 @@ def test_version_help_defaults_and_a_closed_pipe(tmp_path: Path) -> None:
     p.stdout.close()
     assert p.wait(timeout=20) == 141
     assert p.stderr.read() == ""
+
+
+def test_a_zombie_or_a_reused_pid_is_not_the_hami_up_recorded() -> None:
+    from hami import state
+
+    me = os.getpid()
+    assert state.alive(me) and state.alive(me, state.start_time(me))
+    assert not state.alive(me, (state.start_time(me) or 0) + 1)  # same pid, another process
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while state.alive(child.pid) and time.monotonic() < deadline:  # exited, not yet reaped
+        time.sleep(0.05)
+    assert not state.alive(child.pid)
+    child.wait()
+    assert not state.alive(child.pid)
