@@ -4,7 +4,8 @@ Parses the common flags, loads the configuration, connects the bus, starts the s
 and stops it cleanly on SIGINT/SIGTERM. ``--health-port`` (8081; 0 switches it off)
 serves ``/healthz`` and ``/readyz`` (:mod:`shared.health`) from before the connection
 is made until the service has stopped; a service with a ``ready_checks()`` method adds
-its own readiness checks.
+its own readiness checks. ``--creds`` (an nkey seed file), ``--role`` and ``--tls-ca``
+connect it under its role's identity (:mod:`shared.auth`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from shared import config, health, logs, tracing
+from shared import auth, config, health, logs, tracing
 from shared.bus import Bus
 
 log = logging.getLogger("hami.runner")
@@ -36,7 +39,31 @@ def common_args(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, default=health.DEFAULT_PORT,
                    help="port of /healthz and /readyz (default %(default)s; 0: off)")
     p.add_argument("--health-host", default="0.0.0.0", help="address of the health endpoints")
+    a = p.add_argument_group("identity on the bus (docs/security.md)")
+    a.add_argument("--creds", default=os.environ.get("HAMI_NATS_SEED") or None, metavar="FILE",
+                   help="nkey seed file of this service's role (default: $HAMI_NATS_SEED)")
+    a.add_argument("--role", default=os.environ.get("HAMI_NATS_ROLE") or None,
+                   help="the role the seed is for (default: $HAMI_NATS_ROLE, else the service; "
+                        "a node agent is nodeagent:<node>)")
+    a.add_argument("--tls-ca", default=os.environ.get("HAMI_NATS_CA") or None, metavar="FILE",
+                   help="CA of the server's certificate: TLS on (default: $HAMI_NATS_CA)")
     return p
+
+
+def credentials(
+    args: argparse.Namespace, service: str, node_name: str = ""
+) -> auth.Credentials | None:
+    """The ``--creds`` identity, or None (an unauthenticated connection). A node agent's
+    role defaults to ``nodeagent:<its node>``, named as the agent names itself."""
+    seed = getattr(args, "creds", None)
+    if not seed:
+        return None
+    role = getattr(args, "role", None) or service
+    if role == auth.NODEAGENT:
+        node = getattr(args, "node", None) or node_name or socket.gethostname()
+        role = f"{auth.NODEAGENT}:{node}"
+    return auth.Credentials(role=role, seed_file=seed,
+                            tls_ca=getattr(args, "tls_ca", None) or "")
 
 
 async def start_health(args: argparse.Namespace, name: str) -> health.HealthServer | None:
@@ -85,7 +112,7 @@ def run(
     async def main() -> None:
         hs = await start_health(args, name)
         try:
-            bus = await Bus.connect(url, name)
+            bus = await Bus.connect(url, name, creds=credentials(args, name, cfg.node_name))
             if hs is not None:
                 hs.health.add(health.bus_checks(bus))
             svc = await make(bus, cfg)

@@ -292,3 +292,36 @@ async def test_hami_up_hands_out_a_reader_and_revokes_it(tmp_path: Path) -> None
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+async def test_a_service_process_runs_under_its_creds(
+    secured: tuple[EmbeddedNats, Store], connect: Callable[[str], Awaitable[Client_]]
+) -> None:
+    """``python -m services.inventory --creds … --tls-ca …``: the process form of a role."""
+    import subprocess
+    import sys
+
+    from shared.schemas import ClusterStatus, StatusRequest
+
+    server, store = secured
+    c = store.credentials("inventory")
+    proc = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "services.inventory", "--nats-url", server.url, "--health-port", "0",
+         "--creds", c.seed_file, "--tls-ca", c.tls_ca],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        cli = await connect("cli")
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    resp = await cli.nc.request(subjects.API_STATUS, ENCODER.encode(StatusRequest()), timeout=1)
+                    break
+                except Exception:  # not up yet: no responders
+                    assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+                    await asyncio.sleep(0.2)
+        assert decode(resp.data, ClusterStatus).nodes == []
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 15)
