@@ -332,6 +332,7 @@ def schema() -> Obj:
         ("health.port=0", "/health/port"),
         ("podAntiAffinity=always", "/podAntiAffinity"),
         ("scheduler.mode=both", "/scheduler/mode"),
+        ("nodeagent.kubeletDir=var/lib/kubelet", "/nodeagent/kubeletDir"),
         ("placment.replicas=3", ""),
     ],
 )
