@@ -46,6 +46,8 @@ DUPLICATE_WINDOW_S = 120.0
 # The durable event stream keeps a week (or 1 GiB) for replay by outside systems.
 EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
 EVENTS_MAX_BYTES = 1 << 30
+# How often a work queue looks that its durable consumer still exists.
+CONSUMER_CHECK_S = 5.0
 
 KV_BUCKETS = (
     subjects.NODES_BUCKET,
@@ -454,7 +456,45 @@ class Bus:
         sub = await self.js.subscribe_bind(
             subjects.EVENTS_STREAM, cfg, durable, cb=cb, manual_ack=True
         )
-        return WorkQueue(sub, queue)
+        wq = WorkQueue(sub, queue)
+        wq.keeper = asyncio.create_task(self._keep_consumer(cfg), name=f"keep-{durable}")
+        return wq
+
+    async def _keep_consumer(self, cfg: api.ConsumerConfig) -> None:
+        """Bring a work queue's consumer back when it disappears with its stream (an
+        operator deleted the stream): every replica would otherwise wait forever.
+
+        The stream is created again first where this role may; the consumer then
+        starts from the new stream's first message, so nothing published into it in
+        the meantime is missed. The queue group's subscription never went away.
+        """
+        durable = cfg.durable_name or ""
+        while True:
+            await asyncio.sleep(CONSUMER_CHECK_S)
+            if self.nc.is_closed:
+                return
+            if not self.nc.is_connected:
+                continue
+            try:
+                await self.js.consumer_info(subjects.EVENTS_STREAM, durable)
+                continue
+            except nats.js.errors.NotFoundError:
+                pass
+            except Exception as exc:  # a slow or lost server: look again next time
+                log.debug("%s: checking consumer %s: %s", self.name, durable, exc)
+                continue
+            try:
+                try:
+                    await self.js.stream_info(subjects.EVENTS_STREAM)
+                except nats.js.errors.NotFoundError:
+                    await self.recreate(subjects.EVENTS_STREAM)
+                log.warning("%s: consumer %s was missing; creating it again", self.name, durable)
+                again = cfg.evolve(deliver_policy=api.DeliverPolicy.ALL, opt_start_seq=None)
+                await self.js.add_consumer(subjects.EVENTS_STREAM, again)
+            except BadRequestError:
+                pass  # another replica made it first
+            except Exception as exc:
+                log.warning("%s: cannot create consumer %s again: %s", self.name, durable, exc)
 
     async def subscribe(
         self, subject: str, handler: Callable[[Msg], Awaitable[None]], queue: str = ""
@@ -621,6 +661,7 @@ class WorkQueue:
     def __init__(self, sub: Any, queue: asyncio.Queue[Msg]) -> None:
         self.sub = sub
         self.queue = queue
+        self.keeper: asyncio.Task[None] | None = None
 
     async def batch(self, max_n: int) -> list[Msg]:
         """Wait for one message, then take what else is already there (up to max_n)."""
@@ -630,6 +671,8 @@ class WorkQueue:
         return msgs
 
     async def close(self) -> None:
+        if self.keeper is not None:
+            self.keeper.cancel()
         try:
             await self.sub.unsubscribe()
         except Exception:  # the connection is already closed

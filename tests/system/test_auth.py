@@ -325,3 +325,30 @@ async def test_a_service_process_runs_under_its_creds(
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 15)
+
+
+async def test_submits_work_again_after_the_event_stream_is_deleted(
+    secured: tuple[EmbeddedNats, Store], cfg: Config, connect: Callable[[str], Awaitable[Client_]],
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream and the durable consumers come back by themselves, and say so."""
+    import shared.bus
+
+    monkeypatch.setattr(shared.bus, "CONSUMER_CHECK_S", 0.2)
+    server, store = secured
+    s = System(cfg, nats_url=server.url, sim_nodes=len(NODES), metrics_port=0, auth=store)
+    await s.start()
+    try:
+        cli = await connect("cli")
+        first = await cli.nc.request(subjects.API_SUBMIT, ENCODER.encode(ask("before")), timeout=20)
+        assert decode(first.data, SubmitReply).ok
+        admin = await connect("admin")
+        with caplog.at_level(logging.WARNING, logger="hami.bus"):
+            await admin.nc.jetstream().delete_stream(subjects.EVENTS_STREAM)
+            resp = await cli.nc.request(subjects.API_SUBMIT, ENCODER.encode(ask("after")), timeout=30)
+            assert decode(resp.data, SubmitReply).ok, resp.data
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert f"stream {subjects.EVENTS_STREAM} was missing" in said
+        assert "consumer placement was missing" in said and "consumer binder was missing" in said
+    finally:
+        await s.stop()
