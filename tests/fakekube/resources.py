@@ -154,6 +154,14 @@ RESOURCES: tuple[Resource, ...] = (
         fields=frozenset({"status.phase"}),
     ),
     Resource("resourcequotas", "ResourceQuota", namespaced=True, subresources=STATUS),
+    Resource("leases", "Lease", namespaced=True, group="coordination.k8s.io"),
+    Resource("secrets", "Secret", namespaced=True),
+    Resource(
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+        namespaced=False,
+        group="admissionregistration.k8s.io",
+    ),
     Resource("events", "Event", namespaced=True, fields=_EVENT_FIELDS, create_on_update=True),
     Resource(
         "events",
