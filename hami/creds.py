@@ -200,3 +200,54 @@ def cmd_creds(args: argparse.Namespace) -> int:
         return 1
     print(store.seed(args.role))
     return 0
+
+
+# ------------------------------------------------ a deployment's credentials, made once
+
+
+def init(out: Path, nodes: Iterable[str], server_names: Iterable[str], *,
+         host: str = "0.0.0.0", port: int = 4222, store_dir: str = "/data",
+         mount: str | None = None) -> Path:
+    """Write a deployment's credentials under ``out``: the CA, the server's certificate
+    for ``server_names``, one seed per role (``nkeys/<role>.nk``) and
+    ``nats-server.conf`` (its file paths under ``mount``, where the server will see
+    ``out``). Existing keys are kept: running it again adds roles, never rotates."""
+    store = Store(out)
+    names = [*server_names, *SERVER_NAMES]
+    cert, key = out / "server.crt", out / "server.key"
+    if not (store.ca_file.exists() and cert.exists() and key.exists()):
+        ca = auth.new_ca()
+        server = auth.new_server_cert(ca, names)
+        _write_secret(out / "ca.key", ca.key)
+        _write_secret(key, server.key)
+        _write_secret(cert, server.cert)
+        _write_secret(store.ca_file, ca.cert)
+    at = Path(mount) if mount else out
+    users = {role: auth.public_key(store.seed(role)) for role in roles_for(nodes)}
+    tls = auth.TlsFiles(ca=str(at / "ca.crt"), cert=str(at / "server.crt"), key=str(at / "server.key"))
+    conf = out / "nats-server.conf"
+    _write_secret(conf, auth.server_config(users, tls=tls, host=host, port=port,
+                                           store_dir=store_dir).encode())
+    return conf
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m hami.creds",
+        description="make a deployment's NATS credentials (compose, the chart's Secrets)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("init", help="CA, server certificate, a seed per role, nats-server.conf")
+    i.add_argument("out", type=Path, help="directory to write (kept: keys are never rotated)")
+    i.add_argument("--node", action="append", default=[], help="a node agent's node, repeatable")
+    i.add_argument("--server-name", action="append", default=[],
+                   help="a DNS name or IP of the server, repeatable (e.g. nats)")
+    i.add_argument("--mount", default=None, help="where the server sees OUT (default: OUT)")
+    i.add_argument("--store-dir", default="/data", help="the server's JetStream directory")
+    args = p.parse_args(argv)
+    conf = init(args.out, args.node, args.server_name, mount=args.mount, store_dir=args.store_dir)
+    print(conf)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -352,3 +352,41 @@ async def test_submits_work_again_after_the_event_stream_is_deleted(
         assert "consumer placement was missing" in said and "consumer binder was missing" in said
     finally:
         await s.stop()
+
+
+async def test_deployment_credentials_from_init(tmp_path: Path) -> None:
+    """``python -m hami.creds init``: what compose and the chart mount; the seeds it
+    writes authenticate against the configuration it writes, and a rerun keeps them."""
+    import subprocess
+    import sys
+
+    from shared.auth import Credentials
+
+    out = tmp_path / "auth"
+    cmd = [sys.executable, "-m", "hami.creds", "init", str(out), "--node", "n1", "--server-name", "nats",
+           "--store-dir", ""]  # EmbeddedNats gives its own -sd
+    done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seed = (out / "nkeys" / "nodeagent:n1.nk").read_text()
+    again = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and (out / "nkeys" / "nodeagent:n1.nk").read_text() == seed
+    server = EmbeddedNats(data_dir=tmp_path / "nats")
+    server.configure((out / "nats-server.conf").read_text())
+    await server.astart()
+    try:
+        creds = Credentials(role="nodeagent:n1", seed_file=str(out / "nkeys" / "nodeagent:n1.nk"),
+                            tls_ca=str(out / "ca.crt"))
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        nc = await nats.connect(server.url, allow_reconnect=False, error_cb=on_error,
+                                **connect_options(creds))
+        c = Client_(nc, errors)
+        await nc.publish(subjects.heartbeat("n1"), b"{}")
+        await c.refused(lambda: nc.publish(subjects.heartbeat("n2"), b"{}"), subjects.heartbeat("n2"))
+        assert [e for e in errors if "n1" in e] == []
+        await nc.close()
+    finally:
+        server.cleanup()
