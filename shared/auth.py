@@ -141,8 +141,9 @@ class _Builder:
     def bucket(self, bucket: str, *, owner: bool = False) -> None:
         self.stream(kv_stream(bucket), owner=owner)
 
-    def kv_read(self, bucket: str, key: str = "*") -> None:
-        """Get and watch ``key`` (one key, or ``*`` for the whole bucket)."""
+    def kv_read(self, bucket: str, key: str = ">") -> None:
+        """Get and watch ``key`` (one key, or ``>`` for the whole bucket: a key may hold
+        dots, as Kubernetes node names do, and then spans several tokens)."""
         s = kv_stream(bucket)
         self.pub += [
             f"{API}.DIRECT.GET.{s}.$KV.{bucket}.{key}",
@@ -153,7 +154,7 @@ class _Builder:
             f"$JS.FC.{s}.>",
         ]
 
-    def kv_write(self, bucket: str, key: str = "*") -> None:
+    def kv_write(self, bucket: str, key: str = ">") -> None:
         # A create (compare-and-set from nothing) reads the key first when a tombstone
         # is in the way: writers read what they write.
         self.kv_read(bucket, key)

@@ -142,3 +142,17 @@ def test_seed_and_public_key() -> None:
     assert pub != auth.public_key(auth.new_user_seed())
     conf = auth.server_config({"cli": pub})
     assert pub in conf and '"$JS.API.STREAM.DELETE.>"' in conf
+
+
+def test_dotted_node_names() -> None:
+    """Kubernetes node names are DNS names: their KV keys keep the dots (several tokens)."""
+    node = "ip-10-0-0-1.ec2.internal"
+    key = subjects.kv_key(node)
+    assert "." in key
+    assert can_pub(auth.PLACEMENT, f"$KV.{subjects.LEDGER_BUCKET}.{key}")
+    assert can_pub(auth.INVENTORY, f"$JS.API.DIRECT.GET.KV_{subjects.NODES_BUCKET}.$KV.{subjects.NODES_BUCKET}.{key}")
+    role = f"nodeagent:{node}"
+    assert can_pub(role, f"$KV.{subjects.NODES_BUCKET}.{key}")
+    assert can_pub(role, subjects.heartbeat(node))
+    assert not can_pub(role, f"$KV.{subjects.NODES_BUCKET}.{key}.x")
+    assert not can_pub(role, f"$KV.{subjects.NODES_BUCKET}.ip-10-0-0-1")
