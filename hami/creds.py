@@ -54,8 +54,13 @@ class Store:
         auth.parse_role(role)
         return self.root / "nkeys" / f"{auth.identity(role)}.nk"
 
+    def _mkdir(self) -> None:
+        # Made 0700 before anything goes in: nobody else lists the roles or the keys.
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
     def seed(self, role: str) -> str:
         """The role's seed, made the first time it is asked for."""
+        self._mkdir()
         path = self.seed_file(role)
         if not path.exists():
             _write_secret(path, auth.new_user_seed().encode() + b"\n")
@@ -63,6 +68,7 @@ class Store:
 
     def tls_files(self) -> auth.TlsFiles:
         """The CA and the server's key pair, made the first time."""
+        self._mkdir()
         cert, key = self.root / "server.crt", self.root / "server.key"
         if not (self.ca_file.exists() and cert.exists() and key.exists()):
             ca = auth.new_ca()
@@ -213,6 +219,7 @@ def init(out: Path, nodes: Iterable[str], server_names: Iterable[str], *,
     ``nats-server.conf`` (its file paths under ``mount``, where the server will see
     ``out``). Existing keys are kept: running it again adds roles, never rotates."""
     store = Store(out)
+    store._mkdir()
     names = [*server_names, *SERVER_NAMES]
     cert, key = out / "server.crt", out / "server.key"
     if not (store.ca_file.exists() and cert.exists() and key.exists()):

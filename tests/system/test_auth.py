@@ -264,6 +264,7 @@ async def test_hami_up_hands_out_a_reader_and_revokes_it(tmp_path: Path) -> None
         st = json.loads((tmp_path / "state.json").read_text())
         seeds = list((Path(st["auth_dir"]) / "nkeys").glob("*.nk"))
         assert seeds and all(p.stat().st_mode & 0o077 == 0 for p in seeds)
+        assert os.stat(st["auth_dir"]).st_mode & 0o077 == 0
 
         got = await hami("creds", "reader")
         assert got.returncode == 0 and got.stdout.startswith("SU"), got.stderr
