@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from services.binder.service import BinderService
 from shared import runner
@@ -55,7 +56,7 @@ class KubeMode:
                 kube = await Kube.connect(kubeconfig=kubeconfig, context=a.context)
             self.kube = kube
             binder = KubeBinder(self.bus, self.cfg, kube)
-            await binder.start(serve_api=not a.no_api)
+            await binder.start(serve_api=not a.no_api, leader=leader_for(a, kube, binder))
             self.parts.append(binder)
         else:
             svc = BinderService(self.bus, self.cfg)
@@ -70,12 +71,33 @@ class KubeMode:
             await hook.start()
             self.parts.append(hook)
 
+    def ready_checks(self) -> list[tuple[str, str | None]]:
+        out: list[tuple[str, str | None]] = []
+        for p in self.parts:
+            checks = getattr(p, "ready_checks", None)
+            if callable(checks):
+                out.extend(checks())
+        return out
+
     async def stop(self) -> None:
         for p in reversed(self.parts):
             await p.stop()  # type: ignore[attr-defined]
         self.parts.clear()
         if self.kube is not None:
             await self.kube.close()  # type: ignore[attr-defined]
+
+
+def leader_for(a: argparse.Namespace, kube: Any, binder: Any) -> Any:
+    """The Lease elector gating the binder's watches (None: --no-leader-elect)."""
+    if not a.leader_elect:
+        return None
+    from shared.election import Timing
+    from shared.leader import LeaderElector, pod_namespace
+
+    timing = Timing(a.lease_duration, a.renew_deadline, a.retry_period)
+    return LeaderElector(kube, a.lease_namespace or pod_namespace(), a.lease_name,
+                         on_start=binder.start_watches, on_stop=binder.stop_watches,
+                         timing=timing)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,6 +109,15 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
     k.add_argument("--kube-host", default=None, help="API server URL without auth (tests)")
     k.add_argument("--no-api", action="store_true", help="do not serve hami.api.submit/release")
+    le = p.add_argument_group("leader election (--kube: the pod watch runs on one replica)")
+    le.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                    help="hold a coordination.k8s.io Lease while watching (default on)")
+    le.add_argument("--lease-name", default="hami-binder")
+    le.add_argument("--lease-namespace", default=None,
+                    help="default: the pod's namespace (service account, $POD_NAMESPACE)")
+    le.add_argument("--lease-duration", type=float, default=15.0, help="seconds")
+    le.add_argument("--renew-deadline", type=float, default=10.0, help="seconds")
+    le.add_argument("--retry-period", type=float, default=2.0, help="seconds")
     w = p.add_argument_group("admission webhook")
     w.add_argument("--webhook-cert", default=None, help="TLS certificate file (enables the webhook)")
     w.add_argument("--webhook-key", default=None, help="TLS key file")

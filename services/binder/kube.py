@@ -66,7 +66,9 @@ and written to the ``hami-quotas`` KV bucket (key = namespace; deleted when none
 left) for placement to apply.
 
 Single active binder per cluster for the pod watch (replicas would each publish the
-same ``requested``; msg-id dedup makes that harmless, but bind retries would race).
+same ``requested``; msg-id dedup makes that harmless, but bind retries would race): with
+a :class:`~shared.leader.LeaderElector` the watches and their reconcile run only on the
+replica holding the Lease; every replica binds the decisions it is delivered.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ from shared.config import Config
 from shared.hami import annotations as ann
 from shared.hami.codec import PodSpecError, pod_request, quota_from_resource_quotas
 from shared.kube import Gone, Kube, KubeError, NotFound, path
+from shared.leader import LeaderElector
 from shared.schemas import (
     AllocDecided,
     AllocFailed,
@@ -424,6 +427,7 @@ class KubeBinder(BinderService):
         )
         self._retries: set[asyncio.Task[None]] = set()
         self._kube_tasks: list[asyncio.Task[None]] = []
+        self.leader: LeaderElector | None = None
 
     # ------------------------------------------------------------ publishing
 
@@ -653,8 +657,22 @@ class KubeBinder(BinderService):
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
 
-    async def start(self, serve_api: bool = True) -> None:
+    async def start(self, serve_api: bool = True, leader: LeaderElector | None = None) -> None:
+        """With ``leader`` (made with ``on_start=self.start_watches``,
+        ``on_stop=self.stop_watches``), the watches and their reconcile run only while
+        this replica holds the Lease; decisions are bound by every replica."""
         await super().start(serve_api=serve_api)
+        self.leader = leader
+        if leader is None:
+            await self.start_watches()
+        else:
+            leader.start()
+
+    async def start_watches(self) -> None:
+        """The pod and quota watches (each relists, so reconciles, first); until synced."""
+        for w in (self.pod_watch, self.quota_watch):
+            w.rv = None
+            w.synced.clear()
         self._kube_tasks = [
             asyncio.create_task(self.pod_watch.run(), name="binder-pods"),
             asyncio.create_task(self.quota_watch.run(), name="binder-quotas"),
@@ -663,7 +681,28 @@ class KubeBinder(BinderService):
             asyncio.gather(self.pod_watch.synced.wait(), self.quota_watch.synced.wait()), 30
         )
 
+    async def stop_watches(self) -> None:
+        tasks = list(self._kube_tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            for t in stuck:
+                log.warning("%s did not stop within 5s", t.get_name())
+        self._kube_tasks.clear()
+
+    def ready_checks(self) -> list[tuple[str, str | None]]:
+        out: list[tuple[str, str | None]] = []
+        if self.leader is not None:
+            out.append(("leader", None))  # a standby is ready: it binds and serves the webhook
+            if not self.leader.leading:
+                return out
+        out.append(("kube pods", None if self.pod_watch.synced.is_set() else "not synced"))
+        return out
+
     async def stop(self) -> None:
+        if self.leader is not None:
+            await self.leader.stop()  # the watches stop before the Lease is released
         tasks = [*self._kube_tasks, *self._retries]
         for t in tasks:
             t.cancel()

@@ -138,6 +138,8 @@ class Store:
         self.oldest = 0  # a watch may start from any rv >= oldest
         self.watchers: set[Watcher] = set()
         self.faults: list[Fault] = []
+        # Successful Bindings per (namespace, pod name): a pod bound twice shows here.
+        self.bindings: dict[tuple[str, str], int] = {}
         self.auto_namespaces = False
 
     # ------------------------------------------------------------------ plumbing
@@ -492,6 +494,7 @@ class Store:
         new["metadata"]["resourceVersion"] = str(self.rv)
         self.objects[pods.store_key][key] = new
         self._record(pods, "MODIFIED", new, old)
+        self.bindings[(namespace, name)] = self.bindings.get((namespace, name), 0) + 1
         return errors.success_body(code=201)
 
     # ------------------------------------------------------------------ watch

@@ -96,7 +96,12 @@ async def test_binder_main_kube_mode_watches_and_serves_the_webhook(
         mode = KubeMode(bus, cfg, args)
         await mode.start()
         try:
-            assert fake.watch_count >= 2  # pods and resourcequotas
+            # Leader election is on by default: the watches follow the Lease.
+            async with asyncio.timeout(15):
+                while fake.watch_count < 2:  # pods and resourcequotas  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            lease = fake.get("leases.coordination.k8s.io", "default", "hami-binder")
+            assert lease is not None and lease["spec"]["holderIdentity"]
             hook = mode.parts[-1]
             assert hook.port > 0  # type: ignore[attr-defined]
         finally:

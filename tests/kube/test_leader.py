@@ -11,10 +11,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from services.binder.kube import KubeBinder
+from shared.bus import Bus
+from shared.config import Config
 from shared.election import Election, LeaseRecord, Timing
 from shared.kube import Kube
 from shared.leader import LeaderElector
 from tests.fakekube import FakeKube
+from tests.kube.harness import KubeCluster, gpu_container
 
 T = Timing(lease_duration=15, renew_deadline=10, retry_period=2)
 WALL = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -169,3 +173,69 @@ async def test_conflict_is_retried_on_a_fresh_read(fake: FakeKube) -> None:
 
 async def _noop() -> None:
     return None
+
+
+# ------------------------------------------------------- two binders, one leader
+
+
+class TwoBinders(KubeCluster):
+    """inventory, placement, agents, and two direct-mode binders with electors."""
+
+    async def start_binder(self) -> KubeBinder:
+        self.pair: list[tuple[KubeBinder, Bus, Kube]] = []
+        for name in ("binder-a", "binder-b"):
+            await self.add_binder(name)
+            if name == "binder-a":
+                await wait_until(lambda: self.pair[0][0].leader.leading)  # type: ignore[union-attr]
+        return self.pair[0][0]
+
+    async def add_binder(self, identity: str) -> None:
+        bus = await Bus.connect(self.nats_url, identity)
+        kube = await Kube.connect(host=self.fake.url)
+        b = KubeBinder(bus, self.cfg, kube, retry_backoff_s=0.2)
+        elector = LeaderElector(kube, "default", "hami-binder", identity=identity,
+                                on_start=b.start_watches, on_stop=b.stop_watches, timing=FAST)
+        await b.start(serve_api=False, leader=elector)
+        self.pair.append((b, bus, kube))
+
+    async def stop_binder(self) -> None:
+        for b, bus, kube in getattr(self, "pair", []):
+            await b.stop()
+            await bus.close()
+            await kube.close()
+        self.pair = []
+
+
+async def test_killed_leader_is_replaced_and_no_pod_is_bound_twice(
+    fake: FakeKube, nats_url: str, cfg: Config
+) -> None:
+    nodes = {"node-a": ["A100-80GB:4"], "node-b": ["A100-80GB:4"]}
+    async with TwoBinders(fake, nats_url, cfg, nodes) as kc:
+        (a, a_bus, a_kube), (b, _, _) = kc.pair
+        assert a.leader is not None and b.leader is not None
+        assert a.leader.leading and not b.leader.leading
+        assert [x.ready_checks() for x in (a, b)] == [
+            [("leader", None), ("kube pods", None)], [("leader", None)]]
+        for i in range(12):
+            fake.add_pod(f"p{i}", containers=[gpu_container(gpu=1, gpumem=1000)],
+                         scheduler_name="hami-scheduler")
+        await kc.wait_bound("default", "p0")
+        # Killed mid-burst: no release, its connections cut, its tasks gone.
+        await a.leader.stop(release=False)
+        await a_bus.nc.close()
+        await a_kube.close()
+        for i in range(12, 24):
+            fake.add_pod(f"p{i}", containers=[gpu_container(gpu=1, gpumem=1000)],
+                         scheduler_name="hami-scheduler")
+        await wait_until(lambda: b.leader.leading)  # type: ignore[union-attr]
+        spec = fake.get("leases.coordination.k8s.io", "default", "hami-binder")["spec"]
+        assert spec["holderIdentity"] == "binder-b"
+        for i in range(24):
+            await kc.wait_bound("default", f"p{i}", timeout=30)
+        ledger = await kc.ledger()
+        assert fake.store.bindings == {("default", f"p{i}"): 1 for i in range(24)}
+        # One reservation per pod, on the node it is bound to: none placed twice.
+        pods = {p["metadata"]["uid"]: p for p in fake.list("pods")}
+        assert set(ledger) == set(pods)
+        for uid, (node, _) in ledger.items():
+            assert pods[uid]["spec"]["nodeName"] == node
