@@ -35,10 +35,12 @@ aiohttp + ssl wiring.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
 import logging
+import os
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,18 +239,65 @@ class WebhookServer:
     """``POST /mutate`` over HTTPS (``/healthz`` for probes)."""
 
     def __init__(self, settings: WebhookSettings, *, certfile: str | None, keyfile: str | None,
-                 host: str = "0.0.0.0", port: int = 9443) -> None:
+                 host: str = "0.0.0.0", port: int = 9443, reload_interval: float = 10.0) -> None:
         self.settings = settings
         self.certfile, self.keyfile = certfile, keyfile
         self.host, self.port = host, port
+        # The certificate files are looked at this often; a change (cert-manager renewed
+        # the Secret, the kubelet swapped the mounted files) is loaded without a restart.
+        self.reload_interval = reload_interval
+        self.reloads = 0
+        self._ctx: ssl.SSLContext | None = None
+        self._stamp: tuple[tuple[int, int, int], ...] = ()
+        self._watcher: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
+
+    def _files_stamp(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for f in (self.certfile, self.keyfile or self.certfile):
+            st = os.stat(f or "")  # follows the kubelet's ..data symlink
+            out.append((st.st_mtime_ns, st.st_ino, st.st_size))
+        return tuple(out)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.certfile:
             return None  # plain HTTP: only for tests behind something that terminates TLS
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.certfile, self.keyfile)
-        return ctx
+        if self._ctx is None:
+            self._stamp = self._files_stamp()
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(self.certfile, self.keyfile)
+            self._ctx = ctx
+        return self._ctx
+
+    def reload_if_changed(self) -> bool:
+        """Load the files again if they changed; new handshakes use the new pair (each
+        connection's SSL object copies the context's certificate when it is made).
+        A pair caught half-written (key and cert do not match) keeps the old one, and
+        the next look tries again."""
+        if self._ctx is None or not self.certfile:
+            return False
+        try:
+            stamp = self._files_stamp()
+            if stamp == self._stamp:
+                return False
+            # A failed load_cert_chain leaves the context holding the new certificate
+            # with the old key (every handshake then fails): try the pair on a scratch
+            # context first.
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                self.certfile, self.keyfile)
+            self._ctx.load_cert_chain(self.certfile, self.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("webhook certificate not reloaded (kept the previous one): %s", exc)
+            return False
+        self._stamp = stamp
+        self.reloads += 1
+        log.info("webhook certificate reloaded from %s", self.certfile)
+        return True
+
+    async def _watch_files(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval)
+            self.reload_if_changed()
 
     async def _mutate(self, request: web.Request) -> web.Response:
         try:
@@ -272,9 +321,15 @@ class WebhookServer:
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context())
         await site.start()
         self.port = int(self._runner.addresses[0][1])
+        if self.certfile and self.reload_interval > 0:
+            self._watcher = asyncio.create_task(self._watch_files(), name="webhook-cert-reload")
         log.info("admission webhook on %s:%d (tls=%s)", self.host, self.port, bool(self.certfile))
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
