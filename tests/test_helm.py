@@ -477,10 +477,10 @@ def test_health_port_is_the_services_default() -> None:
     assert values()["health"]["port"] == health.DEFAULT_PORT
 
 
-# Flags the chart passes for a change another worker is landing (self-managed webhook
-# certificates in the binder). While a service rejects them, the test checks the rest
+# Flags the chart passes for changes other workers are landing (self-managed webhook
+# certificates and the Lease name in the binder). While a service rejects them, the test checks the rest
 # of the command line and reports the pending flags as an expected failure.
-PENDING_FLAGS = ("--webhook-cert-mode=", "--webhook-secret=", "--webhook-config=")
+PENDING_FLAGS = ("--webhook-cert-mode=", "--webhook-secret=", "--webhook-config=", "--lease-name=")
 
 
 @pytest.mark.parametrize("name", ["defaults", "cert-manager"])
@@ -665,9 +665,9 @@ CALL_SITES: dict[tuple[str, str, str, str], tuple[str, tuple[str, ...]]] = {
     ("binder", "", "events", "create"): ("services/binder/kube.py", ("EventSender(self.kube.post)", 'self.events.emit(path("events"')),
     ("binder", "", "resourcequotas", "list"): ("services/binder/kube.py", ('list_all(self.kube, path("resourcequotas"))',)),
     ("binder", "", "resourcequotas", "watch"): ("services/binder/kube.py", ("self.kube.watch(", 'path("resourcequotas"), self._relist_quotas')),
-    ("binder", "coordination.k8s.io", "leases", "get"): ("services/binder/leader.py", ('"leases"', "self.kube.get(")),
-    ("binder", "coordination.k8s.io", "leases", "create"): ("services/binder/leader.py", ('"leases"', "self.kube.post(")),
-    ("binder", "coordination.k8s.io", "leases", "update"): ("services/binder/leader.py", ('"leases"', "self.kube.put(")),
+    ("binder", "coordination.k8s.io", "leases", "get"): ("shared/leader.py", ('path("leases"', "self.kube.get(self._path())")),
+    ("binder", "coordination.k8s.io", "leases", "create"): ("shared/leader.py", ('path("leases"', "self.kube.post(self._path(named=False)")),
+    ("binder", "coordination.k8s.io", "leases", "update"): ("shared/leader.py", ('path("leases"', 'self.kube.request("PUT", self._path()')),
     ("binder", "", "secrets", "get"): ("services/binder/certs.py", ('"secrets"', ".get(")),
     ("binder", "", "secrets", "create"): ("services/binder/certs.py", ('"secrets"', ".post(")),
     ("binder", "", "secrets", "update"): ("services/binder/certs.py", ('"secrets"', ".put(")),
@@ -693,9 +693,9 @@ def granted_rules() -> set[tuple[str, str, str, str]]:
     return out
 
 
-# Call sites another change is adding (leader election, self-managed certificates): the
-# grants are rendered for them; the check of their module waits until it lands.
-PENDING_MODULES = {"services/binder/leader.py", "services/binder/certs.py"}
+# Call sites another change is adding (self-managed certificates): the grants are
+# rendered for them; the check of their module waits until it lands.
+PENDING_MODULES = {"services/binder/certs.py"}
 
 
 def test_rbac_every_grant_has_a_call_site() -> None:
