@@ -9,6 +9,8 @@ by ``--kube-host URL`` (no auth; tests), ``--in-cluster`` (service account),
 
 Admission webhook: ``--webhook-cert FILE --webhook-key FILE`` serves HTTPS on
 ``--webhook-port`` (9443) at ``/mutate`` (see :mod:`services.binder.webhook`).
+``--webhook-cert-mode=self-managed --webhook-secret S --webhook-config C`` (with
+``--kube``) makes and rotates the certificate itself (see :mod:`services.binder.certs`).
 """
 
 from __future__ import annotations
@@ -62,14 +64,38 @@ class KubeMode:
             svc = BinderService(self.bus, self.cfg)
             await svc.start()
             self.parts.append(svc)
-        if a.webhook_cert:
-            if not a.webhook_key:
+        certfile, keyfile = a.webhook_cert, a.webhook_key
+        if a.webhook_cert_mode == "self-managed":
+            certfile, keyfile = await self._self_managed_certs()
+        if certfile:
+            if not keyfile:
                 raise SystemExit("binder: --webhook-cert needs --webhook-key")
             hook = WebhookServer(WebhookSettings.from_config(self.cfg, a.overwrite_env),
-                                 certfile=a.webhook_cert, keyfile=a.webhook_key,
+                                 certfile=certfile, keyfile=keyfile,
                                  host=a.webhook_host, port=a.webhook_port)
             await hook.start()
             self.parts.append(hook)
+
+    async def _self_managed_certs(self) -> tuple[str, str]:
+        """Start the certificate manager (Secret + caBundle); the files it writes."""
+        from services.binder.certs import CertManager
+        from shared.kube import KubeError
+        from shared.leader import pod_namespace
+
+        a = self.args
+        if self.kube is None or not a.webhook_secret or not a.webhook_config:
+            raise SystemExit("binder: --webhook-cert-mode=self-managed needs --kube, "
+                             "--webhook-secret and --webhook-config")
+        certs = CertManager(self.kube, pod_namespace(), a.webhook_secret,  # type: ignore[arg-type]
+                            a.webhook_config, service=a.webhook_service,
+                            interval=a.webhook_cert_check)
+        try:
+            await certs.start()
+        except KubeError as exc:
+            await certs.stop()
+            raise SystemExit(f"binder: self-managed webhook certificate: {exc}") from None
+        self.parts.append(certs)  # stopped after the webhook (parts stop in reverse)
+        return certs.certfile, certs.keyfile
 
     def ready_checks(self) -> list[tuple[str, str | None]]:
         out: list[tuple[str, str | None]] = []
@@ -121,6 +147,16 @@ def parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("admission webhook")
     w.add_argument("--webhook-cert", default=None, help="TLS certificate file (enables the webhook)")
     w.add_argument("--webhook-key", default=None, help="TLS key file")
+    w.add_argument("--webhook-cert-mode", choices=("files", "self-managed"), default="files",
+                   help="self-managed: keep a CA and certificate in --webhook-secret and the CA "
+                        "in --webhook-config's caBundle, renewed before expiry (needs --kube)")
+    w.add_argument("--webhook-secret", default=None, help="self-managed: the TLS Secret's name")
+    w.add_argument("--webhook-config", default=None,
+                   help="self-managed: the MutatingWebhookConfiguration's name")
+    w.add_argument("--webhook-service", default=None,
+                   help="self-managed: the Service name (default: from the configuration)")
+    w.add_argument("--webhook-cert-check", type=float, default=3600.0,
+                   help="self-managed: seconds between checks of the Secret (rotation)")
     w.add_argument("--webhook-host", default="0.0.0.0")
     w.add_argument("--webhook-port", type=int, default=9443)
     w.add_argument("--overwrite-env", action="store_true",
