@@ -54,8 +54,9 @@ class SchedulerSettings(msgspec.Struct, kw_only=True, rename="camel"):
     node_policy: str = "binpack"
     gpu_policy: str = "spread"
     scheduler_name: str = "hami-scheduler"
-    mode: str = "extender"  # Kubernetes: extender (behind kube-scheduler) | direct (docs/extender.md)
-    extender_reservation_timeout: float = 60.0  # s a filter's reservation waits for its bind
+    # Kubernetes: how pods reach placement. Only "direct" (the binder schedules the pods
+    # with our schedulerName itself) is built; the kube-scheduler extender mode is not yet.
+    mode: str = "direct"
 
 
 class SimSettings(msgspec.Struct, kw_only=True, rename="camel"):
@@ -178,7 +179,7 @@ _Check = tuple[str, Callable[[Config], Any], Callable[[Any], bool], str]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 GPU_CORE_POLICIES = ("default", "force", "disable")
-SCHEDULER_MODES = ("extender", "direct")
+SCHEDULER_MODES = ("direct",)
 NVLINK_TOPOLOGIES = ("pcie", "pairs", "dgx1", "nvswitch")
 
 
