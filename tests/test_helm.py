@@ -480,31 +480,19 @@ def test_health_port_is_the_services_default() -> None:
 # Flags the chart passes for changes other workers are landing (self-managed webhook
 # certificates and the Lease name in the binder). While a service rejects them, the test checks the rest
 # of the command line and reports the pending flags as an expected failure.
-PENDING_FLAGS = ("--webhook-cert-mode=", "--webhook-secret=", "--webhook-config=", "--lease-name=")
-
-
 @pytest.mark.parametrize("name", ["defaults", "cert-manager"])
 def test_container_args_accepted_by_the_services(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each rendered command line parses with the service's own argument parser."""
     seen: list[Any] = []
     monkeypatch.setattr(runner, "run", lambda svc, args, make: seen.append(args) or 0)
-    pending = []
     for _, c in our_containers(render(name)):
         assert c["command"][:2] == ["python", "-m"], c["name"]
         main = importlib.import_module(f"{c['command'][2]}.__main__").main
-        args = c["args"]
         try:
-            assert main(args) == 0
-        except SystemExit:
-            args = [a for a in args if not a.startswith(PENDING_FLAGS)]
-            try:
-                assert main(args) == 0
-            except SystemExit as exc:
-                pytest.fail(f"{c['name']}: {c['args']} rejected by {c['command'][2]} ({exc.code})")
-            pending.append(c["name"])
+            assert main(c["args"]) == 0
+        except SystemExit as exc:
+            pytest.fail(f"{c['name']}: {c['args']} rejected by {c['command'][2]} ({exc.code})")
     assert len(seen) == len(our_containers(render(name)))
-    if pending:
-        pytest.xfail(f"{pending}: {PENDING_FLAGS} not accepted yet")
 
 
 @pytest.mark.parametrize("name", ["ha", "ha-hard"])
@@ -695,23 +683,13 @@ def granted_rules() -> set[tuple[str, str, str, str]]:
 
 # Call sites another change is adding (self-managed certificates): the grants are
 # rendered for them; the check of their module waits until it lands.
-PENDING_MODULES = {"services/binder/certs.py"}
-
-
 def test_rbac_every_grant_has_a_call_site() -> None:
     granted = granted_rules()
     assert not [g for g in granted if "*" in g], "no wildcards"
     assert {g[0] for g in granted} == {"binder", "nodeagent"}  # the others only talk to NATS
     assert not granted - set(CALL_SITES), f"grants nothing uses: {sorted(granted - set(CALL_SITES))}"
     assert not set(CALL_SITES) - granted, f"stale entries: {sorted(set(CALL_SITES) - granted)}"
-    pending = []
     for rule, (module, needles) in CALL_SITES.items():
-        path = ROOT / module
-        if not path.exists() and module in PENDING_MODULES:
-            pending.append(rule)
-            continue
-        text = path.read_text()
+        text = (ROOT / module).read_text()
         for needle in needles:
             assert needle in text, f"{rule}: {needle!r} not in {module}"
-    if pending:
-        pytest.xfail(f"call sites not landed yet: {sorted(pending)}")
