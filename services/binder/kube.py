@@ -600,8 +600,9 @@ class KubeBinder(BinderService):
         """After a failed bind (released already): ask again while the pod is pending."""
         n = self.attempts[d.uid] = self.attempts.get(d.uid, 0) + 1
         await asyncio.sleep(min(self.retry_backoff_s * n, 30.0))
-        pod = self.pods.get(d.uid)
-        if pod is None or d.uid in self.released:
+        # Not ``self.pods``: only the Lease holder watches pods, and a standby replica
+        # binds decisions too; the fresh read below says whether the pod still waits.
+        if d.uid in self.released:
             return
         try:
             fresh = await self.kube.get(path("pods", d.namespace or "default", d.name))
