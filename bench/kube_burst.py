@@ -252,8 +252,8 @@ class Burst:
                 str(ROOT / "bench" / "_fakekube_server.py"), *node_names, wait_line=True)
             named["nats-server"] = nats.proc  # type: ignore[assignment]
             await bus.nc.subscribe("hami.evt.alloc.>", cb=self.on_event)
-            named["inventory"], _ = await spawn("-m", "services.inventory", "--nats-url", url)
-            named["placement"], _ = await spawn("-m", "services.placement", "--nats-url", url)
+            named["inventory"], _ = await spawn("-m", "services.inventory", "--nats-url", url, "--health-port", "0")
+            named["placement"], _ = await spawn("-m", "services.placement", "--nats-url", url, "--health-port", "0")
             pairs = []
             for i, node in enumerate(node_names):
                 plugin_dir = tempfile.mkdtemp(prefix="dp-")
@@ -267,7 +267,7 @@ class Burst:
             named["nodeagents"] = nodes_proc
             for kubelet in self.kubelets.values():
                 await kubelet.wait_registered(RES)
-            named["binder"], _ = await spawn("-m", "services.binder", "--nats-url", url, "--kube",
+            named["binder"], _ = await spawn("-m", "services.binder", "--nats-url", url, "--health-port", "0", "--kube",
                                              "--kube-host", fake_url, "--no-api")
             await wait_placement_ready(bus, node_names)
             webhook = Webhook(cfg, tmp)

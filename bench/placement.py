@@ -139,7 +139,7 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
             [sys.executable, str(ROOT / "bench" / "_echo.py"), url, "bench.echo.remote.>"], cwd=ROOT)
         env = dict(os.environ, HAMI_LOG_LEVEL="WARNING", HAMI__SCHEDULER__NODEPOLICY="binpack")
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
-            [sys.executable, "-m", "services.placement", "--nats-url", url], cwd=ROOT, env=env)
+            [sys.executable, "-m", "services.placement", "--nats-url", url, "--health-port", "0"], cwd=ROOT, env=env)
         # The echo process answers before any round trip is timed.
         await asyncio.wait_for(_until_answered(bus, "bench.echo.remote.ready"), 30)
         # Wait until the service answers: one probe request.
