@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from shared import auth
+from shared import auth, pki
 
 SERVER_NAMES = ("127.0.0.1", "localhost", "::1")
 
@@ -37,6 +37,19 @@ def _write_secret(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def _make_tls(root: Path, ca_file: Path, cert: Path, key: Path, names: Iterable[str]) -> None:
+    """A CA (its key kept beside it, as ``ca.key``) and a server key pair for ``names``,
+    unless all three files are there already: reruns never rotate."""
+    if ca_file.exists() and cert.exists() and key.exists():
+        return
+    ca = pki.new_ca()
+    server = pki.new_server_cert(ca, names, common_name="nats")
+    _write_secret(root / "ca.key", ca.key)
+    _write_secret(key, server.key)
+    _write_secret(cert, server.cert)
+    _write_secret(ca_file, ca.cert)
 
 
 class Store:
@@ -70,13 +83,7 @@ class Store:
         """The CA and the server's key pair, made the first time."""
         self._mkdir()
         cert, key = self.root / "server.crt", self.root / "server.key"
-        if not (self.ca_file.exists() and cert.exists() and key.exists()):
-            ca = auth.new_ca()
-            server = auth.new_server_cert(ca, SERVER_NAMES)
-            _write_secret(self.root / "ca.key", ca.key)
-            _write_secret(key, server.key)
-            _write_secret(cert, server.cert)
-            _write_secret(self.ca_file, ca.cert)
+        _make_tls(self.root, self.ca_file, cert, key, SERVER_NAMES)
         return auth.TlsFiles(ca=str(self.ca_file), cert=str(cert), key=str(key))
 
     def credentials(self, role: str) -> auth.Credentials:
@@ -222,13 +229,7 @@ def init(out: Path, nodes: Iterable[str], server_names: Iterable[str], *,
     store._mkdir()
     names = [*server_names, *SERVER_NAMES]
     cert, key = out / "server.crt", out / "server.key"
-    if not (store.ca_file.exists() and cert.exists() and key.exists()):
-        ca = auth.new_ca()
-        server = auth.new_server_cert(ca, names)
-        _write_secret(out / "ca.key", ca.key)
-        _write_secret(key, server.key)
-        _write_secret(cert, server.cert)
-        _write_secret(store.ca_file, ca.cert)
+    _make_tls(out, store.ca_file, cert, key, names)
     at = Path(mount) if mount else out
     users = {role: auth.public_key(store.seed(role)) for role in roles_for(nodes)}
     tls = auth.TlsFiles(ca=str(at / "ca.crt"), cert=str(at / "server.crt"), key=str(at / "server.key"))

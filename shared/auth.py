@@ -29,14 +29,12 @@ how services bring them back when they disappear; creating cannot change one tha
 Updating a configuration belongs to the one owner of each; deleting or purging a stream
 or bucket, and deleting a consumer, only to ``admin``.
 
-This module is pure (no I/O): the key and certificate *generation* helpers return
-strings and bytes; :mod:`hami.creds` writes them to files.
+This module is pure (no I/O): the nkey helpers return strings; the certificates come
+from :mod:`shared.pki`; :mod:`hami.creds` writes both to files.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -351,100 +349,6 @@ def public_key(seed: str) -> str:
         return key.decode()
     finally:
         kp.wipe()
-
-
-@dataclass(frozen=True)
-class Pem:
-    cert: bytes
-    key: bytes
-
-
-def new_ca(name: str = "hami-bus local CA", days: int = 3650) -> Pem:
-    """A self-signed CA that signs this installation's server certificate."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return Pem(_cert_pem(cert), _key_pem(key))
-
-
-def new_server_cert(ca: Pem, names: Iterable[str], days: int = 825) -> Pem:
-    """A server certificate for ``names`` (DNS names or IP addresses), signed by ``ca``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    ca_cert = x509.load_pem_x509_certificate(ca.cert)
-    ca_key = serialization.load_pem_private_key(ca.key, password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError("the CA key is not an EC key made by new_ca")
-    sans: list[x509.GeneralName] = []
-    for n in dict.fromkeys(names):
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            sans.append(x509.DNSName(n))
-    if not sans:
-        raise ValueError("a server certificate needs at least one name")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nats")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return Pem(_cert_pem(cert), _key_pem(key))
-
-
-def _cert_pem(cert: object) -> bytes:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    assert isinstance(cert, x509.Certificate)
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: object) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 # ------------------------------------------------------------------ client side

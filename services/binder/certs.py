@@ -29,10 +29,9 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
+from shared import pki
 from shared.kube import JSON_PATCH, Conflict, Kube, KubeError, NotFound, path
 
 log = logging.getLogger("hami.binder.certs")
@@ -127,32 +126,9 @@ def generate(names: list[str], now: dt.datetime, *, previous: Bundle | None = No
     certificate for ``names``. ``previous``'s first CA, while still valid, stays in
     ``ca.crt`` so handshakes with the old certificate keep verifying until every
     replica has loaded the new one."""
-    back = now - dt.timedelta(minutes=5)  # clock skew between nodes
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"hami-webhook-ca@{int(now.timestamp())}")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(back).not_valid_after(now + dt.timedelta(days=ca_days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    crt = (x509.CertificateBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-           .issuer_name(ca_name).public_key(key.public_key())
-           .serial_number(x509.random_serial_number())
-           .not_valid_before(back).not_valid_after(now + dt.timedelta(days=cert_days))
-           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-           .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-           .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                          critical=False)
-           .sign(ca_key, hashes.SHA256()))
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    ca = pki.new_ca(f"hami-webhook-ca@{int(now.timestamp())}", days=ca_days, now=now)
+    served = pki.new_server_cert(ca, names, days=cert_days, now=now)
+    ca_pem = ca.cert
     if previous is not None:
         try:
             old = x509.load_pem_x509_certificates(previous.ca)[0]
@@ -160,9 +136,7 @@ def generate(names: list[str], now: dt.datetime, *, previous: Bundle | None = No
                 ca_pem += old.public_bytes(serialization.Encoding.PEM)
         except (ValueError, IndexError):
             pass  # garbage: nothing worth trusting
-    return Bundle(ca_pem, crt.public_bytes(serialization.Encoding.PEM),
-                  key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
+    return Bundle(ca_pem, served.cert, served.key)
 
 
 def service_of(config: Obj) -> tuple[str, str] | None:
