@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from shared import auth, pki
+from shared.files import replace_file
 
 SERVER_NAMES = ("127.0.0.1", "localhost", "::1")
 
@@ -32,11 +33,7 @@ def default_dir() -> Path:
 
 def _write_secret(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    replace_file(path, data, 0o600)
 
 
 def _make_tls(root: Path, ca_file: Path, cert: Path, key: Path, names: Iterable[str]) -> None:

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shared.files import replace_file
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -97,11 +99,7 @@ class EmbeddedNats:
         server picks a new one up with :meth:`reload`."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         path = self.data_dir / "nats-server.conf"
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        replace_file(path, text.encode(), 0o600)
         self.config_file = path
         return path
 

@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from shared import pki
+from shared.files import replace_file
 from shared.kube import JSON_PATCH, Conflict, Kube, KubeError, NotFound, path
 
 log = logging.getLogger("hami.binder.certs")
@@ -263,11 +264,7 @@ class CertManager:
         # Key first, each file replaced whole: the webhook's reload sees either pair, and
         # a mismatched moment is refused by its scratch-context check until both land.
         for name, data in (("tls.key", b.key), ("tls.crt", b.crt)):
-            tmp = self.dir / f".{name}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.dir / name)
+            replace_file(self.dir / name, data, 0o600)
 
     async def start(self) -> None:
         """The first round (its errors are raised) and the timer."""

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from shared.files import replace_file
 
 log = logging.getLogger("hami.nodeagent.install")
 
@@ -38,16 +38,6 @@ class Installed:
     preload: bool
 
 
-def _replace(dst: Path, write: Callable[[Path], object]) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # readable by any container user, whatever our umask
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def install(host_root: str | os.PathLike[str], source: str | os.PathLike[str] | None) -> Installed:
     """Install the library from ``source`` (skipped when None, missing, or already the
     host file itself) and the preload file, atomically; returns what is now on the host."""
@@ -61,8 +51,8 @@ def install(host_root: str | os.PathLike[str], source: str | os.PathLike[str] | 
         elif lib.exists() and os.path.samefile(src, lib):
             pass  # the image's library is the host's (host root "/" in a plain container)
         else:
-            _replace(lib, lambda tmp: shutil.copyfile(src, tmp))
-    _replace(d / PRELOAD_NAME, lambda tmp: tmp.write_text(PRELOAD_TEXT))
+            replace_file(lib, src.read_bytes(), 0o644)  # readable by any container user
+    replace_file(d / PRELOAD_NAME, PRELOAD_TEXT.encode(), 0o644)
     return installed(host_root)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from shared import subjects
 from shared.bus import Bus
 from shared.config import NodeSettings
+from shared.files import replace_file
 from shared.schemas import AllocPrepared, ContainerGrant, LedgerAlloc
 
 log = logging.getLogger("hami.nodeagent.slices")
@@ -164,11 +165,7 @@ def _write_atomic(path: Path, text: str) -> None:
     # half of one: write a temp file in the same directory, then rename over. No fsync:
     # after a crash of the host the agent's start-up reconcile compares every file with
     # the ledger and rewrites what is missing or stale, before any Allocate is answered.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        os.fchmod(f.fileno(), 0o644)  # any container user reads it, whatever our umask
-    os.replace(tmp, path)
+    replace_file(path, text.encode(), 0o644)  # any container user reads it
 
 
 class SliceWriter:
