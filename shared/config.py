@@ -54,9 +54,27 @@ class SchedulerSettings(msgspec.Struct, kw_only=True, rename="camel"):
     node_policy: str = "binpack"
     gpu_policy: str = "spread"
     scheduler_name: str = "hami-scheduler"
-    # Kubernetes: how pods reach placement. Only "direct" (the binder schedules the pods
-    # with our schedulerName itself) is built; the kube-scheduler extender mode is not yet.
+    # Kubernetes: how pods reach placement. "extender": the upstream kube-scheduler runs
+    # every plugin and asks the binder's HTTP extender to filter and bind (HAMi's way);
+    # "direct": the binder schedules the pods with our schedulerName itself.
     mode: str = "direct"
+    extender_port: int = 8888  # the binder's extender listens here (extender mode)
+    # A reservation made by filter whose bind never comes is released after this long.
+    extender_reservation_timeout: float = 60.0
+    # The learned task-shape table (fragmentation-aware policies) keeps this many shapes.
+    shape_table_max: int = 4096
+
+
+class BusSettings(msgspec.Struct, kw_only=True, rename="camel"):
+    """What the bus keeps and how it treats requests (stated bounds on growth)."""
+
+    stream_max_age: float = 7 * 86400.0  # seconds the event stream keeps an event
+    stream_max_bytes: int = 1 << 30  # and at most this many bytes of them
+    # A request or release whose handler fails this many times is answered with an
+    # error and moved to the dead-letter subject instead of being redelivered again.
+    max_deliveries: int = 5
+    api_concurrency: int = 256  # submit/release requests served at once per binder
+    max_wait: float = 3600.0  # longest a submit may wait for capacity, seconds
 
 
 class SimSettings(msgspec.Struct, kw_only=True, rename="camel"):
@@ -75,6 +93,7 @@ class Config(msgspec.Struct, kw_only=True, rename="camel"):
     resources: ResourceNames = msgspec.field(default_factory=ResourceNames)
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     sim: SimSettings = msgspec.field(default_factory=SimSettings)
+    bus: BusSettings = msgspec.field(default_factory=BusSettings)
     heartbeat_interval: float = 2.0
     unhealthy_after: float = 6.0  # seconds without a heartbeat
     metrics_port: int = 9394
@@ -179,7 +198,7 @@ _Check = tuple[str, Callable[[Config], Any], Callable[[Any], bool], str]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 GPU_CORE_POLICIES = ("default", "force", "disable")
-SCHEDULER_MODES = ("direct",)
+SCHEDULER_MODES = ("extender", "direct")
 NVLINK_TOPOLOGIES = ("pcie", "pairs", "dgx1", "nvswitch")
 
 
@@ -207,6 +226,14 @@ def _checks() -> list[_Check]:
         ("node.maxPods", lambda c: c.node.max_pods, at_least(1)),
         ("scheduler.nodePolicy", lambda c: c.scheduler.node_policy, _one_of(NODE_POLICIES)),
         ("scheduler.mode", lambda c: c.scheduler.mode, _one_of(SCHEDULER_MODES)),
+        ("scheduler.extenderPort", lambda c: c.scheduler.extender_port, ((lambda v: 0 <= v <= 65535), "0..65535")),
+        ("scheduler.extenderReservationTimeout", lambda c: c.scheduler.extender_reservation_timeout, positive),
+        ("scheduler.shapeTableMax", lambda c: c.scheduler.shape_table_max, at_least(1)),
+        ("bus.streamMaxAge", lambda c: c.bus.stream_max_age, positive),
+        ("bus.streamMaxBytes", lambda c: c.bus.stream_max_bytes, at_least(1 << 20)),
+        ("bus.maxDeliveries", lambda c: c.bus.max_deliveries, at_least(1)),
+        ("bus.apiConcurrency", lambda c: c.bus.api_concurrency, at_least(1)),
+        ("bus.maxWait", lambda c: c.bus.max_wait, positive),
         ("sim.nodes", lambda c: c.sim.nodes, at_least(0)),
         ("sim.numaNodes", lambda c: c.sim.numa_nodes, at_least(1)),
         ("sim.nvlink", lambda c: c.sim.nvlink, _one_of(NVLINK_TOPOLOGIES)),

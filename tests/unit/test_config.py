@@ -60,7 +60,7 @@ def test_hami_spellings_are_accepted_and_unknown_keys_refused(tmp_path: Path) ->
     [
         ("scheduler:\n  nodePolicy: binpak\n", r"scheduler.nodePolicy: 'binpak' is not one of binpack, spread"),
         ("scheduler:\n  gpuPolicy: sprad\n", r"scheduler.gpuPolicy: 'sprad'"),
-        ("scheduler:\n  mode: indirect\n", r"scheduler.mode: 'indirect' is not one of direct"),
+        ("scheduler:\n  mode: indirect\n", r"scheduler.mode: 'indirect' is not one of extender, direct"),
         ("node:\n  deviceSplitCount: -3\n", r"node.deviceSplitCount: -3 is not at least 1"),
         ("node:\n  deviceMemoryScaling: 0\n", r"node.deviceMemoryScaling: 0.0 is not greater than 0"),
         ("node:\n  defaultCores: 101\n", r"node.defaultCores: 101 is not 0..100"),
