@@ -34,9 +34,11 @@ ENV PYTHONUNBUFFERED=1 \
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index /wheels/*.whl
 COPY --from=limiter /src/build/libvgpu.so /usr/local/vgpu/libvgpu.so
-# Unprivileged by default; the node agent's DaemonSet runs it as root (it writes
+# Unprivileged by default (/auth: where compose's creds writes the credentials into an
+# empty volume, which takes this directory's owner and mode); the node agent's DaemonSet runs it as root (it writes
 # host directories and the kubelet's device-plugin socket directory).
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin hami
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin hami \
+ && install -d -m 0700 -o 10001 -g 10001 /auth
 USER 10001
 WORKDIR /tmp
 # metrics (Prometheus /metrics and the dashboard); the binder's webhook (HTTPS)
