@@ -52,7 +52,7 @@ class System:
     async def _bus(self, name: str, role: str | None = None) -> Bus:
         assert self.nats_url
         creds = self.auth.credentials(role or name) if self.auth else None
-        bus = await Bus.connect(self.nats_url, name, creds=creds)
+        bus = await Bus.connect(self.nats_url, name, creds=creds, settings=self.cfg.bus)
         self.buses.append(bus)
         return bus
 

@@ -192,7 +192,7 @@ def permissions(role: str) -> Permissions:
     kind, node = parse_role(role)
     evt = f"{subjects.PREFIX}.evt"
     if kind == ADMIN:
-        every = frozenset([EVENTS, *(kv_stream(b) for b in _BUCKETS)])
+        every = frozenset([EVENTS, subjects.DLQ_STREAM, *(kv_stream(b) for b in _BUCKETS)])
         return Permissions(pub_allow=(">",), sub_allow=(">",), allow_responses=True,
                            creates=every, updates=every)
     b = _Builder(role)
@@ -204,6 +204,8 @@ def permissions(role: str) -> Permissions:
             b.kv_read(bucket)
         b.kv_write(subjects.LEDGER_BUCKET)
         b.pub += [subjects.alloc_any("decided"), subjects.alloc("failed")]
+        b.stream(subjects.DLQ_STREAM, owner=True)
+        b.pub.append(subjects.dlq(PLACEMENT))
         b.durable(subjects.PLACEMENT_CONSUMER)
     elif kind == BINDER:
         b.stream(EVENTS, owner=True)

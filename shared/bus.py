@@ -29,7 +29,8 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from shared import auth, subjects, tracing
+from shared import auth, logs, subjects, tracing
+from shared.config import BusSettings
 from shared.schemas import AllocEvent, NodeEvent
 
 log = logging.getLogger("hami.bus")
@@ -43,9 +44,16 @@ EVENT_DECODER: msgspec.json.Decoder[AllocEvent | NodeEvent] = msgspec.json.Decod
 
 # How long the stream remembers message ids for deduplication.
 DUPLICATE_WINDOW_S = 120.0
-# The durable event stream keeps a week (or 1 GiB) for replay by outside systems.
-EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
-EVENTS_MAX_BYTES = 1 << 30
+# The durable event stream's retention comes from ``bus.streamMaxAge`` /
+# ``bus.streamMaxBytes`` (a week, 1 GiB by default), for replay by outside systems.
+# The dead-letter stream keeps as long, but in a small, fixed space: a dead letter is
+# for an operator to look at, and a flood of them must not fill the disk.
+DLQ_MAX_BYTES = 64 << 20
+DLQ_MAX_MSGS = 100_000
+# A consumer's own redelivery bound, past the services' ``bus.maxDeliveries`` (after
+# which a service dead-letters the message itself): a backstop, should a handler never
+# get to say so (it crashed each time before acknowledging anything).
+MAX_DELIVER_MARGIN = 2
 # How often a work queue looks that its durable consumer still exists.
 CONSUMER_CHECK_S = 5.0
 
@@ -88,8 +96,10 @@ class WatchState:
 
 
 class Bus:
-    def __init__(self, nc: NATS, name: str) -> None:
+    def __init__(self, nc: NATS, name: str, settings: BusSettings | None = None) -> None:
         self.nc = nc
+        # Retention and redelivery bounds (the configuration's ``bus`` section).
+        self.settings = settings or BusSettings()
         self.js: JetStreamContext = nc.jetstream(timeout=10.0)
         self.name = name
         self.closing = False
@@ -118,6 +128,7 @@ class Bus:
         setup: bool = True,
         once: float | None = None,
         creds: auth.Credentials | None = None,
+        settings: BusSettings | None = None,
     ) -> Bus:
         """Connect, reconnecting forever after a loss (services outlive a NATS restart).
 
@@ -127,6 +138,9 @@ class Bus:
 
         ``creds``: authenticate as that role (nkey; TLS when it names a CA) with its
         own inbox prefix, and set up only what the role may create.
+
+        ``settings``: the configuration's ``bus`` section (stream retention, redelivery
+        bound); the defaults otherwise.
         """
         extra = connect_options(creds)
         failures: list[Exception] = []
@@ -174,7 +188,7 @@ class Bus:
                     )
             except Exception as exc:
                 raise (failures[0] if failures else exc) from None
-        bus = cls(nc, name)
+        bus = cls(nc, name, settings)
         if creds is not None:
             perms = auth.permissions(creds.role)
             bus.creates, bus.updates = perms.creates, perms.updates
@@ -183,9 +197,12 @@ class Bus:
         return bus
 
     async def setup(self) -> None:
-        """Create the event stream and the KV buckets; safe to call from every replica."""
+        """Create the event and dead-letter streams and the KV buckets; safe to call
+        from every replica. An existing stream's retention is brought to the settings'."""
         if self.may_create(subjects.EVENTS_STREAM):
             await self._setup_events()
+        if self.may_create(subjects.DLQ_STREAM):
+            await self._setup_dlq()
         for bucket in KV_BUCKETS:
             if self.may_create(auth.kv_stream(bucket)):
                 await self.kv(bucket)
@@ -197,16 +214,35 @@ class Bus:
             subjects=list(subjects.EVENTS_SUBJECTS),
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
-            max_age=EVENTS_MAX_AGE_S,
-            max_bytes=EVENTS_MAX_BYTES,
+            max_age=float(self.settings.stream_max_age),
+            max_bytes=int(self.settings.stream_max_bytes),
             duplicate_window=DUPLICATE_WINDOW_S,
         )
+        await self._add_or_update(cfg)
+
+    async def _setup_dlq(self) -> None:
+        cfg = api.StreamConfig(
+            name=subjects.DLQ_STREAM,
+            num_replicas=self.replicas,
+            subjects=list(subjects.DLQ_SUBJECTS),
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=float(self.settings.stream_max_age),
+            max_bytes=min(DLQ_MAX_BYTES, int(self.settings.stream_max_bytes)),
+            max_msgs=DLQ_MAX_MSGS,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        )
+        await self._add_or_update(cfg)
+
+    async def _add_or_update(self, cfg: api.StreamConfig) -> None:
+        name = cfg.name or ""
         try:
             await self.js.add_stream(cfg)
         except BadRequestError:
-            # Exists with another configuration (an older release): bring it up to date,
-            # where this role owns it (the others use it as it is).
-            if self.may_update(subjects.EVENTS_STREAM):
+            # Exists with another configuration (an older release, other retention
+            # settings): bring it up to date, where this role owns it (the others use
+            # it as it is).
+            if self.may_update(name):
                 await self.js.update_stream(cfg)
 
     async def kv(self, bucket: str) -> KeyValue:
@@ -280,9 +316,36 @@ class Bus:
         log.warning("%s: stream %s was missing; creating it again", self.name, stream)
         if stream == subjects.EVENTS_STREAM:
             await self._setup_events()
+        elif stream == subjects.DLQ_STREAM:
+            await self._setup_dlq()
         elif stream.startswith("KV_"):
             self._kv.pop(stream[3:], None)
             await self.kv(stream[3:])
+
+    async def dead_letter(self, service: str, msg: Msg, error: str) -> None:
+        """Store ``msg`` as it came on ``service``'s dead-letter subject, with headers
+        naming the error, its subject and how often it was delivered.
+
+        Stored once per original message (its stream sequence is the message id).
+        Raises when it cannot be stored: the caller then lets the message be
+        redelivered rather than lose it.
+        """
+        meta = msg.metadata
+        seq = str(meta.sequence.stream) if meta.sequence else ""
+        hdrs = {
+            **{k: v for k, v in (msg.headers or {}).items() if k != "Nats-Msg-Id"},
+            subjects.DLQ_ERROR: error[:1024].replace("\r", " ").replace("\n", " "),
+            subjects.DLQ_SUBJECT: msg.subject,
+            subjects.DLQ_DELIVERIES: str(meta.num_delivered or 0),
+            subjects.DLQ_STREAM_SEQ: seq,
+            "Nats-Msg-Id": f"dlq:{service}:{meta.stream or ''}:{seq or msg.subject}",
+        }
+        subject = subjects.dlq(service)
+        try:
+            await self.js.publish(subject, msg.data, headers=hdrs)
+        except nats.js.errors.NoStreamResponseError:
+            await self.recreate(subjects.DLQ_STREAM)
+            await self.js.publish(subject, msg.data, headers=hdrs)
 
     async def publish(self, subject: str, msg: msgspec.Struct) -> None:
         """Core NATS, not stored (heartbeats, telemetry)."""
@@ -378,6 +441,7 @@ class Bus:
         """
         kv = await self.kv(bucket)
         watcher = await (kv.watch(subjects.kv_key(key)) if key else kv.watchall())
+        failures = logs.RateLimited(log)
         state = WatchState(f"{bucket}/{key}" if key else bucket)
         self._watches.append(state)
 
@@ -392,8 +456,13 @@ class Bus:
                     deleted = entry.operation in ("DEL", "PURGE")
                     try:
                         await handler(entry.key, None if deleted else entry.value, entry.revision or 0)
-                    except Exception:
-                        log.exception("%s: handler failed on %s/%s", self.name, bucket, entry.key)
+                    except Exception as exc:
+                        # The watch goes on with the next entry; a handler that fails on
+                        # every update of a key is logged once a minute, with a count.
+                        failures.error(
+                            f"{entry.key}:{type(exc).__name__}", "%s: handler failed on %s/%s: %s: %s",
+                            self.name, bucket, entry.key, type(exc).__name__, exc,
+                        )
             except asyncio.CancelledError:
                 # Stopped by its owner: no longer one of the service's watches.
                 if state in self._watches:
@@ -421,14 +490,19 @@ class Bus:
         *,
         ack_wait: float = 30.0,
         max_ack_pending: int = 20000,
+        max_deliver: int | None = None,
     ) -> WorkQueue:
         """A durable consumer of the event stream shared by every replica of a service.
 
         Push delivery to a queue group: each message goes to one replica, with no
         pull round trip between messages (what a pull fetch costs shows in latency).
         Messages are acknowledged by the caller once handled; unacknowledged ones are
-        redelivered after ``ack_wait``.
+        redelivered after ``ack_wait``, at most ``max_deliver`` times in all (default:
+        ``bus.maxDeliveries`` plus a margin, a backstop to the services' own
+        dead-lettering). An existing consumer with another bound is updated to it.
         """
+        if max_deliver is None:
+            max_deliver = self.settings.max_deliveries + MAX_DELIVER_MARGIN
         cfg = api.ConsumerConfig(
             durable_name=durable,
             filter_subjects=filter_subjects,
@@ -438,11 +512,18 @@ class Bus:
             deliver_group=durable,
             ack_wait=ack_wait,
             max_ack_pending=max_ack_pending,
-            max_deliver=-1,
+            max_deliver=max_deliver,
         )
         try:
             info = await self.js.consumer_info(subjects.EVENTS_STREAM, durable)
             cfg = info.config
+            if cfg.max_deliver != max_deliver:
+                # Made by an older release (unbounded) or under other settings.
+                try:
+                    cfg = cfg.evolve(max_deliver=max_deliver)
+                    await self.js.add_consumer(subjects.EVENTS_STREAM, cfg)
+                except Exception as exc:
+                    log.warning("%s: cannot set max_deliver of consumer %s: %s", self.name, durable, exc)
         except nats.js.errors.NotFoundError:
             try:
                 await self.js.add_consumer(subjects.EVENTS_STREAM, cfg)

@@ -112,7 +112,9 @@ def run(
     async def main() -> None:
         hs = await start_health(args, name)
         try:
-            bus = await Bus.connect(url, name, creds=credentials(args, name, cfg.node_name))
+            bus = await Bus.connect(
+                url, name, creds=credentials(args, name, cfg.node_name), settings=cfg.bus
+            )
             if hs is not None:
                 hs.health.add(health.bus_checks(bus))
             svc = await make(bus, cfg)

@@ -6,6 +6,8 @@ wildcards: ``hami.evt.alloc.*.node-1`` is everything that happens on node-1.
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "hami"
 
 # Durable stream of the allocation lifecycle and node events.
@@ -30,6 +32,23 @@ API_SERVICE = "hami-api"
 API_SUBMIT = f"{PREFIX}.api.submit"
 API_RELEASE = f"{PREFIX}.api.release"
 API_STATUS = f"{PREFIX}.api.status"
+
+
+# Dead letters: a message whose handling failed ``bus.maxDeliveries`` times is stored
+# here, as it came, with headers naming the error, instead of being redelivered again.
+# Outside ``hami.evt.>`` so followers of the event stream never see it; its own small
+# stream keeps it for inspection (``nats stream view HAMI_DLQ``).
+DLQ_STREAM = "HAMI_DLQ"
+DLQ_SUBJECTS = [f"{PREFIX}.dlq.>"]
+DLQ_ERROR = "Hami-Error"  # headers of a dead letter
+DLQ_SUBJECT = "Hami-Subject"
+DLQ_DELIVERIES = "Hami-Deliveries"
+DLQ_STREAM_SEQ = "Hami-Stream-Seq"
+
+
+def dlq(service: str) -> str:
+    """The dead-letter subject of one service (``hami.dlq.placement``)."""
+    return f"{PREFIX}.dlq.{token(service)}"
 
 
 def alloc(verb: str, node: str | None = None) -> str:
@@ -65,15 +84,78 @@ def telemetry(node: str) -> str:
 TELEMETRY_ALL = f"{PREFIX}.tel.*"
 
 
+# Escaping: a name becomes a token or key by keeping its safe characters and writing
+# every other UTF-8 byte, ``_`` included, as ``_XX`` (upper-case hex). Decoding is
+# unambiguous (every ``_`` starts an escape), so different names never share a key, and
+# ordinary names (DNS labels, ``sim-node-0``) come out unchanged. A result longer than
+# the bound keeps a prefix and ends in ``_Z`` plus a hash of the whole name; ``_Z``
+# cannot occur in an escaped name (``_`` is always followed by hex digits).
+MAX_TOKEN = 256
+MAX_KEY = 256
+_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_TOKEN_OK = frozenset(_ALNUM + "-=:@+~,")
+_KEY_OK = frozenset(_ALNUM + "-=/.")
+_HASH_HEX = 32
+
+
+def _escape(name: str, ok: frozenset[str], dots: bool) -> str:
+    out: list[str] = []
+    for i, ch in enumerate(name):
+        if ch in ok and not (
+            # a KV key's dots separate tokens: none first, last, or doubled
+            dots and ch == "." and (i == 0 or i == len(name) - 1 or name[i - 1] == ".")
+        ):
+            out.append(ch)
+        else:
+            out.extend(f"_{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def _bounded(escaped: str, name: str, limit: int) -> str:
+    if len(escaped) <= limit:
+        return escaped
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX]
+    prefix = escaped[: limit - _HASH_HEX - 2].rstrip(".")
+    return f"{prefix}_Z{digest}"
+
+
 def token(name: str) -> str:
-    """A node name as one subject token: dots and wildcards would split or widen it."""
-    bad = set(".*> \t\r\n")
-    if not name or any(ch in bad for ch in name):
-        return "".join("_" if ch in bad else ch for ch in name) or "_"
-    return name
+    """A name as one subject token: injective, at most :data:`MAX_TOKEN` characters.
+
+    Dots, wildcards and spaces would split or widen a subject, so they are escaped;
+    the empty name is ``_`` (no escaped name is a lone ``_``).
+    """
+    if not name:
+        return "_"
+    return _bounded(_escape(name, _TOKEN_OK, dots=False), name, MAX_TOKEN)
 
 
 def kv_key(name: str) -> str:
-    """A KV key for a node name (KV keys allow [-/_=.a-zA-Z0-9])."""
-    ok = set("-_=./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-    return "".join(ch if ch in ok else "_" for ch in name)
+    """A KV key for a name (KV keys allow ``[-/_=.a-zA-Z0-9]``): injective, bounded.
+
+    Dots are kept (a Kubernetes node name's key is its name) except where a key may
+    not have them: first, last, or two in a row.
+    """
+    if not name:
+        return "_"
+    return _bounded(_escape(name, _KEY_OK, dots=True), name, MAX_KEY)
+
+
+def unescape(text: str) -> str:
+    """The name a :func:`token` or :func:`kv_key` was made from (not for hashed ones)."""
+    if text == "_":
+        return ""
+    raw = bytearray()
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "_":
+            pair = text[i + 1 : i + 3]
+            if len(pair) != 2 or any(c not in "0123456789ABCDEF" for c in pair):
+                raise ValueError(f"{text!r} is not an escaped name (at {i})")
+            raw.append(int(pair, 16))
+            i += 3
+        else:
+            raw.extend(ch.encode("utf-8"))
+            i += 1
+    return raw.decode("utf-8", "surrogatepass")

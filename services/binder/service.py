@@ -22,7 +22,7 @@ from typing import Protocol
 from nats.aio.msg import Msg
 from opentelemetry import context
 
-from shared import subjects, tracing
+from shared import limits, subjects, tracing
 from shared.bus import BadMessage, Bus, WorkQueue, add_service, decode, decode_event
 from shared.config import Config
 from shared.hami.codec import NODE_POLICIES, parse_gpu_policy
@@ -77,6 +77,12 @@ def validate_submit(req: SubmitRequest) -> None:
                 raise ValueError(f"memory percentage must be 1..100, got {d.mem_percent}")
             if not 0 <= d.cores <= 100:
                 raise ValueError(f"cores must be 0..100, got {d.cores}")
+    problems = limits.request_problems(
+        name=req.name, namespace=req.namespace, containers=req.containers,
+        constraints=req.constraints, priority=req.priority,
+    )
+    if problems:
+        raise ValueError("; ".join(problems))
     pol = req.constraints.node_policy
     if pol is not None and pol not in NODE_POLICIES:
         raise ValueError(f"unknown node policy {pol!r}; use one of {', '.join(NODE_POLICIES)}")
@@ -108,7 +114,8 @@ class BinderService:
 
     @staticmethod
     def key(name: str, namespace: str = "") -> str:
-        return f"{namespace}/{name}"
+        # The namespace escaped (no "/" left in it): ("a/b", "c") and ("a", "b/c") differ.
+        return f"{subjects.token(namespace)}/{name}"
 
     # -------------------------------------------------------------- ledger view
 

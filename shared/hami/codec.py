@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
+from shared import limits
 from shared.config import NodeSettings, ResourceNames
 from shared.hami import annotations as ann
 from shared.hami.quantity import QuantityError, mib, milli, parse_quantity
@@ -295,7 +296,7 @@ def pod_request(
     cons = constraints(pod, problems)
     if problems:
         raise PodSpecError(problems)
-    return AllocRequested(
+    req = AllocRequested(
         uid=str(meta.get("uid") or ""),
         name=str(meta.get("name") or ""),
         namespace=str(meta.get("namespace") or ""),
@@ -306,6 +307,15 @@ def pod_request(
         source="kube",
         requested_at=now,
     )
+    # Absurd amounts (2**63 MiB, 10,000 cards) are refused here, with the bound named,
+    # rather than reaching placement's arithmetic.
+    problems = limits.request_problems(
+        name=req.name, namespace=req.namespace, containers=req.containers,
+        constraints=req.constraints, priority=req.priority, uid=req.uid,
+    )
+    if problems:
+        raise PodSpecError(problems)
+    return req
 
 
 def asks_devices(req: AllocRequested) -> bool:
