@@ -332,6 +332,12 @@ def schema() -> Obj:
         ("health.port=0", "/health/port"),
         ("podAntiAffinity=always", "/podAntiAffinity"),
         ("scheduler.mode=both", "/scheduler/mode"),
+        ("scheduler.extenderPort=0", "/scheduler/extenderPort"),
+        ("scheduler.extenderReservationTimeout=0", "/scheduler/extenderReservationTimeout"),
+        ("scheduler.kubeScheduler.verbosity=-1", "/scheduler/kubeScheduler/verbosity"),
+        ("scheduler.kubeScheduler.image.tag=v1.30.4+k3s1", "/scheduler/kubeScheduler/image/tag"),
+        ("scheduler.kubeScheduler.extraArgs={v=4}", "/scheduler/kubeScheduler/extraArgs/0"),
+        ("scheduler.kubeSchedulr.verbosity=4", "/scheduler"),
         ("nodeagent.kubeletDir=var/lib/kubelet", "/nodeagent/kubeletDir"),
         ("placment.replicas=3", ""),
     ],
@@ -388,9 +394,10 @@ def test_schema_types_every_value() -> None:
     assert not missing
 
 
-def test_rendered_config_loads() -> None:
+@pytest.mark.parametrize("name, mode", [("defaults", "extender"), ("scheduler-direct", "direct")])
+def test_rendered_config_loads(name: str, mode: str) -> None:
     """The ConfigMap every service reads loads with shared/config.py, every value taken."""
-    cm = one(render("defaults"), "ConfigMap", f"{RELEASE}-hami-bus-config")
+    cm = one(render(name), "ConfigMap", f"{RELEASE}-hami-bus-config")
     raw = yaml.safe_load(cm["data"]["config.yaml"])
     path = Path(tempfile.mkdtemp()) / "config.yaml"
     path.write_text(cm["data"]["config.yaml"])
@@ -399,7 +406,10 @@ def test_rendered_config_loads() -> None:
         for key, val in raw[section].items():
             assert loaded[section][key] == val, f"config.{section}.{key}"
     assert loaded["scheduler"]["schedulerName"] == values()["schedulerName"]
-    for _, c in our_containers(render("defaults")):
+    assert loaded["scheduler"]["mode"] == mode
+    for key in ("extenderPort", "extenderReservationTimeout"):
+        assert loaded["scheduler"][key] == values()["scheduler"][key], key
+    for _, c in our_containers(render(name)):
         assert env(c)["HAMI_CONFIG"] == "/etc/hami/config.yaml"
 
 
@@ -484,7 +494,12 @@ def test_health_port_is_the_services_default() -> None:
 def test_container_args_accepted_by_the_services(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each rendered command line parses with the service's own argument parser."""
     seen: list[Any] = []
-    monkeypatch.setattr(runner, "run", lambda svc, args, make: seen.append(args) or 0)
+
+    def run(svc: Any, args: Any, make: Any) -> int:
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(runner, "run", run)
     for _, c in our_containers(render(name)):
         assert c["command"][:2] == ["python", "-m"], c["name"]
         main = importlib.import_module(f"{c['command'][2]}.__main__").main
@@ -553,7 +568,7 @@ def test_only_binder_and_nodeagent_mount_a_token() -> None:
 
 def binder(objs: list[Obj]) -> Obj:
     dep = one(objs, "Deployment", component_name("binder"))
-    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    (c,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "binder"]
     return {"pod": dep["spec"]["template"]["spec"], "c": c, "args": c["args"]}
 
 
@@ -672,6 +687,8 @@ def granted_rules() -> set[tuple[str, str, str, str]]:
         objs = render(name)
         roles = {(o["kind"], o["metadata"]["name"]): o for o in find(objs, "Role") + find(objs, "ClusterRole")}
         for b in find(objs, "RoleBinding") + find(objs, "ClusterRoleBinding"):
+            if is_kube_schedulers(b):
+                continue  # the upstream binary's grants: test_kube_scheduler_rbac
             role = roles[(b["roleRef"]["kind"], b["roleRef"]["name"])]
             for s in b["subjects"]:
                 assert s["kind"] == "ServiceAccount" and s["namespace"] == NS
@@ -693,3 +710,291 @@ def test_rbac_every_grant_has_a_call_site() -> None:
         text = (ROOT / module).read_text()
         for needle in needles:
             assert needle in text, f"{rule}: {needle!r} not in {module}"
+
+
+# ------------------------------------------------------------ extender mode (kube-scheduler)
+
+KS = "kube-scheduler"
+
+# The fields of kubescheduler.config.k8s.io/v1 (k8s.io/kube-scheduler/config/v1 and
+# k8s.io/component-base/config/v1alpha1) as their Go definitions name and type them:
+# the JSON name of each field and its type. A struct's name refers to another entry,
+# "[T]" is a list of T, "duration" a metav1.Duration ("30s"). No upstream schema for
+# this file exists, and kubernetes-validate cannot see it inside its ConfigMap.
+KUBE_SCHEDULER_TYPES: dict[str, dict[str, str]] = {
+    "KubeSchedulerConfiguration": {
+        "apiVersion": "str", "kind": "str", "parallelism": "int",
+        "leaderElection": "LeaderElectionConfiguration",
+        "clientConnection": "ClientConnectionConfiguration",
+        "enableProfiling": "bool", "enableContentionProfiling": "bool",
+        "percentageOfNodesToScore": "int", "podInitialBackoffSeconds": "int",
+        "podMaxBackoffSeconds": "int", "profiles": "[KubeSchedulerProfile]",
+        "extenders": "[Extender]", "delayCacheUntilActive": "bool",
+    },
+    "LeaderElectionConfiguration": {
+        "leaderElect": "bool", "leaseDuration": "duration", "renewDeadline": "duration",
+        "retryPeriod": "duration", "resourceLock": "str", "resourceName": "str",
+        "resourceNamespace": "str",
+    },
+    "ClientConnectionConfiguration": {
+        "kubeconfig": "str", "acceptContentTypes": "str", "contentType": "str",
+        "qps": "number", "burst": "int",
+    },
+    "KubeSchedulerProfile": {
+        "schedulerName": "str", "percentageOfNodesToScore": "int", "plugins": "object",
+        "pluginConfig": "[object]",
+    },
+    "Extender": {
+        "urlPrefix": "str", "filterVerb": "str", "preemptVerb": "str", "prioritizeVerb": "str",
+        "weight": "int", "bindVerb": "str", "enableHTTPS": "bool",
+        "tlsConfig": "ExtenderTLSConfig", "httpTimeout": "duration", "nodeCacheCapable": "bool",
+        "managedResources": "[ExtenderManagedResource]", "ignorable": "bool",
+    },
+    "ExtenderManagedResource": {"name": "str", "ignoredByScheduler": "bool"},
+    "ExtenderTLSConfig": {
+        "insecure": "bool", "serverName": "str", "certFile": "str", "keyFile": "str",
+        "caFile": "str", "certData": "str", "keyData": "str", "caData": "str",
+    },
+}
+_REQUIRED = {"KubeSchedulerConfiguration": ["apiVersion", "kind"], "Extender": ["urlPrefix"],
+             "ExtenderManagedResource": ["name"]}
+_SCALARS: dict[str, Obj] = {
+    "str": {"type": "string"}, "bool": {"type": "boolean"}, "int": {"type": "integer"},
+    "number": {"type": "number"}, "object": {"type": "object"},
+    "duration": {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"},
+}
+
+
+def kube_scheduler_schema(struct: str = "KubeSchedulerConfiguration") -> Obj:
+    """A strict JSON Schema of one struct of KUBE_SCHEDULER_TYPES (unknown fields fail)."""
+    def of(t: str) -> Obj:
+        if t.startswith("["):
+            return {"type": "array", "items": of(t[1:-1])}
+        return _SCALARS[t] if t in _SCALARS else kube_scheduler_schema(t)
+
+    return {"type": "object", "additionalProperties": False,
+            "required": _REQUIRED.get(struct, []),
+            "properties": {k: of(t) for k, t in KUBE_SCHEDULER_TYPES[struct].items()}}
+
+
+def is_kube_schedulers(obj: Obj) -> bool:
+    return bool(obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") == KS)
+
+
+def kube_scheduler_config(objs: list[Obj]) -> Obj:
+    cm = one(objs, "ConfigMap", component_name(KS))
+    doc = yaml.safe_load(cm["data"]["config.yaml"])
+    assert isinstance(doc, dict)
+    return doc
+
+
+def loaded_config(objs: list[Obj]) -> hami_config.Config:
+    """The services' configuration as shared/config.py loads it from the rendered ConfigMap."""
+    path = Path(tempfile.mkdtemp()) / "config.yaml"
+    path.write_text(one(objs, "ConfigMap", f"{RELEASE}-hami-bus-config")["data"]["config.yaml"])
+    return hami_config.load(path, env={})
+
+
+def sidecar(objs: list[Obj]) -> Obj:
+    dep = one(objs, "Deployment", component_name("binder"))
+    (c,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == KS]
+    assert isinstance(c, dict)
+    return c
+
+
+def test_extender_is_the_default_mode() -> None:
+    sched = values()["scheduler"]
+    assert sched["mode"] == "extender"
+    assert schema()["properties"]["scheduler"]["properties"]["mode"]["enum"] == \
+        list(hami_config.SCHEDULER_MODES)
+    defaults = hami_config.SchedulerSettings()
+    assert sched["extenderPort"] == defaults.extender_port
+    assert sched["extenderReservationTimeout"] == defaults.extender_reservation_timeout
+
+
+@pytest.mark.parametrize("vals", [
+    {},
+    {"scheduler": {"extenderPort": 9777}, "schedulerName": "gpu-scheduler",
+     "config": {"resources": {"count": "example.com/vgpu", "memory": "example.com/vgpu-mem"}}},
+    # two HAMi resources under one name: kube-scheduler refuses a duplicate managed resource
+    {"config": {"resources": {"cores": "nvidia.com/gpu"}}},
+])
+def test_kube_scheduler_config_follows_the_services_config(vals: Obj) -> None:
+    objs = [d for path, text in render_raw(vals).items() if path.endswith(".yaml")
+            for d in yaml.safe_load_all(text) if d]
+    ksc = kube_scheduler_config(objs)
+    jsonschema.Draft202012Validator(kube_scheduler_schema()).validate(ksc)
+    assert ksc["apiVersion"] == "kubescheduler.config.k8s.io/v1"
+    assert ksc["kind"] == "KubeSchedulerConfiguration"
+    cfg = loaded_config(objs)
+    (profile,) = ksc["profiles"]
+    assert profile["schedulerName"] == cfg.scheduler.scheduler_name == vals.get("schedulerName", "hami-scheduler")
+    (ext,) = ksc["extenders"]
+    assert ext["urlPrefix"] == f"http://127.0.0.1:{cfg.scheduler.extender_port}"
+    assert (ext["filterVerb"], ext["bindVerb"]) == ("filter", "bind")
+    assert ext["enableHTTPS"] is False and ext["ignorable"] is False and ext["nodeCacheCapable"] is True
+    names = [m["name"] for m in ext["managedResources"]]
+    assert len(names) == len(set(names))
+    assert set(names) == set(msgspec.to_builtins(cfg.resources).values())
+    assert all(m["ignoredByScheduler"] is True for m in ext["managedResources"])
+    port = {p["name"]: p["containerPort"] for p in binder(objs)["c"]["ports"]}["extender"]
+    assert port == cfg.scheduler.extender_port
+    election = ksc["leaderElection"]
+    assert election["leaderElect"] is True and election["resourceLock"] == "leases"
+    assert election["resourceNamespace"] == NS
+
+
+@pytest.mark.parametrize("field, value", [
+    (("extenders", 0, "urlprefix"), "http://127.0.0.1:8888"),  # misspelt
+    (("extenders", 0, "httpTimeout"), 30),  # a Duration is a string
+    (("extenders", 0, "managedResources", 0, "ignoredByScheduler"), "true"),
+    (("profiles", 0, "scheduler"), "x"),
+    (("leaderElection", "resourceNamespaces"), "x"),
+])
+def test_kube_scheduler_schema_rejects_what_upstream_would(field: tuple[Any, ...], value: Any) -> None:
+    """The table above is strict: the check of the rendered file can fail."""
+    ksc = kube_scheduler_config(render("defaults"))
+    node: Any = ksc
+    for key in field[:-1]:
+        node = node[key]
+    node[field[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(kube_scheduler_schema()).validate(ksc)
+
+
+def test_kube_scheduler_sidecar() -> None:
+    objs = render("defaults")
+    ks = values()["scheduler"]["kubeScheduler"]
+    b, c = binder(objs), sidecar(objs)
+    repo, tag = c["image"].rsplit(":", 1)
+    assert repo == ks["image"]["repository"] == "registry.k8s.io/kube-scheduler"
+    assert tag.startswith("v") and tag.count(".") == 2  # the cluster's version, vX.Y.Z
+    (config_arg,) = [a for a in c["args"] if a.startswith("--config=")]
+    assert f"--v={ks['verbosity']}" in c["args"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    mount = mounts[str(Path(config_arg.removeprefix("--config=")).parent)]
+    (vol,) = [v for v in b["pod"]["volumes"] if v["name"] == mount["name"]]
+    cm = one(objs, "ConfigMap", vol["configMap"]["name"])
+    assert Path(config_arg).name in cm["data"] and is_kube_schedulers(cm)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in (c["livenessProbe"], c["readinessProbe"]):
+        get = probe["httpGet"]
+        assert (get["path"], get["scheme"], ports[get["port"]]) == ("/healthz", "HTTPS", 10259)
+    assert c["securityContext"] == values()["securityContext"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert b["pod"]["securityContext"]["runAsNonRoot"] is True
+    assert c["resources"] == ks["resources"]
+    # a change of the scheduler's configuration rolls the binder pod
+    annotations = one(objs, "Deployment", component_name("binder"))["spec"]["template"]["metadata"]["annotations"]
+    other = render_raw({"scheduler": {"extenderPort": 9000}})["hami-bus/templates/binder.yaml"]
+    assert annotations["checksum/kube-scheduler"] not in other
+
+
+def test_kube_scheduler_tag_override_and_extra_args() -> None:
+    out = render_raw({"scheduler": {"kubeScheduler": {
+        "image": {"repository": "mirror.example/kube-scheduler", "tag": "v1.31.2"},
+        "verbosity": 4, "extraArgs": ["--kube-api-qps=100"]}}})
+    dep = next(d for d in yaml.safe_load_all(out["hami-bus/templates/binder.yaml"])
+               if d and d["kind"] == "Deployment")
+    c = sidecar([dep])
+    assert c["image"] == "mirror.example/kube-scheduler:v1.31.2"
+    assert c["args"][1:] == ["--v=4", "--kube-api-qps=100"]
+
+
+@pytest.mark.parametrize("version, tag", [
+    ("v1.33.0", "v1.33.0"),
+    ("v1.30.4-eks-a737599", "v1.30.4"),
+    ("v1.29.6+k3s1", "v1.29.6"),
+    ("v1.31.2-gke.1200000", "v1.31.2"),
+    ("1.32.1", "v1.32.1"),
+])
+def test_kube_scheduler_tag_from_the_cluster_version(version: str, tag: str, tmp_path: Path) -> None:
+    """The default tag: the version Helm reports for the cluster, without a distribution's
+    suffix (registry.k8s.io has only the plain release tags). Rendered by Helm through the
+    chart's own helper, in a copy of the chart with one probe template added."""
+    import shutil
+
+    shutil.copytree(CHART, tmp_path / "chart")
+    (tmp_path / "chart" / "templates" / "tagprobe.yaml").write_text(
+        f'tag: {{{{ include "hami-bus.kubeVersionTag" "{version}" }}}}\n'
+        'capabilities: {{ include "hami-bus.kubeVersionTag" .Capabilities.KubeVersion.Version }}\n'
+        'version: {{ .Capabilities.KubeVersion.Version }}\n'
+    )
+    out = helm.Chart.load(tmp_path / "chart").render({}, name=RELEASE, namespace=NS, is_install=True)
+    probe = yaml.safe_load(out["hami-bus/templates/tagprobe.yaml"])
+    assert probe["tag"] == tag
+    dep = next(d for d in yaml.safe_load_all(out["hami-bus/templates/binder.yaml"])
+               if d and d["kind"] == "Deployment")
+    assert sidecar([dep])["image"] == f"registry.k8s.io/kube-scheduler:{probe['capabilities']}"
+    assert probe["version"].startswith(probe["capabilities"])
+
+
+def test_kube_scheduler_tag_needs_a_version(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(CHART, tmp_path / "chart")
+    (tmp_path / "chart" / "templates" / "tagprobe.yaml").write_text(
+        'tag: {{ include "hami-bus.kubeVersionTag" "latest" }}\n')
+    with pytest.raises(helm.HelmRenderError, match="set scheduler.kubeScheduler.image.tag"):
+        helm.Chart.load(tmp_path / "chart").render({}, name=RELEASE, namespace=NS, is_install=True)
+
+
+# What the sidecar is granted, as upstream's "Configure Multiple Schedulers" grants a
+# second kube-scheduler: (binding kind, namespace, role kind, role name). These are used
+# by the upstream binary, not by our code, so they are listed here instead of in
+# CALL_SITES; the lease Role is the one rule of our own.
+KUBE_SCHEDULER_GRANTS = {
+    ("ClusterRoleBinding", None, "ClusterRole", "system:kube-scheduler"),
+    ("ClusterRoleBinding", None, "ClusterRole", "system:volume-scheduler"),
+    ("RoleBinding", "kube-system", "Role", "extension-apiserver-authentication-reader"),
+    ("RoleBinding", NS, "Role", component_name(KS)),
+}
+
+
+def test_kube_scheduler_rbac() -> None:
+    objs = render("defaults")
+    bindings = [b for b in find(objs, "RoleBinding") + find(objs, "ClusterRoleBinding") if is_kube_schedulers(b)]
+    assert {(b["kind"], b["metadata"].get("namespace"), b["roleRef"]["kind"], b["roleRef"]["name"])
+            for b in bindings} == KUBE_SCHEDULER_GRANTS
+    assert len(bindings) == len(KUBE_SCHEDULER_GRANTS)
+    # the sidecar runs under the binder's ServiceAccount (one per pod)
+    sa = one(objs, "Deployment", component_name("binder"))["spec"]["template"]["spec"]["serviceAccountName"]
+    for b in bindings:
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NS}]
+    # its Lease, by the name and in the namespace its configuration elects with
+    election = kube_scheduler_config(objs)["leaderElection"]
+    role = one(objs, "Role", component_name(KS))
+    assert role["metadata"]["namespace"] == election["resourceNamespace"]
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": [election["resourceName"]], "verbs": ["get", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    ]
+    # system:kube-scheduler covers only the Lease named kube-scheduler
+    assert election["resourceName"] != "kube-scheduler"
+    assert {o["metadata"]["name"] for o in find(objs, "Role") + find(objs, "ClusterRole")
+            if is_kube_schedulers(o)} == {component_name(KS)}
+
+
+@pytest.mark.parametrize("name", ["scheduler-direct", "minimal"])
+def test_direct_mode_renders_no_kube_scheduler(name: str) -> None:
+    objs = render(name)
+    if name == "minimal":  # extender mode, still: a webhook-less binder keeps its sidecar
+        assert sidecar(objs) and find(objs, "ConfigMap", component_name(KS))
+        return
+    assert not [o for o in objs if is_kube_schedulers(o)]
+    assert not find(objs, "ConfigMap", component_name(KS))
+    assert not [b for b in find(objs, "RoleBinding") + find(objs, "ClusterRoleBinding")
+                if b["roleRef"]["name"].startswith(("system:", "extension-apiserver"))]
+    b = binder(objs)
+    assert [c["name"] for c in b["pod"]["containers"]] == ["binder"]
+    assert "extender" not in {p["name"] for p in b["c"]["ports"]}
+    assert KS not in {v["name"] for v in b["pod"]["volumes"]} | {v["name"].removesuffix("-config") for v in b["pod"]["volumes"]}
+    assert "checksum/kube-scheduler" not in one(objs, "Deployment", component_name("binder"))["spec"]["template"]["metadata"]["annotations"]
+    assert loaded_config(objs).scheduler.mode == "direct"
+
+
+def test_no_binder_no_kube_scheduler() -> None:
+    out = render_raw({"binder": {"enabled": False}})
+    assert KS not in "".join(out.values())

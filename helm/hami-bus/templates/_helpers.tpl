@@ -72,7 +72,9 @@ app.kubernetes.io/component: {{ .component }}
 {{/* The services' configuration file (shared/config.py's YAML, camelCase keys). */}}
 {{- define "hami-bus.config" -}}
 {{- $cfg := deepCopy .Values.config }}
-{{- $scheduler := merge (dict "schedulerName" .Values.schedulerName) ($cfg.scheduler | default dict) }}
+{{- $s := .Values.scheduler }}
+{{- $top := dict "schedulerName" .Values.schedulerName "mode" $s.mode "extenderPort" $s.extenderPort "extenderReservationTimeout" $s.extenderReservationTimeout }}
+{{- $scheduler := merge $top ($cfg.scheduler | default dict) }}
 {{- $_ := set $cfg "scheduler" $scheduler }}
 {{- toYaml $cfg }}
 {{- end }}
@@ -91,6 +93,9 @@ labels:
   {{- end }}
 annotations:
   checksum/config: {{ include "hami-bus.config" .ctx | sha256sum }}
+  {{- if and (eq .component "binder") (eq .ctx.Values.scheduler.mode "extender") }}
+  checksum/kube-scheduler: {{ include "hami-bus.kubeSchedulerConfig" .ctx | sha256sum }}
+  {{- end }}
   {{- with .ctx.Values.podAnnotations }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
