@@ -184,6 +184,7 @@ def test_install_offline_with_defaults() -> None:
     assert installed == rendered
     assert ("StatefulSet", component_name("nats")) in installed  # NATS comes with the chart
     assert RELEASE in rel["notes"] and "nats://" in rel["notes"]
+    assert "Scheduling (extender mode): registry.k8s.io/kube-scheduler:v" in rel["notes"]
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
