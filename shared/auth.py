@@ -221,6 +221,9 @@ def permissions(role: str) -> Permissions:
             subjects.alloc_any("released"),
         ]
         b.durable(BINDER_CONSUMER)
+        # Extender mode: the replica serving a filter waits for placement's answer, which
+        # the shared work queue may hand to another replica.
+        b.sub += [subjects.alloc_any("decided"), subjects.alloc("failed")]
         b.service("hami-binder", (subjects.API_SUBMIT, subjects.API_RELEASE))
     elif kind == INVENTORY:
         b.stream(EVENTS)
