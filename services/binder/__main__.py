@@ -7,6 +7,12 @@ annotations, create Bindings (see :mod:`services.binder.kube`). The API server i
 by ``--kube-host URL`` (no auth; tests), ``--in-cluster`` (service account),
 ``--kubeconfig PATH`` (or ``$KUBECONFIG``, or ``~/.kube/config``), else in-cluster.
 
+``scheduler.mode`` (configuration) chooses how pending pods are scheduled: ``direct``
+(default here; the binder requests every pending pod with our schedulerName itself) or
+``extender`` (the upstream kube-scheduler calls the binder's HTTP extender, ``POST
+/filter`` and ``POST /bind`` on ``--extender-host``:``--extender-port``, default
+0.0.0.0:``scheduler.extenderPort`` = 8888; see :mod:`services.binder.extender`).
+
 Admission webhook: ``--webhook-cert FILE --webhook-key FILE`` serves HTTPS on
 ``--webhook-port`` (9443) at ``/mutate`` (see :mod:`services.binder.webhook`).
 ``--webhook-cert-mode=self-managed --webhook-secret S --webhook-config C`` (with
@@ -57,7 +63,8 @@ class KubeMode:
             else:
                 kube = await Kube.connect(kubeconfig=kubeconfig, context=a.context)
             self.kube = kube
-            binder = KubeBinder(self.bus, self.cfg, kube)
+            binder = KubeBinder(self.bus, self.cfg, kube, extender_host=a.extender_host,
+                                extender_port=a.extender_port)
             await binder.start(serve_api=not a.no_api, leader=leader_for(a, kube, binder))
             self.parts.append(binder)
         else:
@@ -135,6 +142,10 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
     k.add_argument("--kube-host", default=None, help="API server URL without auth (tests)")
     k.add_argument("--no-api", action="store_true", help="do not serve hami.api.submit/release")
+    k.add_argument("--extender-host", default="0.0.0.0",
+                   help="scheduler.mode extender: address of the kube-scheduler extender")
+    k.add_argument("--extender-port", type=int, default=None,
+                   help="scheduler.mode extender: its port (default scheduler.extenderPort, 8888)")
     le = p.add_argument_group("leader election (--kube: the pod watch runs on one replica)")
     le.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
                     help="hold a coordination.k8s.io Lease while watching (default on)")

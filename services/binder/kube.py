@@ -60,6 +60,14 @@ reservation is either in the ledger for a live pod, or released by one of the ru
 above at the next start; a card used by a running pod is either in the ledger or
 re-adopted: nothing is double-booked by placement knowingly.
 
+Extender mode (``scheduler.mode: extender``): the upstream kube-scheduler drives pending
+pods through the HTTP extender (:mod:`services.binder.extender`), so the watch publishes
+no ``requested``; it still releases deleted and ended pods (and drops their extender
+reservation), and the reconcile's rule 2 hands a pending pod's ledger reservation to the
+extender's table (released on time unless the scheduler binds it) instead of binding it;
+rule 5 does nothing. Decisions of kube pods are bound only by the extender's ``bind``;
+the extender sees them on a plain subscription (every replica), not the work queue.
+
 Quota: every namespace's ResourceQuotas (``limits.nvidia.com/gpumem``,
 ``limits.nvidia.com/gpucores``) are folded into one :class:`~shared.schemas.Quota`
 and written to the ``hami-quotas`` KV bucket (key = namespace; deleted when none is
@@ -85,9 +93,10 @@ import aiohttp
 import msgspec
 
 from services.binder.events import EventSender
+from services.binder.extender import Extender, ExtenderServer
 from services.binder.service import Backend, BindError, BinderService
 from shared import subjects
-from shared.bus import Bus, decode
+from shared.bus import BadMessage, Bus, decode, decode_event
 from shared.config import Config
 from shared.hami import annotations as ann
 from shared.hami.codec import PodSpecError, pod_request, quota_from_resource_quotas
@@ -250,6 +259,7 @@ class KubeBackend(Backend):
         self._locks: dict[str, asyncio.Lock] = {}
         self.events = EventSender(self.kube.post)
         self.failed: set[str] = set()  # uids whose last bind failed (the binder retries)
+        self.errors: dict[str, str] = {}  # uid -> why its last bind failed (the extender says it)
 
     def lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
@@ -259,6 +269,7 @@ class KubeBackend(Backend):
         if lk is not None and not lk.locked():
             del self._locks[uid]
         self.failed.discard(uid)
+        self.errors.pop(uid, None)
 
     # ------------------------------------------------------------------- events
 
@@ -326,10 +337,12 @@ class KubeBackend(Backend):
             try:
                 with self.events.busy():
                     await self._bind(d)
-            except BindError:
+            except BindError as exc:
                 self.failed.add(d.uid)
+                self.errors[d.uid] = str(exc)
                 raise
             self.failed.discard(d.uid)
+            self.errors.pop(d.uid, None)
 
     async def _bind(self, d: AllocDecided) -> None:
         ns = d.namespace or "default"
@@ -376,6 +389,12 @@ class KubeBackend(Backend):
 # --------------------------------------------------------------------------- binder
 
 
+def _ledger_decision(node: str, alloc: LedgerAlloc) -> AllocDecided:
+    return AllocDecided(uid=alloc.uid, name=alloc.name, namespace=alloc.namespace, node=node,
+                        containers=alloc.containers, source=alloc.source,
+                        decided_at=alloc.decided_at)
+
+
 def adopt_request(base: AllocRequested, node: str, grants: list[list[CardGrant]]) -> AllocRequested:
     """A request that re-reserves exactly what a bound pod holds (restart rule 4)."""
     containers = []
@@ -404,6 +423,9 @@ class KubeBinder(BinderService):
         *,
         watch_timeout_s: int = 300,
         retry_backoff_s: float = 1.0,
+        extender_host: str = "0.0.0.0",
+        extender_port: int | None = None,
+        extender_timeout_s: float | None = None,
     ) -> None:
         self.kube = kube
         self.pods: dict[str, Obj] = {}  # uid -> last seen pod (ours, not yet released)
@@ -428,6 +450,14 @@ class KubeBinder(BinderService):
         self._retries: set[asyncio.Task[None]] = set()
         self._kube_tasks: list[asyncio.Task[None]] = []
         self.leader: LeaderElector | None = None
+        self.mode = cfg.scheduler.mode
+        self.extender: Extender | None = None
+        self.extender_server: ExtenderServer | None = None
+        self._extender_subs: list[Any] = []
+        if self.mode == "extender":
+            self.extender = Extender(bus, cfg, self, timeout_s=extender_timeout_s)
+            port = cfg.scheduler.extender_port if extender_port is None else extender_port
+            self.extender_server = ExtenderServer(self.extender, host=extender_host, port=port)
 
     # ------------------------------------------------------------ publishing
 
@@ -477,6 +507,8 @@ class KubeBinder(BinderService):
             await self._release_pod(pod, node, str(phase).lower())
             return
         self.pods[uid] = pod
+        if self.extender is not None:
+            return  # kube-scheduler drives pending pods through the extender
         if pod_is_pending(pod) and uid not in self.requested:
             await self._request_pod(pod)
 
@@ -485,6 +517,8 @@ class KubeBinder(BinderService):
         if uid in self.released:
             return
         self.released.add(uid)
+        if self.extender is not None:
+            self.extender.forget(uid)
         # Whether or not it was placed: placement frees a reservation or drops a
         # pending request; both idempotent.
         await self.publish_released(pod, node or str(_meta(pod).get("annotations", {}).get(ann.VGPU_NODE) or ""), reason)
@@ -539,6 +573,12 @@ class KubeBinder(BinderService):
             self.pods[uid] = pod
             held = ledger.get(uid)
             bound_to = str((pod.get("spec") or {}).get("nodeName") or "")
+            if pod_is_pending(pod) and self.extender is not None:
+                if held is not None:
+                    # Decided, not bound: the scheduler's bind may still come; the
+                    # sweep releases it on time if not (extender mode's rule 2).
+                    self.extender.adopt(_ledger_decision(*held), held[1].decided_at)
+                continue  # not in the ledger: kube-scheduler filters it when it will
             if pod_is_pending(pod):
                 if held is not None:
                     # Decided, not bound: bind now from the ledger (rule 2).
@@ -558,9 +598,7 @@ class KubeBinder(BinderService):
         return rv
 
     async def _bind_from_ledger(self, pod: Obj, node: str, alloc: LedgerAlloc) -> None:
-        d = AllocDecided(uid=alloc.uid, name=alloc.name, namespace=alloc.namespace, node=node,
-                         containers=alloc.containers, source=alloc.source,
-                         decided_at=alloc.decided_at)
+        d = _ledger_decision(node, alloc)
         try:
             await self.handle_decided(d)
         except Exception:
@@ -592,9 +630,46 @@ class KubeBinder(BinderService):
     # ----------------------------------------------------- decisions / failures
 
     async def handle_decided(self, d: AllocDecided) -> None:
+        if self.extender is not None and d.source == "kube":
+            # The scheduler's bind call binds it (the extender saw the decision on its
+            # own subscription, on the replica serving the filter).
+            return
         await super().handle_decided(d)
         if d.source == "kube" and d.uid in self.kbackend.failed:
             self._spawn(self._retry(d))
+
+    # ------------------------------------------------------------ extender mode
+
+    async def bind_decision(self, d: AllocDecided) -> str | None:
+        """Bind a filter's reservation exactly as direct mode binds a decision
+        (annotations in the Binding, ``bound``; on failure ``bind_failed`` and
+        ``released``); the failure's text, or None."""
+        await BinderService.handle_decided(self, d)
+        if d.uid in self.kbackend.failed:
+            return self.kbackend.errors.get(d.uid) or "bind failed"
+        return None
+
+    async def read_pod(self, namespace: str, name: str) -> Obj | None:
+        try:
+            pod: Obj = await self.kube.get(path("pods", namespace, name))
+        except NotFound:
+            return None
+        return pod
+
+    async def _on_alloc_msg(self, msg: Any) -> None:
+        """Every decision and failure, on every replica (a plain subscription, not the
+        shared work queue: the filter waiting for it may be on any replica)."""
+        ext = self.extender
+        if ext is None:
+            return
+        try:
+            ev = decode_event(msg.data)
+        except BadMessage:
+            return
+        if isinstance(ev, AllocDecided) and ev.source == "kube":
+            ext.on_decided(ev)
+        elif isinstance(ev, AllocFailed) and ev.source == "kube":
+            ext.on_failed(ev)
 
     async def _retry(self, d: AllocDecided) -> None:
         """After a failed bind (released already): ask again while the pod is pending."""
@@ -663,6 +738,10 @@ class KubeBinder(BinderService):
         ``on_stop=self.stop_watches``), the watches and their reconcile run only while
         this replica holds the Lease; decisions are bound by every replica."""
         await super().start(serve_api=serve_api)
+        if self.extender_server is not None:
+            for subject in (subjects.alloc_any("decided"), subjects.alloc("failed")):
+                self._extender_subs.append(await self.bus.subscribe(subject, self._on_alloc_msg))
+            await self.extender_server.start()
         self.leader = leader
         if leader is None:
             await self.start_watches()
@@ -681,8 +760,13 @@ class KubeBinder(BinderService):
         await asyncio.wait_for(
             asyncio.gather(self.pod_watch.synced.wait(), self.quota_watch.synced.wait()), 30
         )
+        if self.extender is not None:
+            # Serve once the reconcile rebuilt the reservation table from the ledger.
+            self.extender.activate()
 
     async def stop_watches(self) -> None:
+        if self.extender is not None:
+            self.extender.deactivate()
         tasks = list(self._kube_tasks)
         for t in tasks:
             t.cancel()
@@ -694,6 +778,9 @@ class KubeBinder(BinderService):
 
     def ready_checks(self) -> list[tuple[str, str | None]]:
         out: list[tuple[str, str | None]] = []
+        if self.extender_server is not None:
+            # A standby listens too (it answers 503), so it stays ready for the webhook.
+            out.append(("extender", None if self.extender_server.listening else "not listening"))
         if self.leader is not None:
             out.append(("leader", None))  # a standby is ready: it binds and serves the webhook
             if not self.leader.leading:
@@ -714,5 +801,13 @@ class KubeBinder(BinderService):
             for t in stuck:
                 log.warning("%s did not stop within 5s; its connection is closed next", t.get_name())
         self._kube_tasks.clear()
+        if self.extender_server is not None:
+            await self.extender_server.stop()
+        if self.extender is not None:
+            await self.extender.stop()
+        for sub in self._extender_subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._extender_subs.clear()
         await super().stop()
         await self.kbackend.flush_events()

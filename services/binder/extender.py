@@ -1,0 +1,545 @@
+"""The binder as a kube-scheduler HTTP extender: ``filter`` and ``bind``.
+
+In extender mode (``scheduler.mode: extender``) the upstream kube-scheduler schedules
+our pods with every plugin it has (volume binding, inter-pod affinity, topology spread,
+preemption) and asks this extender for what it cannot judge: HAMi's devices. The wire
+types are kube-scheduler's own (``k8s.io/kube-scheduler/extender/v1``), with their json
+tags: ``ExtenderArgs{pod, nodes, nodenames}``, ``ExtenderFilterResult{nodes, nodenames,
+failedNodes, failedAndUnresolvableNodes, error}``, ``ExtenderBindingArgs{podName,
+podNamespace, podUID, node}``, ``ExtenderBindingResult{error}``. Go's decoder matches
+keys case-insensitively, so ours does too (a hand-written client sending ``NodeNames``
+is understood, as the scheduler would understand it).
+
+``filter``: the pod becomes a one-shot ``requested`` (``pending=False``) whose
+``Constraints.nodes`` are the offered nodes; placement decides among those only and
+reserves by compare-and-set on the node's ledger entry, as in direct mode. The answer
+is the chosen node alone, every other offered node in ``failedNodes``; when nothing
+fits, every offered node is in ``failedNodes`` with HAMi's reason for it
+(``CardInsufficientMemory``...), and nodes placement has no cards for in
+``failedAndUnresolvableNodes`` (preemption cannot give them cards). ``error`` is kept
+for real errors (placement did not answer in time): it makes the scheduler abort the
+cycle and retry. A body that is not an ``ExtenderArgs`` gets HTTP 400 with ``error``.
+
+Filter is idempotent per pod UID: kube-scheduler calls it again on each attempt. A pod
+holding a reservation on one of the offered nodes gets that node again (its timeout
+restarts); one whose reserved node is not offered now is released and decided again.
+
+``bind``: the pod's reservation must be on ``node`` (else ``error``: nothing is bound,
+the scheduler retries the pod, which refilters); then exactly what direct mode does
+(HAMi's annotations in the Binding, ``bound``). A bind of a pod already bound to that
+node succeeds.
+
+A reservation whose bind never comes (the scheduler failed the pod after filter:
+volume binding, a Permit plugin) is released ``extender_reservation_timeout`` seconds
+after its last filter by a sweep, or at once when the pod is deleted or ends (the pod
+watch calls :meth:`Extender.forget`); a bind after that finds no reservation and fails.
+
+Only the Lease holder serves: a standby answers HTTP 503 with ``error`` set (the
+scheduler counts the call as failed and retries the pod after its back-off), and it
+neither holds nor sweeps reservations. On taking the Lease, the table is rebuilt from
+the ledger (kube allocations of pods not bound yet, reserved at their ``decided_at``),
+so the sweep covers reservations made before a restart or by the previous leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+from aiohttp import web
+
+from shared import subjects
+from shared.bus import Bus
+from shared.config import Config
+from shared.hami.codec import PodSpecError, pod_request
+from shared.schemas import AllocDecided, AllocFailed, AllocReleased, AllocRequested
+
+log = logging.getLogger("hami.binder.extender")
+
+Obj = dict[str, Any]
+
+# What a node placement reports no reason for is: it has no live inventory (no node
+# agent, or unhealthy), so no HAMi card there can be freed by preempting pods.
+UNKNOWN_NODE = "NodeUnregistered"
+# How long a filter waits for placement: below the scheduler's httpTimeout (the chart
+# sets 30 s), so the scheduler reads our error rather than its own timeout.
+ANSWER_TIMEOUT_S = 25.0
+NOT_LEADER = "this binder replica does not hold the Lease; retry"
+POD_GONE = "the pod was deleted"
+
+
+class WireError(ValueError):
+    """A request body that is not the extender type it should be."""
+
+
+# ------------------------------------------------------------------ the wire types
+
+
+@dataclass(slots=True)
+class FilterArgs:
+    """``ExtenderArgs``: the pod and its candidate nodes, names or a ``v1.NodeList``."""
+
+    pod: Obj
+    nodes: Obj | None  # a v1.NodeList, when the extender is not nodeCacheCapable
+    nodenames: list[str] | None  # when nodeCacheCapable
+
+    @property
+    def names(self) -> list[str]:
+        if self.nodenames is not None:
+            return list(self.nodenames)
+        return [str((n.get("metadata") or {}).get("name") or "")
+                for n in (self.nodes or {}).get("items") or [] if isinstance(n, dict)]
+
+
+@dataclass(slots=True)
+class BindArgs:
+    """``ExtenderBindingArgs``."""
+
+    pod_name: str
+    pod_namespace: str
+    pod_uid: str
+    node: str
+
+
+def _object(body: bytes, what: str) -> dict[str, Any]:
+    """The JSON object of ``body``, keys lowered (Go's json matches them so)."""
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise WireError(f"{what}: not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise WireError(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    return {str(k).lower(): v for k, v in obj.items()}
+
+
+def parse_filter_args(body: bytes) -> FilterArgs:
+    o = _object(body, "ExtenderArgs")
+    pod = o.get("pod")
+    if not isinstance(pod, dict):
+        raise WireError("ExtenderArgs: pod must be a v1.Pod object")
+    meta = pod.get("metadata")
+    if not isinstance(meta, dict) or not meta.get("uid") or not meta.get("name"):
+        raise WireError("ExtenderArgs: pod.metadata needs name and uid")
+    nodes, names = o.get("nodes"), o.get("nodenames")
+    if nodes is not None and (not isinstance(nodes, dict)
+                              or not isinstance(nodes.get("items") or [], list)):
+        raise WireError("ExtenderArgs: nodes must be a v1.NodeList or null")
+    if names is not None and (not isinstance(names, list)
+                              or not all(isinstance(n, str) for n in names)):
+        raise WireError("ExtenderArgs: nodenames must be a list of strings or null")
+    return FilterArgs(pod=pod, nodes=nodes, nodenames=names)
+
+
+def parse_bind_args(body: bytes) -> BindArgs:
+    o = _object(body, "ExtenderBindingArgs")
+    vals = {k: o.get(k.lower()) for k in ("podName", "podNamespace", "podUID", "node")}
+    for k, v in vals.items():
+        if v is not None and not isinstance(v, str):
+            raise WireError(f"ExtenderBindingArgs: {k} must be a string")
+    if not vals["podName"] or not vals["podUID"] or not vals["node"]:
+        raise WireError("ExtenderBindingArgs needs podName, podUID and node")
+    return BindArgs(str(vals["podName"]), str(vals["podNamespace"] or "default"),
+                    str(vals["podUID"]), str(vals["node"]))
+
+
+def filter_result(
+    args: FilterArgs, keep: list[str], failed: Mapping[str, str] | None = None,
+    unresolvable: Mapping[str, str] | None = None, error: str = "",
+) -> Obj:
+    """An ``ExtenderFilterResult``, in the form asked (names, or the Node objects),
+    with Go's ``omitempty``: nil pointers, empty maps and strings are left out."""
+    out: Obj = {}
+    if args.nodenames is not None or args.nodes is None:
+        out["nodenames"] = list(keep)
+    else:
+        want = set(keep)
+        items = [n for n in args.nodes.get("items") or []
+                 if isinstance(n, dict) and (n.get("metadata") or {}).get("name") in want]
+        out["nodes"] = {**args.nodes, "items": items}
+    if failed:
+        out["failedNodes"] = dict(failed)
+    if unresolvable:
+        out["failedAndUnresolvableNodes"] = dict(unresolvable)
+    if error:
+        out["error"] = error
+    return out
+
+
+def failed_result(args: FilterArgs, failure: AllocFailed) -> Obj:
+    """Every offered node rejected, each with placement's reason for it."""
+    failed: dict[str, str] = {}
+    unresolvable: dict[str, str] = {}
+    for n in args.names:
+        why = failure.node_reasons.get(n)
+        if why is None:
+            unresolvable[n] = UNKNOWN_NODE
+        else:
+            failed[n] = why
+    return filter_result(args, [], failed, unresolvable)
+
+
+def asks_devices(req: AllocRequested) -> bool:
+    return any(d.nums > 0 for c in req.containers for d in c.devices)
+
+
+# ------------------------------------------------------------------- the extender
+
+
+@dataclass(slots=True)
+class Held:
+    """A reservation made by a filter, not bound yet."""
+
+    decision: AllocDecided
+    since: float  # wall-clock time of its last filter, or its decided_at when adopted
+
+
+class PodSource(Protocol):
+    """What the extender needs of the Kubernetes binder."""
+
+    @property
+    def pods(self) -> Mapping[str, Obj]: ...  # the pod watch's cache, uid -> pod
+
+    async def bind_decision(self, d: AllocDecided) -> str | None:
+        """Bind as direct mode does (annotations, Binding, ``bound``): the error or None."""
+        ...
+
+    async def read_pod(self, namespace: str, name: str) -> Obj | None:
+        """The pod now (None when it does not exist)."""
+        ...
+
+
+@dataclass(slots=True)
+class _Waiter:
+    requested_at: float
+    fut: asyncio.Future[AllocDecided | AllocFailed] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Extender:
+    """The filter and bind verbs, the reservations they hold, and their timeout."""
+
+    def __init__(
+        self, bus: Bus, cfg: Config, binder: PodSource, *,
+        timeout_s: float | None = None, answer_timeout_s: float = ANSWER_TIMEOUT_S,
+    ) -> None:
+        self.bus = bus
+        self.cfg = cfg
+        self.binder = binder
+        self.timeout_s = (cfg.scheduler.extender_reservation_timeout
+                          if timeout_s is None else timeout_s)
+        self.answer_timeout_s = answer_timeout_s
+        self.active = False  # the Lease holder only (or no election at all)
+        self.held: dict[str, Held] = {}
+        self.waiters: dict[str, _Waiter] = {}
+        self.gone: dict[str, float] = {}  # uid -> when its pod was deleted or ended
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._seq = itertools.count(1)
+        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.filters = 0
+        self.binds = 0
+        self.expired = 0
+
+    def _lock(self, uid: str) -> asyncio.Lock:
+        return self._locks.setdefault(uid, asyncio.Lock())
+
+    def _msg_id(self, what: str, uid: str) -> str:
+        # Unique per attempt: a request after a release must not be deduplicated away.
+        return f"{what}:{uid}:x{time.time_ns()}.{next(self._seq)}"
+
+    async def _release(self, d: AllocDecided, reason: str) -> None:
+        ev = AllocReleased(uid=d.uid, name=d.name, namespace=d.namespace, node=d.node,
+                           reason=reason, at=time.time())
+        await self.bus.publish_event(subjects.alloc("released", d.node), ev,
+                                     msg_id=self._msg_id("released", d.uid))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        t: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _decide(self, req: AllocRequested) -> AllocDecided | AllocFailed | None:
+        """Publish a one-shot request and wait for placement's answer (None: none)."""
+        w = _Waiter(req.requested_at)
+        self.waiters[req.uid] = w
+        try:
+            await self.bus.publish_event(subjects.alloc("requested"), req,
+                                         msg_id=self._msg_id("requested", req.uid))
+            return await asyncio.wait_for(asyncio.shield(w.fut), self.answer_timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            if self.waiters.get(req.uid) is w:
+                del self.waiters[req.uid]
+
+    # ------------------------------------------------------------------- filter
+
+    async def filter(self, body: bytes) -> tuple[int, Obj]:
+        """HTTP status and ``ExtenderFilterResult`` for a filter call's body."""
+        if not self.active:
+            return 503, {"error": NOT_LEADER}
+        try:
+            args = parse_filter_args(body)
+        except WireError as exc:
+            return 400, {"error": str(exc)}
+        names = args.names
+        uid = str(args.pod["metadata"]["uid"])
+        try:
+            req = pod_request(args.pod, self.cfg.node, self.cfg.resources, now=time.time())
+        except PodSpecError as exc:
+            # The webhook refuses these; no node can fix it, preemption included.
+            why = f"invalid HAMi request: {exc}"
+            return 200, filter_result(args, [], None, dict.fromkeys(names, why))
+        if not asks_devices(req) or not names:
+            return 200, filter_result(args, names)  # nothing of HAMi's to decide
+        self.filters += 1
+        async with self._lock(uid):
+            if uid in self.gone:  # a stale call racing the pod's deletion
+                return 200, filter_result(args, [], None, dict.fromkeys(names, POD_GONE))
+            held = self.held.get(uid)
+            if held is not None:
+                if held.decision.node in names:
+                    held.since = time.time()
+                    return 200, self._chosen(args, held.decision.node)
+                del self.held[uid]  # reserved on a node no longer offered: decide again
+                await self._release(held.decision, "refiltered")
+            cons = msgspec.structs.replace(req.constraints, nodes=names)
+            for _ in range(3):
+                ask = msgspec.structs.replace(req, constraints=cons, pending=False,
+                                              source="kube", requested_at=time.time())
+                got = await self._decide(ask)
+                if got is None:
+                    return 200, filter_result(
+                        args, [], error=f"no placement decision within {self.answer_timeout_s:g}s")
+                if isinstance(got, AllocFailed):
+                    return 200, failed_result(args, got)
+                if uid in self.gone:  # deleted while placement decided
+                    await self._release(got, "deleted")
+                    return 200, filter_result(args, [], None, dict.fromkeys(names, POD_GONE))
+                if got.node in names:
+                    self.held[uid] = Held(got, time.time())
+                    return 200, self._chosen(args, got.node)
+                # A reservation placement still held from before (it re-announced it):
+                # free it and ask again.
+                await self._release(got, "refiltered")
+            return 200, filter_result(args, [], error="placement kept answering a node not offered")
+
+    @staticmethod
+    def _chosen(args: FilterArgs, node: str) -> Obj:
+        others = {n: "hami: the pod's devices are reserved on another node" for n in args.names
+                  if n != node}
+        return filter_result(args, [node], others)
+
+    # --------------------------------------------------------------------- bind
+
+    async def bind(self, body: bytes) -> tuple[int, Obj]:
+        """HTTP status and ``ExtenderBindingResult`` for a bind call's body."""
+        if not self.active:
+            return 503, {"error": NOT_LEADER}
+        try:
+            args = parse_bind_args(body)
+        except WireError as exc:
+            return 400, {"error": str(exc)}
+        who = f"{args.pod_namespace}/{args.pod_name}"
+        async with self._lock(args.pod_uid):
+            held = self.held.get(args.pod_uid)
+            if held is None:
+                pod = self.binder.pods.get(args.pod_uid)
+                if not _bound_to(pod, args.pod_uid, args.node):
+                    pod = await self.binder.read_pod(args.pod_namespace, args.pod_name)
+                if _bound_to(pod, args.pod_uid, args.node):
+                    return 200, {}  # bound already: a repeated bind
+                return 200, {"error": f"pod {who} holds no reservation (expired, released or "
+                                      f"never filtered); nothing bound"}
+            d = held.decision
+            if d.node != args.node:
+                return 200, {"error": f"pod {who} is reserved on {d.node}, not {args.node}; "
+                                      f"nothing bound"}
+            err = await self.binder.bind_decision(d)
+            # Bound, or failed and released by the bind (bind_failed + released).
+            self.held.pop(args.pod_uid, None)
+            self.binds += 1
+            return 200, ({"error": err} if err else {})
+
+    # ----------------------------------------------------- decisions, pods, restart
+
+    def on_decided(self, d: AllocDecided) -> None:
+        """A kube decision seen on the bus: a filter's answer, or a late one to hold
+        (reused by the next filter or released on time), or a re-adopted bound pod's."""
+        if not self.active:
+            return
+        w = self.waiters.get(d.uid)
+        if w is not None and not w.fut.done():
+            w.fut.set_result(d)
+            return
+        if d.uid in self.gone:
+            self._spawn(self._release(d, "deleted"))
+            return
+        if _bound_to(self.binder.pods.get(d.uid), d.uid, d.node):
+            return  # restart rule 4 (re-adoption of a bound pod): nothing to hold
+        cur = self.held.get(d.uid)
+        if cur is None or cur.decision.node != d.node:
+            self.held[d.uid] = Held(d, time.time())
+
+    def on_failed(self, f: AllocFailed) -> None:
+        w = self.waiters.get(f.uid)
+        # A failure of an older attempt says nothing about this one.
+        if w is not None and not w.fut.done() and f.requested_at == w.requested_at:
+            w.fut.set_result(f)
+
+    def adopt(self, d: AllocDecided, reserved_at: float) -> None:
+        """A ledger reservation of a pending pod (found at a start or relist): held
+        from its decision time, so it is bound if the bind comes, else released on time."""
+        if d.uid not in self.held and d.uid not in self.waiters:
+            self.held[d.uid] = Held(d, reserved_at)
+
+    def forget(self, uid: str) -> None:
+        """The pod was deleted or ended (the watch publishes its ``released``)."""
+        self.held.pop(uid, None)
+        self.gone[uid] = time.time()
+        lk = self._locks.get(uid)
+        if lk is not None and not lk.locked():
+            del self._locks[uid]
+
+    # ------------------------------------------------------------------ timeout
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Release every reservation not filtered for longer than the timeout whose pod
+        is not bound to it; returns how many were released."""
+        now = time.time() if now is None else now
+        for uid, t in list(self.gone.items()):
+            if now - t > max(self.timeout_s, 60.0):
+                del self.gone[uid]  # late decisions of a deleted pod have come by now
+        released = 0
+        for uid, h in list(self.held.items()):
+            if now - h.since <= self.timeout_s or self._lock(uid).locked():
+                continue
+            async with self._lock(uid):
+                if self.held.get(uid) is not h:
+                    continue
+                d = h.decision
+                pod = self.binder.pods.get(uid)
+                if not _bound_to(pod, uid, d.node):
+                    with contextlib.suppress(Exception):
+                        pod = await self.binder.read_pod(d.namespace or "default", d.name)
+                del self.held[uid]
+                if _bound_to(pod, uid, d.node):
+                    continue  # bound after all (by a binder before a restart)
+                log.info("reservation of %s/%s on %s had no bind for %.0fs; releasing",
+                         d.namespace, d.name, d.node, self.timeout_s)
+                await self._release(d, "extender-timeout")
+                self.expired += 1
+                released += 1
+        return released
+
+    async def _sweep_loop(self) -> None:
+        period = max(0.05, min(self.timeout_s / 4, 5.0))
+        while True:
+            await asyncio.sleep(period)
+            if not self.active:
+                continue
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reservation sweep failed; trying again")
+
+    def activate(self) -> None:
+        """Serve and sweep (this replica took the Lease; its table is rebuilt by the
+        reconcile that follows)."""
+        self.active = True
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="extender-sweep")
+
+    def deactivate(self) -> None:
+        """Stop serving: the next leader rebuilds the table from the ledger."""
+        self.active = False
+        self.held.clear()
+        for w in self.waiters.values():
+            if not w.fut.done():
+                w.fut.cancel()
+
+    async def stop(self) -> None:
+        self.deactivate()
+        tasks = [t for t in (self._sweeper, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._sweeper = None
+
+
+def _bound_to(pod: Obj | None, uid: str, node: str) -> bool:
+    if pod is None or (pod.get("metadata") or {}).get("uid") != uid:
+        return False
+    return bool((pod.get("spec") or {}).get("nodeName") == node)
+
+
+# -------------------------------------------------------------------- HTTP server
+
+
+class ExtenderServer:
+    """``POST {prefix}filter`` and ``POST {prefix}bind`` over HTTP.
+
+    kube-scheduler's ``urlPrefix`` is ``http://HOST:PORT`` plus ``prefix`` (default
+    ``/``), its ``filterVerb`` ``filter`` and ``bindVerb`` ``bind``.
+    """
+
+    def __init__(
+        self, extender: Extender, *, host: str = "127.0.0.1", port: int = 8888,
+        prefix: str = "/",
+    ) -> None:
+        self.extender = extender
+        self.host = host
+        self.port = port
+        self.prefix = "/" + prefix.strip("/") + ("/" if prefix.strip("/") else "")
+        self._runner: web.AppRunner | None = None
+        self.listening = False
+
+    @staticmethod
+    def _route(call: Callable[[bytes], Awaitable[tuple[int, Obj]]]) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            try:
+                status, out = await call(body)
+            except Exception as exc:  # an answer, not a dropped connection
+                log.exception("%s failed", request.path)
+                status, out = 500, {"error": f"{request.path}: {exc}"}
+            return web.Response(status=status, body=msgspec.json.encode(out),
+                                content_type="application/json")
+
+        return handle
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # a NodeList can be large
+        app.router.add_post(self.prefix + "filter", self._route(self.extender.filter))
+        app.router.add_post(self.prefix + "bind", self._route(self.extender.bind))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        self.listening = True
+        log.info("extender listening on http://%s:%d%s{filter,bind}", self.host, self.port, self.prefix)
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}{self.prefix.rstrip('/')}"
+
+    async def stop(self) -> None:
+        self.listening = False
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
