@@ -185,6 +185,22 @@ def test_install_offline_with_defaults() -> None:
     assert ("StatefulSet", component_name("nats")) in installed  # NATS comes with the chart
     assert RELEASE in rel["notes"] and "nats://" in rel["notes"]
     assert "Scheduling (extender mode): registry.k8s.io/kube-scheduler:v" in rel["notes"]
+    assert "WARNING" not in rel["notes"]
+
+
+@pytest.mark.parametrize("vals, warned", [
+    ({"binder": {"replicas": 2}}, True),
+    ({"binder": {"replicas": 2}, "scheduler": {"mode": "direct"}}, False),
+])
+def test_notes_warn_of_replicated_binders_in_extender_mode(vals: Obj, warned: bool) -> None:
+    """kube-scheduler's and the binder's leaders are elected apart; a standby binder
+    refuses the extender's calls (docs/extender.md)."""
+    cfg = helm.Config(storage_driver="memory", namespace=NS)
+    try:
+        rel = cfg.install(chart(), RELEASE, copy.deepcopy(vals), namespace=NS, dry_run="client")
+    finally:
+        cfg.close()
+    assert ("WARNING: binder.replicas=2 in extender mode" in rel["notes"]) is warned
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -838,8 +854,9 @@ def test_kube_scheduler_config_follows_the_services_config(vals: Obj) -> None:
     assert len(names) == len(set(names))
     assert set(names) == set(msgspec.to_builtins(cfg.resources).values())
     assert all(m["ignoredByScheduler"] is True for m in ext["managedResources"])
-    port = {p["name"]: p["containerPort"] for p in binder(objs)["c"]["ports"]}["extender"]
-    assert port == cfg.scheduler.extender_port
+    # the binder listens where the scheduler calls, on the pod's loopback only
+    assert "--extender-host=127.0.0.1" in binder(objs)["args"]
+    assert not [a for a in binder(objs)["args"] if a.startswith("--extender-port")]  # the config's
     election = ksc["leaderElection"]
     assert election["leaderElect"] is True and election["resourceLock"] == "leases"
     assert election["resourceNamespace"] == NS
@@ -990,7 +1007,7 @@ def test_direct_mode_renders_no_kube_scheduler(name: str) -> None:
                 if b["roleRef"]["name"].startswith(("system:", "extension-apiserver"))]
     b = binder(objs)
     assert [c["name"] for c in b["pod"]["containers"]] == ["binder"]
-    assert "extender" not in {p["name"] for p in b["c"]["ports"]}
+    assert not [a for a in b["args"] if a.startswith("--extender")]
     assert KS not in {v["name"] for v in b["pod"]["volumes"]} | {v["name"].removesuffix("-config") for v in b["pod"]["volumes"]}
     assert "checksum/kube-scheduler" not in one(objs, "Deployment", component_name("binder"))["spec"]["template"]["metadata"]["annotations"]
     assert loaded_config(objs).scheduler.mode == "direct"
