@@ -995,12 +995,8 @@ def test_kube_scheduler_rbac() -> None:
             if is_kube_schedulers(o)} == {component_name(KS)}
 
 
-@pytest.mark.parametrize("name", ["scheduler-direct", "minimal"])
-def test_direct_mode_renders_no_kube_scheduler(name: str) -> None:
-    objs = render(name)
-    if name == "minimal":  # extender mode, still: a webhook-less binder keeps its sidecar
-        assert sidecar(objs) and find(objs, "ConfigMap", component_name(KS))
-        return
+def test_direct_mode_renders_no_kube_scheduler() -> None:
+    objs = render("scheduler-direct")
     assert not [o for o in objs if is_kube_schedulers(o)]
     assert not find(objs, "ConfigMap", component_name(KS))
     assert not [b for b in find(objs, "RoleBinding") + find(objs, "ClusterRoleBinding")
@@ -1008,9 +1004,14 @@ def test_direct_mode_renders_no_kube_scheduler(name: str) -> None:
     b = binder(objs)
     assert [c["name"] for c in b["pod"]["containers"]] == ["binder"]
     assert not [a for a in b["args"] if a.startswith("--extender")]
-    assert KS not in {v["name"] for v in b["pod"]["volumes"]} | {v["name"].removesuffix("-config") for v in b["pod"]["volumes"]}
+    assert not [v for v in b["pod"]["volumes"] if KS in v["name"]]
     assert "checksum/kube-scheduler" not in one(objs, "Deployment", component_name("binder"))["spec"]["template"]["metadata"]["annotations"]
     assert loaded_config(objs).scheduler.mode == "direct"
+
+
+def test_webhookless_binder_keeps_its_sidecar() -> None:
+    objs = render("minimal")  # extender mode, binder without its webhook
+    assert sidecar(objs) and find(objs, "ConfigMap", component_name(KS))
 
 
 def test_no_binder_no_kube_scheduler() -> None:
