@@ -7,7 +7,10 @@ fails), cert-manager's and the Prometheus Operator's objects against small schem
 our own (no built-in schema exists for custom resources). Then the wiring: NATS in the
 chart (its config accepted by the real nats-server), webhook certificate modes, health
 probes, PodDisruptionBudgets and anti-affinity, values.schema.json, and an RBAC table
-that ties every granted verb to the code that uses it.
+that ties every granted verb to the code that uses it. In extender mode, the
+kube-scheduler sidecar's configuration file is checked against a table of upstream's
+field names and types and against the services' own configuration, and its RBAC
+against what upstream grants a second scheduler.
 """
 
 from __future__ import annotations
