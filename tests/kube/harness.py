@@ -41,6 +41,7 @@ class KubeCluster:
         *,
         retry_backoff_s: float = 0.2,
         watch_timeout_s: int = 300,
+        extender_timeout_s: float | None = None,
     ) -> None:
         self.fake = fake
         self.nats_url = nats_url
@@ -48,6 +49,7 @@ class KubeCluster:
         self.nodes = nodes
         self.retry_backoff_s = retry_backoff_s
         self.watch_timeout_s = watch_timeout_s
+        self.extender_timeout_s = extender_timeout_s
         self.buses: list[Bus] = []
         self.services: list[Any] = []
         self.agents: list[NodeAgent] = []
@@ -88,9 +90,12 @@ class KubeCluster:
     async def start_binder(self) -> KubeBinder:
         self._binder_bus = await Bus.connect(self.nats_url, "binder")
         self._kube = await Kube.connect(host=self.fake.url)
+        # With cfg.scheduler.mode "extender", the extender listens on a free local port.
         self.binder = KubeBinder(self._binder_bus, self.cfg, self._kube,
                                  retry_backoff_s=self.retry_backoff_s,
-                                 watch_timeout_s=self.watch_timeout_s)
+                                 watch_timeout_s=self.watch_timeout_s,
+                                 extender_host="127.0.0.1", extender_port=0,
+                                 extender_timeout_s=self.extender_timeout_s)
         await self.binder.start(serve_api=False)
         return self.binder
 
@@ -121,6 +126,12 @@ class KubeCluster:
         await self.stop()
 
     # ------------------------------------------------------------------ queries
+
+    @property
+    def extender_url(self) -> str:
+        """kube-scheduler's ``urlPrefix`` for the running binder's extender."""
+        assert self.binder is not None and self.binder.extender_server is not None
+        return self.binder.extender_server.url
 
     async def ledger(self) -> dict[str, tuple[str, LedgerAlloc]]:
         """uid -> (node, allocation), read from the KV bucket now."""
