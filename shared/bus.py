@@ -14,6 +14,7 @@ it missing, and says so in the log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -762,36 +763,105 @@ class WorkQueue:
 
 Endpoint = Callable[[bytes], Awaitable[msgspec.Struct]]
 
+# How long a stopping service waits for the requests it cancelled to answer.
+API_STOP_S = 5.0
+
+
+class ApiService:
+    """A running :func:`add_service`: its ``nats.micro`` service and its requests in flight."""
+
+    def __init__(self, svc: Any, name: str) -> None:
+        self.svc = svc
+        self.name = name
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def stop(self) -> None:
+        """Take no new requests, then cancel those in flight and wait for their answers
+        (a cancelled handler answers "stopping", so no client waits out its timeout)."""
+        with contextlib.suppress(Exception):  # the connection is already closed
+            await self.svc.stop()
+        tasks = list(self.tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=API_STOP_S)
+            if stuck:
+                log.warning("%s: %d requests did not stop within %gs", self.name, len(stuck), API_STOP_S)
+
 
 async def add_service(
-    bus: Bus, name: str, endpoints: dict[str, Endpoint], version: str = "0.1.0"
-) -> Any:
+    bus: Bus,
+    name: str,
+    endpoints: dict[str, Endpoint],
+    version: str = "0.1.0",
+    concurrency: int = 256,
+) -> ApiService:
     """Expose request/reply endpoints as a ``nats.micro`` service (``$SRV.PING/INFO/STATS``).
+
+    Each request is served in a task of its own (``nats.micro`` calls a subscription's
+    handler one request at a time, so one long wait would hold back every request
+    after it), at most ``concurrency`` at once *per endpoint*: a flood of submits
+    waiting for capacity never locks out the releases that would free it. When an
+    endpoint is full the request is answered at once with an
+    :class:`~shared.schemas.ErrorReply` ``busy`` (``detail: {"busy": true}``) rather
+    than queued: a queued request might be served after its client gave up, and
+    nothing has been done for a refused one, so the client may ask again.
 
     A handler that raises :class:`BadMessage` or ``ValueError`` answers an
     :class:`~shared.schemas.ErrorReply` naming the problem; nothing is lost or half-done.
+    At :meth:`ApiService.stop` the requests in flight are cancelled and answered
+    ``stopping``.
     """
     from nats import micro
 
     from shared.schemas import ErrorReply
 
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     svc = await micro.add_service(bus.nc, name=name, version=version, queue_group=name)
+    api = ApiService(svc, name)
 
-    def wrap(fn: Endpoint) -> Callable[[Any], Awaitable[None]]:
-        async def handler(req: Any) -> None:
-            try:
-                reply = await fn(req.data)
-            except (BadMessage, ValueError) as exc:
-                reply = ErrorReply(error=str(exc))
-            except Exception as exc:
-                log.exception("%s: endpoint failed", name)
-                reply = ErrorReply(error=f"internal error: {exc}")
+    async def answer(req: Any, reply: msgspec.Struct) -> None:
+        try:
             await req.respond(ENCODER.encode(reply))
+        except Exception as exc:  # the connection went: the client sees no answer
+            log.debug("%s: cannot answer: %s", name, exc)
+
+    def wrap(subject: str, fn: Endpoint) -> Callable[[Any], Awaitable[None]]:
+        room = asyncio.Semaphore(concurrency)
+
+        async def serve(req: Any) -> None:
+            try:
+                try:
+                    reply = await fn(req.data)
+                except (BadMessage, ValueError) as exc:
+                    reply = ErrorReply(error=str(exc))
+                except asyncio.CancelledError:
+                    await asyncio.shield(answer(req, ErrorReply(error=f"{name} is stopping; ask again")))
+                    raise
+                except Exception as exc:
+                    log.exception("%s: endpoint failed", name)
+                    reply = ErrorReply(error=f"internal error: {exc}")
+                await answer(req, reply)
+            finally:
+                room.release()
+
+        async def handler(req: Any) -> None:
+            if room.locked():
+                await answer(req, ErrorReply(
+                    error=f"busy: {concurrency} requests on {subject} in flight; ask again",
+                    detail={"busy": True},
+                ))
+                return
+            await room.acquire()  # not locked: returns at once
+            task = asyncio.create_task(serve(req), name=f"{name}-{subject}")
+            api.tasks.add(task)
+            task.add_done_callback(api.tasks.discard)
 
         return handler
 
     for subject, fn in endpoints.items():
         await svc.add_endpoint(
-            name=subject.rsplit(".", 1)[-1], subject=subject, handler=wrap(fn)
+            name=subject.rsplit(".", 1)[-1], subject=subject, handler=wrap(subject, fn)
         )
-    return svc
+    return api
