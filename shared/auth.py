@@ -203,6 +203,9 @@ def permissions(role: str) -> Permissions:
             b.bucket(bucket)
             b.kv_read(bucket)
         b.kv_write(subjects.LEDGER_BUCKET)
+        # Follows the withdrawals of direct clients' requests (shared.outcomes).
+        b.bucket(subjects.OUTCOMES_BUCKET)
+        b.kv_read(subjects.OUTCOMES_BUCKET)
         b.pub += [subjects.alloc_any("decided"), subjects.alloc("failed")]
         b.stream(subjects.DLQ_STREAM, owner=True)
         b.pub.append(subjects.dlq(PLACEMENT))
@@ -213,6 +216,14 @@ def permissions(role: str) -> Permissions:
         b.bucket(subjects.LEDGER_BUCKET)
         b.kv_read(subjects.LEDGER_BUCKET)
         b.kv_write(subjects.QUOTA_BUCKET)
+        b.bucket(subjects.OUTCOMES_BUCKET, owner=True)
+        b.kv_write(subjects.OUTCOMES_BUCKET)
+        # Every replica answers its own waiting submits from these, whichever replica
+        # the shared work queue handed the decision to.
+        b.sub += [
+            subjects.alloc_any("decided"), subjects.alloc("failed"), subjects.alloc_any("bound"),
+            subjects.alloc_any("bind_failed"), subjects.alloc("released"),
+        ]
         b.pub += [
             subjects.alloc("requested"),
             subjects.alloc_any("bound"),
@@ -224,7 +235,7 @@ def permissions(role: str) -> Permissions:
         # Extender mode: the replica serving a filter waits for placement's answer, which
         # the shared work queue may hand to another replica.
         b.sub += [subjects.alloc_any("decided"), subjects.alloc("failed")]
-        b.service("hami-binder", (subjects.API_SUBMIT, subjects.API_RELEASE))
+        b.service("hami-binder", (subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW))
     elif kind == INVENTORY:
         b.stream(EVENTS)
         b.bucket(subjects.NODES_BUCKET, owner=True)
@@ -260,7 +271,7 @@ def permissions(role: str) -> Permissions:
         ]
         b.kv_read(subjects.LEDGER_BUCKET, key)
     elif kind == CLI:
-        b.pub += [subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_STATUS]
+        b.pub += [subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW, subjects.API_STATUS]
     elif kind == READER:
         # An ordered consumer of the event stream (nats-py or the nats CLI), and nothing
         # that writes: create and look up ephemeral consumers, answer flow control.
@@ -287,6 +298,7 @@ _BUCKETS = (
     subjects.LEDGER_BUCKET,
     subjects.HEALTH_BUCKET,
     subjects.QUOTA_BUCKET,
+    subjects.OUTCOMES_BUCKET,
 )
 
 

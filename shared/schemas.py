@@ -191,6 +191,10 @@ class AllocRequested(_Base, kw_only=True, omit_defaults=False, tag="requested", 
     pending: bool = True
     source: str = "cli"  # cli | kube | api
     requested_at: float = 0.0
+    # Epoch seconds after which nobody waits for an answer: placement never places it
+    # then (answers ``failed`` with reason "expired"). 0 = none (a Kubernetes pod, which
+    # stays pending for as long as it exists).
+    deadline: float = 0.0
 
 
 # --------------------------------------------------------------------------- decisions
@@ -223,6 +227,7 @@ class AllocDecided(_Base, kw_only=True, omit_defaults=False, tag="decided", tag_
     decided_at: float = 0.0
     ledger_revision: int = 0
     replica: str = ""
+    deadline: float = 0.0  # the request's (AllocRequested.deadline); 0 = none
 
 
 class AllocFailed(_Base, kw_only=True, omit_defaults=False, tag="failed", tag_field="kind"):
@@ -242,6 +247,9 @@ class AllocFailed(_Base, kw_only=True, omit_defaults=False, tag="failed", tag_fi
     # Per candidate node, its reason, when the request named its candidates
     # (``Constraints.nodes``); nodes placement does not know are absent.
     node_reasons: dict[str, str] = {}
+    # "" when it did not fit (``reasons`` say why); "expired" when its deadline passed
+    # before it was placed; "withdrawn" when its client withdrew it.
+    reason: str = ""
 
 
 class AllocBound(_Base, kw_only=True, omit_defaults=False, tag="bound", tag_field="kind"):
@@ -280,7 +288,8 @@ class AllocReleased(_Base, kw_only=True, omit_defaults=False, tag="released", ta
     name: str = ""
     namespace: str = ""
     node: str = ""  # "" when the request was never placed (withdrawn while pending)
-    reason: str = ""  # released | deleted | succeeded | failed | bind-failed
+    # released | deleted | succeeded | failed | bind-failed | withdrawn | orphaned
+    reason: str = ""
     at: float = 0.0
 
 
@@ -369,7 +378,13 @@ class SubmitRequest(_Base, kw_only=True):
     # Wait for capacity instead of failing at once: the request stays pending and is
     # retried when capacity changes, up to ``timeout`` seconds.
     wait: bool = False
+    # Seconds to wait for an answer, more than 0 and at most the binder's ``bus.maxWait``
+    # (else refused): the request's deadline is when the binder took it plus this.
     timeout: float = 30.0
+    # The allocation id, chosen by the client (8 to 64 letters, digits, '-' or '_') so it
+    # can withdraw the request even when the binder that took it is gone; "" lets the
+    # binder choose one.
+    uid: str = ""
 
 
 class SubmitReply(_Base, kw_only=True):
@@ -379,6 +394,37 @@ class SubmitReply(_Base, kw_only=True):
     decision: AllocDecided | None = None
     failure: AllocFailed | None = None
     error: str = ""
+
+
+class WithdrawRequest(_Base, kw_only=True):
+    """``hami.api.withdraw``: the client gave up on a submit (timeout, Ctrl-C, lost reply);
+    it is never placed, or released if it was."""
+
+    uid: str
+    name: str = ""
+    namespace: str = ""
+
+
+class WithdrawReply(_Base, kw_only=True):
+    ok: bool
+    uid: str = ""
+    node: str = ""  # where it had been placed, when the binder knows; "" otherwise
+    error: str = ""
+
+
+class RequestOutcome(_Base, kw_only=True, omit_defaults=False):
+    """What became of a direct client's request, in the ``hami-outcomes`` bucket (key:
+    the uid): ``answered`` (its client was told where it is placed) or ``withdrawn``
+    (nobody waits for it: never place it, release it if placed). Whichever is written
+    first wins; entries expire with the bucket's TTL, after every request's deadline."""
+
+    v: int = SCHEMA_VERSION
+    uid: str
+    state: str  # answered | withdrawn
+    name: str = ""
+    namespace: str = ""
+    deadline: float = 0.0
+    at: float = 0.0
 
 
 class ReleaseRequest(_Base, kw_only=True):

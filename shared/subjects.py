@@ -32,6 +32,10 @@ API_SERVICE = "hami-api"
 API_SUBMIT = f"{PREFIX}.api.submit"
 API_RELEASE = f"{PREFIX}.api.release"
 API_STATUS = f"{PREFIX}.api.status"
+API_WITHDRAW = f"{PREFIX}.api.withdraw"  # a client gave up on its submit
+# key: allocation uid -> RequestOutcome of a direct client's request (answered or
+# withdrawn), with a TTL; written by the binder, read by placement.
+OUTCOMES_BUCKET = "hami-outcomes"
 
 
 # Dead letters: a message whose handling failed ``bus.maxDeliveries`` times is stored
