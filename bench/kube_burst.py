@@ -10,12 +10,20 @@ slice file the container would see (by its pod UID and name, exactly as the webh
 subPathExpr mount resolves it) and compares the cards and limits with the decision the
 binder wrote in ``hami.io/vgpu-devices-allocated``.
 
-Prints JSON: time until every pod is bound and allocated, pods per second, p50/p99
-from pod creation to allocated, and the number of pods whose slice differs from the
-decision (must be 0).
+Two modes (``--mode direct|extender|both``, default both, each on a fresh system):
+``direct``, the binder watches the pending pods and schedules them itself; ``extender``,
+the binder runs with ``scheduler.mode: extender`` and a kube-scheduler stand-in
+(tests/kube/scheduler_loop.py: list+watch, one filter at a time, binds concurrently)
+drives ``POST /filter`` and ``POST /bind`` over HTTP instead of the binder's watch.
+
+Prints JSON per mode: time until every pod is bound and allocated, pods per second,
+p50/p99 from pod creation to allocated, the number of pods whose slice differs from the
+decision (``mismatches``, must be 0), and, read from the ledger and the API server
+after the burst, reservations that differ from the pod's binding
+(``reservation_mismatches``) or belong to no bound pod (``leaked_reservations``).
 
     .venv/bin/python bench/kube_burst.py --nodes 1 --pods 40 [--json]
-    .venv/bin/python bench/kube_burst.py --nodes 50 --pods 1000 --json
+    .venv/bin/python bench/kube_burst.py --nodes 50 --pods 1000 --mode both --json
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -47,11 +56,21 @@ from services.binder.webhook import WebhookServer, WebhookSettings  # noqa: E402
 from services.nodeagent.slices import CONTAINERS_DIR, ENV_FILE, dir_name, parse_env  # noqa: E402
 from shared import config, subjects  # noqa: E402
 from shared.bus import Bus, decode_event  # noqa: E402
-from shared.hami.annotations import decode_pod_devices  # noqa: E402
+from shared.hami.annotations import decode_pod_devices, encode_pod_devices  # noqa: E402
 from shared.natsserver import EmbeddedNats  # noqa: E402
-from shared.schemas import AllocReleased, AllocRequested, ContainerAsk, DeviceAsk  # noqa: E402
+from shared.schemas import (  # noqa: E402
+    AllocReleased,
+    AllocRequested,
+    ContainerAsk,
+    DeviceAsk,
+    LedgerAlloc,
+    NodeLedger,
+)
 from tests.fakekube import json_patch  # noqa: E402
 from tests.fakekubelet import FakeKubelet  # noqa: E402
+from tests.kube.scheduler_loop import LoopStats, SchedulerLoop  # noqa: E402
+
+MODES = ("direct", "extender")
 
 RES = "nvidia.com/gpu"
 _decode = msgspec.json.Decoder().decode
@@ -76,7 +95,8 @@ def pod_manifest(name: str, shape: tuple[int, int, int], two_containers: bool) -
 
 
 class Burst:
-    def __init__(self, nodes: int, pods: int, cards: str, seed: int) -> None:
+    def __init__(self, nodes: int, pods: int, cards: str, seed: int, mode: str = "direct") -> None:
+        self.mode = mode
         self.n_nodes = nodes
         self.n_pods = pods
         self.cards = cards
@@ -93,6 +113,9 @@ class Burst:
         self.host_root = Path("/")
         self.counts: tuple[int, int] = (0, 0)  # Allocate answers: exact, union
         self.cpu: dict[str, float] = {}  # CPU seconds per process during the burst
+        self.extender_url = ""
+        self.loop_stats: LoopStats | None = None
+        self.consistency: dict[str, Any] = {}
 
     async def on_event(self, msg: Any) -> None:
         # Decoded after the run: this process is one of those sharing the CPU.
@@ -164,6 +187,15 @@ class Burst:
     async def burst(self, cfg: config.Config, fake_url: str, webhook: Webhook) -> float:
         """Create the pods through the webhook; returns when the burst started."""
         watcher = asyncio.create_task(self.watch_pods(fake_url))
+        scheduler: asyncio.Task[LoopStats] | None = None
+        if self.mode == "extender":
+            # kube-scheduler's part; a pod that fits nowhere yet is tried again, as the
+            # scheduler retries unschedulable pods when the cluster changes.
+            loop = SchedulerLoop(fake_url, self.extender_url, scheduler_name=cfg.scheduler.scheduler_name,
+                                 nodes=[f"node-{i:03d}" for i in range(self.n_nodes)],
+                                 retry_s=0.5, retry_unschedulable=True)
+            scheduler = asyncio.create_task(
+                loop.run(lambda _s: self.done.is_set(), timeout=max(60.0, self.n_pods * 0.2) + 5))
         manifests = [pod_manifest(f"burst-{k:05d}", self.rng.choice(SHAPES), self.rng.random() < 0.2)
                      for k in range(self.n_pods)]
         room = asyncio.Semaphore(32)  # a job controller creates pods concurrently
@@ -184,7 +216,32 @@ class Burst:
             except TimeoutError:
                 pass
         watcher.cancel()
+        if scheduler is not None:
+            self.done.set()
+            self.loop_stats = await scheduler
         return t0
+
+    async def check_consistency(self, bus: Bus, fake_url: str, nodes: list[str]) -> None:
+        """Ledger against the API server, once the burst is over: each bound pod's
+        reservation is on its node with exactly its annotation; no kube reservation
+        belongs to a pod that is not bound (a leak)."""
+        ledger: dict[str, tuple[str, LedgerAlloc]] = {}
+        for node in nodes:
+            led, _ = await bus.kv_get(subjects.LEDGER_BUCKET, node, NodeLedger)
+            for uid, a in (led.allocs if led else {}).items():
+                if a.source == "kube":
+                    ledger[uid] = (node, a)
+        async with aiohttp.ClientSession() as http, http.get(f"{fake_url}/api/v1/pods") as r:
+            pods = (await r.json())["items"]
+        bound = {p["metadata"]["uid"]: p for p in pods if p["spec"].get("nodeName")}
+        mismatched = [p["metadata"]["name"] for uid, p in bound.items()
+                      if uid not in ledger or ledger[uid][0] != p["spec"]["nodeName"]
+                      or p["metadata"].get("annotations", {}).get(ALLOCATED)
+                      != encode_pod_devices(ledger[uid][1].containers)]
+        leaked = [a.name for uid, (_, a) in ledger.items() if uid not in bound]
+        self.consistency = {"reservation_mismatches": len(mismatched),
+                            "leaked_reservations": len(leaked),
+                            "examples_inconsistent": {"mismatch": mismatched[:3], "leaked": leaked[:3]}}
 
     def report(self, t0: float, conflicts: int | None) -> dict[str, Any]:
         self.decode_stages()
@@ -204,7 +261,20 @@ class Burst:
             gaps = sorted(st[b] - st[a] for st in self.stages.values() if a in st and b in st)
             if gaps:
                 stage_ms[f"{a}->{b}_p50"] = round(gaps[len(gaps) // 2] * 1000, 1)
+        extra: dict[str, Any] = {}
+        ls = self.loop_stats
+        if ls is not None:
+            fms = sorted(ls.filter_ms)
+
+            def fq(p: float) -> float:
+                return round(fms[min(len(fms) - 1, int(p * len(fms)))], 1) if fms else float("nan")
+
+            extra = {"filters": ls.filters, "binds": ls.binds, "filter_p50_ms": fq(0.5),
+                     "filter_p99_ms": fq(0.99), "filter_errors": len(ls.filter_errors),
+                     "bind_errors": sum(len(v) for v in ls.bind_errors.values()),
+                     "unschedulable_at_end": len(ls.unschedulable)}
         return {
+            "mode": self.mode,
             "nodes": self.n_nodes, "pods": self.n_pods, "cards_per_node": self.cards,
             "allocated": len(self.allocated), "failed": len(self.failed),
             "seconds_to_all_allocated": round(t1 - t0, 3),
@@ -213,6 +283,8 @@ class Burst:
             "mismatches": len(self.mismatches),
             "allocate_exact": self.counts[0], "allocate_union": self.counts[1],
             "placement_conflicts": conflicts,
+            **self.consistency,
+            **extra,
             "stages": stage_ms,
             "cpu_seconds": self.cpu,
             "examples": {"mismatch": self.mismatches[:3], "failed": list(self.failed.items())[:3]},
@@ -267,9 +339,18 @@ class Burst:
             named["nodeagents"] = nodes_proc
             for kubelet in self.kubelets.values():
                 await kubelet.wait_registered(RES)
-            named["binder"], _ = await spawn("-m", "services.binder", "--nats-url", url, "--health-port", "0", "--kube",
-                                             "--kube-host", fake_url, "--no-api")
+            binder_args = ["-m", "services.binder", "--nats-url", url, "--health-port", "0", "--kube",
+                           "--kube-host", fake_url, "--no-api"]
+            if self.mode == "extender":
+                port = free_port()
+                binder_args += ["--extender-host", "127.0.0.1", "--extender-port", str(port)]
+                self.extender_url = f"http://127.0.0.1:{port}"
+                env["HAMI__SCHEDULER__MODE"] = "extender"  # the binder's own; spawned next
+            named["binder"], _ = await spawn(*binder_args)
+            env.pop("HAMI__SCHEDULER__MODE", None)
             await wait_placement_ready(bus, node_names)
+            if self.mode == "extender":
+                await wait_extender_serving(self.extender_url)
             webhook = Webhook(cfg, tmp)
             await webhook.start()
             before = {name: cpu_seconds(p.pid) for name, p in named.items()}
@@ -278,6 +359,7 @@ class Burst:
             after = {name: cpu_seconds(p.pid) for name, p in named.items()}
             after["bench"] = cpu_seconds(os.getpid())
             self.cpu = {k: round(after[k] - before[k], 2) for k in after}
+            await self.check_consistency(bus, fake_url, node_names)
             nodes_proc.send_signal(signal.SIGTERM)
             assert nodes_proc.stdout is not None
             last = (await asyncio.wait_for(nodes_proc.stdout.read(), 30)).decode().split()
@@ -308,6 +390,26 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_extender_serving(url: str) -> None:
+    """Until the binder's extender answers as the Lease holder (a 400 to an empty body;
+    503 while it is not leading yet, no answer while it is starting)."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(120):
+        while True:
+            try:
+                async with http.post(f"{url}/filter", data=b"{}") as r:
+                    if r.status == 400:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
 
 
 async def wait_placement_ready(bus: Bus, nodes: list[str]) -> None:
@@ -390,16 +492,25 @@ def main() -> int:
     ap.add_argument("--pods", type=int, default=40)
     ap.add_argument("--cards", default="A100-80GB:8:81920", help="MODEL:COUNT[:MEMORY_MIB] per node")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--mode", choices=(*MODES, "both"), default="both",
+                    help="who schedules the pods: the binder (direct), or kube-scheduler "
+                         "through the extender; both: one after the other")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=os.environ.get("HAMI_LOG_LEVEL", "WARNING"))
-    out = asyncio.run(Burst(args.nodes, args.pods, args.cards, args.seed).run())
+    modes = MODES if args.mode == "both" else (args.mode,)
+    out = {m: asyncio.run(Burst(args.nodes, args.pods, args.cards, args.seed, m).run()) for m in modes}
     if args.json:
         print(json.dumps(out))
     else:
-        for k, v in out.items():
-            print(f"{k}: {v}")
-    return 0 if out["mismatches"] == 0 and out["failed"] == 0 else 1
+        for m, res in out.items():
+            print(f"[{m}]")
+            for k, v in res.items():
+                print(f"  {k}: {v}")
+    ok = all(r["mismatches"] == 0 and r["failed"] == 0 and r["allocated"] == r["pods"]
+             and r["reservation_mismatches"] == 0 and r["leaked_reservations"] == 0
+             for r in out.values())
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -54,3 +54,26 @@ def test_openb_variants_meet_their_definitions(tmp_path: Path) -> None:
     spec = [r for r in load("gpuspec33") if r["num_gpu"] != "0"]
     assert 0.15 < sum(r["gpu_spec"] == "T4|G2" for r in spec) / len(spec) < 0.50
     assert len({r["name"] for r in share}) == len(share)  # clones are named apart
+
+
+def test_kube_burst_both_modes_bind_every_pod_where_it_is_reserved() -> None:
+    """The Kubernetes burst, small, in both modes: the binder scheduling by itself, and
+    the kube-scheduler stand-in driving the extender's filter and bind over HTTP."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kube_burst.py"), "--nodes", "2", "--pods", "30",
+         "--mode", "both", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    res = json.loads(out.stdout)
+    assert set(res) == {"direct", "extender"}
+    for mode, r in res.items():
+        assert r["mode"] == mode
+        assert r["allocated"] == 30 and r["failed"] == 0, r["examples"]
+        assert r["mismatches"] == 0 and r["reservation_mismatches"] == 0, r["examples_inconsistent"]
+        assert r["leaked_reservations"] == 0, r["examples_inconsistent"]
+        assert r["pods_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
+    x = res["extender"]
+    # every pod went through filter and bind (retries may add calls, never remove them)
+    assert x["filters"] >= 30 and x["binds"] >= 30 and x["filter_p50_ms"] > 0
+    assert "filters" not in res["direct"]
