@@ -24,7 +24,8 @@ Filter is idempotent per pod UID: kube-scheduler calls it again on each attempt.
 holding a reservation on one of the offered nodes gets that node again (its timeout
 restarts); one whose reserved node is not offered now is released and decided again.
 
-``bind``: the pod's reservation must be on ``node`` (else ``error``: nothing is bound,
+``bind``: the pod's reservation must be on ``node``, in the table and in the ledger
+(else ``error``: nothing is bound,
 the scheduler retries the pod, which refilters); then exactly what direct mode does
 (HAMi's annotations in the Binding, ``bound``). A bind of a pod already bound to that
 node succeeds.
@@ -59,7 +60,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.config import Config
 from shared.hami.codec import PodSpecError, pod_request
-from shared.schemas import AllocDecided, AllocFailed, AllocReleased, AllocRequested
+from shared.schemas import AllocDecided, AllocFailed, AllocReleased, AllocRequested, NodeLedger
 
 log = logging.getLogger("hami.binder.extender")
 
@@ -362,6 +363,13 @@ class Extender:
             if d.node != args.node:
                 return 200, {"error": f"pod {who} is reserved on {d.node}, not {args.node}; "
                                       f"nothing bound"}
+            # The ledger has the last word (placement writes it before deciding): a
+            # reservation freed behind our back is not bound onto.
+            led, _ = await self.bus.kv_get(subjects.LEDGER_BUCKET, d.node, NodeLedger)
+            if led is None or args.pod_uid not in led.allocs:
+                del self.held[args.pod_uid]
+                return 200, {"error": f"pod {who}'s reservation on {d.node} is no longer in "
+                                      f"the ledger; nothing bound"}
             err = await self.binder.bind_decision(d)
             # Bound, or failed and released by the bind (bind_failed + released).
             self.held.pop(args.pod_uid, None)

@@ -20,7 +20,7 @@ from shared.config import Config
 from shared.hami import annotations as ann
 from shared.kube import Kube
 from shared.leader import LeaderElector
-from shared.schemas import AllocBound
+from shared.schemas import AllocBound, AllocReleased
 from tests.fakekube import FakeKube
 from tests.kube.harness import KubeCluster, gpu_container
 from tests.kube.scheduler_loop import LoopStats, SchedulerLoop, binding_args, extender_args
@@ -230,6 +230,25 @@ async def test_bind_needs_the_reservation_on_that_node(
         assert not fake.get("pods", "default", name)["spec"].get("nodeName")  # type: ignore[index]
         assert ("default", name) not in fake.store.bindings
     assert await bind(http, kc, pod, "node-b") == {}
+
+
+async def test_bind_checks_the_ledger_not_only_its_own_table(
+    kc: KubeCluster, fake: FakeKube, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    pod = add_pod(fake, "freed")
+    uid = pod["metadata"]["uid"]
+    (node,) = (await filter_(http, kc, pod, ALL))["nodenames"]
+    # Freed behind the extender's back (an operator's release, say).
+    await bus.publish_event(subjects.alloc("released", node),
+                            AllocReleased(uid=uid, name="freed", namespace="default", node=node),
+                            msg_id="released:freed:by-hand")
+
+    async def freed() -> bool:
+        return await held_on(kc, uid) is None
+
+    await kc.wait_for(freed, desc="released in the ledger")
+    assert "no longer in the ledger" in (await bind(http, kc, pod, node))["error"]
+    assert ("default", "freed") not in fake.store.bindings
 
 
 async def test_a_failed_binding_answers_error_and_frees_the_reservation(
