@@ -1,4 +1,6 @@
-"""Bounds on every field of a request: checked where it enters and where it is decided.
+"""Bounds on every field of a request: checked where it enters and where it is decided;
+and what makes a stored inventory or ledger entry nonsense (:func:`inventory_problems`,
+:func:`ledger_problems`), for the services that read them to set the node aside.
 
 One pure function, :func:`request_problems`, is used by the binder (``hami.api.submit``),
 the Kubernetes codec (a pod's resources) and placement (what arrives on the bus, from
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shared.schemas import Constraints, ContainerAsk
+from shared import subjects
+from shared.schemas import Constraints, ContainerAsk, NodeInventory, NodeLedger
 
 MAX_MEM_MIB = 1 << 31  # 2 PiB per card: beyond any card, far below 2**63
 MAX_CORES = 100  # percent of one card's SMs
@@ -125,3 +128,61 @@ def request_problems(
     out += container_problems(containers)
     out += constraint_problems(constraints)
     return out
+
+
+# ------------------------------------------------------------------ stored entries
+
+MAX_DEVICES = 1024  # cards one node registers
+MAX_DEVCORE = 100 * 100  # 100 x deviceCoreScaling, which is at most 100
+MAX_SLOTS = 1 << 16  # containers sharing one card (deviceSplitCount)
+MAX_ALLOCS = 1 << 20  # reservations on one node's ledger
+
+
+def inventory_problems(inv: NodeInventory, key: str) -> list[str]:
+    """What makes an inventory KV entry nonsense: another node's name under this key,
+    negative or absurd capacities. Empty when it can be used."""
+    out: list[str] = []
+    if subjects.kv_key(inv.node) != key:
+        out.append(f"names node {inv.node!r}, not the node of key {key!r}")
+    if len(inv.devices) > MAX_DEVICES:
+        return [*out, f"{len(inv.devices)} devices; at most {MAX_DEVICES}"]
+    for d in inv.devices:
+        _int_in(d.devmem, 0, MAX_MEM_MIB, f"card {d.uuid!r}: memory (MiB)", out)
+        _int_in(d.devcore, 0, MAX_DEVCORE, f"card {d.uuid!r}: cores", out)
+        _int_in(d.count, 0, MAX_SLOTS, f"card {d.uuid!r}: slots", out)
+        _int_in(d.index, 0, MAX_DEVICES, f"card {d.uuid!r}: index", out)
+    if len({d.uuid for d in inv.devices}) != len(inv.devices):
+        out.append("two cards share a UUID")
+    _int_in(inv.cpu_milli, 0, MAX_CPU_MILLI * MAX_CONTAINERS, "node cpu (milli)", out)
+    _int_in(inv.memory_mib, 0, MAX_NODE_MEM_MIB * MAX_CONTAINERS, "node memory (MiB)", out)
+    return out
+
+
+def ledger_problems(led: NodeLedger, key: str) -> list[str]:
+    """What makes a ledger KV entry nonsense: another node's name under this key, an
+    allocation filed under another uid, negative or absurd grants."""
+    out: list[str] = []
+    if subjects.kv_key(led.node) != key:
+        out.append(f"names node {led.node!r}, not the node of key {key!r}")
+    if len(led.allocs) > MAX_ALLOCS:
+        return [*out, f"{len(led.allocs)} allocations; at most {MAX_ALLOCS}"]
+    for uid, a in led.allocs.items():
+        if a.uid != uid:
+            out.append(f"allocation {uid!r} holds uid {a.uid!r}")
+        for c in a.containers:
+            for g in c.devices:
+                _int_in(g.mem, 0, MAX_MEM_MIB, f"allocation {uid!r}: memory (MiB)", out)
+                _int_in(g.cores, 0, MAX_DEVCORE, f"allocation {uid!r}: cores", out)
+        _int_in(a.cpu_milli, 0, MAX_CPU_MILLI * MAX_CONTAINERS, f"allocation {uid!r}: cpu", out)
+        _int_in(a.memory_mib, 0, MAX_NODE_MEM_MIB * MAX_CONTAINERS, f"allocation {uid!r}: memory", out)
+        if len(out) > 8:  # enough to say why; a huge garbage entry need not be listed
+            break
+    return out
+
+
+def node_of_key(key: str) -> str:
+    """The node name a KV key was made from, as well as it can be told (for events)."""
+    try:
+        return subjects.unescape(key)
+    except ValueError:
+        return key

@@ -22,7 +22,7 @@ from typing import Protocol
 from nats.aio.msg import Msg
 from opentelemetry import context
 
-from shared import limits, subjects, tracing
+from shared import limits, logs, subjects, tracing
 from shared.bus import BadMessage, Bus, WorkQueue, add_service, decode, decode_event
 from shared.config import Config
 from shared.hami.codec import NODE_POLICIES, parse_gpu_policy
@@ -42,6 +42,7 @@ from shared.schemas import (
 )
 
 log = logging.getLogger("hami.binder")
+noisy = logs.RateLimited(log)  # repeated garbage: a line a minute, with a count
 tracer = tracing.tracer("hami.binder")
 
 BINDER_CONSUMER = "binder"
@@ -122,7 +123,18 @@ class BinderService:
     async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
             return
-        led = decode(value, NodeLedger)
+        try:
+            led = decode(value, NodeLedger)
+            problems = limits.ledger_problems(led, key)
+        except BadMessage as exc:
+            problems = [str(exc)]
+        if problems:
+            # The names in use there stay as last read: forgetting them would let a
+            # second submit take a name the node may still hold. Placement sets the
+            # node aside and inventory announces it.
+            noisy.warning(f"garbage:{key}", "ignoring garbage ledger entry of %s: %s",
+                          limits.node_of_key(key), "; ".join(problems))
+            return
         now = set(led.allocs)
         for uid in self.ledger_uids.get(led.node, set()) - now:
             ev = self.gone.pop(uid, None)
@@ -189,8 +201,9 @@ class BinderService:
         try:
             ev = decode_event(msg.data)
         except BadMessage as exc:
-            log.error("dropping malformed message on %s: %s", msg.subject, exc)
-            await msg.term()
+            noisy.error(f"malformed:{msg.subject}", "dropping malformed message on %s: %s", msg.subject, exc)
+            with contextlib.suppress(Exception):
+                await msg.term()
             return
         token = context.attach(tracing.extract(msg.headers))
         try:
@@ -204,13 +217,43 @@ class BinderService:
             with contextlib.suppress(Exception):
                 await asyncio.shield(msg.nak())
             raise
-        except Exception:
-            log.exception("cannot handle %s; it will be redelivered", msg.subject)
-            await msg.nak(delay=0.5)
+        except Exception as exc:
+            await self._failed(msg, ev, exc)
             return
         finally:
             context.detach(token)
-        await msg.ack()
+        with contextlib.suppress(Exception):  # redelivered, and handled idempotently
+            await msg.ack()
+
+    async def _failed(self, msg: Msg, ev: object, exc: Exception) -> None:
+        """A message whose handling raised: redelivered with a growing delay until it
+        was delivered ``bus.maxDeliveries`` times, then moved to the dead-letter subject;
+        never redelivered forever."""
+        try:
+            n = max(1, int(msg.metadata.num_delivered or 1))
+        except Exception:
+            n = 1
+        limit = self.cfg.bus.max_deliveries
+        if n < limit:
+            noisy.warning(f"retry:{type(exc).__name__}", "cannot handle %s (delivery %d of %d): %s: %s; "
+                          "it will be redelivered", msg.subject, n, limit, type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=min(0.5 * 2 ** (n - 1), 8.0))
+            return
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("giving up on %s after %d deliveries; dead-lettered to %s", msg.subject, n,
+                  subjects.dlq(BINDER_CONSUMER), exc_info=exc)
+        try:
+            await self.bus.dead_letter(BINDER_CONSUMER, msg, error)
+        except Exception as dlq_exc:
+            noisy.error("dlq-failed", "cannot dead-letter %s (%s); it will be redelivered", msg.subject, dlq_exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+            return
+        # A waiting client is answered by its own deadline (the decision was never
+        # bound, so it is not kept); the dead letter says why, for an operator.
+        with contextlib.suppress(Exception):
+            await msg.term()
 
     async def _consume(self) -> None:
         """Handle decisions concurrently: a Kubernetes bind is several API round trips,

@@ -7,6 +7,12 @@ It also remembers the requests left pending by placement, with the reasons of th
 last ``failed``, so ``hami list`` / ``hami describe`` can say who waits and why.
 With several replicas, the health key is written by compare-and-set so only one
 replica publishes each transition.
+
+A garbage inventory or ledger entry (unreadable, or nonsense: another node's name,
+negative memory) sets its node aside: it is left out of the status (inventory) or
+shown unhealthy with the reason (ledger), one ``unhealthy`` node event is published
+and one line logged; the status keeps answering. Repeated garbage (entries,
+heartbeats, events) is logged once a minute with a count.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import time
 from nats.aio.msg import Msg
 
 from services.inventory.health import HealthTracker, Transition
-from shared import subjects
-from shared.bus import Bus, Conflict, add_service, decode
+from shared import limits, logs, subjects
+from shared.bus import BadMessage, Bus, Conflict, add_service, decode
 from shared.config import Config
 from shared.lifecycle import Background
 from shared.schemas import (
@@ -37,6 +43,7 @@ from shared.schemas import (
 from shared.view import cluster_status
 
 log = logging.getLogger("hami.inventory")
+noisy = logs.RateLimited(log)
 
 
 class InventoryService:
@@ -51,10 +58,15 @@ class InventoryService:
         # asked for: every decision changes one, a status is rare.
         self._ledgers_raw: dict[str, bytes] = {}
         self._ledgers: dict[str, NodeLedger] = {}  # decoded, dropped when the entry changes
+        self._ledger_revs: dict[str, int] = {}
+        self._new_bad: dict[str, str] = {}  # garbage ledger entries not yet announced
         self.tracker = HealthTracker(cfg.unhealthy_after, time.time())
         # uid -> the request's last pending ``failed``; dropped when it is released or
         # (checked when asked) appears in a ledger.
         self.pending: dict[str, PendingRequest] = {}
+        # KV key -> why its entry is garbage, per bucket; its node is set aside.
+        self.bad_nodes: dict[str, str] = {}
+        self.bad_ledgers: dict[str, str] = {}
         self._bg = Background()
         self._svc: object | None = None
 
@@ -62,11 +74,25 @@ class InventoryService:
         now = time.time()
         if value is None:
             name = next((n for n in self.nodes if subjects.kv_key(n) == key), key)
+            self.bad_nodes.pop(key, None)
             if self.nodes.pop(name, None) is not None:
                 self.tracker.forget(name)
                 await self._event(name, "removed", "inventory deleted", f"{revision}")
             return
-        inv = decode(value, NodeInventory)
+        try:
+            inv = decode(value, NodeInventory)
+            problems = limits.inventory_problems(inv, key)
+        except BadMessage as exc:
+            problems = [str(exc)]
+        if problems:
+            known = next((n for n in self.nodes if subjects.kv_key(n) == key), None)
+            if known is not None:
+                del self.nodes[known]  # nothing of it can be trusted now
+                self.tracker.forget(known)
+            await self._garbage(self.bad_nodes, key, "inventory", "; ".join(problems), revision)
+            return
+        if self.bad_nodes.pop(key, None) is not None:
+            log.info("node %s: its inventory entry is good again", inv.node)
         prev = self.nodes.get(inv.node)
         self.nodes[inv.node] = inv
         self.tracker.known(inv.node, now)
@@ -75,10 +101,28 @@ class InventoryService:
         elif prev.devices != inv.devices or prev.cordoned != inv.cordoned:
             await self._event(inv.node, "updated", f"{len(inv.devices)} devices", f"{revision}")
 
+    async def _garbage(self, bad: dict[str, str], key: str, what: str, why: str, revision: int) -> None:
+        """Set a node aside for a garbage entry: one event and one line when it turns
+        bad (or bad in another way), a counted line a minute while it stays so."""
+        node = limits.node_of_key(key)
+        if bad.get(key) == why:
+            noisy.warning(f"garbage:{what}:{key}", "node %s: %s entry still garbage: %s", node, what, why)
+            return
+        bad[key] = why
+        try:
+            await self._event(node, "unhealthy", f"{what} entry is garbage: {why}"[:1024],
+                              f"garbage:{what}:{revision}")
+        except Exception as exc:  # the entry stays set aside; the event is only news
+            noisy.warning("event-failed", "cannot publish that node %s is set aside: %s", node, exc)
+
     async def _on_health(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
             return
-        h = decode(value, NodeHealth)
+        try:
+            h = decode(value, NodeHealth)
+        except BadMessage as exc:
+            noisy.warning(f"garbage:health:{key}", "ignoring garbage health entry %s: %s", key, exc)
+            return
         self.health[h.node] = h
         self.health_rev[h.node] = revision
         # Another replica's verdict counts here too.
@@ -86,24 +130,59 @@ class InventoryService:
 
     async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
         self._ledgers.pop(key, None)
+        self._ledger_revs[key] = revision
         if value is None:
             self._ledgers_raw.pop(key, None)
+            self.bad_ledgers.pop(key, None)
             return
         self._ledgers_raw[key] = value
 
     @property
     def ledgers(self) -> dict[str, NodeLedger]:
-        """Node -> its ledger, decoding what changed since the last call."""
+        """Node -> its ledger, decoding what changed since the last call; a garbage
+        entry is left out (and its key recorded in :attr:`bad_ledgers`)."""
         out: dict[str, NodeLedger] = {}
         for key, raw in self._ledgers_raw.items():
             led = self._ledgers.get(key)
             if led is None:
-                led = self._ledgers[key] = decode(raw, NodeLedger)
+                led = self._decode_ledger(key, raw)
+                if led is None:
+                    continue
+                self._ledgers[key] = led
             out[led.node] = led
         return out
 
+    def _decode_ledger(self, key: str, raw: bytes) -> NodeLedger | None:
+        try:
+            led = decode(raw, NodeLedger)
+            problems = limits.ledger_problems(led, key)
+        except BadMessage as exc:
+            problems = [str(exc)]
+        if not problems:
+            if self.bad_ledgers.pop(key, None) is not None:
+                log.info("node %s: its ledger entry is good again", led.node)
+            return led
+        why = "; ".join(problems)
+        if self.bad_ledgers.get(key) != why:
+            self._new_bad[key] = why  # the ticker publishes its event
+        self.bad_ledgers[key] = why
+        return None
+
+    async def _check_ledgers(self) -> None:
+        """Decode the ledger entries changed since the last look (at most one decode
+        per node per tick, however often it changed) and announce new garbage."""
+        _ = self.ledgers
+        new, self._new_bad = self._new_bad, {}
+        for key, why in new.items():
+            self.bad_ledgers.pop(key, None)  # _garbage records it again, with its event
+            await self._garbage(self.bad_ledgers, key, "ledger", why, self._ledger_revs.get(key, 0))
+
     async def _on_heartbeat(self, msg: Msg) -> None:
-        hb = decode(msg.data, Heartbeat)
+        try:
+            hb = decode(msg.data, Heartbeat)
+        except BadMessage as exc:
+            noisy.warning(f"bad:{msg.subject}", "ignoring a malformed heartbeat on %s: %s", msg.subject, exc)
+            return
         t = self.tracker.beat(hb.node, time.time())
         if t is not None:
             await self._apply(t)
@@ -138,9 +217,17 @@ class InventoryService:
                     await self._apply(t)
                 except Exception:
                     log.exception("cannot record health of %s", t.node)
+            try:
+                await self._check_ledgers()
+            except Exception as exc:
+                noisy.warning("check-ledgers", "cannot check the ledger entries: %s", exc)
 
     async def _on_failed(self, msg: Msg) -> None:
-        f = decode(msg.data, AllocFailed)
+        try:
+            f = decode(msg.data, AllocFailed)
+        except BadMessage as exc:
+            noisy.warning(f"bad:{msg.subject}", "ignoring a malformed event on %s: %s", msg.subject, exc)
+            return
         if not f.pending:
             self.pending.pop(f.uid, None)
             return
@@ -152,12 +239,21 @@ class InventoryService:
 
     async def _on_released(self, msg: Msg) -> None:
         if self.pending:  # most releases concern no pending request: skip the decode
-            self.pending.pop(decode(msg.data, AllocReleased).uid, None)
+            try:
+                self.pending.pop(decode(msg.data, AllocReleased).uid, None)
+            except BadMessage as exc:
+                noisy.warning(f"bad:{msg.subject}", "ignoring a malformed event on %s: %s", msg.subject, exc)
 
     async def _status(self, data: bytes) -> ClusterStatus:
         req = decode(data or b"{}", StatusRequest)
         ledgers = self.ledgers
-        st = cluster_status(self.nodes, self.health, ledgers)
+        health = dict(self.health)
+        for key, why in self.bad_ledgers.items():
+            # Its reservations are unknown: shown unhealthy, with the reason, not as free.
+            for name in [n for n in self.nodes if subjects.kv_key(n) == key]:
+                health[name] = NodeHealth(node=name, healthy=False, since=0.0,
+                                          reason=f"ledger entry is garbage: {why}")
+        st = cluster_status(self.nodes, health, ledgers)
         placed = {uid for led in ledgers.values() for uid in led.allocs}
         for uid in [u for u in self.pending if u in placed]:
             del self.pending[uid]

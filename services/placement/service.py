@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from opentelemetry import context
 
 from services.placement.engine import ClusterState, Failure, Placement, Placer
-from shared import subjects, tracing
+from shared import limits, logs, subjects, tracing
 from shared.bus import BadMessage, Bus, Conflict, WorkQueue, decode, decode_event
 from shared.config import Config
 from shared.lifecycle import Background
@@ -40,6 +40,9 @@ from shared.schemas import (
 )
 
 log = logging.getLogger("hami.placement")
+# Garbage on the bus or in a bucket repeats (every update of a broken writer): one line
+# per kind a minute, with a count.
+noisy = logs.RateLimited(log)
 tracer = tracing.tracer("hami.placement")
 # A handled message is acknowledged with the next batch's ledger writes (one socket
 # write for both), or after this long when no batch follows.
@@ -47,11 +50,22 @@ ACK_DELAY_S = 0.005
 STOP_SETTLE_S = 2.0  # at stop, for the stream to answer the events already sent
 
 CAS_ATTEMPTS = 16
+# What a request answered by placement itself, not by the engine, fails with.
+REASON_INVALID = "invalid"
+REASON_INTERNAL = "internal-error"
 DECISION_FILTERS = [
     subjects.alloc("requested"),
     subjects.alloc("released"),
     subjects.alloc_any("released"),
 ]
+
+
+def _deliveries(msg: Msg) -> int:
+    """How many times JetStream has delivered ``msg``, this time included."""
+    try:
+        return max(1, int(msg.metadata.num_delivered or 1))
+    except Exception:  # not a JetStream message: no redelivery to count
+        return 1
 
 
 def _retrieve(fut: asyncio.Future[int]) -> None:
@@ -83,22 +97,80 @@ class PlacementService:
         self._stopping = False
         self.decisions = 0
         self.conflicts = 0
+        # Nodes set aside because their inventory or ledger entry is garbage (KV key ->
+        # why), and the health verdicts as last read, to restore when the entry heals.
+        self.garbage: dict[str, str] = {}
+        self._healthy: dict[str, bool] = {}
+        self.dead_letters = 0
 
     # ----------------------------------------------------------------- KV watches
 
+    def _nodes_of_key(self, key: str) -> list[str]:
+        return [n for n in list(self.cluster.nodes) if subjects.kv_key(n) == key]
+
+    def _set_aside(self, bucket: str, key: str, why: str) -> None:
+        """A garbage entry: its node takes no new placements until the entry is good.
+
+        An unreadable inventory entry removes the node (nothing of it can be trusted);
+        an unreadable ledger entry keeps it unhealthy, since what it holds is unknown
+        and placing there could overcommit a card.
+        """
+        first = key not in self.garbage
+        self.garbage[key] = why
+        if bucket == subjects.NODES_BUCKET:
+            for name in self._nodes_of_key(key):
+                self.cluster.remove_node(name)
+        else:
+            for name in self._nodes_of_key(key):
+                self.cluster.set_health(name, False)
+        if first:
+            log.warning("node %s set aside: %s entry is garbage: %s",
+                        limits.node_of_key(key), bucket, why)
+        else:
+            noisy.warning(f"garbage:{bucket}:{key}", "node %s still set aside: %s entry: %s",
+                          limits.node_of_key(key), bucket, why)
+
+    def _restore(self, key: str) -> None:
+        if self.garbage.pop(key, None) is not None:
+            for name in self._nodes_of_key(key):
+                self.cluster.set_health(name, self._healthy.get(name, True))
+            log.info("node %s usable again: its entry is good", limits.node_of_key(key))
+            self.capacity_changed.set()
+
     async def _on_node(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
-            for name in [n for n in list(self.cluster.nodes) if subjects.kv_key(n) == key]:
+            for name in self._nodes_of_key(key):
                 self.cluster.remove_node(name)
+            self.garbage.pop(key, None)
             return
-        inv = decode(value, NodeInventory)
+        try:
+            inv = decode(value, NodeInventory)
+        except BadMessage as exc:
+            self._set_aside(subjects.NODES_BUCKET, key, str(exc))
+            return
+        problems = limits.inventory_problems(inv, key)
+        if problems:
+            self._set_aside(subjects.NODES_BUCKET, key, "; ".join(problems))
+            return
         self.cluster.upsert_node(inv)
+        if key in self.garbage and self.garbage[key].startswith(subjects.LEDGER_BUCKET):
+            self.cluster.set_health(inv.node, False)  # its ledger is still garbage
+        else:
+            self._restore(key)
         self.capacity_changed.set()
 
     async def _on_health(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
             return
-        h = decode(value, NodeHealth)
+        try:
+            h = decode(value, NodeHealth)
+        except BadMessage as exc:
+            # A verdict that cannot be read changes nothing: the last one stands.
+            noisy.warning(f"garbage:health:{key}", "ignoring garbage health entry %s: %s", key, exc)
+            return
+        self._healthy[h.node] = h.healthy
+        if subjects.kv_key(h.node) in self.garbage:
+            return  # set aside until its entries are good, whatever the heartbeats say
         self.cluster.set_health(h.node, h.healthy)
         if h.healthy:
             self.capacity_changed.set()
@@ -121,11 +193,26 @@ class PlacementService:
             # once the reply says which revision was ours.
             self._deferred[node] = (value, revision)
             return
-        led = decode(value, NodeLedger)
+        try:
+            led = decode(value, NodeLedger)
+        except BadMessage as exc:
+            self._bad_ledger(key, revision, str(exc))
+            return
+        problems = limits.ledger_problems(led, key)
+        if problems:
+            self._bad_ledger(key, revision, "; ".join(problems))
+            return
         self._key_node[key] = led.node
         if revision <= self.revs.get(led.node, 0):
             return
         self._adopt(led, revision)
+        if key in self.garbage:
+            self._restore(key)
+
+    def _bad_ledger(self, key: str, revision: int, why: str) -> None:
+        # The revision stays the last good one: a write there conflicts with the
+        # garbage and fails (it is never overwritten blindly by a view that may be old).
+        self._set_aside(subjects.LEDGER_BUCKET, key, f"{subjects.LEDGER_BUCKET}: {why}")
 
     def _adopt(self, led: NodeLedger, revision: int) -> None:
         before = set(self.cluster.ledger(led.node).allocs) if led.node in self.revs else set()
@@ -378,6 +465,8 @@ class PlacementService:
     async def handle_release(self, ev: AllocReleased) -> None:
         self.pending.pop(ev.uid, None)
         node = self.owner.get(ev.uid) or ev.node
+            # Not placed as far as anyone knows, or given up on: a request of this uid
+            # that comes later (redelivered, reordered) is not placed.
         if not node:
             return
         for _ in range(CAS_ATTEMPTS):
@@ -405,30 +494,140 @@ class PlacementService:
             try:
                 ev = decode_event(msg.data)
             except BadMessage as exc:
-                log.error("dropping malformed message on %s: %s", msg.subject, exc)
-                await msg.term()
+                noisy.error(f"malformed:{msg.subject}", "dropping malformed message on %s: %s",
+                            msg.subject, exc)
+                with contextlib.suppress(Exception):
+                    await msg.term()
                 continue
+            if isinstance(ev, AllocRequested):
+                # Checked again here, whoever published it: out-of-bounds numbers never
+                # reach the engine's 64-bit arithmetic. Answered once, never retried.
+                problems = limits.request_problems(
+                    name=ev.name, namespace=ev.namespace, containers=ev.containers,
+                    constraints=ev.constraints, priority=ev.priority, uid=ev.uid,
+                )
+                if problems:
+                    await self._refuse(msg, ev, "; ".join(problems))
+                    continue
             if isinstance(ev, AllocRequested | AllocReleased):
                 batch.append((msg, ev))
             else:
-                await msg.ack()
+                with contextlib.suppress(Exception):  # redelivered, and acknowledged then
+                    await msg.ack()
         if not batch:
             return
         acks: list[asyncio.Future[int]] = []
         try:
             async with self.lock:
                 await self._handle_batch(batch, acks)
-        except Exception:
-            log.exception("cannot handle a batch of %d; it will be redelivered", len(batch))
-            for fut in acks:  # events already sent: their outcome no longer matters
-                fut.add_done_callback(_retrieve)
-            await self._redeliver([msg for msg, _ in batch])
+        except Exception as exc:
+            await self._batch_failed(batch, acks)
+            if len(batch) == 1:
+                await self._failed_alone(batch[0], exc)
+                return
+            # One message may be the cause: each alone, so only the culprit counts
+            # deliveries towards the dead-letter subject and its neighbours are placed.
+            noisy.warning("batch-failed", "a batch of %d failed (%s: %s); handling them one by one",
+                          len(batch), type(exc).__name__, exc)
+            for item in batch:
+                await self._handle_alone(item)
             return
         # The decisions are committed and the local view holds them: the next batch
         # may be decided while the stream acknowledges this one's events. A message is
         # acknowledged only once the events it caused are stored (else redelivered,
         # and _already_placed announces the decision again).
         self._settle(batch, acks)
+
+    async def _handle_alone(self, item: tuple[Msg, AllocRequested | AllocReleased]) -> None:
+        acks: list[asyncio.Future[int]] = []
+        try:
+            async with self.lock:
+                await self._handle_batch([item], acks)
+        except Exception as exc:
+            await self._batch_failed([item], acks)
+            await self._failed_alone(item, exc)
+            return
+        self._settle([item], acks)
+
+    async def _batch_failed(
+        self,
+        batch: list[tuple[Msg, AllocRequested | AllocReleased]],
+        acks: list[asyncio.Future[int]],
+    ) -> None:
+        """Undo what a failed batch left in the local view only: the reservations it
+        decided but did not commit. Their nodes are read again from the ledger."""
+        for fut in acks:  # events already sent: their outcome no longer matters
+            fut.add_done_callback(_retrieve)
+        nodes = {self.owner.get(ev.uid) for _, ev in batch if isinstance(ev, AllocRequested)}
+        async with self.lock:
+            for node in sorted(n for n in nodes if n):
+                try:
+                    await self._refresh(node)
+                except Exception as exc:
+                    noisy.warning(f"refresh:{node}", "cannot read the ledger of %s again: %s", node, exc)
+
+    async def _failed_alone(
+        self, item: tuple[Msg, AllocRequested | AllocReleased], exc: Exception
+    ) -> None:
+        """A message whose handling raised: redelivered with a growing delay, until it
+        has been delivered ``bus.maxDeliveries`` times; then dead-lettered."""
+        msg, ev = item
+        n = _deliveries(msg)
+        limit = self.cfg.bus.max_deliveries
+        if n < limit:
+            noisy.warning(
+                f"retry:{type(exc).__name__}", "cannot handle %s %s (delivery %d of %d): %s: %s; "
+                "it will be redelivered", type(ev).__name__, ev.uid, n, limit, type(exc).__name__, exc,
+            )
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=min(0.5 * 2 ** (n - 1), 8.0))
+            return
+        log.error("giving up on %s %s after %d deliveries; dead-lettered to %s",
+                  type(ev).__name__, ev.uid, n, subjects.dlq("placement"), exc_info=exc)
+        await self._dead_letter(msg, ev, f"{type(exc).__name__}: {exc}", n)
+
+    async def _dead_letter(
+        self, msg: Msg, ev: AllocRequested | AllocReleased, error: str, n: int
+    ) -> None:
+        """Store the message on the dead-letter subject and tell a waiting client; only
+        then stop its redelivery (if either fails, it is redelivered instead)."""
+        try:
+            await self.bus.dead_letter("placement", msg, error)
+            if isinstance(ev, AllocRequested):
+                self.pending.pop(ev.uid, None)
+                await (await self._publish_error(
+                    ev, REASON_INTERNAL, f"internal error after {n} attempts: {error}"
+                ))
+        except Exception as exc:
+            noisy.error("dlq-failed", "cannot dead-letter %s (%s); it will be redelivered", ev.uid, exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+            return
+        self.dead_letters += 1
+        with contextlib.suppress(Exception):
+            await msg.term()
+
+    async def _refuse(self, msg: Msg, ev: AllocRequested, problems: str) -> None:
+        """Answer an out-of-bounds request ``invalid`` (not pending) and acknowledge it."""
+        noisy.warning(f"invalid:{ev.source}", "refusing request %.64s from %s: %s", ev.uid, ev.source, problems)
+        try:
+            fut = await self._publish_error(ev, REASON_INVALID, f"invalid request: {problems}")
+        except Exception as exc:
+            noisy.warning("refuse-failed", "cannot answer invalid request %.64s: %s", ev.uid, exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+            return
+        self._settle([(msg, ev)], [fut])
+
+    async def _publish_error(self, req: AllocRequested, reason: str, message: str) -> asyncio.Future[int]:
+        ev = AllocFailed(
+            uid=req.uid, name=req.name, namespace=req.namespace, reasons={reason: 1},
+            nodes_total=0, message=message[:4096], pending=False, source=req.source,
+            requested_at=req.requested_at, failed_at=time.time(),
+        )
+        return await self.bus.publish_event_nowait(
+            subjects.alloc("failed"), ev, msg_id=f"{reason}:{req.uid}:{req.requested_at}"
+        )
 
     def _settle(
         self,

@@ -156,12 +156,21 @@ class Shape:
 
 
 class ShapeModel:
-    """Counts request shapes; ``top()`` gives the shapes covering ``cover`` of tasks."""
+    """Counts request shapes; ``top()`` gives the shapes covering ``cover`` of tasks.
 
-    def __init__(self, cover: float = 0.95, max_shapes: int = 64) -> None:
+    The table holds at most ``table_max`` shapes (``scheduler.shapeTableMax``): past it,
+    the least often seen go, the least recently seen first among equals, an eighth of
+    the table at a time (so a stream of distinct shapes costs one sort per eighth, not
+    one per request). Deterministic: the same requests leave the same table.
+    """
+
+    def __init__(self, cover: float = 0.95, max_shapes: int = 64, table_max: int = 4096) -> None:
         self.cover = cover
         self.max_shapes = max_shapes
+        self.table_max = max(1, table_max)
         self.counts: dict[Shape, int] = {}
+        self.seen: dict[Shape, int] = {}  # shape -> the observation number it was last seen at
+        self.evicted = 0
         self.total = 0
         self.frozen = False  # the replay computes shapes once, from the original list
         self.version = 0
@@ -193,9 +202,22 @@ class ShapeModel:
         s = self.shape_of(req, settings)
         self.counts[s] = self.counts.get(s, 0) + 1
         self.total += 1
+        self.seen[s] = self.total
+        if len(self.counts) > self.table_max:
+            self._evict()
         # the shape list is recomputed when the sample grew by 5 %: cheap and stable
         if self._top is None or self.total >= self._top_total * 1.05 + 1:
             self._top = None
+
+    def _evict(self) -> None:
+        keep = self.table_max - max(1, self.table_max // 8)
+        ranked = sorted(self.counts, key=lambda sh: (-self.counts[sh], -self.seen[sh]))
+        for sh in ranked[keep:]:
+            self.total -= self.counts.pop(sh)
+            del self.seen[sh]
+            self.evicted += 1
+        self._top = None  # the ranked list may name a shape no longer counted
+        self._top_gpu = None
 
     @staticmethod
     def gpu_of(s: Shape) -> float:
@@ -223,7 +245,7 @@ class ShapeModel:
                 if s not in have:
                     keep.append(s)
                     have.add(s)
-            w = np.array([self.counts[s] for s in keep], dtype=np.float64)
+            w = np.array([self.counts.get(s, 0) for s in keep], dtype=np.float64)
             self._top_gpu = (keep, w / w.sum() if len(w) else w)
         return self._top_gpu
 

@@ -158,7 +158,7 @@ class Placer:
         self.scheduler = scheduler
         self.settings = node_settings
         self.rng = np.random.default_rng(seed)
-        self.shapes = ShapeModel()
+        self.shapes = ShapeModel(table_max=scheduler.shape_table_max)
         self._frag: dict[str, FragScorer] = {}
         self._label_cache: dict[tuple[int, bytes], BOOL] = {}
         self._static_cache: dict[tuple[object, ...], BOOL] = {}
