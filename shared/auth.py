@@ -231,6 +231,8 @@ def permissions(role: str) -> Permissions:
             subjects.alloc("released"),
             subjects.alloc_any("released"),
         ]
+        b.stream(subjects.DLQ_STREAM)
+        b.pub.append(subjects.dlq(BINDER))
         b.durable(BINDER_CONSUMER)
         # Extender mode: the replica serving a filter waits for placement's answer, which
         # the shared work queue may hand to another replica.
