@@ -7,6 +7,10 @@ Everything lives in ``auth/`` beside the state file (``~/.hami/auth`` by default
 server's configuration without it and reloads the running server: the server closes
 the role's connections; the role's next seed is a new key.
 
+``python -m hami.creds init DIR`` makes a deployment's credentials once (compose, the
+chart) and ``python -m hami.creds secret DIR --name NAME`` prints them as the Kubernetes
+Secret the chart mounts (``auth.secretName``), without the CA's private key.
+
 The one-shot commands find their ``cli`` identity the same way, or from
 ``$HAMI_NATS_SEED`` (a seed file), ``$HAMI_NATS_ROLE`` and ``$HAMI_NATS_CA``.
 """
@@ -14,12 +18,15 @@ The one-shot commands find their ``cli`` identity the same way, or from
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from shared import auth, pki
+from shared import auth, pki, subjects
 from shared.files import replace_file
 
 SERVER_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -236,6 +243,93 @@ def init(out: Path, nodes: Iterable[str], server_names: Iterable[str], *,
     return conf
 
 
+# Kubernetes Secret keys: what `kubectl create secret` accepts (no ':' as in a node
+# agent's file name, nkeys/nodeagent:<node>.nk).
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+# What a deployment's NATS server and services need; ca.key is left out on purpose: the
+# CA's private key signs server certificates and stays with the operator.
+SECRET_FILES = ("ca.crt", "server.crt", "server.key", "nats-server.conf")
+# Where the chart mounts the Secret in the NATS pod (helm/hami-bus/templates/nats.yaml):
+# init --mount must name it, the server's TLS paths are read from there.
+CHART_MOUNT = "/etc/hami/auth"
+
+
+def secret_key(role: str) -> str:
+    """A role's seed as a Secret key: ``nodeagent:sim-1`` -> ``nodeagent.sim-1.nk``."""
+    auth.parse_role(role)
+    key = role.replace(":", ".") + ".nk"
+    if not _SECRET_KEY.fullmatch(key) or len(key) > 253:
+        raise ValueError(f"{role}: {key!r} is not a valid Kubernetes Secret key "
+                         "(a node name must be a DNS subdomain)")
+    return key
+
+
+def secret_data(out: Path) -> dict[str, bytes]:
+    """Secret key -> content for what :func:`init` wrote under ``out`` (never ca.key)."""
+    missing = [name for name in SECRET_FILES if not (out / name).is_file()]
+    if missing:
+        raise ValueError(f"{out}: no {', '.join(missing)}: run 'python -m hami.creds init' first")
+    data = {name: (out / name).read_bytes() for name in SECRET_FILES}
+    seeds = sorted((out / "nkeys").glob("*.nk"))
+    if not seeds:
+        raise ValueError(f"{out}/nkeys: no seeds: run 'python -m hami.creds init' first")
+    for path in seeds:
+        # The file is named by the role's subject token; a node name with dots was escaped.
+        role = subjects.unescape(path.stem)
+        if auth.identity(role) != path.stem:
+            raise ValueError(f"{path}: not a seed file init wrote")
+        data[secret_key(role)] = path.read_bytes()
+    return data
+
+
+def secret_manifest(out: Path, name: str, namespace: str | None = None) -> dict[str, object]:
+    """A Kubernetes Secret holding :func:`secret_data`, ready for ``kubectl apply -f -``."""
+    if not _DNS_SUBDOMAIN.fullmatch(name) or len(name) > 253:
+        raise ValueError(f"--name {name!r}: a Secret's name is a DNS subdomain "
+                         "(lower case letters, digits, '-' and '.')")
+    meta: dict[str, object] = {"name": name,
+                               "labels": {"app.kubernetes.io/part-of": "hami-bus"}}
+    if namespace:
+        if not _DNS_LABEL.fullmatch(namespace) or len(namespace) > 63:
+            raise ValueError(f"--namespace {namespace!r}: not a valid namespace name")
+        meta["namespace"] = namespace
+    data = secret_data(out)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v).decode() for k, v in sorted(data.items())},
+    }
+
+
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _cmd_secret(args: argparse.Namespace) -> int:
+    try:
+        doc = secret_manifest(args.dir, args.name, args.namespace)
+    except ValueError as exc:
+        print(f"hami.creds secret: {exc}", file=sys.stderr)
+        return 2
+    conf = (args.dir / "nats-server.conf").read_text()
+    if f'"{CHART_MOUNT}/server.crt"' not in conf:
+        # Not an error: the Secret may serve a NATS run outside the chart.
+        print(f"hami.creds secret: note: nats-server.conf's TLS files are not under "
+              f"{CHART_MOUNT}, where the chart's NATS pod reads them "
+              f"(init --mount {CHART_MOUNT})", file=sys.stderr)
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+    else:
+        import yaml
+
+        print("# " + f"python -m hami.creds secret {args.dir} --name {args.name}: "
+              "keep it out of version control (it holds every role's seed)")
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m hami.creds",
@@ -248,7 +342,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="a DNS name or IP of the server, repeatable (e.g. nats)")
     i.add_argument("--mount", default=None, help="where the server sees OUT (default: OUT)")
     i.add_argument("--store-dir", default="/data", help="the server's JetStream directory")
+    s = sub.add_parser("secret", help="print a Kubernetes Secret of what init wrote (no ca.key)")
+    s.add_argument("dir", type=Path, help="the directory init wrote")
+    s.add_argument("--name", required=True, help="the Secret's name (the chart's auth.secretName)")
+    s.add_argument("--namespace", default=None, help="the Secret's namespace (the release's)")
+    s.add_argument("--output", "-o", choices=("yaml", "json"), default="yaml")
     args = p.parse_args(argv)
+    if args.cmd == "secret":
+        return _cmd_secret(args)
     conf = init(args.out, args.node, args.server_name, mount=args.mount, store_dir=args.store_dir)
     print(conf)
     return 0
