@@ -179,7 +179,8 @@ ENCODE_CASES = [
 @pytest.mark.parametrize(("containers", "text"), ENCODE_CASES)
 def test_pod_device_encoding_round_trip(containers: list[ContainerGrant], text: str) -> None:
     assert ann.encode_pod_devices(containers) == text
-    assert ann.decode_pod_devices(text) == [c.devices for c in containers]
+    # HAMi's split keeps the entry after the final ';' (and reads "" as one container).
+    assert ann.decode_pod_devices(text) == [c.devices for c in containers] + [[]]
 
 
 def test_pod_device_encoding_keeps_only_the_vendor() -> None:
@@ -190,10 +191,11 @@ def test_pod_device_encoding_keeps_only_the_vendor() -> None:
 def test_consume_next_container_like_the_device_plugin() -> None:
     text = ";GPU-aaa,NVIDIA,3000,0:;GPU-bbb,NVIDIA,5000,30:;"
     pos, devs, rest = ann.consume_next_container(text)
-    assert (pos, [d.uuid for d in devs], rest) == (1, ["GPU-aaa"], ";;GPU-bbb,NVIDIA,5000,30:;")
+    # HAMi re-encodes the trailing empty entry too: one more ';' per write-back.
+    assert (pos, [d.uuid for d in devs], rest) == (1, ["GPU-aaa"], ";;GPU-bbb,NVIDIA,5000,30:;;")
     pos, devs, rest = ann.consume_next_container(rest)
-    assert (pos, rest) == (2, ";;;")
-    assert ann.consume_next_container(rest) == (-1, [], ";;;")
+    assert (pos, rest) == (2, ";;;;;")
+    assert ann.consume_next_container(rest) == (-1, [], ";;;;;")
 
 
 @pytest.mark.parametrize("bad", ["GPU-1,NVIDIA,100:;", "GPU-1,NVIDIA,x,1:;"])
@@ -227,12 +229,13 @@ def test_node_register_colon_form() -> None:
     assert text == ("GPU-0,10,81920,100,NVIDIA-A100-80GB,0,true,0,hami-core:"
                     "GPU-1,7,81920,200,NVIDIA-A100-80GB,1,false,1,mig:")
     assert ann.decode_node_devices(text) == DEVS
-    # the seven-field form of older writers; index from position
+    # the seven-field form of older writers carries no index: HAMi reads 0 for each
     old = ann.decode_node_devices("GPU-9,4,1000,100,NVIDIA-T4,0,true:GPU-8,4,1000,100,NVIDIA-T4,0,true")
-    assert [(d.uuid, d.index, d.mode) for d in old] == [("GPU-9", 0, "hami-core"), ("GPU-8", 1, "hami-core")]
+    assert [(d.uuid, d.index, d.mode) for d in old] == [("GPU-9", 0, "hami-core"), ("GPU-8", 0, "hami-core")]
 
 
-@pytest.mark.parametrize("bad", ["[{\"index\":1}]", "[1", "{}", "GPU-1,x,1,1,T,0,true", "GPU-1,1,1,1,T,0,maybe"])
+@pytest.mark.parametrize("bad", ["[{\"index\":1}]", "[1", "{}", "GPU-1,x,1,1,T,0,true:",
+                                 "GPU-1,1,1,1,T,0,maybe:", "", "[]"])
 def test_node_register_errors(bad: str) -> None:
     with pytest.raises(ann.AnnotationError):
         ann.decode_node_devices(bad)
