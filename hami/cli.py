@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from importlib import metadata
 from typing import Any, NoReturn
 
@@ -44,6 +45,8 @@ from shared.schemas import (
     StatusRequest,
     SubmitReply,
     SubmitRequest,
+    WithdrawReply,
+    WithdrawRequest,
     card_usage,
 )
 
@@ -57,6 +60,7 @@ INTERRUPTED = 130  # Ctrl-C
 BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE, as a shell reports it)
 
 CONNECT_TIMEOUT = 2.0  # seconds for the one connection attempt of a one-shot command
+WITHDRAW_TIMEOUT = 3.0  # seconds for the answer to a withdrawal, once connected
 
 
 class Fail(Exception):
@@ -262,7 +266,35 @@ def build_submit(args: argparse.Namespace) -> SubmitRequest:
         constraints=Constraints(node_policy=args.node_policy, gpu_policy=args.gpu_policy),
         wait=args.wait is not None,
         timeout=args.wait if args.wait is not None else 30.0,
+        # Ours, so that we can withdraw it whatever happens to the binder that takes it.
+        uid=str(uuid.uuid4()),
     )
+
+
+async def withdraw(url: str, req: SubmitRequest) -> None:
+    """Best effort, bounded: tell the binders nobody waits for ``req`` any more, so it is
+    never placed (or is released). Whatever fails here, the binder's own deadline
+    withdraws it too."""
+    with contextlib.suppress(Exception):
+        await request(url, subjects.API_WITHDRAW,
+                      WithdrawRequest(uid=req.uid, name=req.name, namespace=req.namespace),
+                      WithdrawReply, WITHDRAW_TIMEOUT)
+
+
+async def submit(url: str, req: SubmitRequest) -> Any:
+    """Ask, and withdraw when we stop waiting: Ctrl-C, or no answer by our own timeout
+    (the binder that took the request died: its reply never comes)."""
+    try:
+        return await request(url, subjects.API_SUBMIT, req, SubmitReply, req.timeout + 10)
+    except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
+        await withdraw(url, req)
+        raise
+    except Fail as exc:
+        # No answer in time: the binder that took it may have died with it. (Without a
+        # server nothing can be withdrawn; the binder's own deadline withdraws it then.)
+        if exc.message.startswith("no answer on"):
+            await withdraw(url, req)
+        raise
 
 
 def placement_json(r: SubmitReply) -> dict[str, Any]:
@@ -288,9 +320,10 @@ def placement_json(r: SubmitReply) -> dict[str, Any]:
 def cmd_submit(args: argparse.Namespace) -> int:
     req = build_submit(args)
     url = find_nats(args.nats_url)
-    r = asyncio.run(request(url, subjects.API_SUBMIT, req, SubmitReply, req.timeout + 10))
+    r = asyncio.run(submit(url, req))
     if isinstance(r, ErrorReply):
-        raise Fail(r.error, USAGE)
+        busy = isinstance(r.detail, dict) and r.detail.get("busy")
+        raise Fail(r.error, UNREACHABLE if busy else USAGE)
     out = placement_json(r)
     if args.json:
         print(json.dumps(out))

@@ -8,6 +8,26 @@ entry only if the entry is still at the revision this replica last saw; a confli
 means another replica got there first, so the node is re-read and the request decided
 again. A request that fits nowhere stays pending (when it asks to) and is retried when
 capacity changes — a release, a node registered or recovered — never on a timer.
+
+A request nobody waits for is never placed. One past its ``deadline`` (set by the
+binder for direct clients; 0 for Kubernetes pods) is dropped, from the batch or from
+pending, and answered ``failed`` with reason "expired" once (one message id). One that
+was withdrawn is dropped silently. Withdrawn is known two ways, both kept in one
+bounded map (uid -> when to forget it; at most ``WITHDRAWN_CAP`` entries, none past
+its request's deadline):
+
+- the ``hami-outcomes`` bucket (``shared.outcomes``), followed by a KV watch: the binder
+  records a withdrawal there *before* it publishes the ``released``, so every replica
+  knows it, also one handed the request after a crash while another replica took the
+  release (the work queue is shared: a request and its withdrawal may land on
+  different replicas, in either order);
+- a ``released`` of a uid this replica does not hold and with no node (withdrawn
+  before placement, a deleted pending pod), or with reason "withdrawn"/"orphaned".
+
+A withdrawal racing a decision on another replica may still lose (the ledger was
+written first): its ``released`` then frees the reservation, or, when it reached a
+replica that had not yet seen the write, the binder releases the bound decision it
+finds withdrawn (services.binder, rule 4).
 """
 
 from __future__ import annotations
@@ -27,6 +47,7 @@ from shared import limits, logs, subjects, tracing
 from shared.bus import BadMessage, Bus, Conflict, WorkQueue, decode, decode_event
 from shared.config import Config
 from shared.lifecycle import Background
+from shared.outcomes import WITHDRAWN, Outcomes
 from shared.schemas import (
     AllocDecided,
     AllocFailed,
@@ -37,6 +58,7 @@ from shared.schemas import (
     NodeInventory,
     NodeLedger,
     Quota,
+    RequestOutcome,
 )
 
 log = logging.getLogger("hami.placement")
@@ -50,6 +72,9 @@ ACK_DELAY_S = 0.005
 STOP_SETTLE_S = 2.0  # at stop, for the stream to answer the events already sent
 
 CAS_ATTEMPTS = 16
+WITHDRAWN_CAP = 100_000  # withdrawn uids remembered at most (oldest forgotten first)
+# Releases that mean "nobody waits for this request": never place it again.
+WITHDRAWING = ("withdrawn", "orphaned")
 # What a request answered by placement itself, not by the engine, fails with.
 REASON_INVALID = "invalid"
 REASON_INTERNAL = "internal-error"
@@ -87,6 +112,9 @@ class PlacementService:
         self._deferred: dict[str, tuple[bytes, int]] = {}  # node -> watch update held meanwhile
         self.owner: dict[str, str] = {}  # alloc uid -> node
         self.pending: OrderedDict[str, AllocRequested] = OrderedDict()
+        self.withdrawn: OrderedDict[str, float] = OrderedDict()  # uid -> forget after (epoch s)
+        self.outcomes = Outcomes(bus, cfg.bus.max_wait)
+        self.expired = 0
         self.lock = asyncio.Lock()
         self.capacity_changed = asyncio.Event()
         self._bg = Background()
@@ -230,6 +258,58 @@ class PlacementService:
         led, rev = await self.bus.kv_get(subjects.LEDGER_BUCKET, node, NodeLedger)
         self._adopt(led or NodeLedger(node=node), rev)
 
+    # ------------------------------------------------------- withdrawn and expired
+
+    async def _on_outcome(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is None:
+            return
+        o = decode(value, RequestOutcome)
+        if o.state == WITHDRAWN:
+            self._note_withdrawn(o.uid, o.deadline)
+
+    def _note_withdrawn(self, uid: str, deadline: float = 0.0) -> None:
+        """Remember that nobody waits for ``uid``: until its deadline (after which the
+        deadline alone refuses it), or the longest wait when it has none."""
+        now = time.time()
+        until = deadline if deadline > 0 else now + self.cfg.bus.max_wait
+        self.withdrawn[uid] = max(until, self.withdrawn.get(uid, 0.0))
+        self.withdrawn.move_to_end(uid)
+        self.pending.pop(uid, None)
+        while self.withdrawn and (
+            len(self.withdrawn) > WITHDRAWN_CAP or next(iter(self.withdrawn.values())) < now
+        ):
+            self.withdrawn.popitem(last=False)
+
+    def is_withdrawn(self, uid: str) -> bool:
+        until = self.withdrawn.get(uid)
+        if until is None:
+            return False
+        if until < time.time():
+            del self.withdrawn[uid]
+            return False
+        return True
+
+    async def _refused(self, req: AllocRequested, acks: list[asyncio.Future[int]]) -> bool:
+        """True when ``req`` must not be placed: withdrawn, or past its deadline (then
+        answered ``failed``/"expired", pending False, once: one message id)."""
+        if self.is_withdrawn(req.uid):
+            self.pending.pop(req.uid, None)
+            log.debug("%s: withdrawn; not placed", req.uid)
+            return True
+        if 0 < req.deadline <= time.time():
+            self.pending.pop(req.uid, None)
+            self.expired += 1
+            ev = AllocFailed(
+                uid=req.uid, name=req.name, namespace=req.namespace, pending=False,
+                message=f"{req.name}: its deadline passed before it could be placed",
+                source=req.source, requested_at=req.requested_at, failed_at=time.time(),
+                reason="expired",
+            )
+            acks.append(await self.bus.publish_event_nowait(
+                subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:expired"))
+            return True
+        return False
+
     # -------------------------------------------------------------- the decisions
 
     async def _reserve(
@@ -270,6 +350,7 @@ class PlacementService:
             decided_at=alloc.decided_at,
             ledger_revision=rev,
             replica=self.replica,
+            deadline=req.deadline,
         )
 
     async def _publish_decided(
@@ -329,6 +410,8 @@ class PlacementService:
         try:
             if await self._already_placed(req, acks):
                 return True
+            if await self._refused(req, acks):  # also each retry of a pending one
+                return False
             with tracing.span(tracer, "placement.decide") as span:
                 span.set_attribute("hami.uid", req.uid)
                 span.set_attribute("hami.retry", retry)
@@ -379,6 +462,8 @@ class PlacementService:
                     # in which case its commit below announces it.
                     if not any(r.uid == ev.uid for lst in tentative.values() for r, _, _ in lst):
                         await self._already_placed(ev, acks)
+                    continue
+                if await self._refused(ev, acks):
                     continue
                 with tracing.span(tracer, "placement.decide") as span:
                     span.set_attribute("hami.uid", ev.uid)
@@ -465,8 +550,10 @@ class PlacementService:
     async def handle_release(self, ev: AllocReleased) -> None:
         self.pending.pop(ev.uid, None)
         node = self.owner.get(ev.uid) or ev.node
+        if not node or ev.reason in WITHDRAWING:
             # Not placed as far as anyone knows, or given up on: a request of this uid
             # that comes later (redelivered, reordered) is not placed.
+            self._note_withdrawn(ev.uid)
         if not node:
             return
         for _ in range(CAS_ATTEMPTS):
@@ -716,7 +803,9 @@ class PlacementService:
     # --------------------------------------------------------------------- life
 
     async def start(self) -> None:
-        ready = [asyncio.Event() for _ in range(4)]
+        ready = [asyncio.Event() for _ in range(5)]
+        await self.outcomes.ensure()
+        self._bg.add(await self.bus.watch_kv(subjects.OUTCOMES_BUCKET, self._on_outcome, ready[4]))
         self._bg.add(await self.bus.watch_kv(subjects.QUOTA_BUCKET, self._on_quota, ready[3]))
         self._bg.add(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[0]))
         self._bg.add(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[1]))
