@@ -500,9 +500,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                   names=args.names, **timeouts))
                        for k in range(args.clients)]
             await sched
-            # The load runs its duration and at least a second past the last restart's
-            # being ready, so the system is seen working after it.
-            load.stop_at = max(load.stop_at, time.monotonic() + 1.0)
+            # The load runs its duration and at least 3 s past the last restart's being
+            # ready (NATS: the clients reconnect 0.5 s apart), so it is seen working after.
+            load.stop_at = max(load.stop_at, time.monotonic() + 3.0)
             await asyncio.gather(*clients)
             await churn
             load_s = time.monotonic() - t0
@@ -554,8 +554,10 @@ def report(
     restarts = []
     for r in chaos.restarts:
         after = [t for t in ok_times if t > r["_restart"]]
+        soon = Counter(o.result for o in outs if r["_restart"] < o.sent <= r["_restart"] + 2.0)
         restarts.append({k: v for k, v in r.items() if not k.startswith("_")}
-                        | {"first_ok_s": round(after[0] - r["_restart"], 3) if after else None})
+                        | {"first_ok_s": round(after[0] - r["_restart"], 3) if after else None,
+                           "sent_in_next_2s": dict(soon)})
     visible: list[dict[str, Any]] = []
     casualties = 0
     for kind, kill, back in chaos.downtime:
