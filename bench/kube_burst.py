@@ -135,6 +135,9 @@ class Burst:
         try:
             decided = decode_pod_devices(meta.get("annotations", {})[ALLOCATED])
             conts = [*spec.get("initContainers", []), *spec["containers"]]
+            # HAMi's encoding ends with ';', which decodes as one more, empty, container.
+            while len(decided) > len(conts) and not decided[-1]:
+                decided.pop()
             asks = [{RES: len(d)} if d else {} for d in decided]
             await self.kubelets[node].admit_pod(uid, asks)
             for c, grants in zip(conts, decided, strict=True):
