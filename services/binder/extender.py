@@ -271,9 +271,17 @@ class Extender:
         w = _Waiter(req.requested_at)
         self.waiters[req.uid] = w
         try:
-            await self.bus.publish_event(subjects.alloc("requested"), req,
-                                         msg_id=self._msg_id("requested", req.uid))
-            return await asyncio.wait_for(asyncio.shield(w.fut), self.answer_timeout_s)
+            # Not waiting for the stream's ack before the answer: the scheduler's cycle
+            # is serial, and the ack costs a round trip placement does not need.
+            stored = await self.bus.publish_event_nowait(
+                subjects.alloc("requested"), req, msg_id=self._msg_id("requested", req.uid))
+            stored.add_done_callback(_retrieve)
+            either: set[asyncio.Future[Any]] = {w.fut, stored}
+            async with asyncio.timeout(self.answer_timeout_s):
+                done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if stored in done:
+                    stored.result()  # a publish that failed raises here, not after 25 s
+                return await asyncio.shield(w.fut)
         except TimeoutError:
             return None
         finally:
@@ -484,6 +492,12 @@ class Extender:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._sweeper = None
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # An ack failure after the answer came matters to nobody; do not log it as lost.
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _bound_to(pod: Obj | None, uid: str, node: str) -> bool:
