@@ -652,6 +652,12 @@ class PlacementService:
                     await self._refresh(node)
                 except Exception as exc:
                     noisy.warning(f"refresh:{node}", "cannot read the ledger of %s again: %s", node, exc)
+            # A node never written before has no revision, and the refresh cannot tell
+            # which of its holders were tentative: what the ledger lacks is not owned.
+            for _, ev in batch:
+                node = self.owner.get(ev.uid) if isinstance(ev, AllocRequested) else None
+                if node is not None and ev.uid not in self.cluster.ledger(node).allocs:
+                    del self.owner[ev.uid]
 
     async def _failed_alone(
         self, item: tuple[Msg, AllocRequested | AllocReleased], exc: Exception
