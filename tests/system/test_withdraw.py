@@ -261,6 +261,9 @@ async def test_a_placement_replica_stopped_mid_batch_places_none_of_its_withdraw
     await until(lambda: ev.of("filler", AllocDecided))
     # The replica takes a batch and stalls in it (its lock held).
     await p1.lock.acquire()
+    # The card frees first: without the withdrawals, the requests after it would fit.
+    await bus.publish_event(subjects.alloc("released", "n1"),
+                            AllocReleased(uid="filler", node="n1", reason="released"), msg_id="rel-filler")
     uids = [f"w-{i:02d}-{uuid.uuid4().hex[:8]}" for i in range(20)]
     for u in uids:
         await bus.publish_event(subjects.alloc("requested"), req(u, 10, True), msg_id=f"requested:{u}")
@@ -271,8 +274,6 @@ async def test_a_placement_replica_stopped_mid_batch_places_none_of_its_withdraw
         await bus.publish_event(subjects.alloc("released"),
                                 AllocReleased(uid=u, name=u, reason="withdrawn", at=time.time()),
                                 msg_id=f"released:{u}:withdrawn")
-    await bus.publish_event(subjects.alloc("released", "n1"),
-                            AllocReleased(uid="filler", node="n1", reason="released"), msg_id="rel-filler")
     await until(lambda: p1._sub is not None and p1._sub.queue.qsize() > 0)
     # Killed: the connection goes, nothing is acknowledged.
     await p1bus.nc.close()
