@@ -18,8 +18,8 @@ Every request's outcome is recorded by the client that sent it: ``ok`` (node, ui
 ``deadline`` (the binder answered that no placement came in time), ``no_reply``
 (the client's own timeout, no responders, a connection error) or ``lost`` (none of
 these within the client's deadline plus 5 s: it should be impossible). After the load,
-the bench waits for the clients' deadlines plus a margin and for the placement and
-binder consumers to drain (``--settle-max`` at most: a killed replica's unacknowledged
+the bench waits until the last request's deadline plus ``--margin`` has passed and for
+the placement and binder consumers to drain (``--settle-max`` at most: a killed replica's unacknowledged
 batch is redelivered after the consumer's ack wait), then reads the ``hami-ledger`` and
 ``hami-nodes`` buckets and prints one JSON object:
 
@@ -27,12 +27,15 @@ batch is redelivered after the consumer's ack wait), then reads the ``hami-ledge
   ``lost``, and counts by outcome and kind;
 - ``orphaned``: uids in the ledger no client holds as ``ok`` (told otherwise, or
   nothing), with what their clients were told (``orphaned_told``);
-  ``held_not_in_ledger``: the reverse;
+  ``held_not_in_ledger``: the reverse (``gone_after_unanswered_release``: the same
+  for a client whose last release of it went unanswered, which may rightly be gone);
+  ``samples``: a few of each, to start an investigation from;
 - ``double_booked``: a uid in two nodes' ledgers, a name held under two uids in the
   ledger, or a client told ``ok`` for a name it already held;
 - ``over_capacity``: cards whose allocated memory, cores or slots exceed the card's;
 - ``restarts``: per kill, ``ready_s`` (restart to ``/readyz`` 200; for NATS, to every
-  service ready again) and ``first_ok_s`` (restart to the next ``ok`` submit);
+  service ready again), ``first_ok_s`` (restart to the next ``ok`` submit) and the
+  outcomes of the requests sent in the 2 s after the restart;
 - ``placement_failover_visible``: while a placement replica is down (kill to its
   restart being ready), one-shot submits sent after the kill that got no reply or a
   deadline, and any no-reply; requests sent before the kill and lost with the dead
@@ -43,8 +46,9 @@ batch is redelivered after the consumer's ack wait), then reads the ``hami-ledge
   way (2 when the bench itself could not run).
 
     .venv/bin/python bench/chaos.py --duration 60 --nodes 10
-    .venv/bin/python bench/chaos.py --duration 8 --nodes 3 --settle-max 12   # the test's
+    .venv/bin/python bench/chaos.py --duration 8 --nodes 3 --release-timeout 4 --settle-max 12  # the test's
     .venv/bin/python bench/chaos.py --auth ...   # per-role nkeys and TLS, as hami up runs
+    .venv/bin/python bench/chaos.py --kill '' [--no-churn]   # the same load, nothing killed
 """
 
 from __future__ import annotations
@@ -378,10 +382,13 @@ class Chaos:
                               "ready_s": None if ready is None else round(ready, 3)})
 
     async def schedule(self, http: aiohttp.ClientSession, load: Load, t0: float) -> None:
-        kinds = ["inventory", "placement-a", "placement-b", "binder", "metrics", self.nodes[0], "nats"]
+        every = ["inventory", "placement-a", "placement-b", "binder", "metrics", "nodeagent", "nats"]
+        kinds = [self.nodes[0] if k == "nodeagent" else k for k in every if k in self.args.kill]
+        if not kinds:
+            return
         d = self.args.duration
         first, last = 0.12 * d, 0.8 * d
-        step = (last - first) / (len(kinds) - 1)
+        step = (last - first) / max(1, len(kinds) - 1)
         down = min(0.5, step * 0.25)
         for i, kind in enumerate(kinds):
             delay = t0 + first + i * step - time.monotonic()
@@ -392,7 +399,7 @@ class Chaos:
     async def churn(self, stop_at: float, rng: random.Random) -> None:
         """Stop and later start node agents other than the one chaos kills."""
         candidates = self.nodes[1:]
-        if not candidates:
+        if not candidates or self.args.no_churn:
             return
         period = max(1.0, self.args.duration / 5)
         while time.monotonic() + period < stop_at:
@@ -639,10 +646,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--margin", type=float, default=1.0, help="settle margin past the deadlines")
     ap.add_argument("--recover-target", type=float, default=2.0, help="ready within, after a restart")
     ap.add_argument("--recover-max", type=float, default=20.0, help="give up waiting for a restart")
+    ap.add_argument("--kill", default="inventory,placement-a,placement-b,binder,metrics,nodeagent,nats",
+                    type=lambda v: [k for k in v.split(",") if k],
+                    help="what the schedule kills, in this order ('' for none: the load and churn alone)")
+    ap.add_argument("--no-churn", action="store_true", help="leave the node agents alone")
     ap.add_argument("--auth", action="store_true", help="per-role nkeys and TLS, as hami up")
     ap.add_argument("--keep-logs", default=None, metavar="DIR", help="copy the services' logs here")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
+    unknown = set(args.kill) - {"inventory", "placement-a", "placement-b", "binder", "metrics",
+                                "nodeagent", "nats"}
+    if unknown:
+        ap.error(f"--kill: unknown {', '.join(sorted(unknown))}")
     if args.nodes < 1 or args.clients < 1 or args.names < 1 or args.duration <= 0:
         ap.error("--nodes, --clients, --names and --duration must be positive")
     return args
