@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         }
     },
     "scheduler-direct": {"scheduler": {"mode": "direct"}},
+    "auth": {"auth": {"enabled": True, "secretName": "hami-nats-auth",
+                      "nodes": ["gpu-1", "gpu-2.example.com"]},
+             "nats": {"replicas": 3}},
     "minimal": {
         "metrics": {"enabled": False},
         "nodeagent": {"enabled": False},
@@ -360,6 +364,9 @@ def schema() -> Obj:
         ("scheduler.kubeSchedulr.verbosity=4", "/scheduler"),
         ("nodeagent.kubeletDir=var/lib/kubelet", "/nodeagent/kubeletDir"),
         ("placment.replicas=3", ""),
+        ("auth.enabled=true", "/auth/secretName"),
+        ("auth.enabled=true,auth.secretName=", "/auth/secretName"),
+        ("auth.nodes={GPU_1}", "/auth/nodes/0"),
     ],
 )
 def test_schema_rejects_wrong_values(expr: str, where: str) -> None:
@@ -1020,3 +1027,179 @@ def test_webhookless_binder_keeps_its_sidecar() -> None:
 def test_no_binder_no_kube_scheduler() -> None:
     out = render_raw({"binder": {"enabled": False}})
     assert KS not in "".join(out.values())
+
+
+# ------------------------------------------------------------------- NATS authentication
+
+
+def _creds(tmp: Path) -> tuple[Path, Obj]:
+    """hami.creds init + secret, run for real as the chart README tells the operator."""
+    out = tmp / "creds"
+    auth_vals = VALUE_SETS["auth"]["auth"]
+    init = ["init", str(out), "--server-name", f"{component_name('nats')}.{NS}.svc",
+            "--mount", "/etc/hami/auth", "--store-dir", "/data"]
+    for node in auth_vals["nodes"]:
+        init += ["--node", node]
+    for args in (init, ["secret", str(out), "--name", auth_vals["secretName"], "--namespace", NS]):
+        done = subprocess.run([sys.executable, "-m", "hami.creds", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    secret = yaml.safe_load(done.stdout)
+    assert secret["kind"] == "Secret" and secret["metadata"]["namespace"] == NS
+    for version in KUBE_VERSIONS:
+        kv.validate(secret, version, strict=True)
+    return out, secret
+
+
+def _mounted(pod: Obj, container: Obj) -> dict[str, str]:
+    """file path in the container -> Secret key, for the auth Secret's items."""
+    vols = {v["name"]: v for v in pod["volumes"]}
+    out = {}
+    for m in container.get("volumeMounts", []):
+        sec = vols.get(m["name"], {}).get("secret")  # a claim template is no volume
+        if sec and sec["secretName"] == VALUE_SETS["auth"]["auth"]["secretName"]:
+            for item in sec["items"]:
+                out[f"{m['mountPath']}/{item['path']}"] = item["key"]
+    return out
+
+
+def test_auth_off_by_default_mounts_nothing() -> None:
+    for _, c in our_containers(render("defaults")):
+        assert "HAMI_NATS_SEED" not in env(c)
+    conf = one(render("defaults"), "ConfigMap", f"{component_name('nats')}-config")
+    assert "include" not in conf["data"]["nats.conf"]
+
+
+def test_auth_nodeagent_needs_the_nodes() -> None:
+    with pytest.raises(Exception, match="auth.nodes"):
+        render_raw({"auth": {"enabled": True, "secretName": "s"}})
+    render_raw({"auth": {"enabled": True, "secretName": "s"}, "nodeagent": {"enabled": False}})
+
+
+def test_auth_each_pod_mounts_its_own_seed(tmp_path: Path) -> None:
+    _, secret = _creds(tmp_path)
+    keys = set(secret["data"])
+    assert "ca.key" not in keys and not any(":" in k for k in keys)
+    objs = render("auth")
+    nodes = VALUE_SETS["auth"]["auth"]["nodes"]
+    seen = set()
+    for w, c in our_containers(objs):
+        pod = w["spec"]["template"]["spec"]
+        files = _mounted(pod, c)
+        assert set(files.values()) <= keys, w["metadata"]["name"]
+        component = w["metadata"]["labels"]["app.kubernetes.io/component"]
+        seeds = {k for k in files.values() if k.endswith(".nk")}
+        seed = env(c)["HAMI_NATS_SEED"]
+        if component == "nodeagent":
+            assert seeds == {f"nodeagent.{n}.nk" for n in nodes}
+            for n in nodes:  # Kubernetes' $(VAR) expansion with the pod's spec.nodeName
+                path = seed.replace("$(HAMI_NODE_NAME)", n)
+                assert files[path] == f"nodeagent.{n}.nk"
+        else:
+            assert seeds == {f"{component}.nk"}, w["metadata"]["name"]
+            assert files[seed] == f"{component}.nk"
+        assert files[env(c)["HAMI_NATS_CA"]] == "ca.crt"
+        seen.add(component)
+    assert seen == set(SERVICES)
+    sts = one(objs, "StatefulSet", component_name("nats"))
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    files = _mounted(sts["spec"]["template"]["spec"], c)
+    assert set(files.values()) == {"nats-server.conf", "server.crt", "server.key", "ca.crt"}
+    conf = one(objs, "ConfigMap", f"{component_name('nats')}-config")["data"]["nats.conf"]
+    config_dir = c["command"][c["command"].index("--config") + 1].rsplit("/", 1)[0]
+    include = conf.split('include "', 1)[1].split('"', 1)[0]
+    assert files[os.path.normpath(f"{config_dir}/{include}")] == "nats-server.conf"
+    text = base64.b64decode(secret["data"]["nats-server.conf"]).decode()
+    for name in ("server.crt", "server.key", "ca.crt"):  # the TLS paths init wrote are mounted
+        assert f'"/etc/hami/auth/{name}"' in text and f"/etc/hami/auth/{name}" in files
+
+
+def test_auth_nats_server_admits_the_placement_seed(tmp_path: Path) -> None:
+    """The chart's nats.conf (including the Secret's file), the Secret's files laid out as
+    the pods see them, under tmp_path; placement connects with the seed the chart mounts."""
+    import asyncio
+    import socket
+
+    import nats
+    import nats.errors
+
+    _, secret = _creds(tmp_path)
+    objs = render("auth")
+    root = tmp_path / "root"
+    files = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+
+    def remap(text: str) -> str:
+        return text.replace("/etc/", f"{root}/etc/").replace("/var/run/", f"{root}/var/run/")
+
+    sts = one(objs, "StatefulSet", component_name("nats"))
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    for path, key in _mounted(sts["spec"]["template"]["spec"], c).items():
+        dest = Path(remap(path))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(remap(files[key].decode()).encode())
+    conf = one(objs, "ConfigMap", f"{component_name('nats')}-config")["data"]["nats.conf"]
+    # One server, not the rendered three-server cluster: its routes name pods that are not here.
+    conf = conf.split("cluster {", 1)[0].replace("store_dir: /data", f'store_dir: "{tmp_path}/data"')
+    conf_file = Path(remap(c["command"][c["command"].index("--config") + 1]))
+    conf_file.parent.mkdir(parents=True, exist_ok=True)
+    conf_file.write_text(remap(conf))
+    (root / "var/run/nats").mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([natsserver.find_binary(), "-c", str(conf_file), "-a", "127.0.0.1",
+                             "-p", str(port), "-m", "0"],
+                            env={"SERVER_NAME": "nats-0"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        dep = one(objs, "Deployment", component_name("placement"))
+        (pc,) = [x for x in dep["spec"]["template"]["spec"]["containers"] if x["name"] == "placement"]
+        mounted = _mounted(dep["spec"]["template"]["spec"], pc)
+        for path, key in mounted.items():
+            Path(remap(path)).parent.mkdir(parents=True, exist_ok=True)
+            Path(remap(path)).write_bytes(files[key])
+        from shared import bus
+
+        seed, ca = remap(env(pc)["HAMI_NATS_SEED"]), remap(env(pc)["HAMI_NATS_CA"])
+
+        async def connect(seed_file: str) -> None:
+            opts = bus.connect_options(auth_creds(seed_file, ca))
+            nc = await nats.connect(f"nats://localhost:{port}", connect_timeout=2,
+                                    max_reconnect_attempts=0, allow_reconnect=False, **opts)
+            try:
+                # placement may write the ledger: its permissions came through the include
+                await nc.flush(timeout=5)
+            finally:
+                await nc.close()
+
+        async def attempt() -> None:
+            for _ in range(50):
+                try:
+                    await connect(seed)
+                    return
+                except Exception:
+                    if proc.poll() is not None:
+                        raise
+                    await asyncio.sleep(0.2)
+            await connect(seed)
+
+        asyncio.run(attempt())
+        # An unknown seed is refused: the server really checks (authorization included).
+        (tmp_path / "other.nk").write_text(auth_new_seed())
+        with pytest.raises((nats.errors.Error, OSError)):
+            asyncio.run(connect(str(tmp_path / "other.nk")))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def auth_creds(seed_file: str, ca: str) -> Any:
+    from shared import auth
+
+    return auth.Credentials(role="placement", seed_file=seed_file, tls_ca=ca)
+
+
+def auth_new_seed() -> str:
+    from shared import auth
+
+    return auth.new_user_seed() + "\n"

@@ -43,6 +43,7 @@ spec:
             {{- end }}
           env:
             {{- include "hami-bus.env" $ctx | nindent 12 }}
+            {{- include "hami-bus.authEnv" (dict "ctx" $ctx "seed" (printf "%s.nk" .component)) | nindent 12 }}
           ports:
             {{- include "hami-bus.healthPort" $ctx | nindent 12 }}
             {{- if .port }}
@@ -58,10 +59,12 @@ spec:
             {{- include "hami-bus.configMount" $ctx | nindent 12 }}
             - name: tmp
               mountPath: /tmp
+            {{- include "hami-bus.authMount" $ctx | nindent 12 }}
       volumes:
         {{- include "hami-bus.configVolume" $ctx | nindent 8 }}
         - name: tmp
           emptyDir: {}
+        {{- include "hami-bus.authVolume" (dict "ctx" $ctx "seeds" (list (printf "%s.nk" .component))) | nindent 8 }}
       {{- include "hami-bus.scheduling" . | nindent 6 }}
 {{ include "hami-bus.pdb" . }}
 {{- end }}

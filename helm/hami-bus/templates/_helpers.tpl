@@ -216,3 +216,59 @@ readinessProbe:
 {{- define "hami-bus.binderLease" -}}
 {{- include "hami-bus.componentName" (dict "ctx" . "component" "binder") }}
 {{- end }}
+
+{{/*
+NATS authentication (auth.enabled): the Secret `python -m hami.creds secret` printed, one
+key per file init wrote (docs/security.md). Each pod mounts only the keys it needs,
+through Secret items, so a service never sees another role's seed.
+*/}}
+{{- define "hami-bus.authSecret" -}}
+{{- required "auth.enabled: set auth.secretName to the Secret made by 'python -m hami.creds secret'" .Values.auth.secretName }}
+{{- end }}
+
+{{/* Where a service's pod sees its seed and the CA (the NATS pod: hami-bus.natsAuthDir). */}}
+{{- define "hami-bus.authDir" -}}
+/var/run/secrets/hami.io/nats
+{{- end }}
+
+{{/* Where the NATS pod sees the Secret: init's --mount, named in its nats-server.conf. */}}
+{{- define "hami-bus.natsAuthDir" -}}
+/etc/hami/auth
+{{- end }}
+
+{{/* A role's seed as a Secret key (hami.creds.secret_key): nodeagent:n1 -> nodeagent.n1.nk. */}}
+{{- define "hami-bus.seedKey" -}}
+{{- printf "%s.nk" (replace ":" "." .) }}
+{{- end }}
+
+{{/* The environment of one service's identity: (dict "ctx" $ "seed" "placement.nk"). */}}
+{{- define "hami-bus.authEnv" -}}
+{{- if .ctx.Values.auth.enabled }}
+- name: HAMI_NATS_SEED
+  value: {{ printf "%s/%s" (include "hami-bus.authDir" .ctx) .seed | quote }}
+- name: HAMI_NATS_CA
+  value: {{ printf "%s/ca.crt" (include "hami-bus.authDir" .ctx) | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "hami-bus.authMount" -}}
+{{- if .Values.auth.enabled }}
+- name: nats-auth
+  mountPath: {{ include "hami-bus.authDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The Secret volume of the seeds in .seeds (Secret keys) and the CA: (dict "ctx" $ "seeds" (list "placement.nk")). */}}
+{{- define "hami-bus.authVolume" -}}
+{{- if .ctx.Values.auth.enabled }}
+- name: nats-auth
+  secret:
+    secretName: {{ include "hami-bus.authSecret" .ctx }}
+    items:
+      - {key: ca.crt, path: ca.crt}
+      {{- range .seeds }}
+      - {key: {{ . }}, path: {{ . }}}
+      {{- end }}
+{{- end }}
+{{- end }}
