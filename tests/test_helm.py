@@ -192,7 +192,8 @@ def test_install_offline_with_defaults() -> None:
     assert ("StatefulSet", component_name("nats")) in installed  # NATS comes with the chart
     assert RELEASE in rel["notes"] and "nats://" in rel["notes"]
     assert "Scheduling (extender mode): registry.k8s.io/kube-scheduler:v" in rel["notes"]
-    assert "WARNING" not in rel["notes"]
+    assert "WARNING: NATS authentication is OFF" in rel["notes"]
+    assert "WARNING: binder" not in rel["notes"]
 
 
 @pytest.mark.parametrize("vals, warned", [
@@ -1061,6 +1062,17 @@ def _mounted(pod: Obj, container: Obj) -> dict[str, str]:
             for item in sec["items"]:
                 out[f"{m['mountPath']}/{item['path']}"] = item["key"]
     return out
+
+
+def test_auth_notes() -> None:
+    cfg = helm.Config(storage_driver="memory", namespace=NS)
+    try:
+        rel = cfg.install(chart(), RELEASE, copy.deepcopy(VALUE_SETS["auth"]), namespace=NS,
+                          dry_run="client")
+    finally:
+        cfg.close()
+    assert "authentication is OFF" not in rel["notes"]
+    assert "get secret hami-nats-auth -o jsonpath='{.data.cli\\.nk}'" in rel["notes"]
 
 
 def test_auth_off_by_default_mounts_nothing() -> None:
