@@ -7,6 +7,7 @@ wildcards: ``hami.evt.alloc.*.node-1`` is everything that happens on node-1.
 from __future__ import annotations
 
 import hashlib
+import re
 
 PREFIX = "hami"
 
@@ -100,6 +101,9 @@ _ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _TOKEN_OK = frozenset(_ALNUM + "-=:@+~,")
 _KEY_OK = frozenset(_ALNUM + "-=/.")
 _HASH_HEX = 32
+# The common case, kept as it is without a pass per character (keys are made per write).
+_TOKEN_PLAIN = re.compile(rf"[-=:@+~,a-zA-Z0-9]{{1,{MAX_TOKEN}}}")
+_KEY_PLAIN = re.compile(rf"(?=.{{1,{MAX_KEY}}}\Z)[-=/a-zA-Z0-9]+(?:\.[-=/a-zA-Z0-9]+)*", re.S)
 
 
 def _escape(name: str, ok: frozenset[str], dots: bool) -> str:
@@ -129,6 +133,8 @@ def token(name: str) -> str:
     Dots, wildcards and spaces would split or widen a subject, so they are escaped;
     the empty name is ``_`` (no escaped name is a lone ``_``).
     """
+    if _TOKEN_PLAIN.fullmatch(name):
+        return name
     if not name:
         return "_"
     return _bounded(_escape(name, _TOKEN_OK, dots=False), name, MAX_TOKEN)
@@ -140,6 +146,8 @@ def kv_key(name: str) -> str:
     Dots are kept (a Kubernetes node name's key is its name) except where a key may
     not have them: first, last, or two in a row.
     """
+    if _KEY_PLAIN.fullmatch(name):
+        return name
     if not name:
         return "_"
     return _bounded(_escape(name, _KEY_OK, dots=True), name, MAX_KEY)
