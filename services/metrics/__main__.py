@@ -15,10 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=None, help="default: metricsPort of the config")
+    p.add_argument("--legacy-metrics", action="store_true", default=None,
+                   help="also export HAMi's pre-v2.9 metric names (default: $HAMI_LEGACY_METRICS=1)")
     args = p.parse_args(argv)
 
     async def make(bus: Bus, cfg: Config) -> MetricsService:
-        return MetricsService(bus, cfg, port=args.port, host=args.host)
+        return MetricsService(bus, cfg, port=args.port, host=args.host, legacy_metrics=args.legacy_metrics)
 
     return runner.run("metrics", args, make)
 

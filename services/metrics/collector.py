@@ -1,90 +1,201 @@
 """Prometheus exposition of the cluster's allocation state, with HAMi's metric names.
 
-Pure: :class:`AllocationCollector` renders gauges from the inventory and ledger it is
-given at scrape time (REFERENCE §7: memory in bytes, core ratios 0..1, HAMi's labels),
-and :class:`LatencyMetrics` holds the scheduling-latency histograms HAMi lacks.
+Pure: :class:`AllocationCollector` renders gauges from the inventory, ledger and node
+telemetry it is given at scrape time, with HAMi's names, labels and values (REFERENCE
+§7: memory in bytes; HAMi's core "ratios" are percents, 100 = whole card). The scheduler
+side carries HAMi's registry-level ``zone="vGPU"`` label; with ``legacy`` on, the
+pre-v2.9 names and labels are emitted too (HAMi's ``--legacy-metrics``).
+:class:`LatencyMetrics` holds the scheduling-latency histograms HAMi lacks.
 """
 
 from __future__ import annotations
 
+import platform
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shared.schemas import NodeHealth, NodeInventory, NodeLedger, card_usage
+from shared.schemas import NodeHealth, NodeInventory, NodeLedger, Telemetry, card_usage
 
 MIB = 1024 * 1024
-CARD_LABELS = ["node", "device_uuid", "device_index", "device_type"]
-VGPU_LABELS = ["namespace", "node", "pod", "container_index", "device_uuid"]
+ZONE = "vGPU"  # HAMi's scheduler wraps its registry with zone="vGPU"
 
 Snapshot = tuple[dict[str, NodeInventory], dict[str, NodeLedger], dict[str, NodeHealth]]
 
 
+class _Families:
+    """Gauge families by name, in first-use order; ``zone`` appended to zoned ones."""
+
+    def __init__(self) -> None:
+        self.fams: dict[str, tuple[GaugeMetricFamily, bool]] = {}
+
+    def add(self, name: str, doc: str, labels: list[str], values: list[str], v: float,
+            zoned: bool = True) -> None:
+        if name not in self.fams:
+            self.fams[name] = (GaugeMetricFamily(name, doc, labels=labels + (["zone"] if zoned else [])),
+                               zoned)
+        fam, z = self.fams[name]
+        fam.add_metric(values + ([ZONE] if z else []), v)
+
+
 class AllocationCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Snapshot], version: str = "0.1.0") -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        version: str = "0.1.0",
+        *,
+        legacy: bool = False,
+        telemetry: Callable[[], dict[str, Telemetry]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.snapshot = snapshot
         self.version = version
+        self.legacy = legacy
+        self.telemetry = telemetry or dict
+        self.clock = clock
 
-    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
-        nodes, ledgers, health = self.snapshot()
-        mem_limit = GaugeMetricFamily(
-            "hami_gpu_memory_limit_bytes", "Device memory registered for sharing", labels=CARD_LABELS)
-        core_limit = GaugeMetricFamily(
-            "hami_gpu_core_limit_ratio", "Device cores registered for sharing (1 = whole card)",
-            labels=CARD_LABELS)
-        mem_alloc = GaugeMetricFamily(
-            "hami_gpu_memory_allocated_bytes", "Device memory allocated to slices", labels=CARD_LABELS)
-        core_alloc = GaugeMetricFamily(
-            "hami_gpu_core_allocated_ratio", "Device cores allocated to slices (ratio of the card)",
-            labels=CARD_LABELS)
-        shared = GaugeMetricFamily(
-            "hami_gpu_shared_count", "Containers sharing the device", labels=CARD_LABELS)
-        overview = GaugeMetricFamily(
-            "hami_node_gpu_overview", "Cards per node and health", labels=["node", "healthy"])
-        node_ratio = GaugeMetricFamily(
-            "hami_node_gpu_memory_allocated_ratio", "Allocated share of the node's device memory",
-            labels=["node"])
-        vmem = GaugeMetricFamily(
-            "hami_vgpu_memory_allocated_bytes", "Device memory allocated to a container",
-            labels=VGPU_LABELS)
-        vcore = GaugeMetricFamily(
-            "hami_vgpu_core_allocated_ratio", "Cores allocated to a container (ratio of the card)",
-            labels=VGPU_LABELS)
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        nodes, ledgers, _health = self.snapshot()
+        f = _Families()
+        leg = self.legacy
         for name in sorted(nodes):
             inv = nodes[name]
             ledger = ledgers.get(name)
             used: dict[str, tuple[int, int, int]] = {}
-            if ledger is not None:
-                for a in ledger.allocs.values():
-                    for uuid, (m, c, s) in card_usage(a.containers).items():
-                        u = used.get(uuid, (0, 0, 0))
-                        used[uuid] = (u[0] + m, u[1] + c, u[2] + s)
-                    for ci, cont in enumerate(a.containers):
-                        for d in cont.devices:
-                            labels = [a.namespace, name, a.name, str(ci), d.uuid]
-                            vmem.add_metric(labels, d.mem * MIB)
-                            vcore.add_metric(labels, d.cores / 100.0)
-            total_mem = 0
-            total_used = 0
+            for a in (ledger.allocs.values() if ledger else []):
+                for uuid, (m, c, s) in card_usage(a.containers).items():
+                    u = used.get(uuid, (0, 0, 0))
+                    used[uuid] = (u[0] + m, u[1] + c, u[2] + s)
             for d in inv.devices:
-                labels = [name, d.uuid, str(d.index), d.type]
                 m, c, s = used.get(d.uuid, (0, 0, 0))
-                mem_limit.add_metric(labels, d.devmem * MIB)
-                core_limit.add_metric(labels, d.devcore / 100.0)
-                mem_alloc.add_metric(labels, m * MIB)
-                core_alloc.add_metric(labels, c / 100.0)
-                shared.add_metric(labels, s)
-                total_mem += d.devmem
-                total_used += m
-            h = health.get(name)
-            overview.add_metric([name, "true" if (h is None or h.healthy) else "false"], len(inv.devices))
-            node_ratio.add_metric([name], total_used / total_mem if total_mem else 0.0)
-        yield from (mem_limit, core_limit, mem_alloc, core_alloc, shared, overview, node_ratio, vmem, vcore)
-        info = InfoMetricFamily("hami_build", "Build information")
-        info.add_metric([], {"version": self.version, "implementation": "hami-bus"})
+                idx = str(d.index)
+                card = [name, d.uuid, idx]
+                f.add("hami_gpu_memory_limit_bytes", "Device memory limit for a certain GPU",
+                      ["node", "device_uuid", "device_index", "device_type"], [*card, d.type], d.devmem * MIB)
+                f.add("hami_gpu_core_limit_ratio", "Device core limit for a certain GPU",
+                      ["node", "device_uuid", "device_index", "device_type"], [*card, d.type], d.devcore)
+                f.add("hami_gpu_memory_allocated_bytes", "Device memory allocated for a certain GPU",
+                      ["node", "device_uuid", "device_index", "device_cores", "device_type"],
+                      [*card, str(d.devcore), d.type], m * MIB)
+                f.add("hami_gpu_shared_count", "Number of containers sharing this GPU",
+                      ["node", "device_uuid", "device_index", "device_type"], [*card, d.type], s)
+                f.add("hami_gpu_core_allocated_ratio", "Device core allocated for a certain GPU",
+                      ["node", "device_uuid", "device_index", "device_type"], [*card, d.type], c)
+                f.add("hami_node_gpu_overview", "GPU overview on a certain node",
+                      ["node", "device_uuid", "device_index", "device_cores", "device_memory_limit", "device_type"],
+                      [*card, str(d.devcore), str(d.devmem), d.type], m * MIB)
+                if d.devmem > 0:
+                    f.add("hami_node_gpu_memory_allocated_ratio",
+                          "GPU Memory Allocated Percentage on a certain GPU",
+                          ["node", "device_uuid", "device_index"], card, m / d.devmem)
+                if leg:
+                    old = ["nodeid", "deviceuuid", "deviceidx"]
+                    f.add("GPUDeviceMemoryLimit", "Device memory limit for a certain GPU",
+                          [*old, "devicetype"], [*card, d.type], d.devmem * MIB)
+                    f.add("GPUDeviceCoreLimit", "Device memory core limit for a certain GPU",
+                          [*old, "devicetype"], [*card, d.type], d.devcore)
+                    f.add("GPUDeviceMemoryAllocated", "Device memory allocated for a certain GPU",
+                          [*old, "devicecores", "devicetype"], [*card, str(d.devcore), d.type], m * MIB)
+                    f.add("GPUDeviceSharedNum", "Number of containers sharing this GPU",
+                          [*old, "devicetype"], [*card, d.type], s)
+                    f.add("GPUDeviceCoreAllocated", "Device core allocated for a certain GPU",
+                          [*old, "devicetype"], [*card, d.type], c)
+                    f.add("nodeGPUOverview", "GPU overview on a certain node",
+                          [*old, "devicecores", "devicememorylimit", "devicetype"],
+                          [*card, str(d.devcore), str(d.devmem), d.type], m * MIB)
+                    if d.devmem > 0:
+                        f.add("nodeGPUMemoryPercentage", "GPU Memory Allocated Percentage on a certain GPU",
+                              old, card, m / d.devmem)
+            for a in (ledger.allocs.values() if ledger else []):
+                for ci, cont in enumerate(a.containers):
+                    for g in cont.devices:
+                        labels = [a.namespace, name, a.name, str(ci), g.uuid]
+                        f.add("hami_vgpu_memory_allocated_bytes", "vGPU memory allocated from a container",
+                              ["namespace", "node", "pod", "container_index", "device_uuid"], labels, g.mem * MIB)
+                        f.add("hami_vgpu_core_allocated_ratio", "vGPU core allocated from a container",
+                              ["namespace", "node", "pod", "container_index", "device_uuid"], labels, g.cores)
+                        if leg:
+                            old = ["podnamespace", "nodename", "podname", "containeridx", "deviceuuid"]
+                            f.add("vGPUMemoryAllocated", "vGPU memory allocated from a container",
+                                  old, labels, g.mem * MIB)
+                            f.add("vGPUCoreAllocated", "vGPU core allocated from a container",
+                                  old, labels, g.cores)
+        self._node_side(f, nodes, ledgers)
+        yield from (fam for fam, _ in f.fams.values())
+        info = GaugeMetricFamily(
+            "hami_build_info", "hami build metadata exposed as labels with a constant value of 1.",
+            labels=["version", "revision", "build_date", "go_version", "compiler", "platform"])
+        info.add_metric([self.version, "", "", "", platform.python_implementation().lower(),
+                         f"{platform.system().lower()}/{platform.machine()}"], 1)
         yield info
+
+    def _node_side(self, f: _Families, nodes: dict[str, NodeInventory],
+                   ledgers: dict[str, NodeLedger]) -> None:
+        """What HAMi's vGPU monitor exports per node, from the node agents' telemetry."""
+        now = self.clock()
+        leg = self.legacy
+        for node, tel in sorted(self.telemetry().items()):
+            inv = nodes.get(node)
+            if inv is None:
+                continue
+            cards = {d.uuid: d for d in inv.devices}
+            for du in tel.devices:
+                d = cards.get(du.uuid)
+                if d is None:
+                    continue
+                labels = [node, str(d.index), d.uuid, d.type]
+                host = ["node", "device_index", "device_uuid", "device_type"]
+                f.add("hami_host_gpu_memory_used_bytes", "GPU device memory usage in bytes", host, labels,
+                      du.memory_used_mib * MIB, zoned=False)
+                f.add("hami_host_gpu_utilization_ratio", "GPU core utilization ratio (0-100)", host, labels,
+                      du.utilization * 100, zoned=False)
+                if leg:
+                    old = ["nodeid", "deviceidx", "deviceuuid", "devicetype"]
+                    f.add("HostGPUMemoryUsage", "GPU device memory usage", old, labels,
+                          du.memory_used_mib * MIB, zoned=False)
+                    f.add("HostCoreUtilization", "GPU core utilization", old, labels,
+                          du.utilization * 100, zoned=False)
+            ledger = ledgers.get(node)
+            allocs = ledger.allocs if ledger else {}
+            for cu in tel.containers:
+                a = allocs.get(cu.uid)
+                if a is None:
+                    continue  # released since the sample: no pod to name
+                grant = next((c for c in a.containers if c.name == cu.container), None)
+                uuids = [g.uuid for g in grant.devices] if grant else []
+                vidx = str(uuids.index(cu.uuid)) if cu.uuid in uuids else "0"
+                labels = [a.namespace, a.name, cu.container, vidx, cu.uuid]
+                ctr = ["namespace", "pod", "container", "vdevice_index", "device_uuid"]
+                util = cu.utilization * 100
+                f.add("hami_vgpu_memory_used_bytes", "vGPU device memory usage in bytes", ctr, labels,
+                      cu.memory_used_bytes, zoned=False)
+                f.add("hami_vgpu_memory_limit_bytes", "vGPU device memory limit in bytes", ctr, labels,
+                      cu.memory_limit_bytes, zoned=False)
+                f.add("hami_container_device_memory_bytes", "Container device memory usage in bytes", ctr,
+                      labels, cu.memory_used_bytes, zoned=False)
+                f.add("hami_container_device_utilization_ratio", "Container device SM utilization ratio",
+                      ctr, labels, util, zoned=False)
+                elapsed = max(0.0, now - cu.last_kernel_at) if cu.last_kernel_at else 0.0
+                f.add("hami_container_last_kernel_elapsed_seconds",
+                      "Seconds since last kernel execution in container", ctr, labels, elapsed, zoned=False)
+                if leg:
+                    old = ["podnamespace", "podname", "ctrname", "vdeviceid", "deviceuuid"]
+                    f.add("vGPU_device_memory_usage_in_bytes", "vGPU device usage", old, labels,
+                          cu.memory_used_bytes, zoned=False)
+                    f.add("vGPU_device_memory_limit_in_bytes", "vGPU device limit", old, labels,
+                          cu.memory_limit_bytes, zoned=False)
+                    # The limiter does not split usage by kind: all of it is reported as data.
+                    f.add("Device_memory_desc_of_container", "Container device memory description",
+                          [*old, "context", "module", "data", "offset"],
+                          [*labels, "0", "0", str(cu.memory_used_bytes), "0"], cu.memory_used_bytes,
+                          zoned=False)
+                    f.add("Device_utilization_desc_of_container", "Container device utilization description",
+                          old, labels, util, zoned=False)
+                    f.add("Device_last_kernel_of_container", "Container device last kernel description",
+                          old, labels, elapsed, zoned=False)
 
 
 class LatencyMetrics:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import OrderedDict
 
 import msgspec
@@ -28,6 +29,7 @@ from shared.schemas import (
     NodeHealth,
     NodeInventory,
     NodeLedger,
+    Telemetry,
 )
 from shared.view import cluster_status as cluster_view
 
@@ -35,7 +37,8 @@ log = logging.getLogger("hami.metrics")
 
 
 class MetricsService:
-    def __init__(self, bus: Bus, cfg: Config, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, bus: Bus, cfg: Config, port: int | None = None, host: str = "127.0.0.1",
+                 legacy_metrics: bool | None = None) -> None:
         self.bus = bus
         self.cfg = cfg
         self.port = cfg.metrics_port if port is None else port
@@ -44,7 +47,13 @@ class MetricsService:
         self.ledgers: dict[str, NodeLedger] = {}
         self.health: dict[str, NodeHealth] = {}
         self.registry = CollectorRegistry()
-        self.registry.register(AllocationCollector(self.snapshot))
+        self.telemetry: dict[str, Telemetry] = {}
+        if legacy_metrics is None:
+            # HAMi's legacyMetrics switch; a config key is the integrator's (see the report).
+            legacy_metrics = os.environ.get("HAMI_LEGACY_METRICS", "") in ("1", "true", "True")
+        self.legacy_metrics = legacy_metrics
+        self.registry.register(AllocationCollector(
+            self.snapshot, legacy=legacy_metrics, telemetry=lambda: self.telemetry))
         self.latency = LatencyMetrics(self.registry)
         self._decided_at: OrderedDict[str, float] = OrderedDict()
         self._bg = Background()
@@ -57,6 +66,7 @@ class MetricsService:
         if value is None:
             for n in [n for n in self.nodes if subjects.kv_key(n) == key]:
                 del self.nodes[n]
+                self.telemetry.pop(n, None)
             return
         inv = decode(value, NodeInventory)
         self.nodes[inv.node] = inv
@@ -70,6 +80,15 @@ class MetricsService:
         if value is not None:
             h = decode(value, NodeHealth)
             self.health[h.node] = h
+
+    async def _on_telemetry(self, msg: Msg) -> None:
+        try:
+            tel = decode(msg.data, Telemetry)
+        except (BadMessage, msgspec.ValidationError, msgspec.DecodeError):
+            return
+        prev = self.telemetry.get(tel.node)
+        if prev is None or tel.at >= prev.at:  # a late, older sample loses
+            self.telemetry[tel.node] = tel
 
     async def _on_event(self, msg: Msg) -> None:
         try:
@@ -118,6 +137,7 @@ class MetricsService:
         for verb in ("decided", "bound"):
             self._bg.add_sub(await self.bus.subscribe(subjects.alloc_any(verb), self._on_event))
         self._bg.add_sub(await self.bus.subscribe(subjects.alloc("failed"), self._on_event))
+        self._bg.add_sub(await self.bus.subscribe(subjects.TELEMETRY_ALL, self._on_telemetry))
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
