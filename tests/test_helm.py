@@ -10,7 +10,10 @@ probes, PodDisruptionBudgets and anti-affinity, values.schema.json, and an RBAC 
 that ties every granted verb to the code that uses it. In extender mode, the
 kube-scheduler sidecar's configuration file is checked against a table of upstream's
 field names and types and against the services' own configuration, and its RBAC
-against what upstream grants a second scheduler.
+against what upstream grants a second scheduler. With auth.enabled, the Secret made by
+``hami.creds init`` + ``secret`` is checked against what each pod mounts (its own role's
+seed only), and nats-server, started from the chart's config with the Secret's files,
+admits the placement Deployment's seed and refuses an unknown one.
 """
 
 from __future__ import annotations
@@ -1062,6 +1065,17 @@ def _mounted(pod: Obj, container: Obj) -> dict[str, str]:
             for item in sec["items"]:
                 out[f"{m['mountPath']}/{item['path']}"] = item["key"]
     return out
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--name", "hami-nats-auth"], "run 'python -m hami.creds init' first"),
+    (["--name", "Hami_Auth"], "a Secret's name is a DNS subdomain"),
+])
+def test_creds_secret_refuses_bad_input(args: list[str], error: str, tmp_path: Path) -> None:
+    """A directory init did not write, or a name Kubernetes would refuse: one line, exit 2."""
+    done = subprocess.run([sys.executable, "-m", "hami.creds", "secret", str(tmp_path), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and error in done.stderr and not done.stdout
 
 
 def test_auth_notes() -> None:
