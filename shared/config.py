@@ -86,6 +86,11 @@ class SimSettings(msgspec.Struct, kw_only=True, rename="camel"):
     nvlink: str = "pcie"  # pcie | pairs | dgx1 | nvswitch
 
 
+class MetricsSettings(msgspec.Struct, kw_only=True, rename="camel"):
+    # HAMi's legacyMetrics: also export the pre-v2.9 names with their old labels.
+    legacy_metrics: bool = False
+
+
 class Config(msgspec.Struct, kw_only=True, rename="camel"):
     nats_url: str = ""  # "" = start an embedded nats-server
     node_name: str = ""
@@ -94,6 +99,7 @@ class Config(msgspec.Struct, kw_only=True, rename="camel"):
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     sim: SimSettings = msgspec.field(default_factory=SimSettings)
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     heartbeat_interval: float = 2.0
     unhealthy_after: float = 6.0  # seconds without a heartbeat
     metrics_port: int = 9394

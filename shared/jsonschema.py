@@ -24,6 +24,9 @@ EXPORTED: tuple[type[msgspec.Struct], ...] = (
     schemas.Telemetry,
     schemas.SubmitRequest,
     schemas.SubmitReply,
+    schemas.WithdrawRequest,
+    schemas.WithdrawReply,
+    schemas.RequestOutcome,
 )
 
 

@@ -25,6 +25,23 @@ class _Base(msgspec.Struct, kw_only=True, omit_defaults=True):
 # --------------------------------------------------------------------------- inventory
 
 
+class MigPlacement(_Base, kw_only=True):
+    """Where a MIG profile's instance may start on the card, and how many slices it spans."""
+
+    start: int = 0
+    size: int = 0
+
+
+class MigProfile(_Base, kw_only=True):
+    """One MIG geometry a card offers (HAMi's node register ``migProfiles``)."""
+
+    name: str = ""
+    memory_mb: int = 0
+    core: int = 0
+    slice_count: int = 0
+    placements: list[MigPlacement] = []
+
+
 class Device(_Base, kw_only=True):
     """One card as its node agent registers it (HAMi's registration semantics)."""
 
@@ -39,6 +56,7 @@ class Device(_Base, kw_only=True):
     mode: str = "hami-core"  # hami-core | mig | mps
     health: bool = True
     physical_mem: int = 0  # MiB before scaling, for telemetry
+    mig_profiles: list[MigProfile] = []  # mode "mig": the geometries the card offers
 
 
 class Taint(_Base, kw_only=True):

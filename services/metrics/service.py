@@ -49,8 +49,9 @@ class MetricsService:
         self.registry = CollectorRegistry()
         self.telemetry: dict[str, Telemetry] = {}
         if legacy_metrics is None:
-            # HAMi's legacyMetrics switch; a config key is the integrator's (see the report).
-            legacy_metrics = os.environ.get("HAMI_LEGACY_METRICS", "") in ("1", "true", "True")
+            # HAMi's legacyMetrics switch: metrics.legacyMetrics, or HAMI_LEGACY_METRICS=1.
+            legacy_metrics = cfg.metrics.legacy_metrics or os.environ.get(
+                "HAMI_LEGACY_METRICS", "") in ("1", "true", "True")
         self.legacy_metrics = legacy_metrics
         self.registry.register(AllocationCollector(
             self.snapshot, legacy=legacy_metrics, telemetry=lambda: self.telemetry))

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from shared.schemas import CardGrant, ContainerGrant, Device
+from shared.schemas import CardGrant, ContainerGrant, Device, MigProfile
 
 # ---------------------------------------------------------------------- pod annotations
 
@@ -177,10 +177,8 @@ def consume_next_container(value: str) -> tuple[int, list[CardGrant], str]:
 
 
 def _mig_profiles(d: Device) -> list[dict[str, Any]]:
-    # ``Device.mig_profiles`` is appended to the schema by its owner; until it is there
-    # a device simply has none.
     out: list[dict[str, Any]] = []
-    for p in getattr(d, "mig_profiles", None) or []:
+    for p in d.mig_profiles:
         out.append({
             "name": p.name,
             "memoryMB": p.memory_mb,
@@ -292,9 +290,8 @@ def _device_from_json(obj: Any, i: int, vendor: str) -> Device:
         raise AnnotationError(f"{where}: a device object with an 'id' is required")
     kw: dict[str, Any] = {}
     profiles = _decode_mig_profiles(obj.get("migProfiles"), where)
-    if profiles and "mig_profiles" in Device.__struct_fields__:
-        ftype = next(x.type for x in msgspec.structs.fields(Device) if x.name == "mig_profiles")
-        kw["mig_profiles"] = msgspec.convert(profiles, ftype)
+    if profiles:
+        kw["mig_profiles"] = msgspec.convert(profiles, list[MigProfile])
     return Device(
         uuid=f["id"], index=f["index"], type=f["type"], vendor=vendor, count=f["count"],
         devmem=f["devmem"], devcore=f["devcore"], numa=f["numa"],

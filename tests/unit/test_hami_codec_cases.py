@@ -224,9 +224,7 @@ MIG = ('[{"id":"GPU-0","count":7,"devmem":81920,"devcore":100,"type":"NVIDIA-A10
        '"placements":[{"start":0,"size":1},{"start":1,"size":1}]}],"health":true}]')
 
 
-@pytest.mark.xfail("mig_profiles" not in Device.__struct_fields__, strict=True,
-                   reason="shared/schemas.py: Device.mig_profiles is not appended yet")
 def test_mig_profiles_survive_a_round_trip() -> None:
     devices = ann.decode_node_devices(MIG)
     assert ann.encode_node_devices(devices) == MIG
-    assert json.loads(MIG)[0]["migProfiles"][0]["name"] == devices[0].mig_profiles[0].name  # type: ignore[attr-defined]
+    assert json.loads(MIG)[0]["migProfiles"][0]["name"] == devices[0].mig_profiles[0].name
