@@ -234,9 +234,9 @@ def permissions(role: str) -> Permissions:
         b.stream(subjects.DLQ_STREAM)
         b.pub.append(subjects.dlq(BINDER))
         b.durable(BINDER_CONSUMER)
-        # Extender mode: the replica serving a filter waits for placement's answer, which
-        # the shared work queue may hand to another replica.
-        b.sub += [subjects.alloc_any("decided"), subjects.alloc("failed")]
+        # Extender mode: a standby replica hands the scheduler's calls to the Lease holder.
+        b.pub += [subjects.EXTENDER_FILTER, subjects.EXTENDER_BIND]
+        b.sub += [subjects.EXTENDER_FILTER, subjects.EXTENDER_BIND]
         b.service("hami-binder", (subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW))
     elif kind == INVENTORY:
         b.stream(EVENTS)

@@ -34,6 +34,9 @@ API_SUBMIT = f"{PREFIX}.api.submit"
 API_RELEASE = f"{PREFIX}.api.release"
 API_STATUS = f"{PREFIX}.api.status"
 API_WITHDRAW = f"{PREFIX}.api.withdraw"  # a client gave up on its submit
+# Extender mode: a standby binder replica hands kube-scheduler's calls to the Lease holder.
+EXTENDER_FILTER = f"{PREFIX}.binder.extender.filter"
+EXTENDER_BIND = f"{PREFIX}.binder.extender.bind"
 # key: allocation uid -> RequestOutcome of a direct client's request (answered or
 # withdrawn), with a TTL; written by the binder, read by placement.
 OUTCOMES_BUCKET = "hami-outcomes"

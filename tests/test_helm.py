@@ -199,21 +199,6 @@ def test_install_offline_with_defaults() -> None:
     assert "WARNING: binder" not in rel["notes"]
 
 
-@pytest.mark.parametrize("vals, warned", [
-    ({"binder": {"replicas": 2}}, True),
-    ({"binder": {"replicas": 2}, "scheduler": {"mode": "direct"}}, False),
-])
-def test_notes_warn_of_replicated_binders_in_extender_mode(vals: Obj, warned: bool) -> None:
-    """kube-scheduler's and the binder's leaders are elected apart; a standby binder
-    refuses the extender's calls (docs/extender.md)."""
-    cfg = helm.Config(storage_driver="memory", namespace=NS)
-    try:
-        rel = cfg.install(chart(), RELEASE, copy.deepcopy(vals), namespace=NS, dry_run="client")
-    finally:
-        cfg.close()
-    assert ("WARNING: binder.replicas=2 in extender mode" in rel["notes"]) is warned
-
-
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_render_is_deterministic(name: str) -> None:
     """Nothing is generated at render time (no per-render CA): a GitOps tool rendering the

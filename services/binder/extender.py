@@ -35,9 +35,13 @@ volume binding, a Permit plugin) is released ``extender_reservation_timeout`` se
 after its last filter by a sweep, or at once when the pod is deleted or ends (the pod
 watch calls :meth:`Extender.forget`); a bind after that finds no reservation and fails.
 
-Only the Lease holder serves: a standby answers HTTP 503 with ``error`` set (the
-scheduler counts the call as failed and retries the pod after its back-off), and it
-neither holds nor sweeps reservations. On taking the Lease, the table is rebuilt from
+Only the Lease holder decides: a standby holds and sweeps nothing, and hands each call
+it gets over NATS (``hami.binder.extender.filter|bind``) to the Lease holder, which
+subscribes while it holds the Lease, and answers with the holder's answer. So the
+kube-scheduler beside any binder replica works, whichever replica's Lease it is (the
+scheduler's own leader election is independent of the binder's). With no holder (a
+handover), a standby answers HTTP 503 with ``error`` set: the scheduler counts the call
+as failed and retries the pod after its back-off. On taking the Lease, the table is rebuilt from
 the ledger (kube allocations of pods not bound yet, reserved at their ``decided_at``),
 so the sweep covers reservations made before a restart or by the previous leader.
 """
@@ -55,6 +59,8 @@ from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from shared import subjects
 from shared.bus import Bus
@@ -72,7 +78,8 @@ UNKNOWN_NODE = "NodeUnregistered"
 # How long a filter waits for placement: below the scheduler's httpTimeout (the chart
 # sets 30 s), so the scheduler reads our error rather than its own timeout.
 ANSWER_TIMEOUT_S = 25.0
-NOT_LEADER = "this binder replica does not hold the Lease; retry"
+NOT_LEADER = "no binder replica holds the Lease; retry"
+STATUS_HEADER = "Hami-Http-Status"
 POD_GONE = "the pod was deleted"
 
 
@@ -244,6 +251,7 @@ class Extender:
         self._seq = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fwd_subs: list[Any] = []  # the standbys' calls, while this replica leads
         self.filters = 0
         self.binds = 0
         self.expired = 0
@@ -293,7 +301,7 @@ class Extender:
     async def filter(self, body: bytes) -> tuple[int, Obj]:
         """HTTP status and ``ExtenderFilterResult`` for a filter call's body."""
         if not self.active:
-            return 503, {"error": NOT_LEADER}
+            return await self._forward(subjects.EXTENDER_FILTER, body)
         try:
             args = parse_filter_args(body)
         except WireError as exc:
@@ -351,7 +359,7 @@ class Extender:
     async def bind(self, body: bytes) -> tuple[int, Obj]:
         """HTTP status and ``ExtenderBindingResult`` for a bind call's body."""
         if not self.active:
-            return 503, {"error": NOT_LEADER}
+            return await self._forward(subjects.EXTENDER_BIND, body)
         try:
             args = parse_bind_args(body)
         except WireError as exc:
@@ -468,23 +476,77 @@ class Extender:
             except Exception:
                 log.exception("reservation sweep failed; trying again")
 
+    # ------------------------------------------------- standby -> Lease holder
+
+    async def _forward(self, subject: str, body: bytes) -> tuple[int, Obj]:
+        """A standby's answer: the Lease holder's, over NATS."""
+        try:
+            msg = await self.bus.nc.request(subject, body, timeout=self.answer_timeout_s + 2)
+        except NoRespondersError:
+            return 503, {"error": NOT_LEADER}
+        except NatsTimeout:
+            return 503, {"error": f"the Lease holder did not answer within {self.answer_timeout_s + 2:g}s; retry"}
+        try:
+            status = int((msg.headers or {}).get(STATUS_HEADER, "200"))
+            out = msgspec.json.decode(msg.data)
+        except (ValueError, msgspec.DecodeError) as exc:
+            return 502, {"error": f"the Lease holder's answer is unreadable: {exc}"}
+        return status, out if isinstance(out, dict) else {"error": "the Lease holder's answer is not an object"}
+
+    async def _on_forwarded(self, msg: Any) -> None:
+        # A task per call: binds run concurrently, as they do over HTTP.
+        self._spawn(self._answer_forwarded(msg))
+
+    async def _answer_forwarded(self, msg: Any) -> None:
+        if not self.active or not msg.reply:
+            return  # a handover: the caller times out or finds the new holder next time
+        call = self.filter if msg.subject == subjects.EXTENDER_FILTER else self.bind
+        try:
+            status, out = await call(msg.data)
+        except Exception as exc:
+            log.exception("forwarded %s failed", msg.subject)
+            status, out = 500, {"error": f"{msg.subject}: {exc}"}
+        with contextlib.suppress(Exception):
+            await self.bus.nc.publish(msg.reply, msgspec.json.encode(out),
+                                      headers={STATUS_HEADER: str(status)})
+
+    async def _serve_forwarded(self) -> None:
+        subs = [await self.bus.nc.subscribe(s, cb=self._on_forwarded)
+                for s in (subjects.EXTENDER_FILTER, subjects.EXTENDER_BIND)]
+        if not self.active:  # lost the Lease while subscribing
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            return
+        self._fwd_subs.extend(subs)
+
+    async def _unserve_forwarded(self) -> None:
+        subs, self._fwd_subs = self._fwd_subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     def activate(self) -> None:
         """Serve and sweep (this replica took the Lease; its table is rebuilt by the
-        reconcile that follows)."""
+        reconcile that follows), for the standbys' calls too."""
         self.active = True
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_loop(), name="extender-sweep")
+        self._spawn(self._serve_forwarded())
 
     def deactivate(self) -> None:
         """Stop serving: the next leader rebuilds the table from the ledger."""
         self.active = False
         self.held.clear()
+        if self._fwd_subs:
+            self._spawn(self._unserve_forwarded())
         for w in self.waiters.values():
             if not w.fut.done():
                 w.fut.cancel()
 
     async def stop(self) -> None:
         self.deactivate()
+        await self._unserve_forwarded()
         tasks = [t for t in (self._sweeper, *self._tasks) if t is not None]
         for t in tasks:
             t.cancel()

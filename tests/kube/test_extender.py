@@ -402,9 +402,12 @@ async def test_restart_rebuilds_the_reservations_from_the_ledger(
     assert set(await kc.ledger()) == {kept["metadata"]["uid"]}
 
 
-async def test_a_standby_answers_503_and_reserves_nothing(
+async def test_a_standby_hands_calls_to_the_lease_holder_and_reserves_nothing(
     kc: KubeCluster, fake: FakeKube, xcfg: Config, nats_url: str, http: aiohttp.ClientSession
 ) -> None:
+    """The kube-scheduler sidecar may sit beside a standby binder (the two leader
+    elections are independent): its calls are answered by the Lease holder (kc's binder),
+    and with no holder at all the standby says 503 at once."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     fake.create("leases.coordination.k8s.io", {"metadata": {"name": "hami-binder"}, "spec": {
         "holderIdentity": "the-leader", "leaseDurationSeconds": 3600,
@@ -416,15 +419,27 @@ async def test_a_standby_answers_503_and_reserves_nothing(
                             on_start=standby.start_watches, on_stop=standby.stop_watches)
     try:
         await standby.start(serve_api=False, leader=elector)
-        assert standby.extender_server is not None
+        assert standby.extender_server is not None and standby.extender is not None
         url = standby.extender_server.url
         pod = add_pod(fake, "p")
         status, res = await post(http, f"{url}/filter", extender_args(pod, ALL))
+        assert status == 200, res
+        (node,) = res["nodenames"]
+        assert standby.extender.held == {}  # the holder's reservation, not the standby's
+        assert kc.binder is not None and kc.binder.extender is not None
+        assert pod["metadata"]["uid"] in kc.binder.extender.held
+        status, res = await post(http, f"{url}/bind", binding_args(pod, node))
+        assert (status, res) == (200, {})
+        assert fake.get("pods", "default", "p")["spec"]["nodeName"] == node  # type: ignore[index]
+        assert ("extender", None) in standby.ready_checks()
+        # No holder (kc's binder gone): 503 at once, nothing reserved.
+        await kc.stop_binder()
+        other = add_pod(fake, "q")
+        status, res = await post(http, f"{url}/filter", extender_args(other, ALL))
         assert status == 503 and "Lease" in res["error"]
-        status, res = await post(http, f"{url}/bind", binding_args(pod, "node-a"))
+        status, res = await post(http, f"{url}/bind", binding_args(other, "node-a"))
         assert status == 503 and res["error"]
-        assert ("extender", None) in standby.ready_checks()  # still ready: it serves the webhook
-        assert not await kc.ledger()
+        assert set(await kc.ledger()) == {pod["metadata"]["uid"]}
     finally:
         await standby.stop()
         await bus.close()
