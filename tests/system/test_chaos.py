@@ -19,7 +19,7 @@ def test_short_chaos_keeps_the_ledger_safe(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "chaos.py"), "--duration", "8", "--nodes", "3",
-         "--release-timeout", "4", "--settle-max", "12", "--keep-logs", str(logs)],
+         "--release-timeout", "4", "--settle-max", "45", "--keep-logs", str(logs)],
         capture_output=True, text=True, timeout=240, cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
