@@ -26,6 +26,7 @@ from services.placement.service import PlacementService
 from shared import subjects
 from shared.bus import Bus
 from shared.config import Config
+from shared.hami import annotations as ann
 from shared.kube import Kube
 from shared.schemas import LedgerAlloc, NodeLedger
 from tests.fakekube import FakeKube
@@ -179,3 +180,15 @@ def gpu_container(name: str = "main", **limits: Any) -> dict[str, Any]:
     if lim:
         c["resources"] = {"limits": lim}
     return c
+
+
+def card_totals(pods: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Memory and cores booked per card UUID, summed from the pods' HAMi annotations."""
+    tot: dict[str, list[int]] = {}
+    for p in pods:
+        for devs in ann.decode_pod_devices(p["metadata"]["annotations"][ann.DEVICES_ALLOCATED]):
+            for d in devs:
+                t = tot.setdefault(d.uuid, [0, 0])
+                t[0] += d.mem
+                t[1] += d.cores
+    return {k: (v[0], v[1]) for k, v in tot.items()}

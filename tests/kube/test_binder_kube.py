@@ -18,7 +18,7 @@ from shared.hami import annotations as ann
 from shared.kube import Kube
 from shared.schemas import LedgerAlloc, NodeInventory, NodeLedger, Quota
 from tests.fakekube import FakeKube
-from tests.kube.harness import KubeCluster, gpu_container
+from tests.kube.harness import KubeCluster, card_totals, gpu_container
 
 SCHED = "hami-scheduler"
 NODES = {"node-a": ["A100-80GB:2"], "node-b": ["A100-80GB:2"]}
@@ -203,17 +203,6 @@ async def test_quota_is_published_for_placement(kc: KubeCluster, fake: FakeKube)
 
 async def _none(coro: Any) -> bool:
     return (await coro) is None
-
-
-def card_totals(pods: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
-    tot: dict[str, list[int]] = {}
-    for p in pods:
-        for devs in ann.decode_pod_devices(p["metadata"]["annotations"][ann.DEVICES_ALLOCATED]):
-            for d in devs:
-                t = tot.setdefault(d.uuid, [0, 0])
-                t[0] += d.mem
-                t[1] += d.cores
-    return {k: (v[0], v[1]) for k, v in tot.items()}
 
 
 async def test_binder_restart_mid_burst(kc: KubeCluster, fake: FakeKube) -> None:

@@ -22,7 +22,7 @@ from shared.kube import Kube
 from shared.leader import LeaderElector
 from shared.schemas import AllocBound, AllocReleased
 from tests.fakekube import FakeKube
-from tests.kube.harness import KubeCluster, gpu_container
+from tests.kube.harness import KubeCluster, card_totals, gpu_container
 from tests.kube.scheduler_loop import LoopStats, SchedulerLoop, binding_args, extender_args
 
 SCHED = "hami-scheduler"
@@ -100,17 +100,6 @@ async def bind(http: aiohttp.ClientSession, kc: KubeCluster, pod: dict[str, Any]
 async def held_on(kc: KubeCluster, uid: str) -> str | None:
     got = (await kc.ledger()).get(uid)
     return got[0] if got else None
-
-
-def card_totals(pods: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
-    tot: dict[str, list[int]] = {}
-    for p in pods:
-        for devs in ann.decode_pod_devices(p["metadata"]["annotations"][ann.DEVICES_ALLOCATED]):
-            for d in devs:
-                t = tot.setdefault(d.uuid, [0, 0])
-                t[0] += d.mem
-                t[1] += d.cores
-    return {k: (v[0], v[1]) for k, v in tot.items()}
 
 
 # ----------------------------------------------------------------------- filter
