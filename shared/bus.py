@@ -80,6 +80,19 @@ def decode(data: bytes, typ: type[T]) -> T:
         raise BadMessage(f"cannot decode {typ.__name__}: {exc}") from exc
 
 
+def decode_entry(
+    data: bytes, typ: type[T], key: str, check: Callable[[T, str], list[str]]
+) -> tuple[T | None, str]:
+    """A stored KV entry, decoded and checked against its key: ``(entry, "")``, or
+    ``(None, why)`` when it is garbage (undecodable, or ``check`` found problems)."""
+    try:
+        entry = decode(data, typ)
+    except BadMessage as exc:
+        return None, str(exc)
+    problems = check(entry, key)
+    return (None, "; ".join(problems)) if problems else (entry, "")
+
+
 def decode_event(data: bytes) -> AllocEvent | NodeEvent:
     try:
         return EVENT_DECODER.decode(data)
@@ -864,4 +877,7 @@ async def add_service(
         await svc.add_endpoint(
             name=subject.rsplit(".", 1)[-1], subject=subject, handler=wrap(subject, fn)
         )
+    # Once the service is said to be started, the server knows its subscriptions: a
+    # client's request right after must not meet "no responders".
+    await bus.nc.flush()
     return api

@@ -55,7 +55,16 @@ from nats.aio.msg import Msg
 from opentelemetry import context
 
 from shared import limits, logs, subjects, tracing
-from shared.bus import ApiService, BadMessage, Bus, WorkQueue, add_service, decode, decode_event
+from shared.bus import (
+    ApiService,
+    BadMessage,
+    Bus,
+    WorkQueue,
+    add_service,
+    decode,
+    decode_entry,
+    decode_event,
+)
 from shared.config import Config
 from shared.hami.codec import NODE_POLICIES, parse_gpu_policy
 from shared.lifecycle import Background
@@ -197,17 +206,13 @@ class BinderService:
     async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
             return
-        try:
-            led = decode(value, NodeLedger)
-            problems = limits.ledger_problems(led, key)
-        except BadMessage as exc:
-            problems = [str(exc)]
-        if problems:
+        led, why = decode_entry(value, NodeLedger, key, limits.ledger_problems)
+        if led is None:
             # The names in use there stay as last read: forgetting them would let a
             # second submit take a name the node may still hold. Placement sets the
             # node aside and inventory announces it.
             noisy.warning(f"garbage:{key}", "ignoring garbage ledger entry of %s: %s",
-                          limits.node_of_key(key), "; ".join(problems))
+                          limits.node_of_key(key), why)
             return
         now = set(led.allocs)
         for uid in self.ledger_uids.get(led.node, set()) - now:

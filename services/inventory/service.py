@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 
 from services.inventory.health import HealthTracker, Transition
 from shared import limits, logs, subjects
-from shared.bus import BadMessage, Bus, Conflict, add_service, decode
+from shared.bus import BadMessage, Bus, Conflict, add_service, decode, decode_entry
 from shared.config import Config
 from shared.lifecycle import Background
 from shared.schemas import (
@@ -79,17 +79,13 @@ class InventoryService:
                 self.tracker.forget(name)
                 await self._event(name, "removed", "inventory deleted", f"{revision}")
             return
-        try:
-            inv = decode(value, NodeInventory)
-            problems = limits.inventory_problems(inv, key)
-        except BadMessage as exc:
-            problems = [str(exc)]
-        if problems:
+        inv, why = decode_entry(value, NodeInventory, key, limits.inventory_problems)
+        if inv is None:
             known = next((n for n in self.nodes if subjects.kv_key(n) == key), None)
             if known is not None:
                 del self.nodes[known]  # nothing of it can be trusted now
                 self.tracker.forget(known)
-            await self._garbage(self.bad_nodes, key, "inventory", "; ".join(problems), revision)
+            await self._garbage(self.bad_nodes, key, "inventory", why, revision)
             return
         if self.bad_nodes.pop(key, None) is not None:
             log.info("node %s: its inventory entry is good again", inv.node)
@@ -153,16 +149,11 @@ class InventoryService:
         return out
 
     def _decode_ledger(self, key: str, raw: bytes) -> NodeLedger | None:
-        try:
-            led = decode(raw, NodeLedger)
-            problems = limits.ledger_problems(led, key)
-        except BadMessage as exc:
-            problems = [str(exc)]
-        if not problems:
+        led, why = decode_entry(raw, NodeLedger, key, limits.ledger_problems)
+        if led is not None:
             if self.bad_ledgers.pop(key, None) is not None:
                 log.info("node %s: its ledger entry is good again", led.node)
             return led
-        why = "; ".join(problems)
         if self.bad_ledgers.get(key) != why:
             self._new_bad[key] = why  # the ticker publishes its event
         self.bad_ledgers[key] = why

@@ -44,7 +44,7 @@ from opentelemetry import context
 
 from services.placement.engine import ClusterState, Failure, Placement, Placer
 from shared import limits, logs, subjects, tracing
-from shared.bus import BadMessage, Bus, Conflict, WorkQueue, decode, decode_event
+from shared.bus import BadMessage, Bus, Conflict, WorkQueue, decode, decode_entry, decode_event
 from shared.config import Config
 from shared.lifecycle import Background
 from shared.outcomes import WITHDRAWN, Outcomes
@@ -171,14 +171,9 @@ class PlacementService:
                 self.cluster.remove_node(name)
             self.garbage.pop(key, None)
             return
-        try:
-            inv = decode(value, NodeInventory)
-        except BadMessage as exc:
-            self._set_aside(subjects.NODES_BUCKET, key, str(exc))
-            return
-        problems = limits.inventory_problems(inv, key)
-        if problems:
-            self._set_aside(subjects.NODES_BUCKET, key, "; ".join(problems))
+        inv, why = decode_entry(value, NodeInventory, key, limits.inventory_problems)
+        if inv is None:
+            self._set_aside(subjects.NODES_BUCKET, key, why)
             return
         self.cluster.upsert_node(inv)
         if key in self.garbage and self.garbage[key].startswith(subjects.LEDGER_BUCKET):
@@ -221,14 +216,9 @@ class PlacementService:
             # once the reply says which revision was ours.
             self._deferred[node] = (value, revision)
             return
-        try:
-            led = decode(value, NodeLedger)
-        except BadMessage as exc:
-            self._bad_ledger(key, revision, str(exc))
-            return
-        problems = limits.ledger_problems(led, key)
-        if problems:
-            self._bad_ledger(key, revision, "; ".join(problems))
+        led, why = decode_entry(value, NodeLedger, key, limits.ledger_problems)
+        if led is None:
+            self._bad_ledger(key, revision, why)
             return
         self._key_node[key] = led.node
         if revision <= self.revs.get(led.node, 0):
