@@ -334,7 +334,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"  {dev['uuid']}  {dev['type']}  {dev['mem_mib']} MiB  {dev['cores']}% cores")
         return OK
     if r.failure is not None:
-        print(f"{r.name}: no placement: {r.failure.message}")
+        # A waiting submit that timed out carries the reasons placement last gave.
+        print(f"{r.name}: {r.error or 'no placement'}: {r.failure.message}")
         for reason, n in sorted(r.failure.reasons.items()):
             print(f"  {n}/{r.failure.nodes_total} {reason}")
     else:
@@ -535,7 +536,7 @@ def cmd_replay(rest: list[str]) -> int:
     if target is not None and not any(a in ("-h", "--help") for a in rest):
         check_plot(target)
     try:
-        return int(replay.main(rest))
+        return int(replay.main(rest, Parser))
     except OSError as exc:
         raise Fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), USAGE) from None
     except (ValueError, KeyError, IndexError) as exc:

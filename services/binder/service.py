@@ -164,6 +164,7 @@ class _Waiter:
     fut: asyncio.Future[AllocDecided | AllocFailed | AllocReleased]
     decided: AllocDecided | None = None
     bound: bool = False
+    last_failure: AllocFailed | None = None  # the latest "still pending" answer, for a timeout's why
 
 
 @dataclass(order=True)
@@ -327,6 +328,8 @@ class BinderService:
         elif isinstance(ev, AllocFailed):
             if not ev.pending:
                 w.fut.set_result(ev)
+            else:
+                w.last_failure = ev
             return
         elif isinstance(ev, AllocReleased):
             if ev.reason == "withdrawn":  # withdrawn through another replica
@@ -492,7 +495,8 @@ class BinderService:
         # decision not yet bound is released).
         node = w.decided.node if w.decided is not None else ""
         await self.withdraw(uid, req.name, req.namespace, node, w.deadline)
-        return SubmitReply(ok=False, uid=uid, name=req.name,
+        # The last reasons placement gave while it kept the request pending say why.
+        return SubmitReply(ok=False, uid=uid, name=req.name, failure=w.last_failure,
                            error=f"no placement within {req.timeout:g}s")
 
     async def withdraw_endpoint(self, data: bytes) -> WithdrawReply:

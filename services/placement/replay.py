@@ -235,8 +235,9 @@ def plot(runs: list[Run], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="hami replay", description=__doc__.split("\n\n")[0])
+def main(argv: list[str], parser: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
+    # ``hami replay`` passes its own parser class: a usage error is one line there.
+    ap = parser(prog="hami replay", description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", required=True, help="openb node list CSV")
     ap.add_argument("--pods", required=True, help="openb pod list CSV")
     ap.add_argument("--policy", action="append", required=True, help=f"node policy: default (the product default, {PRODUCT_DEFAULT}), {', '.join(NODE_POLICIES)} (repeat)")

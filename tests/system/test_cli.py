@@ -70,6 +70,12 @@ def test_up_submit_status_release_metrics(up) -> None:  # type: ignore[no-untype
     r = run(env, "submit", "job-32", "--mem-percent", "25")
     assert r.returncode == 1
     assert "CardInsufficientMemory" in r.stdout
+    # a waiting submit that times out says why, with placement's last reasons
+    r = run(env, "submit", "job-32", "--mem-percent", "25", "--wait", "1.5")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no placement within 1.5s" in r.stdout and "CardInsufficientMemory" in r.stdout, r.stdout
+    w = json.loads(run(env, "submit", "job-32", "--mem-percent", "25", "--wait", "1", "--json").stdout)
+    assert w["ok"] is False and w["error"] == "no placement within 1s" and w["reasons"], w
 
     st = json.loads(run(env, "status", "--json").stdout)
     cards = [c for n in st["nodes"] for c in n["cards"]]
@@ -237,7 +243,8 @@ def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path: Path, text: str, wor
      (["nosuch"], ["invalid choice"]),
      (["replay", "--nodes", "n.csv", "--pods", "p.csv", "--policy", "fgd", "--plot", "out.txt"], ["--plot", ".png"]),
      (["replay", "--nodes", "n.csv", "--pods", "p.csv", "--policy", "fgd", "--plot", "/no/such/dir/a.png"], ["no such directory"]),
-     (["replay", "--nodes", "/no/such.csv", "--pods", "p.csv", "--policy", "fgd"], ["/no/such.csv"])],
+     (["replay", "--nodes", "/no/such.csv", "--pods", "p.csv", "--policy", "fgd"], ["/no/such.csv"]),
+     (["replay", "--bogus"], ["--nodes", "required", "hami replay --help"])],
 )
 def test_bad_flags_are_one_line_and_exit_2(tmp_path: Path, args: list[str], words: list[str]) -> None:
     one_line_error(run(quiet_env(tmp_path), *args), 2, *words)
