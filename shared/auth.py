@@ -259,6 +259,7 @@ def permissions(role: str) -> Permissions:
             b.bucket(bucket)
             b.kv_read(bucket)
         b.sub.append(f"{evt}.alloc.>")
+        b.sub.append(f"{evt}.node.>")  # the live feed of the page at /
         b.sub.append(subjects.TELEMETRY_ALL)  # the node-side series (HAMi's vGPU monitor)
     elif kind == NODEAGENT:
         assert node is not None

@@ -246,6 +246,9 @@ class AllocDecided(_Base, kw_only=True, omit_defaults=False, tag="decided", tag_
     ledger_revision: int = 0
     replica: str = ""
     deadline: float = 0.0  # the request's (AllocRequested.deadline); 0 = none
+    # The deciding replica's ledger writes lost to another writer so far (a counter that
+    # restarts with the replica); the metrics service exports it per replica.
+    conflicts: int = 0
 
 
 class AllocFailed(_Base, kw_only=True, omit_defaults=False, tag="failed", tag_field="kind"):

@@ -341,6 +341,7 @@ class PlacementService:
             ledger_revision=rev,
             replica=self.replica,
             deadline=req.deadline,
+            conflicts=self.conflicts,
         )
 
     async def _publish_decided(
