@@ -128,6 +128,7 @@ class _Builder:
         self.creates: set[str] = set()
         self.updates: set[str] = set()
         self.responds = False
+        self.deny: list[str] = []  # beyond ADMIN_ONLY
 
     def stream(self, name: str, *, owner: bool = False) -> None:
         self.creates.add(name)
@@ -180,7 +181,7 @@ class _Builder:
         return Permissions(
             pub_allow=tuple(dict.fromkeys(self.pub)),
             sub_allow=tuple(dict.fromkeys(self.sub)),
-            pub_deny=ADMIN_ONLY,
+            pub_deny=ADMIN_ONLY + tuple(self.deny),
             allow_responses=self.responds,
             creates=frozenset(self.creates),
             updates=frozenset(self.updates),
@@ -289,7 +290,18 @@ def permissions(role: str) -> Permissions:
             f"{API}.CONSUMER.INFO.{EVENTS}.*",
             f"{API}.CONSUMER.MSG.NEXT.{EVENTS}.*",
             f"$JS.FC.{EVENTS}.>",
+            # A durable pull consumer of its own that resumes where it left off
+            # (examples/subscriber.py): pull and acknowledge on any consumer but the
+            # services' work queues, whose messages are not the reader's to take.
+            f"$JS.ACK.{EVENTS}.*.>",
         ]
+        for durable in SERVICE_DURABLES:
+            b.deny += [
+                f"{API}.CONSUMER.CREATE.{EVENTS}.{durable}",
+                f"{API}.CONSUMER.CREATE.{EVENTS}.{durable}.>",
+                f"{API}.CONSUMER.MSG.NEXT.{EVENTS}.{durable}",
+                f"$JS.ACK.{EVENTS}.{durable}.>",
+            ]
         b.sub.append(f"{evt}.>")
     return b.build()
 
@@ -297,6 +309,7 @@ def permissions(role: str) -> Permissions:
 # The binder's durable consumer (services.binder names it the same; shared cannot
 # import a service, so the name is repeated here and pinned by a test).
 BINDER_CONSUMER = "binder"
+SERVICE_DURABLES = (subjects.PLACEMENT_CONSUMER, BINDER_CONSUMER)
 _BUCKETS = (
     subjects.NODES_BUCKET,
     subjects.LEDGER_BUCKET,
