@@ -123,6 +123,8 @@ class Bus:
         self._kv: dict[str, KeyValue] = {}
         self._writes = _Writes(nc)
         self._watches: list[WatchState] = []
+        self._watchers: list[Any] = []  # the nats-py KeyWatchers behind them, to revive
+        self._revivals: set[asyncio.Task[None]] = set()
         # Streams this client may create and update (None: all, an unauthenticated bus).
         self.creates: frozenset[str] | None = None
         self.updates: frozenset[str] | None = None
@@ -171,6 +173,7 @@ class Bus:
 
         async def on_reconnect() -> None:
             log.info("%s: reconnected to nats", name)
+            bus.revive_watches()
 
         bus: Bus
         if once is None:
@@ -458,6 +461,7 @@ class Bus:
         failures = logs.RateLimited(log)
         state = WatchState(f"{bucket}/{key}" if key else bucket)
         self._watches.append(state)
+        self._watchers.append(watcher)
 
         async def run() -> None:
             try:
@@ -484,12 +488,47 @@ class Bus:
                 raise
             finally:
                 state.ended = True
+                if watcher in self._watchers:
+                    self._watchers.remove(watcher)
                 try:
                     await watcher.stop()  # type: ignore[no-untyped-call]
                 except Exception:  # the connection is already closed: nothing to stop
                     pass
 
         return asyncio.create_task(run(), name=f"watch-{bucket}")
+
+    def revive_watches(self) -> None:
+        """After a reconnect, restart every KV watch's consumer from where it was.
+
+        A restarted server has lost the watches' ephemeral consumers; nats-py notices
+        only after two missed heartbeats (10 s), and meanwhile a watch sees nothing: a
+        release was answered "not yet freed" because the binder's ledger view stood
+        still. The Go client recreates them on reconnect; so do we.
+        """
+        if self._watchers:
+            task = asyncio.get_running_loop().create_task(self._revive(list(self._watchers)))
+            self._revivals.add(task)
+            task.add_done_callback(self._revivals.discard)
+
+    async def _revive(self, watchers: list[Any]) -> None:
+        # JetStream answers a moment after the connection is back (it restores its
+        # streams first); a consumer asked for before that is not made.
+        for _ in range(40):
+            try:
+                await self.js.account_info()
+                break
+            except Exception:
+                await asyncio.sleep(0.25)
+        for w in watchers:
+            # nats-py's own private reset, the one its missed-heartbeat check calls.
+            # (KeyWatcher._sub is the JetStream push subscription; its _sub the core one.)
+            jsi = getattr(getattr(getattr(w, "_sub", None), "_sub", None), "_jsi", None)
+            if jsi is None or not getattr(jsi, "_ordered", False) or self.nc.is_closed:
+                continue
+            try:
+                await jsi.reset_ordered_consumer(jsi._sseq + 1)
+            except Exception as exc:  # its heartbeat check still resets it later
+                log.warning("%s: cannot restart a KV watch after the reconnect: %s", self.name, exc)
 
     def watch_states(self) -> list[WatchState]:
         """The KV watches running or ended on their own (a stopped one is forgotten)."""

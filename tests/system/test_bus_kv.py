@@ -92,3 +92,37 @@ async def test_a_write_nobody_stores_fails_at_once(bus: Bus) -> None:
         await pending
     with pytest.raises(nats.errors.ConnectionClosedError):
         await bus._writes.send("no.stream.here", b"x", {})
+
+
+async def test_a_kv_watch_follows_again_soon_after_nats_restarts(tmp_path: Path) -> None:
+    """A restarted server has lost the watch's consumer: without the revival on
+    reconnect, nats-py finds out only after two missed 5 s heartbeats (10-20 s), and
+    the watch sees no update until then."""
+    srv = EmbeddedNats(data_dir=tmp_path)
+    url = await srv.astart()
+    seen: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
+
+    async def on_entry(key: str, value: bytes | None, rev: int) -> None:
+        await seen.put((key, value))
+
+    bus = await Bus.connect(url, "watcher")
+    try:
+        await (await bus.kv(subjects.LEDGER_BUCKET)).put("before", b"1")
+        ready = asyncio.Event()
+        task = await bus.watch_kv(subjects.LEDGER_BUCKET, on_entry, ready)
+        await asyncio.wait_for(ready.wait(), 10)
+        assert await asyncio.wait_for(seen.get(), 5) == ("before", b"1")
+
+        srv.stop()  # a clean stop keeps the store; the watch's consumer is gone
+        await srv.astart()
+        writer = await Bus.connect(url, "writer")
+        try:
+            await (await writer.kv(subjects.LEDGER_BUCKET)).put("after", b"2")
+            # well under the heartbeat reset's 10 s, with room for a slow machine
+            assert await asyncio.wait_for(seen.get(), 7) == ("after", b"2")
+        finally:
+            await writer.close()
+        task.cancel()
+    finally:
+        await bus.close()
+        srv.cleanup()
