@@ -1,7 +1,7 @@
 """The metrics service's wiring: KV watches and event subscriptions in, HTTP out.
 
-Serves ``/metrics`` (Prometheus text), ``/api/status`` (JSON) and a small dashboard at
-``/``. It only reads: any number of replicas can run.
+Serves ``/metrics`` (Prometheus text), ``/api/status`` (JSON) and the operator's page at
+``/`` with its data (``/api/fleet``, live ``/api/events``). It only reads: any number of replicas can run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from nats.aio.msg import Msg
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.metrics.collector import AllocationCollector, LatencyMetrics, Snapshot
-from services.metrics.dashboard import render
+from services.metrics.fleet import Fleet, FleetCollector
+from services.metrics.live import Live
 from shared import subjects
 from shared.bus import BadMessage, Bus, decode, decode_event
 from shared.config import Config
@@ -56,6 +57,9 @@ class MetricsService:
         self.registry.register(AllocationCollector(
             self.snapshot, legacy=legacy_metrics, telemetry=lambda: self.telemetry))
         self.latency = LatencyMetrics(self.registry)
+        self.fleet = Fleet()
+        self.registry.register(FleetCollector(self.fleet, self.snapshot))
+        self.live = Live(self.fleet, self.snapshot, lambda: self.telemetry)
         self._decided_at: OrderedDict[str, float] = OrderedDict()
         self._bg = Background()
         self._runner: web.AppRunner | None = None
@@ -118,10 +122,6 @@ class MetricsService:
         st = cluster_view(self.nodes, self.health, self.ledgers)
         return web.Response(body=msgspec.json.encode(st), content_type="application/json")
 
-    async def _dashboard(self, request: web.Request) -> web.Response:
-        st = cluster_view(self.nodes, self.health, self.ledgers)
-        return web.Response(text=render(st), content_type="text/html")
-
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -139,11 +139,13 @@ class MetricsService:
             self._bg.add_sub(await self.bus.subscribe(subjects.alloc_any(verb), self._on_event))
         self._bg.add_sub(await self.bus.subscribe(subjects.alloc("failed"), self._on_event))
         self._bg.add_sub(await self.bus.subscribe(subjects.TELEMETRY_ALL, self._on_telemetry))
+        for kind in ("alloc", "node"):  # the page's feed, pending requests, failure reasons
+            self._bg.add_sub(await self.bus.subscribe(f"{subjects.PREFIX}.evt.{kind}.>", self.live.on_event))
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/", self._dashboard)
+        self.live.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
