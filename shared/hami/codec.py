@@ -7,13 +7,20 @@ parse, with the same words).
 - Containers: init containers first in spec order, then app containers (the device
   annotations are aligned with this order, REFERENCE §4). Each container's HAMi
   resources (REFERENCE §1) are read from ``resources.limits``, falling back to
-  ``requests`` as HAMi does, and resolved by :func:`shared.hami.resources.resolve_device_ask`.
+  ``requests`` as HAMi's scheduler does (its webhook looks at ``limits`` only), and
+  resolved by :func:`shared.hami.resources.resolve_device_ask`.
+- Quantities, as HAMi reads them: a count, ``gpumem`` and ``gpucores`` are whole
+  numbers of any Kubernetes spelling (``2k`` is 2000, ``1e3`` is 1000); ``gpumem`` is
+  that number of MiB, so ``16Gi`` is 17179869184 MiB, which HAMi cannot hold (int32)
+  and we refuse naming the fix. A ``gpumem-percentage`` that is not a positive whole
+  number is ignored (the memory default applies); above 100 it is clamped.
   CPU and memory *requests* (falling back to limits, as the API server defaults them)
   become the container's node resources.
 - ``nvidia.com/priority``: the pod's priority is the highest (lowest number) of its
   containers'; default 1.
 - Annotations (REFERENCE §2) and the pod's nodeSelector, required node affinity and
-  tolerations become :class:`~shared.schemas.Constraints`.
+  tolerations become :class:`~shared.schemas.Constraints`. ``nvidia.com/numa-bind`` is
+  read with Go's ``ParseBool``; a value it does not take is ignored, as in HAMi.
 
 Every problem found is collected and raised together as one :class:`PodSpecError`, each
 part naming the container or annotation and what is allowed, e.g.
@@ -51,8 +58,8 @@ SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
 QUOTA_MEMORY = "limits.nvidia.com/gpumem"
 QUOTA_CORES = "limits.nvidia.com/gpucores"
 
-_TRUE = ("1", "t", "true")  # Go's strconv.ParseBool, lower-cased
-_FALSE = ("0", "f", "false")
+_TRUE = ("1", "t", "T", "TRUE", "true", "True")  # Go's strconv.ParseBool
+INT32_MAX = (1 << 31) - 1
 
 
 class PodSpecError(ValueError):
@@ -82,6 +89,21 @@ def _whole(value: Any, what: str, problems: list[str]) -> int | None:
         return None
     if q < 0:
         problems.append(f"{what} must not be negative, got {value!r}")
+        return None
+    return int(q)
+
+
+def _percentage(value: Any) -> int | None:
+    """``gpumem-percentage`` as HAMi's scheduler reads it: a whole number, else ignored
+    (HAMi's ``AsInt64`` fails on "50.5" and "abc"); 0 or less is ignored too (the memory
+    default applies), above 100 is clamped later."""
+    if value is None:
+        return None
+    try:
+        q = parse_quantity(value)
+    except QuantityError:
+        return None
+    if q.denominator != 1 or q <= 0:
         return None
     return int(q)
 
@@ -117,12 +139,21 @@ def container_ask(
     for key, rname in (
         ("nums", names.count),
         ("mem", names.memory),
-        ("pct", names.memory_percentage),
         ("cores", names.cores),
         ("priority", names.priority),
     ):
         v = _resource(res, rname)
         raw[key] = None if v is None else _whole(v, f"{where}: {rname}", problems)
+    raw["pct"] = _percentage(_resource(res, names.memory_percentage))
+    factor = max(1, settings.memory_factor)
+    if raw["mem"] is not None and raw["mem"] > INT32_MAX // factor:
+        # HAMi keeps the number as MiB in an int32 (after memoryFactor) and drops the
+        # container's whole device request beyond it; we say so instead.
+        problems.append(
+            f"{where}: {names.memory} is in MiB and must be at most {INT32_MAX // factor}"
+            + (f" (memoryFactor {factor})" if factor > 1 else "")
+            + f", got {_resource(res, names.memory)!r} = {raw['mem']}: write 16384 for 16 GiB"
+        )
     devices: list[DeviceAsk] = []
     if len(problems) == n_problems:
         ask = resolve_device_ask(
@@ -249,12 +280,8 @@ def constraints(pod: Mapping[str, Any], problems: list[str]) -> Constraints:
     c.nouse_types = _list(a.get(ann.NOUSE_GPUTYPE, ""))
     c.use_uuids = _list(a.get(ann.USE_GPUUUID, ""))
     c.nouse_uuids = _list(a.get(ann.NOUSE_GPUUUID, ""))
-    if ann.NUMA_BIND in a:
-        v = a[ann.NUMA_BIND].strip().lower()
-        if v in _TRUE:
-            c.numa_bind = True
-        elif v not in _FALSE:
-            problems.append(f"annotation {ann.NUMA_BIND}: {a[ann.NUMA_BIND]!r} is not true or false")
+    # Go's strconv.ParseBool, exactly; anything else is ignored (not bound), as in HAMi.
+    c.numa_bind = a.get(ann.NUMA_BIND) in _TRUE
     if ann.VGPU_MODE in a:
         v = a[ann.VGPU_MODE].strip().lower()
         if v in VGPU_MODES:

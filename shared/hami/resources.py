@@ -27,8 +27,12 @@ def resolve_device_ask(
     only without ``gpumem`` (>100 clamps, <=0 is ignored); no memory at all gives
     ``defaultMemory`` MiB if configured, else 100 % of each card; cores default to
     ``defaultCores`` and clamp to 0..100; cores or memory without a card count ask for
-    ``defaultGPUNum`` cards; a bare count (or 100 % memory) with no cores means whole,
-    exclusive cards (cores = 100). Returns ``None`` when the container asks for no card.
+    ``defaultGPUNum`` cards. Returns ``None`` when the container asks for no card.
+
+    A bare ``nvidia.com/gpu`` is *not* made exclusive here: as in HAMi, the admission
+    webhook writes ``nvidia.com/gpucores: 100`` into such a container's limits, and the
+    request is then read from the spec. A request that reaches this point as "100 %
+    memory, 0 cores" books 0 cores, as HAMi's scheduler does.
     """
     if nums is None:
         if mem is None and mem_percent is None and cores is None:
@@ -52,8 +56,10 @@ def normalise_ask(ask: DeviceAsk, settings: NodeSettings) -> DeviceAsk:
     """Apply the defaults the engine needs to an already-parsed ask (idempotent).
 
     A direct client's ``DeviceAsk`` may leave memory unset (``mem`` 0, no percentage):
-    that is ``defaultMemory`` MiB when configured, else the whole card; a whole card with
-    no cores asked is exclusive (cores 100), as HAMi does for a bare ``nvidia.com/gpu``.
+    that is ``defaultMemory`` MiB when configured, else the whole card. Cores are taken as
+    given (clamped to 0..100): whoever wants a whole, exclusive card asks for 100 cores
+    (HAMi's webhook does it for a bare ``nvidia.com/gpu``; ``hami submit --gpus N`` does it
+    for a bare count).
     """
     mib = max(0, ask.mem)
     pct = ask.mem_percent
@@ -67,8 +73,6 @@ def normalise_ask(ask: DeviceAsk, settings: NodeSettings) -> DeviceAsk:
     else:
         pct = None
     cores = max(0, min(100, ask.cores))
-    if pct == 100 and cores == 0:
-        cores = 100
     if mib == ask.mem and pct == ask.mem_percent and cores == ask.cores:
         return ask
     return DeviceAsk(vendor=ask.vendor, nums=ask.nums, mem=mib, mem_percent=pct, cores=cores)

@@ -38,12 +38,14 @@ G, M, P, C = "nvidia.com/gpu", "nvidia.com/gpumem", "nvidia.com/gpumem-percentag
 
 # (limits, settings overrides, expected DeviceAsk or None)
 RESOURCE_CASES: list[tuple[str, dict[str, Any], dict[str, Any], DeviceAsk | None]] = [
-    ("bare gpu = whole exclusive card", {G: "1"}, {}, DeviceAsk(nums=1, mem_percent=100, cores=100)),
-    ("two whole cards", {G: 2}, {}, DeviceAsk(nums=2, mem_percent=100, cores=100)),
+    # A bare count books 0 cores here, as in HAMi's scheduler: the webhook is what writes
+    # gpucores: 100 into such a spec (tests/kube/test_webhook_hami_cases.py).
+    ("bare gpu = whole memory, cores as given", {G: "1"}, {}, DeviceAsk(nums=1, mem_percent=100, cores=0)),
+    ("two whole cards", {G: 2}, {}, DeviceAsk(nums=2, mem_percent=100, cores=0)),
     ("mem and cores", {G: "1", M: "3000", C: "30"}, {}, DeviceAsk(nums=1, mem=3000, cores=30)),
     ("memoryFactor multiplies gpumem", {G: "1", M: "3"}, {"memory_factor": 1000}, DeviceAsk(nums=1, mem=3000)),
     ("percentage", {G: "1", P: "50"}, {}, DeviceAsk(nums=1, mem_percent=50)),
-    ("percentage >100 clamps, cores 0 -> exclusive", {G: "1", P: "150"}, {}, DeviceAsk(nums=1, mem_percent=100, cores=100)),
+    ("percentage >100 clamps", {G: "1", P: "150"}, {}, DeviceAsk(nums=1, mem_percent=100, cores=0)),
     ("percentage <=0 ignored -> whole card", {G: "1", P: "0", C: "20"}, {}, DeviceAsk(nums=1, mem_percent=100, cores=20)),
     ("gpumem wins over percentage", {G: "1", M: "1024", P: "50"}, {}, DeviceAsk(nums=1, mem=1024)),
     ("cores clamp at 100", {G: "1", M: "1000", C: "300"}, {}, DeviceAsk(nums=1, mem=1000, cores=100)),
@@ -104,7 +106,6 @@ ERROR_CASES = [
     ({G: "1"}, {ann.DEVICE_SCORING_WEIGHTS: "slot=-1,core=1,memory=1"}, "slot must not be negative"),
     ({G: "1"}, {ann.DEVICE_SCORING_WEIGHTS: "slot=a,core=1,memory=1"}, "slot must be a whole number"),
     ({G: "1"}, {ann.DEVICE_SCORING_WEIGHTS: "gpu=1,core=1,memory=1"}, "'gpu=1' is not one of"),
-    ({G: "1"}, {ann.NUMA_BIND: "yes"}, "is not true or false"),
     ({G: "1"}, {ann.VGPU_MODE: "vgpu"}, "is not one of hami-core, mig, mps"),
 ]
 

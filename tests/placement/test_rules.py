@@ -20,8 +20,9 @@ from .util import card, cards_of, cluster, fail, node, place, placer, req
         (DeviceAsk(nums=2, mem=1000, cores=5), [(1000, 5), (1000, 5)]),
         (DeviceAsk(nums=1, mem_percent=25, cores=10), [(2500, 10)]),
         (DeviceAsk(nums=1, mem_percent=250, cores=10), [(10000, 10)]),  # >100 % clamps
-        (DeviceAsk(nums=1), [(10000, 100)]),  # no memory: the whole card, exclusive
-        (DeviceAsk(nums=1, mem_percent=100), [(10000, 100)]),
+        # no memory: the whole card's memory; cores as asked (0), as HAMi books them
+        (DeviceAsk(nums=1), [(10000, 0)]),
+        (DeviceAsk(nums=1, mem_percent=100), [(10000, 0)]),
         (DeviceAsk(nums=1, cores=40), [(10000, 40)]),  # whole memory, shared compute
         (DeviceAsk(nums=1, mem=500, cores=250), [(500, 100)]),  # cores clamp to 100
     ],
@@ -397,7 +398,7 @@ def test_app_containers_are_cumulative() -> None:
     [
         # raw = (nums, mem, mem_percent, cores); want = (nums, mem, mem_percent, cores) or None
         ((None, None, None, None), {}, None),
-        ((2, None, None, None), {}, (2, 0, 100, 100)),  # bare count: whole exclusive cards
+        ((2, None, None, None), {}, (2, 0, 100, 0)),  # bare count: the webhook adds the 100 cores
         ((1, 1000, 50, None), {"memory_factor": 4}, (1, 4000, None, 0)),  # gpumem wins, x factor
         ((1, None, 30, None), {}, (1, 0, 30, 0)),
         ((1, None, 0, None), {"default_memory": 2048}, (1, 2048, None, 0)),  # <=0 % ignored
