@@ -2,7 +2,9 @@
 
 Each service keeps its own NATS connection, so they talk over the bus exactly as
 separate processes would; only the process boundary is saved. ``hami demo`` and the
-tests use the same class.
+tests use the same class. Each node is a standalone node agent
+(services/nodeagent/standalone.py): slice files in a temporary directory of its own,
+telemetry, and the endpoint ``hami run`` asks for its slice's environment.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from services.metrics.service import MetricsService
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.backends import Backend, nvml
 from services.nodeagent.backends.sim import GpuSpec, SimBackend, parse_gpu_spec
+from services.nodeagent.standalone import StandaloneNode
 from services.placement.service import PlacementService
 from shared.bus import Bus
 from shared.config import Config
@@ -44,6 +47,8 @@ class System:
     buses: list[Bus] = field(default_factory=list)
     services: list[Any] = field(default_factory=list)
     agents: list[NodeAgent] = field(default_factory=list)
+    nodes: list[StandaloneNode] = field(default_factory=list)
+    telemetry_interval: float | None = None  # None: the configuration's telemetryInterval
     metrics: MetricsService | None = None
     # Each service connects with its role's identity (docs/security.md); an embedded
     # server then admits exactly these roles.
@@ -100,9 +105,11 @@ class System:
             for node, backend in backends:
                 # With identities, each agent may write only its own node's keys.
                 bus = agent_bus or await self._bus("nodeagent", f"nodeagent:{node}")
-                agent = NodeAgent(bus, node, backend, self.cfg)
-                await agent.start()
-                self.agents.append(agent)
+                sn = StandaloneNode(bus, node, backend, self.cfg,
+                                    telemetry_interval=self.telemetry_interval)
+                self.nodes.append(sn)  # stopped (its directory removed) even if start fails
+                await sn.start()
+                self.agents.append(sn.agent)
             await self.wait_nodes(len(backends), placement)
         except BaseException:
             await self.stop()
@@ -120,8 +127,12 @@ class System:
         return self.metrics.url if self.metrics else ""
 
     async def stop(self) -> None:
-        for agent in reversed(self.agents):
-            await agent.stop()
+        for sn in reversed(self.nodes):
+            try:
+                await sn.stop()
+            except Exception:
+                log.exception("stopping node %s", sn.node)
+        self.nodes.clear()
         self.agents.clear()
         for svc in reversed(self.services):
             try:

@@ -273,10 +273,16 @@ def permissions(role: str) -> Permissions:
             subjects.telemetry(node),
             subjects.alloc("prepared", node),
             f"{API}.STREAM.INFO.{EVENTS}",
+            # A standalone agent withdraws (by uid) a 'hami run' slice whose processes
+            # are gone, and answers 'hami run' on its own node's endpoint.
+            subjects.API_WITHDRAW,
         ]
         b.kv_read(subjects.LEDGER_BUCKET, key)
+        b.sub.append(subjects.agent_run(node))
+        b.responds = True
     elif kind == CLI:
-        b.pub += [subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW, subjects.API_STATUS]
+        b.pub += [subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW, subjects.API_STATUS,
+                  subjects.AGENT_RUN_ALL]
     elif kind == READER:
         # An ordered consumer of the event stream (nats-py or the nats CLI), and nothing
         # that writes: create and look up ephemeral consumers, answer flow control.

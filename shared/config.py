@@ -101,6 +101,7 @@ class Config(msgspec.Struct, kw_only=True, rename="camel"):
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     heartbeat_interval: float = 2.0
+    telemetry_interval: float = 5.0  # seconds between node agents' usage samples
     unhealthy_after: float = 6.0  # seconds without a heartbeat
     metrics_port: int = 9394
     log_level: str = "INFO"
@@ -244,6 +245,7 @@ def _checks() -> list[_Check]:
         ("sim.numaNodes", lambda c: c.sim.numa_nodes, at_least(1)),
         ("sim.nvlink", lambda c: c.sim.nvlink, _one_of(NVLINK_TOPOLOGIES)),
         ("heartbeatInterval", lambda c: c.heartbeat_interval, positive),
+        ("telemetryInterval", lambda c: c.telemetry_interval, positive),
         ("unhealthyAfter", lambda c: c.unhealthy_after, positive),
         ("metricsPort", lambda c: c.metrics_port, ((lambda v: 0 <= v <= 65535), "0..65535")),
         ("logLevel", lambda c: c.log_level.upper(), _one_of(LOG_LEVELS)),

@@ -433,6 +433,24 @@ class WithdrawReply(_Base, kw_only=True):
     error: str = ""
 
 
+class RunRequest(_Base, kw_only=True):
+    """``hami.agent.<node>.run``: ``hami run`` asks the node agent for a slice's
+    environment and hands it the processes that hold the slice; once none of them is
+    alive, the agent withdraws the allocation (by ``uid``). Each call replaces the
+    previous list."""
+
+    uid: str
+    container: str = ""
+    pids: list[int] = []
+
+
+class RunReply(_Base, kw_only=True):
+    ok: bool
+    env: dict[str, str] = {}  # the limiter's environment, the region as a host path
+    region: str = ""
+    error: str = ""
+
+
 class RequestOutcome(_Base, kw_only=True, omit_defaults=False):
     """What became of a direct client's request, in the ``hami-outcomes`` bucket (key:
     the uid): ``answered`` (its client was told where it is placed) or ``withdrawn``

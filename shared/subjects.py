@@ -92,6 +92,15 @@ def telemetry(node: str) -> str:
 TELEMETRY_ALL = f"{PREFIX}.tel.*"
 
 
+def agent_run(node: str) -> str:
+    """A standalone node agent's endpoint for ``hami run``: a slice's environment, and
+    the processes whose exit releases it."""
+    return f"{PREFIX}.agent.{token(node)}.run"
+
+
+AGENT_RUN_ALL = f"{PREFIX}.agent.*.run"
+
+
 # Escaping: a name becomes a token or key by keeping its safe characters and writing
 # every other UTF-8 byte, ``_`` included, as ``_XX`` (upper-case hex). Decoding is
 # unambiguous (every ``_`` starts an escape), so different names never share a key, and

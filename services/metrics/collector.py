@@ -5,6 +5,11 @@ telemetry it is given at scrape time, with HAMi's names, labels and values (REFE
 §7: memory in bytes; HAMi's core "ratios" are percents, 100 = whole card). The scheduler
 side carries HAMi's registry-level ``zone="vGPU"`` label; with ``legacy`` on, the
 pre-v2.9 names and labels are emitted too (HAMi's ``--legacy-metrics``).
+
+Per-container series name the pod and its namespace; an allocation made without
+Kubernetes (``hami submit``, ``hami run``) has neither, so its request name stands for the
+pod and the container and :data:`STANDALONE_NAMESPACE` for the namespace (a dashboard's
+namespace selector then lists it, instead of an empty value it cannot select).
 :class:`LatencyMetrics` holds the scheduling-latency histograms HAMi lacks.
 """
 
@@ -22,6 +27,7 @@ from shared.schemas import NodeHealth, NodeInventory, NodeLedger, Telemetry, car
 
 MIB = 1024 * 1024
 ZONE = "vGPU"  # HAMi's scheduler wraps its registry with zone="vGPU"
+STANDALONE_NAMESPACE = "standalone"
 
 Snapshot = tuple[dict[str, NodeInventory], dict[str, NodeLedger], dict[str, NodeHealth]]
 
@@ -112,7 +118,7 @@ class AllocationCollector(Collector):
             for a in (ledger.allocs.values() if ledger else []):
                 for ci, cont in enumerate(a.containers):
                     for g in cont.devices:
-                        labels = [a.namespace, name, a.name, str(ci), g.uuid]
+                        labels = [a.namespace or STANDALONE_NAMESPACE, name, a.name, str(ci), g.uuid]
                         f.add("hami_vgpu_memory_allocated_bytes", "vGPU memory allocated from a container",
                               ["namespace", "node", "pod", "container_index", "device_uuid"], labels, g.mem * MIB)
                         f.add("hami_vgpu_core_allocated_ratio", "vGPU core allocated from a container",
@@ -167,7 +173,8 @@ class AllocationCollector(Collector):
                 grant = next((c for c in a.containers if c.name == cu.container), None)
                 uuids = [g.uuid for g in grant.devices] if grant else []
                 vidx = str(uuids.index(cu.uuid)) if cu.uuid in uuids else "0"
-                labels = [a.namespace, a.name, cu.container, vidx, cu.uuid]
+                labels = [a.namespace or STANDALONE_NAMESPACE, a.name, cu.container or a.name, vidx,
+                          cu.uuid]
                 ctr = ["namespace", "pod", "container", "vdevice_index", "device_uuid"]
                 util = cu.utilization * 100
                 f.add("hami_vgpu_memory_used_bytes", "vGPU device memory usage in bytes", ctr, labels,

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.nodeagent.agent import NodeAgent
 from services.nodeagent.backends import Backend, nvml
 from services.nodeagent.backends.sim import SimBackend, parse_gpu_spec
 from services.nodeagent.csi.v1 import PLUGINS_DIR
 from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from services.nodeagent.pluginregistration.v1 import REGISTRY_DIR
+from services.nodeagent.standalone import StandaloneNode
 from shared import runner
 from shared.bus import Bus
 from shared.config import Config
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             specs = [parse_gpu_spec(s) for s in (args.sim_gpus or cfg.sim.gpus)]
             backend = SimBackend(node, specs, cfg.sim.numa_nodes, args.topology or cfg.sim.nvlink)
         if not args.kube:
-            return NodeAgent(bus, node, backend, cfg)
+            # Slices in a temporary directory, telemetry, and the endpoint of 'hami run'.
+            return StandaloneNode(bus, node, backend, cfg)
         from services.nodeagent.kube.node import KubeNode
         from shared import kube
 

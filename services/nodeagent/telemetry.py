@@ -10,7 +10,12 @@ next one).
 
 A container whose process has not touched CUDA yet has no region; it is reported
 anyway, with its granted limit and zero use (HAMi shows such containers only after
-their first CUDA call). Device rows sum the containers per card.
+their first CUDA call), so every allocation is in the series from the moment it is bound.
+
+Device rows (HAMi's host series) come from the backend's :class:`UsageSource` when it has
+one: NVML's own figures for real cards, the simulator's usage model (a baseline plus what
+the slices report) for simulated ones; every card of the node then has a row, used or
+not. Without one, the rows sum the containers per card.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from services.nodeagent.slices import REGION_FILE, SliceWriter, pod_slices
 from shared import subjects
@@ -39,12 +44,20 @@ class RegionReader(Protocol):
     def __call__(self, path: Path) -> RegionSnapshot: ...
 
 
+@runtime_checkable
+class UsageSource(Protocol):
+    """A backend that reports its cards' usage (host memory used, utilisation)."""
+
+    def usage(self, containers: Sequence[ContainerUsage]) -> list[DeviceUsage]: ...
+
+
 def sample(
     node: str,
     allocs: Mapping[str, LedgerAlloc],
     slices: SliceWriter,
     reader: RegionReader = read_region,
     now: float | None = None,
+    host: UsageSource | None = None,
 ) -> Telemetry:
     """One telemetry sample of the node (blocking file reads: run it in a thread)."""
     containers: list[ContainerUsage] = []
@@ -83,10 +96,16 @@ def sample(
                 if dev is not None:
                     # The limiter samples the whole card too; any container's view will do.
                     card.utilization = max(card.utilization, dev.device_utilization / 100.0)
+    devices = list(per_card.values())
+    if host is not None:
+        try:
+            devices = host.usage(containers)
+        except Exception as exc:  # a driver hiccup: the slices' sums this round
+            log.warning("%s: card usage unavailable: %s", node, exc)
     return Telemetry(
         node=node,
         at=time.time() if now is None else now,
-        devices=sorted(per_card.values(), key=lambda d: d.uuid),
+        devices=sorted(devices, key=lambda d: d.uuid),
         containers=containers,
     )
 
@@ -103,6 +122,7 @@ class TelemetryPublisher:
         *,
         interval: float = 5.0,
         reader: RegionReader = read_region,
+        host: object = None,
     ) -> None:
         self.bus = bus
         self.node = node
@@ -110,12 +130,14 @@ class TelemetryPublisher:
         self.allocs = allocs
         self.interval = interval
         self.reader = reader
+        # Any backend may be passed: one without a usage() method gives no host rows.
+        self.host = host if isinstance(host, UsageSource) else None
         self.published = 0
         self._bg = Background()
 
     async def publish_once(self) -> Telemetry:
         tel = await asyncio.to_thread(
-            sample, self.node, dict(self.allocs()), self.slices, self.reader
+            sample, self.node, dict(self.allocs()), self.slices, self.reader, None, self.host
         )
         await self.bus.publish(subjects.telemetry(self.node), tel)
         self.published += 1

@@ -7,6 +7,7 @@ load and report at least one card.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from services.nodeagent.backends import Discovery, PhysicalCard
@@ -19,6 +20,7 @@ from services.nodeagent.backends.sim import (
     SAME_CPU,
     SINGLE_SWITCH,
 )
+from shared.schemas import ContainerUsage, DeviceUsage
 
 log = logging.getLogger("hami.nodeagent.nvml")
 
@@ -125,3 +127,23 @@ class NvmlBackend:
                     score = self._level_score(handles[i], handles[j])
                     links[i][j] = score + NVLINK_LANE * lanes
         return Discovery(cards=cards, links=links)
+
+    def usage(self, containers: Sequence[ContainerUsage]) -> list[DeviceUsage]:
+        """The cards' own figures (memory used, GPU utilisation over NVML's last sample
+        period); the slices' reports are not needed here. A card NVML cannot read is left
+        out of this sample."""
+        nv = self.nv
+        out: list[DeviceUsage] = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            try:
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                used = int(nv.nvmlDeviceGetMemoryInfo(h).used) // (1024 * 1024)
+                try:
+                    util = float(nv.nvmlDeviceGetUtilizationRates(h).gpu) / 100.0
+                except Exception:  # not supported on this card (some MIG modes)
+                    util = 0.0
+                out.append(DeviceUsage(uuid=_text(nv.nvmlDeviceGetUUID(h)), memory_used_mib=used,
+                                       utilization=util))
+            except Exception as exc:
+                log.debug("nvml usage of card %d: %s", i, exc)
+        return out

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.nodeagent.backends import Discovery, PhysicalCard
+from shared.schemas import ContainerUsage, DeviceUsage
+
+MIB = 1 << 20
+# What a simulated card reports used with nothing on it (the driver's own reservation),
+# as a share of its memory, at most SIM_BASELINE_MAX_MIB.
+SIM_BASELINE_SHARE = 0.005
+SIM_BASELINE_MAX_MIB = 512
 
 # REFERENCE §3 pair link scores.
 CROSS_CPU, SAME_CPU, HOST_BRIDGE, MULTI_SWITCH, SINGLE_SWITCH, SAME_BOARD = 10, 20, 30, 40, 50, 60
@@ -127,3 +135,21 @@ class SimBackend:
                 )
         links = link_matrix(len(cards), [c.numa for c in cards], self.topology)
         return Discovery(cards=cards, links=links)
+
+    def usage(self, containers: Sequence[ContainerUsage]) -> list[DeviceUsage]:
+        """What NVML would report for each simulated card: a small driver baseline plus
+        the memory every slice's limiter reports on it (capped at the card), and the
+        slices' SM utilisations summed (capped at the whole card). Deterministic: the
+        same slices' reports give the same figures."""
+        mem: dict[str, int] = {}
+        util: dict[str, float] = {}
+        for c in containers:
+            mem[c.uuid] = mem.get(c.uuid, 0) + c.memory_used_bytes
+            util[c.uuid] = util.get(c.uuid, 0.0) + c.utilization
+        out: list[DeviceUsage] = []
+        for card in self.discover().cards:
+            baseline = min(SIM_BASELINE_MAX_MIB, int(card.memory_mib * SIM_BASELINE_SHARE))
+            used = min(card.memory_mib, baseline + mem.get(card.uuid, 0) // MIB)
+            out.append(DeviceUsage(uuid=card.uuid, memory_used_mib=used,
+                                   utilization=min(1.0, util.get(card.uuid, 0.0))))
+        return out

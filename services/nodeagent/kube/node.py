@@ -100,6 +100,7 @@ class KubeNode:
                 self.slices,
                 lambda: self.agent.allocs,
                 interval=self.telemetry_interval,
+                host=self.backend,  # HAMi's host series: NVML, or the simulator's model
             )
 
     async def start(self) -> None:
