@@ -218,6 +218,19 @@ class AllocRequested(_Base, kw_only=True, omit_defaults=False, tag="requested", 
 # --------------------------------------------------------------------------- decisions
 
 
+class MigSlice(_Base, kw_only=True):
+    """The MIG instance a grant on a card in ``mig`` mode stands for: the profile and the
+    memory-slice placement the engine chose (HAMi's ``hami.io/vgpu-mig-allocations``
+    entry), and, once the node agent created it, the instance's identity."""
+
+    profile: str  # e.g. "2g.20gb"
+    start: int  # first memory slice, as NVML's GPU-instance placement
+    size: int  # memory slices it spans
+    uuid: str = ""  # "MIG-..." once created (prepared events); "" in a decision
+    gpu_instance: int = -1  # NVML GPU-instance id once created
+    compute_instance: int = -1  # NVML compute-instance id once created
+
+
 class CardGrant(_Base, kw_only=True):
     uuid: str
     index: int = 0
@@ -225,6 +238,7 @@ class CardGrant(_Base, kw_only=True):
     vendor: str = "NVIDIA"
     mem: int  # MiB granted on this card
     cores: int  # % of the card's SMs
+    mig: MigSlice | None = None  # on a card in mig mode: the instance placement chose
 
 
 class ContainerGrant(_Base, kw_only=True):
