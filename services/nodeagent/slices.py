@@ -17,6 +17,16 @@ Pure parts: :func:`slice_env` (one container's file contents), :func:`container_
 (the directories a ledger implies). :class:`SliceWriter` does the small file I/O (atomic
 write: temp file + rename; removal on release; reconcile on start) and publishes
 ``prepared`` once a pod's slices are on disk.
+
+Grants on cards in MIG mode name a profile and a placement (``CardGrant.mig``). With a
+backend that manages MIG (:class:`~services.nodeagent.backends.MigBackend`), the writer
+creates exactly that instance before the container's file is written -- the file then
+points the container at the instance's ``MIG-`` UUID -- and destroys it once the pod is
+released, as HAMi's device plugin does. A pod whose instance cannot be created is not
+prepared (no file, no ``prepared`` event) and is retried at the next ledger change. On
+the first sync after a start, live instances that match a reservation are adopted and
+the others on the node's MIG cards destroyed: the agent is the only owner of MIG state
+on its cards.
 """
 
 from __future__ import annotations
@@ -30,11 +40,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
+from services.nodeagent.backends import MigBackend, MigError, MigInstance, PhysicalCard
 from shared import subjects
 from shared.bus import Bus
 from shared.config import NodeSettings
 from shared.files import replace_file
-from shared.schemas import AllocPrepared, ContainerGrant, LedgerAlloc
+from shared.hami.mig import MIG_MODE
+from shared.schemas import AllocPrepared, CardGrant, ContainerGrant, LedgerAlloc
 
 log = logging.getLogger("hami.nodeagent.slices")
 
@@ -71,20 +85,24 @@ def core_policy(settings: NodeSettings) -> str:
     return "disable" if settings.disable_core_limit else settings.gpu_core_policy
 
 
-def slice_env(grant: ContainerGrant, settings: NodeSettings) -> dict[str, str]:
+def slice_env(
+    grant: ContainerGrant, settings: NodeSettings, mig: Mapping[int, str] | None = None
+) -> dict[str, str]:
     """The limiter environment of one container with devices, in REFERENCE §6 terms.
 
     Card ``i`` is the i-th granted card: ``CUDA_VISIBLE_DEVICES`` lists the UUIDs in the
     grant's order, so CUDA's device ``i`` inside the container is the card whose limits
-    carry the suffix ``_i``.
+    carry the suffix ``_i``. ``mig`` maps a grant position to the ``MIG-`` UUID of its
+    instance: the container sees the instance, whose compute is its own (no SM limit).
     """
+    mig = mig or {}
     env: dict[str, str] = {
-        "CUDA_VISIBLE_DEVICES": ",".join(d.uuid for d in grant.devices),
+        "CUDA_VISIBLE_DEVICES": ",".join(mig.get(i, d.uuid) for i, d in enumerate(grant.devices)),
     }
     for i, d in enumerate(grant.devices):
         env[f"CUDA_DEVICE_MEMORY_LIMIT_{i}"] = f"{int(d.mem)}m"
     for i, d in enumerate(grant.devices):
-        env[f"CUDA_DEVICE_SM_LIMIT_{i}"] = str(int(d.cores))
+        env[f"CUDA_DEVICE_SM_LIMIT_{i}"] = "100" if i in mig else str(int(d.cores))
     env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] = REGION_PATH
     env["GPU_CORE_UTILIZATION_POLICY"] = core_policy(settings)
     if settings.device_memory_scaling > 1:
@@ -132,6 +150,28 @@ def pod_slices(alloc: LedgerAlloc) -> list[ContainerSlice]:
 def container_dirs(allocs: Mapping[str, LedgerAlloc]) -> dict[str, ContainerSlice]:
     """Directory name -> slice, for every container with devices in the ledger."""
     return {s.dir_name: s for a in allocs.values() for s in pod_slices(a)}
+
+
+MigKey = tuple[str, str, int, int]  # GPU UUID, profile, start, size
+
+
+def mig_key(d: CardGrant) -> MigKey | None:
+    """The instance a grant stands for, or None for a grant outside MIG."""
+    if d.mig is None:
+        return None
+    return (d.uuid, d.mig.profile, d.mig.start, d.mig.size)
+
+
+def mig_keys(allocs: Mapping[str, LedgerAlloc]) -> dict[MigKey, str]:
+    """Every MIG instance the ledger reserves -> the pod holding it."""
+    out: dict[MigKey, str] = {}
+    for a in allocs.values():
+        for c in a.containers:
+            for d in c.devices:
+                k = mig_key(d)
+                if k is not None:
+                    out[k] = a.uid
+    return out
 
 
 def ensure_region(d: Path) -> None:
@@ -183,17 +223,23 @@ class SliceWriter:
         node: str,
         settings: NodeSettings,
         bus: Bus | None = None,
+        mig: object = None,
     ) -> None:
         self.root = Path(host_root) / CONTAINERS_DIR
         self.node = node
         self.settings = settings
         self.bus = bus
+        # Any backend may be passed: MIG instances are managed only by one that can.
+        self.mig: MigBackend | None = mig if isinstance(mig, MigBackend) else None
+        self.instances: dict[MigKey, MigInstance] = {}  # live instances this agent owns
+        self.mig_failed: dict[MigKey, str] = {}  # instances that could not be created: why
         self.written: dict[str, str] = {}  # dir name -> env file text on disk
         self.prepared: set[str] = set()  # pod UIDs whose slices are all on disk
         self.removed = 0
         self._lock = asyncio.Lock()
         self._reconciled = False
         self._texts: dict[str, tuple[ContainerGrant, str]] = {}  # dir -> (grant, env text)
+        self._mig_cache: dict[str, dict[int, str]] = {}  # dir -> MIG UUIDs its text has
 
     def path(self, pod_uid: str, container: str) -> Path:
         """Host path of a container's directory (its ``env`` and ``region.cache``)."""
@@ -206,6 +252,8 @@ class SliceWriter:
         """Make the directory match ``allocs``; returns the pods newly prepared."""
         async with self._lock:
             allocs = dict(allocs)
+            if self.mig is not None:
+                await asyncio.to_thread(self._sync_mig, allocs)
             if not self._reconciled:
                 new_pods = await asyncio.to_thread(self._sync_files, allocs)
             else:
@@ -219,12 +267,103 @@ class SliceWriter:
             await self._publish_prepared(alloc)
         return new_pods
 
-    def _text(self, s: ContainerSlice) -> str:
+    # ------------------------------------------------------------------------ MIG
+
+    def mig_uuids(self, grant: ContainerGrant) -> dict[int, str] | None:
+        """Grant position -> ``MIG-`` UUID of its instance; None while one of the grant's
+        MIG instances does not exist (the container must not see the whole card)."""
+        out: dict[int, str] = {}
+        for i, d in enumerate(grant.devices):
+            k = mig_key(d)
+            if k is None:
+                continue
+            inst = self.instances.get(k)
+            if inst is None:
+                return None
+            out[i] = inst.uuid
+        return out
+
+    def realised(self, d: CardGrant) -> CardGrant:
+        """``d`` with its MIG instance's identity filled in (for ``prepared`` events)."""
+        k = mig_key(d)
+        inst = self.instances.get(k) if k is not None else None
+        if inst is None or d.mig is None:
+            return d
+        mig = msgspec.structs.replace(
+            d.mig, uuid=inst.uuid, gpu_instance=inst.gpu_instance, compute_instance=inst.compute_instance
+        )
+        return msgspec.structs.replace(d, mig=mig)
+
+    def _sync_mig(self, allocs: dict[str, LedgerAlloc]) -> None:
+        """Create the reserved instances that do not exist, destroy the released ones."""
+        assert self.mig is not None
+        want = mig_keys(allocs)
+        if not self._reconciled:
+            self._adopt(want)
+        for k, inst in list(self.instances.items()):
+            if k in want:
+                continue
+            try:
+                self.mig.destroy_mig(inst)
+            except MigError as exc:
+                log.error("%s: MIG %s at %d/%d on %s not destroyed: %s", self.node, k[1], k[2], k[3], k[0], exc)
+                continue  # retried at the next change
+            del self.instances[k]
+            log.info("%s: destroyed MIG %s at %d/%d on %s", self.node, k[1], k[2], k[3], k[0])
+        for k in want:
+            if k in self.instances:
+                continue
+            try:
+                self.instances[k] = self.mig.create_mig(*k)
+            except MigError as exc:
+                if self.mig_failed.get(k) != str(exc):
+                    log.error("%s: MIG %s at %d/%d on %s for %s: %s", self.node, k[1], k[2], k[3], k[0], want[k], exc)
+                self.mig_failed[k] = str(exc)
+                continue
+            self.mig_failed.pop(k, None)
+            log.info("%s: created MIG %s at %d/%d on %s: %s", self.node, k[1], k[2], k[3], k[0], self.instances[k].uuid)
+        for k in [k for k in self.mig_failed if k not in want]:
+            del self.mig_failed[k]
+
+    def _adopt(self, want: Mapping[MigKey, str]) -> None:
+        """After a start: keep the live instances a reservation names, destroy the rest."""
+        assert self.mig is not None
+        cards = {c.uuid for c in self.mig_cards()}
+        for gpu in sorted(cards | {k[0] for k in want}):
+            try:
+                live = self.mig.mig_instances(gpu)
+            except MigError as exc:
+                log.warning("%s: MIG instances of %s unknown: %s", self.node, gpu, exc)
+                continue
+            for inst in live:
+                k = (inst.gpu_uuid, inst.profile, inst.start, inst.size)
+                if k in want and k not in self.instances:
+                    self.instances[k] = inst
+                    continue
+                try:
+                    self.mig.destroy_mig(inst)
+                    log.info("%s: destroyed stale MIG %s at %d/%d on %s", self.node, *k[1:], gpu)
+                except MigError as exc:
+                    log.error("%s: stale MIG on %s not destroyed: %s", self.node, gpu, exc)
+
+    def mig_cards(self) -> list[PhysicalCard]:
+        """The node's cards in MIG mode, as the backend discovers them."""
+        discover = getattr(self.mig, "discover", None)
+        if discover is None:
+            return []
+        cards: list[PhysicalCard] = discover().cards
+        return [c for c in cards if c.mode == MIG_MODE]
+
+    def _text(self, s: ContainerSlice) -> str | None:
+        uuids = self.mig_uuids(s.grant)
+        if uuids is None:
+            return None  # its MIG instance is not there: no file yet
         cached = self._texts.get(s.dir_name)
-        if cached is not None and cached[0] == s.grant:
+        if cached is not None and cached[0] == s.grant and uuids == self._mig_cache.get(s.dir_name):
             return cached[1]
-        text = render_env(slice_env(s.grant, self.settings))
+        text = render_env(slice_env(s.grant, self.settings, uuids))
         self._texts[s.dir_name] = (s.grant, text)
+        self._mig_cache[s.dir_name] = uuids
         return text
 
     def _plan(self, allocs: dict[str, LedgerAlloc]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -233,6 +372,8 @@ class SliceWriter:
         writes = []
         for name, s in want.items():
             text = self._text(s)
+            if text is None:
+                continue
             if self.written.get(name) != text:
                 writes.append((name, text))
         return writes, removes
@@ -251,7 +392,11 @@ class SliceWriter:
 
     def _newly_prepared(self, allocs: dict[str, LedgerAlloc]) -> list[LedgerAlloc]:
         self.prepared &= set(allocs)
-        new = [a for uid, a in allocs.items() if uid not in self.prepared]
+        new = [
+            a
+            for uid, a in allocs.items()
+            if uid not in self.prepared and all(self.mig_uuids(s.grant) is not None for s in pod_slices(a))
+        ]
         self.prepared.update(a.uid for a in new)
         return new
 
@@ -263,7 +408,7 @@ class SliceWriter:
         self._reconciled = True
         for uid, a in allocs.items():
             mine = pod_slices(a)
-            if mine and all(self.written.get(s.dir_name) == self._text(s) for s in mine):
+            if mine and all(self.written.get(s.dir_name) == (self._text(s) or False) for s in mine):
                 self.prepared.add(uid)
         self._apply(*self._plan(allocs))
         for name in container_dirs(allocs):
@@ -289,6 +434,7 @@ class SliceWriter:
         shutil.rmtree(self.root / name, ignore_errors=True)
         self.written.pop(name, None)
         self._texts.pop(name, None)
+        self._mig_cache.pop(name, None)
         self.removed += 1
 
     async def _publish_prepared(self, alloc: LedgerAlloc) -> None:
@@ -302,7 +448,7 @@ class SliceWriter:
                 namespace=alloc.namespace,
                 node=self.node,
                 container=s.container,
-                devices=list(s.grant.devices),
+                devices=[self.realised(d) for d in s.grant.devices],
                 at=now,
             )
             try:

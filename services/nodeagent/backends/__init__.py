@@ -8,7 +8,9 @@ those into HAMi registrations (split count, scaling, filtering) is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from shared.schemas import MigProfile
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class PhysicalCard:
     vendor: str = "NVIDIA"
     mode: str = "hami-core"
     healthy: bool = True
+    # mode "mig": the profiles the card offers, with NVML's placements (HAMi's migProfiles)
+    mig_profiles: tuple[MigProfile, ...] = ()
 
 
 @dataclass
@@ -33,3 +37,32 @@ class Backend(Protocol):
     name: str
 
     def discover(self) -> Discovery: ...
+
+
+class MigError(RuntimeError):
+    """A MIG instance could not be created or destroyed as asked."""
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    """A GPU instance + compute instance the node agent created for one grant."""
+
+    gpu_uuid: str
+    profile: str
+    start: int
+    size: int
+    uuid: str  # "MIG-..."
+    gpu_instance: int
+    compute_instance: int
+
+
+@runtime_checkable
+class MigBackend(Protocol):
+    """What a backend does for cards in MIG mode: realise exactly the profile and
+    the engine chose (never another one), and destroy it on release."""
+
+    def create_mig(self, gpu_uuid: str, profile: str, start: int, size: int) -> MigInstance: ...
+
+    def destroy_mig(self, inst: MigInstance) -> None: ...
+
+    def mig_instances(self, gpu_uuid: str) -> list[MigInstance]: ...

@@ -2,6 +2,12 @@
 
 Used by ``hami up`` without GPUs, by the tests and by the benchmarks. UUIDs are stable
 for a (node, index) pair so a restarted simulated agent registers the same cards.
+
+A spec ending in ``:mig`` (``A100-SXM4-40GB:2:mig``) simulates cards in MIG mode: they
+register ``mode: mig`` with the model's profile table (:mod:`shared.hami.mig`), and the
+backend creates and destroys MIG instances the way NVML does -- only at a placement the
+profile allows and overlapping no live instance -- so the node agent's MIG lifecycle
+runs without a GPU.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.nodeagent.backends import Discovery, PhysicalCard
-from shared.schemas import ContainerUsage, DeviceUsage
+from services.nodeagent.backends import Discovery, MigError, MigInstance, PhysicalCard
+from shared.hami.mig import MIG_MODE, geometry, overlaps
+from shared.schemas import ContainerUsage, DeviceUsage, MigPlacement
 
 MIB = 1 << 20
 # What a simulated card reports used with nothing on it (the driver's own reservation),
@@ -36,14 +43,24 @@ class GpuSpec:
     model: str
     count: int
     memory_mib: int
+    mode: str = "hami-core"  # "mig": the cards are in MIG mode
 
 
 def parse_gpu_spec(text: str) -> GpuSpec:
-    """``MODEL:COUNT[:MEMORY_MIB]``; memory defaults from a ``<n>GB`` in the model name."""
+    """``MODEL:COUNT[:MEMORY_MIB][:mig]``; memory defaults from a ``<n>GB`` in the model
+    name; ``mig`` puts the cards in MIG mode (the model must have a MIG geometry)."""
     parts = text.split(":")
+    mode = "hami-core"
+    if len(parts) in (3, 4) and parts[-1].lower() == MIG_MODE:
+        mode = MIG_MODE
+        parts = parts[:-1]
     if len(parts) not in (2, 3) or not parts[0]:
-        raise SimSpecError(f"--sim-gpus {text!r}: expected MODEL:COUNT[:MEMORY_MIB]")
+        raise SimSpecError(f"--sim-gpus {text!r}: expected MODEL:COUNT[:MEMORY_MIB][:mig]")
     model = parts[0]
+    if mode == MIG_MODE and geometry(model) is None:
+        raise SimSpecError(
+            f"--sim-gpus {text!r}: no MIG geometry for {model!r} (A30, A100-SXM4-40GB, A100-SXM4-80GB, H100-SXM5-80GB)"
+        )
     try:
         count = int(parts[1])
         if len(parts) == 3:
@@ -55,7 +72,7 @@ def parse_gpu_spec(text: str) -> GpuSpec:
         raise SimSpecError(f"--sim-gpus {text!r}: COUNT and MEMORY_MIB must be integers") from exc
     if count < 0 or count > 64 or mem <= 0:
         raise SimSpecError(f"--sim-gpus {text!r}: COUNT must be 0..64 and MEMORY_MIB positive")
-    return GpuSpec(model=model, count=count, memory_mib=mem)
+    return GpuSpec(model=model, count=count, memory_mib=mem, mode=mode)
 
 
 def sim_uuid(node: str, index: int) -> str:
@@ -115,12 +132,15 @@ class SimBackend:
         self.numa_nodes = max(1, numa_nodes)
         self.topology = topology
         self.unhealthy: set[int] = set()  # indexes the tests mark broken
+        self._mig: dict[str, list[MigInstance]] = {}  # GPU UUID -> live instances
+        self._next_id = 1
 
     def discover(self) -> Discovery:
         cards: list[PhysicalCard] = []
         total = sum(g.count for g in self.gpus)
         per_numa = max(1, -(-total // self.numa_nodes))
         for spec in self.gpus:
+            profiles = tuple(geometry(spec.model) or ()) if spec.mode == MIG_MODE else ()
             for _ in range(spec.count):
                 i = len(cards)
                 cards.append(
@@ -131,6 +151,8 @@ class SimBackend:
                         memory_mib=spec.memory_mib,
                         numa=min(i // per_numa, self.numa_nodes - 1),
                         healthy=i not in self.unhealthy,
+                        mode=spec.mode,
+                        mig_profiles=profiles,
                     )
                 )
         links = link_matrix(len(cards), [c.numa for c in cards], self.topology)
@@ -153,3 +175,47 @@ class SimBackend:
             out.append(DeviceUsage(uuid=card.uuid, memory_used_mib=used,
                                    utilization=min(1.0, util.get(card.uuid, 0.0))))
         return out
+
+    # ------------------------------------------------------------------ MIG lifecycle
+
+    def _card(self, gpu_uuid: str) -> PhysicalCard:
+        for c in self.discover().cards:
+            if c.uuid == gpu_uuid:
+                return c
+        raise MigError(f"no GPU {gpu_uuid} on {self.node}")
+
+    def create_mig(self, gpu_uuid: str, profile: str, start: int, size: int) -> MigInstance:
+        """Create a GPU + compute instance of ``profile`` at exactly ``start``/``size``,
+        refusing what NVML refuses: a card not in MIG mode, an unknown profile, a
+        placement the profile does not allow, or one overlapping a live instance."""
+        card = self._card(gpu_uuid)
+        if card.mode != MIG_MODE:
+            raise MigError(f"GPU {gpu_uuid} is not in MIG mode")
+        prof = next((p for p in card.mig_profiles if p.name == profile), None)
+        if prof is None:
+            raise MigError(f"GPU {gpu_uuid} has no MIG profile {profile!r}")
+        want = MigPlacement(start=start, size=size)
+        if want not in prof.placements:
+            raise MigError(f"placement {start}/{size} is not valid for {profile} on {gpu_uuid}")
+        live = self._mig.setdefault(gpu_uuid, [])
+        for inst in live:
+            if overlaps(want, MigPlacement(start=inst.start, size=inst.size)):
+                raise MigError(f"placement {start}/{size} of {profile} overlaps {inst.profile} at {inst.start}/{inst.size}")
+        gi = self._next_id
+        self._next_id += 1
+        h = hashlib.sha1(f"{gpu_uuid}/{gi}".encode()).hexdigest()
+        inst = MigInstance(
+            gpu_uuid=gpu_uuid, profile=profile, start=start, size=size,
+            uuid=f"MIG-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}",
+            gpu_instance=gi, compute_instance=0,
+        )  # fmt: skip
+        live.append(inst)
+        return inst
+
+    def destroy_mig(self, inst: MigInstance) -> None:
+        """Destroy a live instance; one already gone is not an error (as NVML's NOT_FOUND)."""
+        live = self._mig.get(inst.gpu_uuid, [])
+        self._mig[inst.gpu_uuid] = [i for i in live if i.gpu_instance != inst.gpu_instance]
+
+    def mig_instances(self, gpu_uuid: str) -> list[MigInstance]:
+        return list(self._mig.get(gpu_uuid, []))
