@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,17 @@ class MetricsSettings(msgspec.Struct, kw_only=True, rename="camel"):
     legacy_metrics: bool = False
 
 
+class WebhookSettings(msgspec.Struct, kw_only=True, rename="camel"):
+    """HAMi's admission webhook settings (its scheduler flag and NVIDIA config of the same names)."""
+
+    # --force-overwrite-default-scheduler: a pod naming default-scheduler explicitly is
+    # taken over like one naming none; false leaves such pods to default-scheduler.
+    force_overwrite_default_scheduler: bool = True
+    # Written to spec.runtimeClassName of a pod with a container asking for our
+    # resources, unless the pod sets one; "" = leave it alone.
+    runtime_class_name: str = ""
+
+
 class Config(msgspec.Struct, kw_only=True, rename="camel"):
     nats_url: str = ""  # "" = start an embedded nats-server
     node_name: str = ""
@@ -100,6 +112,7 @@ class Config(msgspec.Struct, kw_only=True, rename="camel"):
     sim: SimSettings = msgspec.field(default_factory=SimSettings)
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    webhook: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
     heartbeat_interval: float = 2.0
     telemetry_interval: float = 5.0  # seconds between node agents' usage samples
     unhealthy_after: float = 6.0  # seconds without a heartbeat
@@ -207,6 +220,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 GPU_CORE_POLICIES = ("default", "force", "disable")
 SCHEDULER_MODES = ("extender", "direct")
 NVLINK_TOPOLOGIES = ("pcie", "pairs", "dgx1", "nvswitch")
+_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def _one_of(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
@@ -249,6 +263,9 @@ def _checks() -> list[_Check]:
         ("unhealthyAfter", lambda c: c.unhealthy_after, positive),
         ("metricsPort", lambda c: c.metrics_port, ((lambda v: 0 <= v <= 65535), "0..65535")),
         ("logLevel", lambda c: c.log_level.upper(), _one_of(LOG_LEVELS)),
+        ("webhook.runtimeClassName", lambda c: c.webhook.runtime_class_name,
+         ((lambda v: v == "" or _DNS_SUBDOMAIN.fullmatch(v) is not None),
+          "empty or a RuntimeClass name (lower-case DNS subdomain, at most 253 characters)")),
     ]
     return [(name, get, ok, want) for name, get, (ok, want) in rows]
 

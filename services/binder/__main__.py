@@ -79,7 +79,8 @@ class KubeMode:
                 raise SystemExit("binder: --webhook-cert needs --webhook-key")
             hook = WebhookServer(WebhookSettings.from_config(self.cfg, a.overwrite_env),
                                  certfile=certfile, keyfile=keyfile,
-                                 host=a.webhook_host, port=a.webhook_port)
+                                 host=a.webhook_host, port=a.webhook_port,
+                                 kube=self.kube)  # type: ignore[arg-type]
             await hook.start()
             self.parts.append(hook)
 

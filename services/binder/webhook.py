@@ -1,36 +1,59 @@
 """HAMi's mutating admission webhook: HTTPS, AdmissionReview v1, certificate from files.
 
-For a pod that asks for HAMi NVIDIA resources (``nvidia.com/gpu``, ``gpumem``,
-``gpumem-percentage``, ``gpucores``; names configurable):
+It answers as HAMi v2.10's webhook does (``pkg/scheduler/webhook.go`` and the NVIDIA
+device's ``MutateAdmission``), in HAMi's order and with HAMi's messages:
 
-- ``spec.schedulerName`` becomes ours, unless the pod names another non-default
-  scheduler (then the pod is left to it, as HAMi leaves pods it does not schedule);
-- a container with memory or cores but no card count gets ``nvidia.com/gpu:
-  defaultGPUNum`` (HAMi's webhook default). The other REFERENCE §1 defaults
-  (defaultMemory, defaultCores, percentages) are resolved when the pod is scheduled, by
-  the same codec, so a configuration change applies to pods already admitted;
-- ``nvidia.com/priority`` becomes env ``CUDA_TASK_PRIORITY``;
-- each container that gets devices is given its own slice: env ``HAMI_POD_UID`` (from
-  ``metadata.uid``), ``HAMI_CONTAINER_NAME``, ``HAMI_SLICE_FILE=/usr/local/vgpu/slice/env``,
-  and a CSI ephemeral inline volume ``hami-slice-<i>`` (driver ``slices.hami.io``,
-  ``volumeAttributes: {container: <name>}``) mounted at ``/usr/local/vgpu/slice``. The
-  node agent's CSI node plugin bind-mounts the host directory
-  ``/usr/local/vgpu/containers/<podUID>_<container>`` there (the kubelet hands it the
-  pod UID), where it writes the ``env`` file when the decision reaches its node; the
-  preloaded limiter reads it at process start. No hostPath: Pod Security ``baseline``
-  and ``restricted`` allow CSI volumes. Volumes of our driver that the pod declares
-  itself (and their mounts) are replaced, so no container can mount another's slice;
-- with ``overwrite_env``, containers without our resources get
-  ``NVIDIA_VISIBLE_DEVICES=none`` (HAMi's ``overwriteEnv``), so they cannot see cards.
+1. a pod with no ``spec.containers`` is refused: ``pod has no containers``;
+2. a pod naming another scheduler is left alone. ``default-scheduler`` counts as
+   "another" only with ``webhook.forceOverwriteDefaultScheduler: false`` (HAMi's
+   ``--force-overwrite-default-scheduler``, true by default);
+3. every container, init containers first, is mutated:
+   - a ``gpumem-percentage`` outside 0..100 (limits, then requests) fails admission
+     with ``invalid nvidia.com/gpumem-percentage value 150 in container c: must be an
+     integer between 0 and 100`` (code 500, as HAMi's ``admission.Errored``);
+   - ``nvidia.com/priority`` in its limits becomes env ``CUDA_TASK_PRIORITY``;
+   - with ``node.gpuCorePolicy`` ``force`` or ``disable``, env
+     ``GPU_CORE_UTILIZATION_POLICY`` is set on every container;
+   - HAMi resources are looked for in ``limits`` only; memory or cores without a count
+     get ``nvidia.com/gpu: defaultGPUNum``;
+   - a whole-card ask (a count, no ``gpucores``, and no ``gpumem`` or a
+     ``gpumem-percentage`` of exactly 100; limits or requests) gets
+     ``nvidia.com/gpucores: 100`` written into its limits: the exclusive card is then in
+     the spec, where placement reads it (``defaultCores`` does not apply to such an ask);
+   - with ``webhook.runtimeClassName``, a pod without ``spec.runtimeClassName`` gets it
+     when one of its containers asks for our resources;
+   - with ``overwrite_env``, a container without our resources gets
+     ``NVIDIA_VISIBLE_DEVICES=none`` (HAMi's ``overwriteEnv``);
+4. a pod asking for our resources with a privileged container anywhere in it (init
+   containers included; the first one is named) is refused: ``container c is
+   privileged`` (a privileged container sees every card, so no slice holds it);
+5. such a pod gets our ``spec.schedulerName``; one that sets ``spec.nodeName`` is
+   refused: ``pod has node assigned``;
+6. the namespace's ResourceQuotas (``limits.nvidia.com/gpumem``,
+   ``limits.nvidia.com/gpucores``, a limit of 0 meaning none) are checked against what
+   the pods of the namespace already hold (their ``hami.io/vgpu-devices-allocated``)
+   plus this pod's memory and cores times its card count (a percentage ask counts 0
+   MiB, as in HAMi): ``exceeding resource quota``.
 
-Refused, with a message that says what to change: privileged containers asking for our
-resources (a privileged container sees every card, so no slice can hold it), a preset
-``spec.nodeName`` (HAMi must choose the node and the cards), and anything the codec
-cannot parse (the same messages the binder would give later). Pods labelled
-``hami.io/webhook: ignore`` are admitted untouched.
+What we add (docs/hami-compat.md): a pod the codec cannot read is refused at admission
+with the codec's words (HAMi would admit it and fail it later), and each container that
+gets devices is given its own slice: env ``HAMI_POD_UID`` (from ``metadata.uid``),
+``HAMI_CONTAINER_NAME``, ``HAMI_SLICE_FILE=/usr/local/vgpu/slice/env``, and a CSI
+ephemeral inline volume ``hami-slice-<i>`` (driver ``slices.hami.io``,
+``volumeAttributes: {container: <name>}``) mounted at ``/usr/local/vgpu/slice``. The
+node agent's CSI node plugin bind-mounts the host directory
+``/usr/local/vgpu/containers/<podUID>_<container>`` there (the kubelet hands it the pod
+UID), where it writes the ``env`` file when the decision reaches its node; the preloaded
+limiter reads it at process start. No hostPath: Pod Security ``baseline`` and
+``restricted`` allow CSI volumes. Volumes of our driver that the pod declares itself
+(and their mounts) are replaced, so no container can mount another's slice. Pods
+labelled ``hami.io/webhook: ignore`` are admitted untouched (HAMi's chart does it with
+the webhook's objectSelector). The other request defaults (defaultMemory, defaultCores)
+are resolved when the pod is scheduled, by the same codec, as in HAMi.
 
-:func:`review` is pure (AdmissionReview dict in, dict out); :class:`WebhookServer` is the
-aiohttp + ssl wiring.
+:func:`review` is pure (AdmissionReview dict and the namespace's quota in, dict out);
+:class:`WebhookServer` is the aiohttp + ssl wiring, and reads the quota from the API
+server when given a :class:`~shared.kube.Kube`.
 """
 
 from __future__ import annotations
@@ -40,8 +63,10 @@ import base64
 import copy
 import json
 import logging
+import math
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +74,10 @@ from aiohttp import web
 
 from shared.config import Config, NodeSettings, ResourceNames
 from shared.hami import annotations as ann
-from shared.hami.codec import PodSpecError, has_device_resources, pod_request
+from shared.hami.codec import PodSpecError, pod_request, quota_from_resource_quotas
+from shared.hami.quantity import QuantityError, parse_quantity
+from shared.kube import Kube, path
+from shared.schemas import AllocRequested, Quota
 
 log = logging.getLogger("hami.binder.webhook")
 
@@ -66,7 +94,13 @@ ENV_POD_UID = "HAMI_POD_UID"
 ENV_CONTAINER = "HAMI_CONTAINER_NAME"
 ENV_SLICE_FILE = "HAMI_SLICE_FILE"
 ENV_PRIORITY = "CUDA_TASK_PRIORITY"
+ENV_CORE_POLICY = "GPU_CORE_UTILIZATION_POLICY"
 ENV_VISIBLE = "NVIDIA_VISIBLE_DEVICES"
+
+# HAMi's own words (pkg/scheduler/webhook.go, pkg/device/nvidia/device.go).
+NO_CONTAINERS = "pod has no containers"
+NODE_ASSIGNED = "pod has node assigned"
+QUOTA_EXCEEDED = "exceeding resource quota"
 
 Obj = dict[str, Any]
 
@@ -77,18 +111,46 @@ class WebhookSettings:
     names: ResourceNames = field(default_factory=ResourceNames)
     node: NodeSettings = field(default_factory=NodeSettings)
     overwrite_env: bool = False  # NVIDIA_VISIBLE_DEVICES=none for containers without ours
+    force_overwrite_default_scheduler: bool = True
+    runtime_class_name: str = ""
 
     @classmethod
     def from_config(cls, cfg: Config, overwrite_env: bool = False) -> WebhookSettings:
-        return cls(cfg.scheduler.scheduler_name, cfg.resources, cfg.node, overwrite_env)
+        return cls(cfg.scheduler.scheduler_name, cfg.resources, cfg.node, overwrite_env,
+                   cfg.webhook.force_overwrite_default_scheduler, cfg.webhook.runtime_class_name)
+
+
+@dataclass(frozen=True)
+class NamespaceQuota:
+    """A namespace's HAMi quota and what its pods hold now (MiB after memoryFactor, cores)."""
+
+    limit: Quota
+    used_mem: int = 0
+    used_cores: int = 0
+
+    def fits(self, mem: int, cores: int) -> bool:
+        """HAMi's ``FitQuota``: a limit of 0 (or none) does not limit."""
+        lm, lc = self.limit.memory_mib, self.limit.cores
+        if lm and self.used_mem + mem > lm:
+            return False
+        return not (lc and self.used_cores + cores > lc)
 
 
 class Refused(Exception):
-    """The pod is refused; the message is shown to the user by kubectl."""
+    """The pod is refused; the message is shown to the user by kubectl.
+
+    ``code`` 403 is HAMi's ``admission.Denied``, 500 its ``admission.Errored`` (a
+    container's mutation failed).
+    """
+
+    def __init__(self, message: str, code: int = 403) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _set_env(c: Obj, name: str, value: str | None = None, value_from: Obj | None = None) -> None:
-    env: list[Obj] = c.setdefault("env", [])
+    env: list[Obj] = c.setdefault("env", None) or []
+    c["env"] = env
     item: Obj = {"name": name, "value": value} if value_from is None else {"name": name, "valueFrom": value_from}
     for i, e in enumerate(env):
         if e.get("name") == name:
@@ -97,60 +159,135 @@ def _set_env(c: Obj, name: str, value: str | None = None, value_from: Obj | None
     env.append(item)
 
 
-def _limit(c: Obj, name: str) -> Any:
+def _lists(c: Obj) -> tuple[Obj, Obj]:
     res = c.get("resources") or {}
-    return (res.get("limits") or {}).get(name, (res.get("requests") or {}).get(name))
+    return (res.get("limits") or {}), (res.get("requests") or {})
 
 
-def mutate_pod(pod: Obj, s: WebhookSettings) -> Obj | None:
-    """The mutated pod, or None to leave it alone; raises :class:`Refused`."""
+def _go_value(v: Any) -> int | None:
+    """Go's ``Quantity.Value()``: the number rounded up, away from zero; None if unreadable."""
+    try:
+        q = parse_quantity(v)
+    except QuantityError:
+        return None
+    return math.ceil(q) if q >= 0 else -math.ceil(-q)
+
+
+def _value(c: Obj, name: str) -> tuple[bool, int | None]:
+    """HAMi's ``resourceValue``: (present, value), limits first, then requests."""
+    limits, requests = _lists(c)
+    for lst in (limits, requests):
+        if name and name in lst:
+            return True, _go_value(lst[name])
+    return False, None
+
+
+def _present(c: Obj, name: str) -> bool:
+    limits, requests = _lists(c)
+    return bool(name) and (name in limits or name in requests)
+
+
+def _mutate_container(c: Obj, pod_spec: Obj, s: WebhookSettings) -> bool:
+    """HAMi's NVIDIA ``MutateAdmission`` on one container; whether it asks for our resources."""
+    n = s.names
+    name = str(c.get("name") or "")
+    present, pct = _value(c, n.memory_percentage)
+    if present and pct is not None and not 0 <= pct <= 100:
+        raise Refused(f"invalid {n.memory_percentage} value {pct} in container {name}: "
+                      "must be an integer between 0 and 100", code=500)
+    limits, _ = _lists(c)
+    if n.priority in limits:
+        prio = _go_value(limits[n.priority])
+        _set_env(c, ENV_PRIORITY, str(prio if prio is not None else limits[n.priority]))
+    if s.node.gpu_core_policy not in ("", "default"):
+        _set_env(c, ENV_CORE_POLICY, s.node.gpu_core_policy)
+    has = False
+    if n.count in limits:
+        has = True
+    elif any(k in limits for k in (n.cores, n.memory, n.memory_percentage)) and s.node.default_gpu_num > 0:
+        c["resources"]["limits"][n.count] = str(s.node.default_gpu_num)
+        has = True
+    if _present(c, n.count) and n.cores and not _present(c, n.cores):
+        if present:
+            exclusive = pct == 100
+        else:
+            exclusive = not n.memory or not _present(c, n.memory)
+        if exclusive:
+            res = c.setdefault("resources", None) or {}
+            c["resources"] = res
+            lim = res.setdefault("limits", None) or {}
+            res["limits"] = lim
+            lim[n.cores] = "100"  # a whole card: exclusive (HAMi's defaultExclusiveCoreIfNeeded)
+            has = True
+    if has and pod_spec.get("runtimeClassName") is None and s.runtime_class_name:
+        pod_spec["runtimeClassName"] = s.runtime_class_name
+    if not has and s.overwrite_env:
+        _set_env(c, ENV_VISIBLE, "none")
+    return has
+
+
+def _privileged(spec: Obj) -> str | None:
+    for group in ("initContainers", "containers"):
+        for c in spec.get(group) or []:
+            if (c.get("securityContext") or {}).get("privileged") is True:
+                return str(c.get("name") or "")
+    return None
+
+
+def quota_request(req: AllocRequested) -> tuple[int, int]:
+    """What HAMi's admission quota check counts for a pod: per container with cards,
+    memory x cards and cores x cards (a percentage ask is 0 MiB), init containers too."""
+    mem = cores = 0
+    for c in req.containers:
+        for d in c.devices:
+            mem += d.mem * d.nums
+            cores += d.cores * d.nums
+    return mem, cores
+
+
+def mutate_pod(pod: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None) -> Obj | None:
+    """The mutated pod, or None to leave it alone; raises :class:`Refused`.
+
+    ``quota`` is the pod's namespace's (None: no HAMi quota there, or not known).
+    """
     meta = pod.get("metadata") or {}
     if (meta.get("labels") or {}).get(ann.WEBHOOK_LABEL) == "ignore":
         return None
     spec = pod.get("spec") or {}
+    if not spec.get("containers"):
+        raise Refused(NO_CONTAINERS)
     sched = spec.get("schedulerName") or ""
-    if sched not in ("", DEFAULT_SCHEDULER, s.scheduler_name):
+    if (sched and (sched != DEFAULT_SCHEDULER or not s.force_overwrite_default_scheduler)
+            and (not s.scheduler_name or sched != s.scheduler_name)):
         return None  # another scheduler's pod
     out = copy.deepcopy(pod)
     ospec = out.setdefault("spec", {})
+    privileged = _privileged(ospec)
     ours: list[Obj] = []
-    changed = False
     for group in ("initContainers", "containers"):
         for c in ospec.get(group) or []:
-            name = str(c.get("name") or "")
-            if not has_device_resources(c, s.names):
-                if s.overwrite_env:
-                    _set_env(c, ENV_VISIBLE, "none")
-                    changed = True
-                continue
-            if (c.get("securityContext") or {}).get("privileged"):
-                raise Refused(
-                    f'container "{name}" asks for HAMi GPU resources but is privileged: a '
-                    "privileged container sees every GPU on the node, so it cannot be held to a "
-                    "slice. Remove securityContext.privileged, or the nvidia.com/* resources."
-                )
-            if _limit(c, s.names.count) is None and s.node.default_gpu_num > 0:
-                limits = c.setdefault("resources", {}).setdefault("limits", {})
-                limits[s.names.count] = str(s.node.default_gpu_num)
-            prio = _limit(c, s.names.priority)
-            if prio is not None:
-                _set_env(c, ENV_PRIORITY, str(prio))
-            ours.append(c)
-            changed = True
-    if not ours:
-        return out if changed else None
-    if ospec.get("nodeName"):
-        raise Refused(
-            f"the pod asks for HAMi GPU resources but sets spec.nodeName "
-            f"({ospec['nodeName']}): HAMi must choose the node and the cards. Remove "
-            "spec.nodeName; to pin the pod, use a nodeSelector on kubernetes.io/hostname."
-        )
-    try:
-        req = pod_request(out, s.node, s.names)
-    except PodSpecError as exc:
-        raise Refused(f"invalid HAMi request: {exc}") from None
-    devices = {c.name for c in req.containers if c.devices}
-    ospec["schedulerName"] = s.scheduler_name
+            if _mutate_container(c, ospec, s):
+                ours.append(c)
+    if ours and privileged is not None:
+        raise Refused(f"container {privileged} is privileged")
+    if ours and s.scheduler_name:
+        ospec["schedulerName"] = s.scheduler_name
+        if ospec.get("nodeName"):
+            raise Refused(NODE_ASSIGNED)
+    if ours:
+        try:
+            req = pod_request(out, s.node, s.names)
+        except PodSpecError as exc:
+            raise Refused(f"invalid HAMi request: {exc}") from None
+        mem, cores = quota_request(req)
+        if quota is not None and (mem or cores) and not quota.fits(mem, cores):
+            raise Refused(QUOTA_EXCEEDED)
+        _wire_slices(ospec, ours, {c.name for c in req.containers if c.devices})
+    return None if out == pod else out
+
+
+def _wire_slices(ospec: Obj, ours: list[Obj], devices: set[str]) -> None:
+    """Give each container that gets devices its own slice volume and env (ours)."""
     _strip_slice_volumes(ospec)
     vols: list[Obj] = ospec.get("volumes") or []
     for c in ours:
@@ -166,7 +303,39 @@ def mutate_pod(pod: Obj, s: WebhookSettings) -> Obj | None:
                                           "volumeAttributes": {SLICE_CONTAINER_ATTR: name}}})
     if vols:
         ospec["volumes"] = vols
-    return out
+
+
+def held_by_pods(pods: list[Mapping[str, Any]]) -> tuple[int, int]:
+    """Device memory (MiB) and cores the given pods hold, from HAMi's allocated annotation
+    (what HAMi's quota manager counts); pods that have ended hold nothing."""
+    mem = cores = 0
+    for p in pods:
+        if ((p.get("status") or {}).get("phase")) in ("Succeeded", "Failed"):
+            continue
+        value = ((p.get("metadata") or {}).get("annotations") or {}).get(ann.DEVICES_ALLOCATED)
+        if not value:
+            continue
+        try:
+            entries = ann.decode_pod_devices(value)
+        except ValueError:
+            continue  # not ours to judge here; the binder reports it
+        for devs in entries:
+            for g in devs:
+                mem += g.mem
+                cores += g.cores
+    return mem, cores
+
+
+def asks_our_resources(pod: Obj, names: ResourceNames) -> bool:
+    """Whether any container's limits name one of our resources (the quota is read only then)."""
+    spec = pod.get("spec") or {}
+    keys = (names.count, names.memory, names.memory_percentage, names.cores)
+    for group in ("initContainers", "containers"):
+        for c in spec.get(group) or []:
+            limits, requests = _lists(c)
+            if any(k in limits or k in requests for k in keys):
+                return True
+    return False
 
 
 def _is_slice_volume(v: Obj) -> bool:
@@ -208,8 +377,8 @@ def json_patch(before: Obj, after: Obj) -> list[Obj]:
     return ops
 
 
-def review(body: Obj, s: WebhookSettings) -> Obj:
-    """Answer one AdmissionReview v1 request."""
+def review(body: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None) -> Obj:
+    """Answer one AdmissionReview v1 request (``quota``: the pod's namespace's)."""
     req = body.get("request") or {}
     resp: Obj = {"uid": req.get("uid", ""), "allowed": True}
     out = {"apiVersion": body.get("apiVersion") or "admission.k8s.io/v1",
@@ -219,13 +388,16 @@ def review(body: Obj, s: WebhookSettings) -> Obj:
     if kind != "Pod" or req.get("operation", "CREATE") != "CREATE" or not isinstance(pod, dict):
         return out
     try:
-        mutated = mutate_pod(pod, s)
+        mutated = mutate_pod(pod, s, quota)
     except Refused as exc:
         meta = pod.get("metadata") or {}
         log.info("refused pod %s/%s: %s", req.get("namespace") or meta.get("namespace"),
                  meta.get("name") or meta.get("generateName"), exc)
         resp["allowed"] = False
-        resp["status"] = {"code": 403, "reason": "Forbidden", "message": str(exc)}
+        status: Obj = {"code": exc.code, "message": str(exc)}
+        if exc.code == 403:
+            status["reason"] = "Forbidden"
+        resp["status"] = status
         return out
     if mutated is not None:
         ops = json_patch(pod, mutated)
@@ -235,12 +407,30 @@ def review(body: Obj, s: WebhookSettings) -> Obj:
     return out
 
 
+async def namespace_quota(kube: Kube, namespace: str, node: NodeSettings) -> NamespaceQuota | None:
+    """The namespace's HAMi quota from its ResourceQuotas and what its pods hold, or None
+    when no ResourceQuota there names a HAMi resource."""
+    rqs = await kube.get(path("resourcequotas", namespace))
+    limit = quota_from_resource_quotas(list((rqs or {}).get("items") or []), node)
+    if limit is None:
+        return None
+    pods = await kube.get(path("pods", namespace))
+    mem, cores = held_by_pods(list((pods or {}).get("items") or []))
+    return NamespaceQuota(limit=limit, used_mem=mem, used_cores=cores)
+
+
 class WebhookServer:
     """``POST /mutate`` over HTTPS (``/healthz`` for probes)."""
 
     def __init__(self, settings: WebhookSettings, *, certfile: str | None, keyfile: str | None,
-                 host: str = "0.0.0.0", port: int = 9443, reload_interval: float = 10.0) -> None:
+                 host: str = "0.0.0.0", port: int = 9443, reload_interval: float = 10.0,
+                 kube: Kube | None = None, quota_timeout: float = 3.0) -> None:
         self.settings = settings
+        # With the API server, the namespace's ResourceQuotas and pods are read for the
+        # admission quota check; without one (or when it does not answer in
+        # quota_timeout) the pod is admitted and placement still applies the quota.
+        self.kube = kube
+        self.quota_timeout = quota_timeout
         self.certfile, self.keyfile = certfile, keyfile
         self.host, self.port = host, port
         # The certificate files are looked at this often; a change (cert-manager renewed
@@ -306,7 +496,23 @@ class WebhookServer:
             return web.json_response({"error": "the body must be an AdmissionReview JSON"}, status=400)
         if not isinstance(body, dict):
             return web.json_response({"error": "the body must be an AdmissionReview object"}, status=400)
-        return web.json_response(review(body, self.settings))
+        return web.json_response(review(body, self.settings, await self._quota_for(body)))
+
+    async def _quota_for(self, body: Obj) -> NamespaceQuota | None:
+        req = body.get("request") or {}
+        pod = req.get("object")
+        if (self.kube is None or not isinstance(pod, dict)
+                or (req.get("kind") or {}).get("kind") != "Pod"
+                or req.get("operation", "CREATE") != "CREATE"
+                or not asks_our_resources(pod, self.settings.names)):
+            return None
+        ns = str(req.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default")
+        try:
+            return await asyncio.wait_for(namespace_quota(self.kube, ns, self.settings.node),
+                                          self.quota_timeout)
+        except Exception as exc:  # noqa: BLE001 - any failure: admit, placement still checks
+            log.warning("admission quota of namespace %s not read (admitting): %s", ns, exc)
+            return None
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -149,8 +149,9 @@ def test_overwrite_env_hides_cards_from_other_containers() -> None:
 
 
 @pytest.mark.parametrize(("p", "words"), [
-    (pod({**c(gpu=1), "securityContext": {"privileged": True}}), ["privileged", "Remove securityContext.privileged"]),
-    (pod(c(gpu=1), nodeName="n1"), ["spec.nodeName (n1)", "nodeSelector"]),
+    # HAMi's own words for these two (tests/kube/test_webhook_hami_cases.py has the rest)
+    (pod({**c(gpu=1), "securityContext": {"privileged": True}}), ["container main is privileged"]),
+    (pod(c(gpu=1), nodeName="n1"), ["pod has node assigned"]),
     (pod(c(gpu="1.5")), ["nvidia.com/gpu must be a whole number"]),
     ({**pod(c(gpu=1)), "metadata": {"name": "p", "annotations": {"hami.io/device-scoring-weights": "slot=1"}}},
      ["hami.io/device-scoring-weights", "example: slot=1,core=1,memory=3"]),

@@ -99,3 +99,19 @@ def test_every_policy_name_in_shared_is_one_the_engine_knows() -> None:
         chain = parse_chain(name)
         assert name in chain.keys or chain.mutex or chain.topology, name
         assert name == "spread" or chain != fallback, name
+
+
+def test_webhook_settings_are_hamis_and_checked(tmp_path: Path) -> None:
+    from services.binder.webhook import WebhookSettings
+
+    c = load(env={})
+    # HAMi's --force-overwrite-default-scheduler defaults to true; no runtimeClassName
+    assert (c.webhook.force_overwrite_default_scheduler, c.webhook.runtime_class_name) == (True, "")
+    f = tmp_path / "c.yaml"
+    f.write_text("webhook: {forceOverwriteDefaultScheduler: false, runtimeClassName: nvidia}\n")
+    s = WebhookSettings.from_config(load(f, env={}))
+    assert (s.force_overwrite_default_scheduler, s.runtime_class_name) == (False, "nvidia")
+    with pytest.raises(ConfigError, match="webhook.runtimeClassName: 'NVIDIA_runtime' is not empty or a RuntimeClass name"):
+        load(env={"HAMI__WEBHOOK__RUNTIMECLASSNAME": "NVIDIA_runtime"})
+    with pytest.raises(ConfigError, match="forceOverwriteDefaultScheduler"):
+        load(env={"HAMI__WEBHOOK__FORCEOVERWRITEDEFAULTSCHEDULER": "sometimes"})
