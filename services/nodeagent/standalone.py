@@ -71,7 +71,7 @@ class StandaloneNode:
             self._tmp = Path(tempfile.mkdtemp(prefix=f"hami-{subjects.token(node)}-"))
             root = self._tmp
         self.root = Path(root)
-        self.slices = SliceWriter(self.root, node, cfg.node, bus)
+        self.slices = SliceWriter(self.root, node, cfg.node, bus, mig=backend)  # MIG instances
         self.interval = telemetry_interval or cfg.telemetry_interval
         self.telemetry = TelemetryPublisher(
             bus, node, self.slices, lambda: self.agent.allocs, interval=self.interval, host=backend
@@ -157,7 +157,7 @@ class StandaloneNode:
         await asyncio.to_thread(write)
         if hs:
             self.holders[alloc.uid] = hs
-        env = slice_env(s.grant, self.cfg.node)
+        env = slice_env(s.grant, self.cfg.node, self.slices.mig_uuids(s.grant))
         region = str(d / REGION_FILE)
         env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] = region  # the host's path, not a container's
         env["NVIDIA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"]

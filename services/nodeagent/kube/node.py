@@ -72,7 +72,7 @@ class KubeNode:
         self.host_root = Path(self.host_root)
         self.plugin_dir = Path(self.plugin_dir)
         self.agent = NodeAgent(self.bus, self.node, self.backend, self.cfg, **self.agent_kwargs)  # type: ignore[arg-type]
-        self.slices = SliceWriter(self.host_root, self.node, self.cfg.node, self.bus)
+        self.slices = SliceWriter(self.host_root, self.node, self.cfg.node, self.bus, mig=self.backend)
         state = self.state_path or self.host_root / STATE_FILE.format(node=self.node)
         self.plugin = GpuPlugin(
             self.agent,

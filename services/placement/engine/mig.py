@@ -1,0 +1,197 @@
+"""Dynamic MIG: which profile and which memory slices a request gets on a card in MIG mode.
+
+HAMi v2.10 places MIG instances dynamically. A card registered with ``mode: mig`` carries
+``migProfiles``: for each profile the node allows, its memory (MiB), compute share (% of
+the card), slice count and the placements NVML accepts for it (``start``/``size`` in
+memory slices). A placement occupies the half-open range ``[start, start + size)``; two
+instances may not overlap. The fit follows HAMi's ``selectMigCandidate``:
+
+* profiles are tried smallest first (memory, then slice count; the node's order breaks
+  ties), and the first whose memory covers the ask and which still has a free placement
+  wins -- the ask's cores play no part in the choice;
+* a profile's placements are tried from the highest start down for ``1g.*`` and ``3g.*``
+  profiles and from the lowest up for the others, so small instances pack from the top
+  of the card and leave the low slices free for the large profiles;
+* the grant books the profile's memory and compute share, not the ask's.
+
+A card whose free memory would hold the ask but whose free slices do not line up with
+any placement of a large-enough profile fails with :data:`REASON`
+(``CardMigTopologyInfeasible``) in HAMi's reason vocabulary.
+
+Besides the fit, :func:`instances` tells which instances a card's reservations hold.
+The profile tables of the models the simulator offers are in :mod:`shared.hami.mig`.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from shared.hami.mig import MIG_MODE, overlaps
+from shared.schemas import LedgerAlloc, MigPlacement, MigProfile, MigSlice
+
+__all__ = [
+    "MIG_MODE",
+    "REASON",
+    "Choice",
+    "PodMig",
+    "can_place",
+    "choose",
+    "fits",
+    "instances",
+    "overlaps",
+]
+
+REASON = "CardMigTopologyInfeasible"
+
+
+# ------------------------------------------------------------------------------- fit
+
+
+def _high_first(profile: str) -> bool:
+    return profile.startswith(("1g.", "3g."))
+
+
+def placement_order(profile: MigProfile) -> list[MigPlacement]:
+    """The order HAMi tries a profile's placements in (stable for equal starts)."""
+    if _high_first(profile.name):
+        return sorted(profile.placements, key=lambda p: -p.start)
+    return sorted(profile.placements, key=lambda p: p.start)
+
+
+def profile_order(profiles: Sequence[MigProfile]) -> list[MigProfile]:
+    """Smallest first: by memory, then slice count; the registered order breaks ties."""
+    return sorted(profiles, key=lambda p: (p.memory_mb, p.slice_count))
+
+
+def free_placement(
+    profile: MigProfile, occupied: Sequence[MigPlacement | MigSlice]
+) -> MigPlacement | None:
+    """The first placement of ``profile`` (in :func:`placement_order`) that overlaps
+    nothing in ``occupied``, or None."""
+    for cand in placement_order(profile):
+        if not any(overlaps(cand, o) for o in occupied):
+            return cand
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A profile and placement for one ask: what the grant books and records."""
+
+    profile: MigProfile
+    placement: MigPlacement
+
+    def slice(self) -> MigSlice:
+        return MigSlice(
+            profile=self.profile.name, start=self.placement.start, size=self.placement.size
+        )
+
+
+def choose(
+    profiles: Sequence[MigProfile], occupied: Sequence[MigPlacement | MigSlice], memory: int
+) -> Choice | None:
+    """HAMi's ``selectMigCandidate``: the smallest profile holding ``memory`` MiB that
+    still has a free placement, with that placement; None if there is none."""
+    for prof in profile_order(profiles):
+        if prof.memory_mb < memory:
+            continue
+        got = free_placement(prof, occupied)
+        if got is not None:
+            return Choice(prof, got)
+    return None
+
+
+def fits(
+    profiles: Sequence[MigProfile],
+    occupied: Sequence[MigPlacement | MigSlice],
+    earlier: Iterable[int],
+    memory: int,
+) -> bool:
+    """HAMi's MIG ``CustomFilterRule``: after placing, in order, the asks of ``earlier``
+    (memory of each, already chosen for the same pod on this card), is there a profile
+    and a placement left for ``memory``?"""
+    taken: list[MigPlacement | MigSlice] = list(occupied)
+    for mem in earlier:
+        got = choose(profiles, taken, mem)
+        if got is None:
+            return False
+        taken.append(got.placement)
+    return choose(profiles, taken, memory) is not None
+
+
+def can_place(
+    profiles: Sequence[MigProfile],
+    occupied: Sequence[MigPlacement | MigSlice],
+    names: Sequence[str],
+) -> bool:
+    """Whether every profile named in ``names`` gets a placement, none overlapping each
+    other or ``occupied`` (a backtracking search, as HAMi's ``canPlaceMigProfiles``):
+    the profiles with the fewest placements, then the widest, are placed first."""
+    by_name = {p.name: p for p in profiles}
+    if any(n not in by_name for n in names):
+        return False
+
+    def rank(n: str) -> tuple[int, int]:
+        pl = by_name[n].placements
+        return (len(pl), -(pl[0].size if pl else 0))
+
+    order = sorted(names, key=rank)
+    used: list[MigPlacement | MigSlice] = list(occupied)
+
+    def place(k: int) -> bool:
+        if k == len(order):
+            return True
+        for cand in placement_order(by_name[order[k]]):
+            if any(overlaps(cand, u) for u in used):
+                continue
+            used.append(cand)
+            if place(k + 1):
+                return True
+            used.pop()
+        return False
+
+    return place(0)
+
+
+# ----------------------------------------------------------------------------- usage
+
+
+def instances(allocs: Iterable[LedgerAlloc], uuid: str) -> list[tuple[str, MigSlice]]:
+    """The MIG instances reservations hold on card ``uuid``: (allocation uid, slice),
+    every container's, init containers included (their instances exist while the pod
+    runs, so nothing may overlap them)."""
+    out: list[tuple[str, MigSlice]] = []
+    for a in allocs:
+        for c in a.containers:
+            for d in c.devices:
+                if d.uuid == uuid and d.mig is not None:
+                    out.append((a.uid, d.mig))
+    return out
+
+
+class PodMig:
+    """One decision's view of a node's MIG cards: what is occupied, and what the pod being
+    placed has taken so far (its containers' instances must not overlap either)."""
+
+    def __init__(self, allocs: Iterable[LedgerAlloc]) -> None:
+        self._allocs = list(allocs)
+        self._occupied: dict[str, list[MigSlice]] = {}
+        self._mine: dict[str, list[MigSlice]] = {}
+
+    def occupied(self, uuid: str) -> list[MigSlice]:
+        got = self._occupied.get(uuid)
+        if got is None:
+            got = self._occupied[uuid] = [s for _, s in instances(self._allocs, uuid)]
+        return got + self._mine.get(uuid, [])
+
+    def fits(self, uuid: str, profiles: Sequence[MigProfile], memory: int) -> bool:
+        return choose(profiles, self.occupied(uuid), memory) is not None
+
+    def take(self, uuid: str, profiles: Sequence[MigProfile], memory: int) -> Choice | None:
+        """Choose for ``memory`` on ``uuid`` and remember it for the rest of the pod."""
+        got = choose(profiles, self.occupied(uuid), memory)
+        if got is not None:
+            self._mine.setdefault(uuid, []).append(got.slice())
+        return got
