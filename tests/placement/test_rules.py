@@ -50,7 +50,7 @@ def test_percentage_resolves_per_card() -> None:
         ([DeviceAsk(mem=1000, cores=80)], DeviceAsk(mem=1000, cores=30), "CardInsufficientCore"),
         ([DeviceAsk(mem=1000, cores=0)], DeviceAsk(mem=1000, cores=100), "ExclusiveDeviceAllocateConflict"),
         ([DeviceAsk(mem=1000, cores=10)], DeviceAsk(mem=1000, cores=100), "CardInsufficientCore"),
-        ([DeviceAsk(mem=1000, cores=100)], DeviceAsk(mem=1000, cores=0), "ExclusiveDeviceAllocateConflict"),
+        ([DeviceAsk(mem=1000, cores=100)], DeviceAsk(mem=1000, cores=0), "CardComputeUnitsExhausted"),
         ([DeviceAsk(mem=1000, cores=1)] * 3, DeviceAsk(mem=1000, cores=1), "CardTimeSlicingExhausted"),
         ([], DeviceAsk(nums=2, mem=1000), "NodeInsufficientDevice"),
     ],
@@ -137,12 +137,14 @@ def test_card_policy(setting: str, override: str | None, want_card: str) -> None
     assert cards_of(got)[0][0] == want_card
 
 
-def test_ties_break_by_node_name_and_card_index() -> None:
+def test_ties_break_by_node_name_and_last_card() -> None:
+    # equal cards: HAMi's fit walks its sorted device list from the end, so the last
+    # card wins; equal nodes: the node name (HAMi's order there is not reproducible)
     for pol in ("binpack", "spread"):
         p = placer(cluster(node("z"), node("m"), node("b")), node_policy=pol, gpu_policy=pol)
         got = p.decide(req(DeviceAsk(mem=100, cores=1)))
         assert isinstance(got, Placement)
-        assert (got.node, cards_of(got)[0][0]) == ("b", "GPU-b-0")
+        assert (got.node, cards_of(got)[0][0]) == ("b", "GPU-b-1")
 
 
 def test_decide_is_pure() -> None:
@@ -263,7 +265,8 @@ def test_cordoned_card() -> None:
     p = placer(cluster(node("a", 2, cordoned=["GPU-a-0"])))
     assert cards_of(place(p, req(DeviceAsk(mem=100, cores=1))))[0][0] == "GPU-a-1"
     f = fail(p, req(DeviceAsk(nums=2, mem=100, cores=1)))
-    assert f.reasons == {"CardCordoned": 1}
+    # HAMi counts the fitting card too: "1/2 AllocatedCardsInsufficientRequest, 1/2 CardCordoned"
+    assert f.reasons == {"AllocatedCardsInsufficientRequest": 1, "CardCordoned": 1}
 
 
 def numa_node(name: str, numas: list[int], links: list[list[int]] | None = None) -> NodeInventory:
@@ -274,13 +277,13 @@ def numa_node(name: str, numas: list[int], links: list[list[int]] | None = None)
 @pytest.mark.parametrize(
     ("chain", "want"),
     [
-        ("binpack", "GPU-a-1"),
-        ("spread", "GPU-a-2"),
-        ("", "GPU-a-2"),  # empty chain: spread
-        ("mutex", "GPU-a-2"),  # a filter only: spread among idle cards
-        ("binpack,mutex", "GPU-a-2"),  # idle cards tie on score: lowest index
-        ("numa", "GPU-a-2"),  # NUMA 1 has more free cards; no usage key -> spread
-        ("numa,binpack", "GPU-a-2"),
+        ("binpack", "GPU-a-1"),  # binpack: lowest NUMA node first, then the fullest card
+        ("spread", "GPU-a-4"),  # spread: highest NUMA node first; equal cards: the last
+        ("", "GPU-a-4"),  # empty chain: spread
+        ("mutex", "GPU-a-4"),  # a filter only: spread among idle cards
+        ("binpack,mutex", "GPU-a-4"),  # no idle card on NUMA 0; equal cards: the last
+        ("numa", "GPU-a-4"),  # NUMA 1 has more free cards; no usage key -> spread
+        ("numa,binpack", "GPU-a-4"),
         ("binpack,numa", "GPU-a-1"),
     ],
 )
@@ -303,10 +306,11 @@ def test_mutex_refuses_busy_cards() -> None:
 
 @pytest.mark.parametrize(
     ("numa_bind", "want"),
-    [(False, {"GPU-a-1", "GPU-a-2"}), (True, {"GPU-a-0", "GPU-a-1"})],
+    [(False, {"GPU-a-2", "GPU-a-3"}), (True, {"GPU-a-2", "GPU-a-3"})],
 )
 def test_numa_bind(numa_bind: bool, want: set[str]) -> None:
-    # spread picks the two idle cards (1 and 2, one per NUMA node) unless bound
+    # HAMi's spread sorts by NUMA node first (highest first), then by score: both
+    # cards of NUMA 1, bound or not
     p = placer(cluster(numa_node("a", [0, 0, 1, 1])))
     place(p, req(DeviceAsk(mem=3000, cores=1), use_uuids=["GPU-a-0"]))
     place(p, req(DeviceAsk(mem=1000, cores=1), use_uuids=["GPU-a-3"]))
@@ -316,7 +320,12 @@ def test_numa_bind(numa_bind: bool, want: set[str]) -> None:
 
 def test_numa_bind_fails_when_split() -> None:
     p = placer(cluster(numa_node("a", [0, 1])))
-    assert fail(p, req(DeviceAsk(nums=2, mem=100, cores=1), numa_bind=True)).reasons == {"NumaNotFit": 1}
+    # the card of the first NUMA node walked is left behind (NumaNotFit), the second's
+    # is too few (AllocatedCardsInsufficientRequest): "1/2 ..., 1/2 NumaNotFit"
+    r = req(DeviceAsk(nums=2, mem=100, cores=1), numa_bind=True, nodes=["a"])
+    f = fail(p, r)
+    assert f.reasons == {"AllocatedCardsInsufficientRequest": 1, "NumaNotFit": 1}
+    assert p.node_reasons(r, f) == {"a": "1/2 AllocatedCardsInsufficientRequest, 1/2 NumaNotFit"}
 
 
 # cards 0-1 NVLinked (score 160), 2-3 NVLinked, cross pairs 20
@@ -326,7 +335,7 @@ _LINKS = [[0, 160, 20, 20], [160, 0, 20, 20], [20, 20, 0, 160], [20, 20, 160, 0]
 @pytest.mark.parametrize(
     ("used", "nums", "want"),
     [
-        ([], 2, {"GPU-a-0", "GPU-a-1"}),  # the best-linked pair, lowest first
+        ([], 2, {"GPU-a-2", "GPU-a-3"}),  # the best-linked pair first in HAMi's walk (from the end)
         (["GPU-a-0"], 2, {"GPU-a-2", "GPU-a-3"}),  # 1 is busy-ish: 2-3 still linked
         (["GPU-a-0"], 1, {"GPU-a-1"}),  # one card: the least connected among feasible
     ],
@@ -553,5 +562,5 @@ def test_candidate_nodes_reasons_per_node() -> None:
     assert p.node_reasons(r, f) == {"a": "NodeInsufficientDevice", "b": "NodeInsufficientDevice"}
     r = req(DeviceAsk(nums=1, mem=6000, cores=1), nodes=["a"])
     f = fail(p, r)
-    assert p.node_reasons(r, f) == {"a": "CardInsufficientMemory"}
+    assert p.node_reasons(r, f) == {"a": "1/1 CardInsufficientMemory"}
     assert f.reasons == {"node(s) not among the scheduler's candidates": 2, "CardInsufficientMemory": 1}

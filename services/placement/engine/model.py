@@ -21,21 +21,24 @@ from shared.schemas import (
 )
 
 # ------------------------------------------------------------------------ reason codes
-# Card-level codes, in the order HAMi checks them (REFERENCE §3); the first failing check
+# Card-level codes, in the order HAMi's NVIDIA fit checks them; the first failing check
 # of a card is its reason. The integer values index the per-card reason array, so their
-# order matters: it is the check order.
+# order matters: it is the check order. A card of another vendor is not passed to the
+# vendor's fit at all in HAMi (``CARD_OTHER_VENDOR``: no reason, not counted).
 OK = 0
-CARD_NOT_HEALTH = 1
-CARD_CORDONED = 2
-CARD_TYPE_MISMATCH = 3
-CARD_UUID_MISMATCH = 4
-CARD_SLOTS = 5
-CARD_MUTEX = 6
-CARD_QUOTA = 7
-CARD_MEMORY = 8
-CARD_CORE = 9
-CARD_EXCLUSIVE = 10
-N_CARD_CODES = 11
+CARD_OTHER_VENDOR = 1
+CARD_NOT_HEALTH = 2
+CARD_CORDONED = 3
+CARD_TYPE_MISMATCH = 4
+CARD_UUID_MISMATCH = 5
+CARD_SLOTS = 6
+CARD_MUTEX = 7
+CARD_QUOTA = 8
+CARD_MEMORY = 9
+CARD_CORE = 10
+CARD_EXCLUSIVE = 11
+CARD_COMPUTE_EXHAUSTED = 12
+N_CARD_CODES = 13
 
 CARD_REASONS: dict[int, str] = {
     CARD_NOT_HEALTH: "CardNotHealth",
@@ -49,7 +52,11 @@ CARD_REASONS: dict[int, str] = {
     CARD_MEMORY: "CardInsufficientMemory",
     CARD_CORE: "CardInsufficientCore",
     CARD_EXCLUSIVE: "ExclusiveDeviceAllocateConflict",
+    # a 0-core ask on a card whose cores are all taken
+    CARD_COMPUTE_EXHAUSTED: "CardComputeUnitsExhausted",
 }
+# The fitting cards of a node that has too few of them (HAMi counts them too).
+ALLOCATED_INSUFFICIENT = "AllocatedCardsInsufficientRequest"
 
 # Node-level reasons. HAMi's own codes for devices; kube-scheduler's wording for the
 # pod-level filters that HAMi leaves to kube-scheduler and that we do ourselves.
@@ -115,12 +122,17 @@ class Placement:
 
 @dataclass(slots=True)
 class Failure:
-    """No node fits: how many nodes failed for each reason (a node counts once)."""
+    """No node fits: for each reason, how many nodes gave it.
+
+    A node counts once per reason it gave: one whose cards fail for two reasons
+    (``1/2 CardInsufficientMemory, 1/2 CardTypeMismatch``) counts under both, as HAMi
+    counts the nodes of each reason; so the counts can add up to more than the nodes.
+    """
 
     reasons: dict[str, int] = field(default_factory=dict)
     nodes_total: int = 0
     message: str = ""
-    # node row -> the reason the exact stage gave it (for per-node reasons later)
+    # node row -> the reason text the exact stage gave it (for per-node reasons later)
     tried: dict[int, str] = field(default_factory=dict)
 
 

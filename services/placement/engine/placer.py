@@ -14,7 +14,6 @@ cumulative quota) does it try the next node. ``decide`` is pure: it never reserv
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from shared.schemas import (
     card_usage,
 )
 
+from . import hami
 from . import model as m
 from .frag import FRAG_POLICIES, VARIANTS, FragScorer, ShapeModel
 from .state import BOOL, I64, ClusterState, NodeRec
@@ -122,6 +122,61 @@ def labels_match(labels: dict[str, str], cons: Constraints) -> bool:
     return False
 
 
+def _request(a: Ask) -> hami.Request:
+    """An engine ask as HAMi's request (a percentage, or MiB with the percentage unset)."""
+    if a.pct is None:
+        return hami.Request(nums=a.nums, memreq=a.mem, coresreq=a.cores, vendor=a.vendor)
+    return hami.Request(nums=a.nums, mempct=a.pct, coresreq=a.cores, vendor=a.vendor)
+
+
+def _numa_first(chain: Chain) -> bool:
+    keys = chain.keys
+    return "numa" in keys and keys.index("numa") < min(keys.index(k) for k in keys if k in ("binpack", "spread"))
+
+
+def _filters(cons: Constraints, chain: Chain) -> hami.Filters:
+    """The request's card filters as :class:`.hami.Filters` (empty entries dropped)."""
+    use = tuple(t for t in cons.use_types if t) or None
+    nouse = tuple(t for t in cons.nouse_types if t) or None
+    return hami.Filters(
+        use_types=use,
+        nouse_types=nouse,
+        vgpu_mode=cons.vgpu_mode,
+        use_uuids=tuple(cons.use_uuids) if cons.use_uuids else None,
+        nouse_uuids=tuple(cons.nouse_uuids) if cons.nouse_uuids else None,
+        numa_bind=cons.numa_bind,
+        mutex=chain.mutex,
+        topology=chain.topology,
+    )
+
+
+_VEC = -1  # reason id of a node whose cards' counts say why (``_Reasons.counts``)
+# reason name -> the card-code columns counted under it (column 0: the fitting cards)
+_COLUMNS: dict[str, list[int]] = {m.ALLOCATED_INSUFFICIENT: [m.OK]}
+for _code, _name in m.CARD_REASONS.items():
+    _COLUMNS.setdefault(_name, []).append(_code)
+
+
+@dataclass(slots=True)
+class _Reasons:
+    """Per node row, why it failed: a reason id into ``names``, or ``_VEC`` and its
+    per-code card counts (``counts``: column 0 the fitting cards)."""
+
+    rid: I64
+    names: list[str]
+    counts: I64
+
+    def text(self, row: int) -> str:
+        """The node's reason text as HAMi writes it."""
+        i = int(self.rid[row])
+        if i != _VEC:
+            return self.names[i]
+        c = self.counts[row]
+        cards = int(c.sum())
+        got = {why: int(c[cols].sum()) for why, cols in _COLUMNS.items()}
+        return hami.gen_reason({k: v for k, v in got.items() if v}, cards)
+
+
 @dataclass(slots=True)
 class _MaskEntry:
     """A cached card mask (static and dynamic checks) for one ask.
@@ -180,9 +235,7 @@ class Placer:
         st.sync()
         cons = req.constraints
         conts = m.ordered_containers(req)
-        asks = [
-            [self._ask(a) for a in c.devices if a.nums > 0] for c in conts
-        ]
+        asks = [[self._ask(a) for a in c.devices if a.nums > 0] for c in conts]
         cpu, mem = m.pod_node_resources(conts)
         nn, nc = st.nn, st.nc
         node_ok = self._node_mask(cons, cpu, mem)
@@ -220,7 +273,9 @@ class Placer:
                 rec = st.rows[row]
                 assert rec is not None
                 try:
-                    grants = self._fit_node(rec, conts, asks, static, cons, chain, weights, req.namespace)
+                    grants = self._fit_node(
+                        rec, conts, asks, static, cons, chain, weights, req.namespace
+                    )
                 except _Fail as f:
                     tried[row] = f.reason
                     continue
@@ -229,8 +284,12 @@ class Placer:
             return m.Failure(nodes_total=st.nodes_total(), message="no node fits")
         reasons = self._explain(cons, cpu, mem, flat, static, req.namespace, tried)
         total = st.nodes_total()
-        return m.Failure(reasons=reasons, nodes_total=total, message=m.failure_message(reasons, total),
-                         tried=tried)
+        return m.Failure(
+            reasons=reasons,
+            nodes_total=total,
+            message=m.failure_message(reasons, total),
+            tried=tried,
+        )
 
     # ------------------------------------------------------------- vector stage
 
@@ -282,7 +341,9 @@ class Placer:
     @staticmethod
     def _taints_ok(rec: NodeRec, tols: list[Toleration]) -> bool:
         for t in rec.inv.taints:
-            if t.effect in ("NoSchedule", "NoExecute") and not tolerates(tols, t.key, t.value, t.effect):
+            if t.effect in ("NoSchedule", "NoExecute") and not tolerates(
+                tols, t.key, t.value, t.effect
+            ):
                 return False
         return True
 
@@ -321,13 +382,15 @@ class Placer:
         """Checks that do not depend on use, in HAMi's order, as (code, ok mask)."""
         st = self.cluster
         nc = st.nc
-        checks: list[tuple[int, BOOL]] = [(m.CARD_NOT_HEALTH, st.c_health[:nc])]
+        vid = st._intern.get((2, a.vendor), -1)
+        checks: list[tuple[int, BOOL]] = [(m.CARD_OTHER_VENDOR, st.c_vendor[:nc] == vid)]
+        checks.append((m.CARD_NOT_HEALTH, st.c_health[:nc]))
         checks.append((m.CARD_CORDONED, ~st.c_cordon[:nc]))
         tok = self._type_ok(a, cons)[st.c_type[:nc]]
-        vid = st._intern.get((2, a.vendor), -1)
-        tok = tok & (st.c_vendor[:nc] == vid)
-        if cons.vgpu_mode:
-            tok = tok & (st.c_mode[:nc] == st._intern.get((1, cons.vgpu_mode), -1))
+        if cons.vgpu_mode is not None:
+            # HAMi: the annotation's value contains the card's mode
+            mok = np.array([md in cons.vgpu_mode for md in st.modes] or [False], dtype=bool)
+            tok = tok & mok[st.c_mode[:nc]]
         checks.append((m.CARD_TYPE_MISMATCH, tok))
         if cons.use_uuids or cons.nouse_uuids:
             uok = np.full(nc, not cons.use_uuids, dtype=bool)
@@ -363,9 +426,10 @@ class Placer:
         checks.append((m.CARD_MEMORY, umem + need <= tmem))
         checks.append((m.CARD_CORE, ucore + a.cores <= tcore))
         if a.cores >= 100:
-            checks.append((m.CARD_EXCLUSIVE, uslot == 0))
+            # HAMi: exclusive only on a card of exactly 100 cores (no core scaling)
+            checks.append((m.CARD_EXCLUSIVE, (uslot == 0) | (tcore != 100)))
         elif a.cores == 0:
-            checks.append((m.CARD_EXCLUSIVE, ucore < tcore))
+            checks.append((m.CARD_COMPUTE_EXHAUSTED, (ucore != tcore) | (tcore == 0)))
         return checks
 
     def _static_mask(self, a: Ask, cons: Constraints) -> BOOL:
@@ -398,10 +462,12 @@ class Placer:
         tmem, tcore, ucore = st.c_tmem[pos], st.c_tcore[pos], st.c_ucore[pos]
         need = a.mem if a.pct is None else tmem * a.pct // 100
         ok = (uslot < tslot) & (st.c_umem[pos] + need <= tmem) & (ucore + a.cores <= tcore)
-        if mutex or a.cores >= 100:
+        if mutex:
             ok &= uslot == 0
+        elif a.cores >= 100:
+            ok &= (uslot == 0) | (tcore != 100)
         if a.cores == 0:
-            ok &= ucore < tcore
+            ok &= (ucore != tcore) | (tcore == 0)
         return ok
 
     def _cached_mask(self, a: Ask, cons: Constraints, s_ok: BOOL) -> _MaskEntry:
@@ -466,17 +532,20 @@ class Placer:
         return self._score[rows]
 
     def _node_scores(self, rows: npt.NDArray[np.int64]) -> _F64:
+        """As :func:`.hami.node_score`, in float32 like HAMi (so ties are HAMi's ties);
+        a zero total counts 0 here (HAMi divides by it)."""
         st = self.cluster
 
-        def ratio(used: npt.NDArray[np.int64], tot: npt.NDArray[np.int64]) -> _F64:
-            t = tot[rows]
-            return np.where(t > 0, used[rows] / np.maximum(t, 1), 0.0)
+        def ratio(
+            used: npt.NDArray[np.int64], tot: npt.NDArray[np.int64]
+        ) -> npt.NDArray[np.float32]:
+            t = tot[rows].astype(np.float32)
+            u = used[rows].astype(np.float32)
+            return np.where(t > 0, u / np.maximum(t, np.float32(1)), np.float32(0))
 
-        return 10.0 * (
-            ratio(st.n_slots_used, st.n_slots_tot)
-            + ratio(st.n_cores_used, st.n_cores_tot)
-            + ratio(st.n_dmem_used, st.n_dmem_tot)
-        )
+        s = ratio(st.n_slots_used, st.n_slots_tot) + ratio(st.n_cores_used, st.n_cores_tot)
+        s = s + ratio(st.n_dmem_used, st.n_dmem_tot)
+        return (hami.WEIGHT * s).astype(np.float64)
 
     def gpu_free(self) -> _F64:
         """Free share of each node's cards, summed (a card's share: its scarcer dimension)."""
@@ -497,7 +566,9 @@ class Placer:
             req += a.nums * np.maximum(share, mem)
         return req
 
-    def _order(self, policy: str, cands: npt.NDArray[np.int64], flat: list[Ask], cpu: int) -> Iterator[int]:
+    def _order(
+        self, policy: str, cands: npt.NDArray[np.int64], flat: list[Ask], cpu: int
+    ) -> Iterator[int]:
         """Candidate rows, best first; ties by node name (random for random/bestfit)."""
         st = self.cluster
         tie: npt.NDArray[np.float64] | npt.NDArray[np.int64]
@@ -507,7 +578,10 @@ class Placer:
         elif policy == "bestfit":
             cpu_free = (st.n_cpu_tot[cands] - st.n_cpu_used[cands]) / 1000.0
             gfree = self.gpu_free()[cands]
-            left = 0.5 * (cpu_free - cpu / 1000.0) / 128.0 + 0.5 * (gfree - self._gpu_req(flat, cands)) / 8.0
+            left = (
+                0.5 * (cpu_free - cpu / 1000.0) / 128.0
+                + 0.5 * (gfree - self._gpu_req(flat, cands)) / 8.0
+            )
             key = np.trunc(100.0 * (1.0 - left))
             tie = self.rng.random(len(cands))
         else:
@@ -544,21 +618,38 @@ class Placer:
         base_core = st.c_ucore[s : s + n].tolist()
         base_slot = st.c_uslot[s : s + n].tolist()
         app_mem, app_core, app_slot = list(base_mem), list(base_core), list(base_slot)
+        # HAMi sorts the node's device list in place for every container, so one app
+        # container's order is where the next one's sort starts; an init container is
+        # fitted on a fresh copy of the node, in the registered order
+        app_order = list(range(n))
         grants: list[ContainerGrant] = []
         pod_mem = pod_core = 0
         for c, row in zip(conts, asks, strict=True):
             if c.init:
                 um, uc, us = list(base_mem), list(base_core), list(base_slot)
+                order = list(range(n))
             else:
                 um, uc, us = app_mem, app_core, app_slot
+                order = app_order
             devs: list[CardGrant] = []
             taken: set[int] = set()
+            visit = self._visit(rec, row, um, uc, us, order, chain, weights) if row else []
             for a in row:
-                okv = static[a][s : s + n]
-                picks = self._select(rec, a, okv, um, uc, us, taken, cons, chain, weights, ns, pod_mem, pod_core)
+                picks = self._select(
+                    rec, a, um, uc, us, taken, visit, cons, chain, ns, pod_mem, pod_core
+                )
                 for i, need in picks:
                     d = rec.inv.devices[i]
-                    devs.append(CardGrant(uuid=d.uuid, index=d.index, type=d.type, vendor=d.vendor, mem=need, cores=a.cores))
+                    devs.append(
+                        CardGrant(
+                            uuid=d.uuid,
+                            index=d.index,
+                            type=d.type,
+                            vendor=d.vendor,
+                            mem=need,
+                            cores=a.cores,
+                        )
+                    )
                     um[i] += need
                     uc[i] += a.cores
                     us[i] += 1
@@ -570,134 +661,140 @@ class Placer:
         if q is not None and any(g.devices for g in grants):
             usage = card_usage(grants)
             used = st.ns_used.get(ns, [0, 0])
-            if q.memory_mib is not None and used[0] + sum(u[0] for u in usage.values()) > q.memory_mib:
+            if (
+                q.memory_mib is not None
+                and used[0] + sum(u[0] for u in usage.values()) > q.memory_mib
+            ):
                 raise _Fail(m.CARD_REASONS[m.CARD_QUOTA])
             if q.cores is not None and used[1] + sum(u[1] for u in usage.values()) > q.cores:
                 raise _Fail(m.CARD_REASONS[m.CARD_QUOTA])
         return grants
 
+    def _visit(
+        self,
+        rec: NodeRec,
+        row: list[Ask],
+        um: list[int],
+        uc: list[int],
+        us: list[int],
+        order: list[int],
+        chain: Chain,
+        weights: ScoringWeights,
+    ) -> list[int]:
+        """The order HAMi's fit visits ``rec``'s cards in for one container's asks.
+
+        Every card is scored for the container (:func:`.hami.device_score`; our own
+        weighted formula when the request carries non-default weights), ``order`` is
+        re-sorted in place by the policy (:func:`.hami.sort_key`) and walked from its
+        end: on equal scores the card last in the list comes first.
+        """
+        st = self.cluster
+        s, n = rec.start, rec.n
+        usage = next((k for k in chain.keys if k in ("binpack", "spread")), "spread")
+        tmem, tcore, tslot = st.c_tmem[s : s + n], st.c_tcore[s : s + n], st.c_tslot[s : s + n]
+        default = weights == ScoringWeights()
+        scores: list[float] = []
+        for i in range(n):
+            tm = int(tmem[i])
+            if default:
+                card = hami.Card(
+                    id="",
+                    count=int(tslot[i]),
+                    used=us[i],
+                    totalmem=tm,
+                    usedmem=um[i],
+                    totalcore=int(tcore[i]),
+                    usedcores=uc[i],
+                )
+                scores.append(hami.device_score(card, [_request(a) for a in row]))
+            else:
+                nums = sum(a.nums for a in row)
+                cores = sum(a.cores for a in row)
+                mem = sum(a.need(tm) for a in row)
+                scores.append(10.0 * (
+                    weights.slot * (us[i] + nums) / max(int(tslot[i]), 1)
+                    + weights.core * (uc[i] + cores) / max(int(tcore[i]), 1)
+                    + weights.memory * (um[i] + mem) / max(tm, 1)
+                ))  # fmt: skip
+        numa = st.c_numa[s : s + n].tolist()
+        order[:] = hami.sorted_order(usage, numa, scores, order)
+        return order[::-1]
+
+    def _hami_cards(
+        self, rec: NodeRec, um: list[int], uc: list[int], us: list[int]
+    ) -> list[hami.Card]:
+        """``rec``'s cards as :class:`.hami.Card` tuples, with the given use."""
+        st = self.cluster
+        s = rec.start
+        out = []
+        for i, d in enumerate(rec.inv.devices):
+            p = s + i
+            out.append(hami.Card(
+                id=d.uuid, index=d.index, type=d.type, mode=d.mode, numa=d.numa, health=bool(st.c_health[p]),
+                count=int(st.c_tslot[p]), used=us[i], totalmem=int(st.c_tmem[p]), usedmem=um[i],
+                totalcore=int(st.c_tcore[p]), usedcores=uc[i], cordoned=bool(st.c_cordon[p]), vendor=d.vendor,
+            ))  # fmt: skip
+        return out
+
     def _select(
         self,
         rec: NodeRec,
         a: Ask,
-        okv: BOOL,
         um: list[int],
         uc: list[int],
         us: list[int],
         taken: set[int],
+        visit: list[int],
         cons: Constraints,
         chain: Chain,
-        weights: ScoringWeights,
         ns: str,
         pod_mem: int,
         pod_core: int,
     ) -> list[tuple[int, int]]:
-        """Pick ``a.nums`` cards of ``rec`` for one ask; raises _Fail with the reason."""
+        """Pick ``a.nums`` cards of ``rec`` for one ask (:func:`.hami.fit`, in the
+        ``visit`` order); raises _Fail with HAMi's reason text for the node."""
         st = self.cluster
-        s, n = rec.start, rec.n
-        if n < a.nums:
+        if rec.n < a.nums:
             raise _Fail(m.NODE_INSUFFICIENT_DEVICE)
-        tmem, tcore, tslot = st.c_tmem[s : s + n], st.c_tcore[s : s + n], st.c_tslot[s : s + n]
+        cards = self._hami_cards(rec, um, uc, us)
+        f = _filters(cons, chain)
         q = st.quotas.get(ns)
-        qused = st.ns_used.get(ns, [0, 0])
-        fails: dict[int, int] = {}
-        feas: list[tuple[int, int]] = []
-        for i in range(n):
-            if i in taken:
-                continue
-            code = m.OK
-            tm, tc, ts = int(tmem[i]), int(tcore[i]), int(tslot[i])
-            need = a.need(tm)
-            if not okv[i]:
-                code = m.CARD_TYPE_MISMATCH  # refined by the vector explanation
-            elif us[i] >= ts:
-                code = m.CARD_SLOTS
-            elif chain.mutex and us[i] > 0:
-                code = m.CARD_MUTEX
-            elif q is not None and (
-                (q.memory_mib is not None and qused[0] + pod_mem + need > q.memory_mib)
-                or (q.cores is not None and qused[1] + pod_core + a.cores > q.cores)
-            ):
-                code = m.CARD_QUOTA
-            elif um[i] + need > tm:
-                code = m.CARD_MEMORY
-            elif uc[i] + a.cores > tc:
-                code = m.CARD_CORE
-            elif (a.cores >= 100 and us[i] > 0) or (a.cores == 0 and uc[i] >= tc):
-                code = m.CARD_EXCLUSIVE
-            if code:
-                fails[code] = fails.get(code, 0) + 1
-            else:
-                feas.append((i, need))
-        if len(feas) < a.nums:
-            if fails:
-                raise _Fail(m.CARD_REASONS[max(sorted(fails), key=lambda k: fails[k])])
-            raise _Fail(m.NODE_INSUFFICIENT_DEVICE)
-        numa = st.c_numa[s : s + n]
-        per_numa: dict[int, int] = {}
-        for i, _ in feas:
-            per_numa[int(numa[i])] = per_numa.get(int(numa[i]), 0) + 1
+        quota_ok = None
+        if q is not None:
+            qused = st.ns_used.get(ns, [0, 0])
 
-        def key(item: tuple[int, int]) -> tuple[float, ...]:
-            i, need = item
-            out: list[float] = []
-            for k in chain.keys:
-                if k == "numa":
-                    out += [-per_numa[int(numa[i])], int(numa[i])]
-                else:
-                    sc = 10.0 * (
-                        weights.slot * (us[i] + 1) / max(int(tslot[i]), 1)
-                        + weights.core * (uc[i] + a.cores) / max(int(tcore[i]), 1)
-                        + weights.memory * (um[i] + need) / max(int(tmem[i]), 1)
-                    )
-                    out.append(-sc if k == "binpack" else sc)
-            out.append(int(st.c_index[s + i]))
-            return tuple(out)
+            def quota_ok(card: hami.Card, mem: int, cores: int) -> bool:
+                assert q is not None
+                if q.memory_mib is not None and qused[0] + pod_mem + mem > q.memory_mib:
+                    return False
+                return not (q.cores is not None and qused[1] + pod_core + cores > q.cores)
 
-        feas.sort(key=key)
-        groups: list[list[tuple[int, int]]]
-        if cons.numa_bind and a.nums > 1:
-            byn: dict[int, list[tuple[int, int]]] = {}
-            for it in feas:
-                byn.setdefault(int(numa[it[0]]), []).append(it)
-            # groups in the order of their best card, each already sorted
-            groups = [g for g in sorted(byn.values(), key=lambda g: feas.index(g[0])) if len(g) >= a.nums]
-            if not groups:
-                raise _Fail(m.NUMA_NOT_FIT)
-        else:
-            groups = [feas]
-        if chain.topology and rec.links is not None:
-            return self._topology_pick(rec, a.nums, groups)
-        return groups[0][: a.nums]
-
-    @staticmethod
-    def _topology_pick(rec: NodeRec, nums: int, groups: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
-        """REFERENCE §3: one card -> least-connected; n cards -> best-connected set."""
-        links = rec.links
-        assert links is not None
-        best: list[tuple[int, int]] | None = None
-        best_score = 0
-        for g in groups:
-            if nums == 1:
-                for it in g:
-                    sc = -int(links[it[0]].sum() - links[it[0], it[0]])
-                    if best is None or sc > best_score:
-                        best, best_score = [it], sc
-                continue
-            if len(g) > 16:
-                cand = [g[:nums]]  # too many combinations: keep the policy's order
-            else:
-                cand = [list(c) for c in itertools.combinations(g, nums)]
-            for combo in cand:
-                sc = sum(int(links[x[0], y[0]]) for x, y in itertools.combinations(combo, 2))
-                if best is None or sc > best_score:
-                    best, best_score = combo, sc
-        assert best is not None
-        return best
+        order = [p for p in visit if p not in taken]
+        req = _request(a)
+        if _numa_first(chain):
+            # ours (a "numa" key before the usage key): the NUMA node with most fitting
+            # cards first; after the usage key it changes nothing (HAMi's sort already
+            # keeps the cards of a NUMA node together)
+            per: dict[int, int] = {}
+            for p in order:
+                if (
+                    hami.card_check(cards[p], req, f, quota_ok) is None
+                    and cards[p].vendor == a.vendor
+                ):
+                    per[cards[p].numa] = per.get(cards[p].numa, 0) + 1
+            order.sort(key=lambda p: -per.get(cards[p].numa, 0))
+        res = hami.fit(
+            cards, order, req, f, rec.links.tolist() if rec.links is not None else None, quota_ok
+        )
+        if not res.ok:
+            raise _Fail(res.text or m.NODE_UNFIT_POD)
+        return list(zip(res.picked, res.mems, strict=True))
 
     # ------------------------------------------------------------- frag policies
 
-    def _frag_eligible(self, asks: list[list[Ask]], cons: Constraints, chain: Chain, ns: str) -> bool:
+    def _frag_eligible(
+        self, asks: list[list[Ask]], cons: Constraints, chain: Chain, ns: str
+    ) -> bool:
         """The fragmentation path covers one-container pods with one ask (or none).
 
         Other pods (several containers or asks, NUMA binding, mutex, topology, a
@@ -734,7 +831,9 @@ class Placer:
         key: tuple[object, ...] | None = None
         if self.use_cache and req.namespace not in self.cluster.quotas:
             key = (a, cpu, self._static_key(a, req.constraints) if a else None)
-        got = scorer.choose(self.cluster, self.shapes, a, cpu, mem, cands, dyn.get(a) if a else None, self.rng, key)
+        got = scorer.choose(
+            self.cluster, self.shapes, a, cpu, mem, cands, dyn.get(a) if a else None, self.rng, key
+        )
         if got is None:
             return None
         row, positions, score = got
@@ -747,10 +846,19 @@ class Placer:
                 for p in positions:
                     d = rec.inv.devices[p - rec.start]
                     devs.append(
-                        CardGrant(uuid=d.uuid, index=d.index, type=d.type, vendor=d.vendor, mem=rowasks[0].need(d.devmem), cores=rowasks[0].cores)
+                        CardGrant(
+                            uuid=d.uuid,
+                            index=d.index,
+                            type=d.type,
+                            vendor=d.vendor,
+                            mem=rowasks[0].need(d.devmem),
+                            cores=rowasks[0].cores,
+                        )
                     )
             grants.append(ContainerGrant(name=c.name, init=c.init, devices=devs))
-        return m.Placement(node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem, score=score)
+        return m.Placement(
+            node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem, score=score
+        )
 
     # ----------------------------------------------------------------- reasons
 
@@ -764,20 +872,34 @@ class Placer:
         ns: str,
         tried: dict[int, str],
     ) -> dict[str, int]:
-        """How many live nodes failed for each reason (see :meth:`_reason_ids`)."""
-        rid, names = self._reason_ids(cons, cpu, mem, flat, static, ns, tried)
+        """For each reason, how many live nodes gave it (see :meth:`_reason_ids`).
+
+        A node counts once under every reason of its text (HAMi counts the nodes of
+        each reason of the per-node texts); the reasons come sorted by name.
+        """
+        rs = self._reason_ids(cons, cpu, mem, flat, static, ns, tried)
         live = self.cluster.n_live[: self.cluster.nn]
-        ids, first, counts = np.unique(rid[live], return_index=True, return_counts=True)
         out: dict[str, int] = {}
-        for i in np.argsort(first, kind="stable"):
-            why = names[int(ids[i])]
-            out[why] = out.get(why, 0) + int(counts[i])
-        return out
+        ids, counts = np.unique(rs.rid[live], return_counts=True)
+        for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
+            if i > 0:
+                for why in hami.parse_reason(rs.names[i]):
+                    out[why] = out.get(why, 0) + c
+        vec = live & (rs.rid == _VEC)
+        if vec.any():
+            sub = rs.counts[vec]
+            for why, cols in _COLUMNS.items():
+                n = int(np.count_nonzero(sub[:, cols].sum(axis=1)))
+                if n:
+                    out[why] = out.get(why, 0) + n
+        return dict(sorted(out.items()))
 
     def node_reasons(self, req: AllocRequested, failure: m.Failure) -> dict[str, str]:
-        """Each offered node's reason, for a failed request that names its candidate
-        nodes (``Constraints.nodes``: kube-scheduler's extender asks per node). Nodes
-        placement does not know are left out; the caller says why for them."""
+        """Each offered node's reason text, for a failed request that names its
+        candidate nodes (``Constraints.nodes``: kube-scheduler's extender asks per
+        node): HAMi's per-node text (``1/2 CardInsufficientMemory, 1/2 CardTypeMismatch``)
+        or the node-level reason. Nodes placement does not know are left out; the
+        caller says why for them."""
         cons = req.constraints
         if not cons.nodes:
             return {}
@@ -785,13 +907,13 @@ class Placer:
         flat = [self._ask(a) for c in conts for a in c.devices if a.nums > 0]
         cpu, mem = m.pod_node_resources(conts)
         static = {a: self._static_mask(a, cons) for a in dict.fromkeys(flat)}
-        rid, names = self._reason_ids(cons, cpu, mem, flat, static, req.namespace, failure.tried)
+        rs = self._reason_ids(cons, cpu, mem, flat, static, req.namespace, failure.tried)
         st = self.cluster
         out: dict[str, str] = {}
         for name in cons.nodes:
             rec = st.nodes.get(name)
             if rec is not None and st.n_live[rec.row]:
-                out[name] = names[int(rid[rec.row])]
+                out[name] = rs.text(rec.row)
         return out
 
     def _reason_ids(
@@ -803,22 +925,26 @@ class Placer:
         static: dict[Ask, BOOL],
         ns: str,
         tried: dict[int, str],
-    ) -> tuple[npt.NDArray[np.int64], list[str]]:
-        """One reason per live node: the first filter it fails, else its cards' reason.
+    ) -> _Reasons:
+        """One reason per live node: the first filter it fails, else its cards' reasons.
 
         Vectorised over node rows (a Python loop over 5,000 nodes cost tens of ms and
-        was most of ``frag``'s p99). Each node gets a reason id: 1..10 are the card
-        codes, above them the node-level reasons; 0 means "no reason yet", so a mask
-        applied later never overrides an earlier one (the filters' order is the rule).
-        :meth:`_explain` counts them to exactly what :meth:`_explain_ref` (the readable
-        loop, kept for the tests) returns, dict insertion order included. Returns the
-        reason id per node row and the reason names the ids index.
+        was most of ``frag``'s p99). Each node gets a reason id: an index into
+        ``names`` (0 means "no reason yet", so a mask applied later never overrides an
+        earlier one: the filters' order is the rule), or ``_VEC`` for a node whose
+        cards fail the first ask it cannot meet; its per-code card counts are in
+        ``counts`` (HAMi's text: every reason of its cards, and the fitting cards as
+        ``AllocatedCardsInsufficientRequest``). A NUMA-bound ask's text depends on
+        the walk over NUMA nodes and comes from the exact fit, node by node.
+        :meth:`_explain` counts them to exactly what :meth:`_explain_ref` (the
+        readable loop over :mod:`.hami`'s steps, kept for the tests) returns.
         """
         st = self.cluster
         nn = st.nn
         live = st.n_live[:nn]
-        names: list[str] = [""] + [m.CARD_REASONS[c] for c in range(1, m.N_CARD_CODES)]
+        names: list[str] = [""]
         rid = np.zeros(nn, dtype=np.int64)
+        counts = np.zeros((nn, m.N_CARD_CODES), dtype=np.int64)
 
         def assign(mask: BOOL, why: str) -> None:
             free = mask & (rid == 0)
@@ -857,29 +983,54 @@ class Placer:
             assign((tot > 0) & (st.n_mem_used[:nn] + mem > tot), m.INSUFFICIENT_MEMORY)
         cnode = st.c_node[: st.nc]
         for a in dict.fromkeys(flat):
-            # a node with fewer cards than asked cannot have enough fitting ones; the
-            # card codes (a pass over every card) are computed only if a node is left
+            # HAMi: more cards asked than the node has (of any vendor) is a node-level
+            # reason; the card codes (a pass over every card) only if a node is left
             assign(st.n_ncards[:nn] < a.nums, m.NODE_INSUFFICIENT_DEVICE)
             if not (live & (rid == 0)).any():
                 break
             code = self._card_codes(a, cons, ns)
-            code[~st.c_live[: st.nc]] = 0
+            code[~st.c_live[: st.nc]] = m.CARD_OTHER_VENDOR  # dead positions: no card
             mat = np.bincount(cnode * m.N_CARD_CODES + code, minlength=nn * m.N_CARD_CODES)
             mat = mat.reshape(nn, m.N_CARD_CODES)
             short = live & (rid == 0) & (mat[:, 0] < a.nums)
             if not short.any():
                 continue
-            mat[:, 0] = 0
-            insuff = short & ((st.n_ncards[:nn] < a.nums) | (mat.max(axis=1) == 0))
-            assign(insuff, m.NODE_INSUFFICIENT_DEVICE)
-            by_card = short & ~insuff
-            rid[by_card] = mat.argmax(axis=1)[by_card]  # the most frequent; ties: first code
-        for r, why in tried.items():
-            if rid[r] == 0:
+            if cons.numa_bind and a.nums > 1:
+                for row in np.flatnonzero(short).tolist():
+                    rec = st.rows[row]
+                    assert rec is not None
+                    names.append(self._ask_text(rec, a, cons, ns))
+                    rid[row] = len(names) - 1
+                continue
+            mat[:, m.CARD_OTHER_VENDOR] = 0
+            empty = short & (mat.sum(axis=1) == 0)  # no card of the vendor: HAMi's text is empty
+            assign(empty, m.NODE_UNFIT_POD)
+            vec = short & ~empty
+            counts[vec] = mat[vec]
+            rid[vec] = _VEC
+        for row, why in tried.items():
+            if rid[row] == 0:
                 names.append(why)
-                rid[r] = len(names) - 1
+                rid[row] = len(names) - 1
         assign(live, m.NODE_UNFIT_POD)
-        return rid, names
+        return _Reasons(rid, names, counts)
+
+    def _ask_text(self, rec: NodeRec, a: Ask, cons: Constraints, ns: str) -> str:
+        """HAMi's text for one ask on ``rec`` as it is, from the exact fit."""
+        st = self.cluster
+        s, n = rec.start, rec.n
+        um = st.c_umem[s : s + n].tolist()
+        uc = st.c_ucore[s : s + n].tolist()
+        us = st.c_uslot[s : s + n].tolist()
+        chain = parse_chain(cons.gpu_policy or self.scheduler.gpu_policy)
+        visit = self._visit(
+            rec, [a], um, uc, us, list(range(n)), chain, cons.weights or ScoringWeights()
+        )
+        try:
+            self._select(rec, a, um, uc, us, set(), visit, cons, chain, ns, 0, 0)
+        except _Fail as f:
+            return f.reason
+        return m.NODE_UNFIT_POD
 
     def _explain_ref(
         self,
@@ -891,61 +1042,89 @@ class Placer:
         ns: str,
         tried: dict[int, str],
     ) -> dict[str, int]:
-        """The reference for :meth:`_explain`: the same rules as a loop over nodes.
+        """The reference for :meth:`_explain`: each node's text by a loop over nodes,
+        its cards judged by :mod:`.hami`'s pure steps, then counted per reason.
 
         Slow (tens of ms at 5,000 nodes) but readable; the tests compare both.
         """
+        out: dict[str, int] = {}
+        for text in self._node_texts_ref(cons, cpu, mem, flat, ns, tried).values():
+            for why in hami.parse_reason(text):
+                out[why] = out.get(why, 0) + 1
+        return dict(sorted(out.items()))
+
+    def _node_texts_ref(
+        self, cons: Constraints, cpu: int, mem: int, flat: list[Ask], ns: str, tried: dict[int, str]
+    ) -> dict[int, str]:
+        """Each live node's reason text (node row -> text), the readable way."""
         st = self.cluster
-        nn = st.nn
-        reason: list[str | None] = [None] * nn
         pin = cons.node_name
         offered = set(cons.nodes) if cons.nodes else None
         labels = self._labels(cons) if (cons.node_selector or cons.affinity) else None
+        chain = parse_chain(cons.gpu_policy or self.scheduler.gpu_policy)
+        usage = next((k for k in chain.keys if k in ("binpack", "spread")), "spread")
+        f = _filters(cons, chain)
+        q = st.quotas.get(ns)
+        qused = st.ns_used.get(ns, [0, 0])
+
+        def quota_ok(card: hami.Card, need: int, cores: int) -> bool:
+            if q is None:
+                return True
+            if q.memory_mib is not None and qused[0] + need > q.memory_mib:
+                return False
+            return q.cores is None or qused[1] + cores <= q.cores
+
+        out: dict[int, str] = {}
         for rec in st.rows:
             if rec is None:
                 continue
             r, inv = rec.row, rec.inv
+            why: str | None = None
             if pin is not None and rec.name != pin:
-                reason[r] = m.NODE_NAME
+                why = m.NODE_NAME
             elif offered is not None and rec.name not in offered:
-                reason[r] = m.NODE_NOT_OFFERED
+                why = m.NODE_NOT_OFFERED
             elif not st.n_healthy[r] or (flat and rec.n == 0):
-                reason[r] = m.NODE_UNREGISTERED
+                why = m.NODE_UNREGISTERED
             elif inv.unschedulable:
-                reason[r] = m.NODE_UNSCHEDULABLE
+                why = m.NODE_UNSCHEDULABLE
             elif labels is not None and not labels[r]:
-                reason[r] = m.NODE_SELECTOR
+                why = m.NODE_SELECTOR
             elif st.n_tainted[r] and not self._taints_ok(rec, cons.tolerations):
-                reason[r] = m.NODE_TAINT
+                why = m.NODE_TAINT
             elif inv.max_pods and st.n_pods_used[r] >= inv.max_pods:
-                reason[r] = m.TOO_MANY_PODS
+                why = m.TOO_MANY_PODS
             elif cpu and inv.cpu_milli and st.n_cpu_used[r] + cpu > inv.cpu_milli:
-                reason[r] = m.INSUFFICIENT_CPU
+                why = m.INSUFFICIENT_CPU
             elif mem and inv.memory_mib and st.n_mem_used[r] + mem > inv.memory_mib:
-                reason[r] = m.INSUFFICIENT_MEMORY
-        cnode = st.c_node[: st.nc]
-        for a in dict.fromkeys(flat):
-            code = self._card_codes(a, cons, ns)
-            code[~st.c_live[: st.nc]] = 0
-            mat = np.bincount(cnode * m.N_CARD_CODES + code, minlength=nn * m.N_CARD_CODES)
-            mat = mat.reshape(nn, m.N_CARD_CODES)
-            fits = mat[:, 0].copy()
-            mat[:, 0] = 0
-            worst = mat.argmax(axis=1)
-            for rec in st.rows:
-                if rec is None or reason[rec.row] is not None:
+                why = m.INSUFFICIENT_MEMORY
+            s, n = rec.start, rec.n
+            cards = self._hami_cards(
+                rec,
+                st.c_umem[s : s + n].tolist(),
+                st.c_ucore[s : s + n].tolist(),
+                st.c_uslot[s : s + n].tolist(),
+            )
+            for a in dict.fromkeys(flat):
+                if why is not None:
+                    break
+                if rec.n < a.nums:
+                    why = m.NODE_INSUFFICIENT_DEVICE
+                    break
+                req = _request(a)
+                fits = sum(
+                    1
+                    for c in cards
+                    if c.vendor == a.vendor and hami.card_check(c, req, f, quota_ok) is None
+                )
+                if fits >= a.nums:
                     continue
-                r = rec.row
-                if fits[r] >= a.nums:
-                    continue
-                if rec.n < a.nums or mat[r].max() == 0:
-                    reason[r] = m.NODE_INSUFFICIENT_DEVICE
-                else:
-                    reason[r] = m.CARD_REASONS[int(worst[r])]
-        out: dict[str, int] = {}
-        for rec in st.rows:
-            if rec is None:
-                continue
-            why = reason[rec.row] or tried.get(rec.row) or m.NODE_UNFIT_POD
-            out[why] = out.get(why, 0) + 1
+                links = rec.links.tolist() if rec.links is not None else None
+                visit = (
+                    hami.device_order(usage, cards, [req])
+                    if f.numa_bind and a.nums > 1
+                    else list(range(n))
+                )
+                why = hami.fit(cards, visit, req, f, links, quota_ok).text or m.NODE_UNFIT_POD
+            out[r] = why or tried.get(r) or m.NODE_UNFIT_POD
         return out
