@@ -131,7 +131,9 @@ def _request(a: Ask) -> hami.Request:
 
 def _numa_first(chain: Chain) -> bool:
     keys = chain.keys
-    return "numa" in keys and keys.index("numa") < min(keys.index(k) for k in keys if k in ("binpack", "spread"))
+    return "numa" in keys and keys.index("numa") < min(
+        keys.index(k) for k in keys if k in ("binpack", "spread")
+    )
 
 
 def _filters(cons: Constraints, chain: Chain) -> hami.Filters:
