@@ -187,7 +187,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "stop it, or give this one its own HAMI_STATE_FILE", CANNOT_START,
             )
     logs.setup("up", cfg.log_level)
-    tracing.setup("up")
+    try:
+        tracing.setup("up")
+    except tracing.TracingError as exc:
+        raise Fail(str(exc), USAGE) from None
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -241,6 +244,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         finally:
             state.remove_if_mine()
             await system.stop()
+            tracing.shutdown()  # the last batch of spans reaches the collector
         if not args.json:
             print("hami stopped", flush=True)
         return OK

@@ -117,6 +117,8 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream(timeout=10.0)
         self.name = name
         self.closing = False
+        # Its publish and receive spans are the service's (``hami-<name>``).
+        self.tracer = tracing.tracer(f"hami.{name}")
         # Copies of the stream and buckets kept by a NATS cluster (1 on one server);
         # a clustered deployment sets HAMI_NATS_REPLICAS=3 so losing a server loses nothing.
         self.replicas = max(1, int(os.environ.get("HAMI_NATS_REPLICAS", "1") or 1))
@@ -298,12 +300,13 @@ class Bus:
         self, subject: str, msg: msgspec.Struct, msg_id: str
     ) -> api.PubAck:
         """Store an event in the durable stream; the same ``msg_id`` is stored once."""
-        data, hdrs = ENCODER.encode(msg), self.headers(msg_id)
-        try:
-            return await self.js.publish(subject, data, headers=hdrs)
-        except nats.js.errors.NoStreamResponseError:
-            await self.recreate(subjects.EVENTS_STREAM)
-            return await self.js.publish(subject, data, headers=hdrs)
+        with tracing.publish(self.tracer, subject, msg_id):
+            data, hdrs = ENCODER.encode(msg), self.headers(msg_id)
+            try:
+                return await self.js.publish(subject, data, headers=hdrs)
+            except nats.js.errors.NoStreamResponseError:
+                await self.recreate(subjects.EVENTS_STREAM)
+                return await self.js.publish(subject, data, headers=hdrs)
 
     async def publish_event_nowait(
         self, subject: str, msg: msgspec.Struct, msg_id: str
@@ -313,8 +316,10 @@ class Bus:
         Lets a batch of events go out back to back; await the futures before
         acknowledging the work that produced them.
         """
-        data, hdrs = ENCODER.encode(msg), self.headers(msg_id)
-        sent = await self._writes.send(subject, data, hdrs)
+        # The span covers the send, not the stream's answer (awaited later, batched).
+        with tracing.publish(self.tracer, subject, msg_id):
+            data, hdrs = ENCODER.encode(msg), self.headers(msg_id)
+            sent = await self._writes.send(subject, data, hdrs)
 
         async def stored() -> int:
             try:
@@ -366,14 +371,16 @@ class Bus:
 
     async def publish(self, subject: str, msg: msgspec.Struct) -> None:
         """Core NATS, not stored (heartbeats, telemetry)."""
-        await self.nc.publish(subject, ENCODER.encode(msg), headers=self.headers())
+        with tracing.publish(self.tracer, subject, root=False):
+            await self.nc.publish(subject, ENCODER.encode(msg), headers=self.headers())
 
     async def request(
         self, subject: str, msg: msgspec.Struct, reply: type[T], timeout: float = 10.0
     ) -> T:
-        resp = await self.nc.request(
-            subject, ENCODER.encode(msg), timeout=timeout, headers=self.headers()
-        )
+        with tracing.publish(self.tracer, subject):
+            resp = await self.nc.request(
+                subject, ENCODER.encode(msg), timeout=timeout, headers=self.headers()
+            )
         return decode(resp.data, reply)
 
     # ------------------------------------------------------------------- KV helpers
@@ -635,7 +642,8 @@ class Bus:
     ) -> Any:
         async def cb(msg: Msg) -> None:
             try:
-                await handler(msg)
+                with tracing.receive(self.tracer, msg.subject, msg.headers, root=False):
+                    await handler(msg)
             except Exception:
                 log.exception("%s: handler failed on %s", self.name, msg.subject)
 
@@ -884,17 +892,20 @@ async def add_service(
 
         async def serve(req: Any) -> None:
             try:
-                try:
-                    reply = await fn(req.data)
-                except (BadMessage, ValueError) as exc:
-                    reply = ErrorReply(error=str(exc))
-                except asyncio.CancelledError:
-                    await asyncio.shield(answer(req, ErrorReply(error=f"{name} is stopping; ask again")))
-                    raise
-                except Exception as exc:
-                    log.exception("%s: endpoint failed", name)
-                    reply = ErrorReply(error=f"internal error: {exc}")
-                await answer(req, reply)
+                # The request's trace goes on in the endpoint (a submit's decision,
+                # binding and answer are one trace with the client's).
+                with tracing.receive(bus.tracer, req.subject, req.headers):
+                    try:
+                        reply = await fn(req.data)
+                    except (BadMessage, ValueError) as exc:
+                        reply = ErrorReply(error=str(exc))
+                    except asyncio.CancelledError:
+                        await asyncio.shield(answer(req, ErrorReply(error=f"{name} is stopping; ask again")))
+                        raise
+                    except Exception as exc:
+                        log.exception("%s: endpoint failed", name)
+                        reply = ErrorReply(error=f"internal error: {exc}")
+                    await answer(req, reply)
             finally:
                 room.release()
 

@@ -107,7 +107,11 @@ def run(
     if not url:
         raise SystemExit(f"{name}: no NATS server given (--nats-url or HAMI_NATS_URL)")
     logs.setup(name, cfg.log_level)
-    tracing.setup(name)
+    try:
+        tracing.setup(name)
+    except tracing.TracingError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         hs = await start_health(args, name)
@@ -139,5 +143,8 @@ def run(
             if hs is not None:
                 await hs.stop()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        tracing.shutdown()  # the last batch of spans reaches the collector
     return 0

@@ -1,65 +1,386 @@
-"""OpenTelemetry set-up and W3C trace-context propagation through NATS headers.
+"""OpenTelemetry set-up, messaging spans and W3C trace-context propagation through NATS.
 
-Every service calls :func:`setup` once. Spans are exported where ``HAMI_TRACE_EXPORT``
-says: ``console`` (stderr), ``memory`` (kept in :data:`MEMORY` for tests), or nowhere
-(the default). With no exporter nothing is recorded — a recorded span per decision was
-a tenth of placement's CPU — but the trace context still propagates through every
-message, and a trace sampled upstream (a client that traces) is recorded here too.
+Every process calls :func:`setup` once and :func:`shutdown` when it stops (which flushes
+what is still batched). Where spans go is read from the standard environment:
+
+- ``OTEL_TRACES_EXPORTER``: ``otlp``, ``console``, ``none`` (the default), or a comma
+  list; ``HAMI_TRACE_EXPORT`` (``console`` | ``memory`` | ``otlp`` | ``none``), when set,
+  takes its place (development and tests: ``memory`` keeps spans in :data:`MEMORY`);
+- ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRACES_PROTOCOL``): ``grpc`` (the default)
+  or ``http/protobuf``; the endpoint, headers, timeout and TLS settings
+  (``OTEL_EXPORTER_OTLP_ENDPOINT`` ...) are read by the exporters themselves, and the
+  batch processor's by itself (``OTEL_BSP_*``);
+- ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` through the SDK's own parsing
+  (default ``parentbased_always_on``);
+- ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` for the resource.
+
+Each service's spans carry their own ``service.name`` (``hami-<service>``, or
+``OTEL_SERVICE_NAME`` for the service the process is): ``hami up`` runs every service in
+one process, and a trace still shows which service did what. A tracer is asked for by
+component (``tracer("hami.placement")``); its service is the part after ``hami.``.
+
+With no exporter nothing is recorded and no span object is made (a recorded span per
+decision was a tenth of placement's CPU), but the trace context of incoming messages is
+still passed on in the messages sent while handling them, so a trace sampled upstream
+stays whole through a process that does not export. With an exporter a span whose
+parent is not sampled is not recorded either (the sampler says so once, cheaply); and a
+span with no parent but a sampled link (a batch of decisions linked to the requests it
+decided) is recorded, so the link is never to nothing.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
-from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 from opentelemetry import context, trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    Decision,
+    Sampler,
+    SamplingResult,
+)
+from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
+
+log = logging.getLogger("hami.tracing")
 
 MEMORY = InMemorySpanExporter()
 _PROPAGATOR = TraceContextTextMapPropagator()
+EXPORTERS = ("otlp", "console", "memory", "none")
+PROTOCOLS = ("grpc", "http/protobuf")
+# How long shutdown waits for the batch to reach the collector.
+FLUSH_TIMEOUT_MS = 5000
+
 _configured = False
-_recording = False  # an exporter is set: every span is recorded
+_recording = False  # an exporter is set: spans are made (and sampled)
+_process_service = ""
+_processors: list[SpanProcessor] = []
+_sampler: Sampler = ALWAYS_OFF
+_base: Resource = Resource.get_empty()
+_providers: dict[str, TracerProvider] = {}
+_generation = 0  # bumped by each setup: tracers resolve their provider again
+_atexit = False
 
 
-def setup(service: str, mode: str | None = None) -> None:
-    """Install the tracer provider once per process; ``mode`` overrides the env."""
-    global _configured
-    if _configured:
-        return
-    _configured = True
-    global _recording
-    mode = os.environ.get("HAMI_TRACE_EXPORT", "") if mode is None else mode
-    _recording = mode in ("console", "memory")
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": f"hami-{service}"}),
-        sampler=ParentBased(ALWAYS_ON if _recording else ALWAYS_OFF),
+class TracingError(ValueError):
+    """A tracing setting that cannot be honoured (an unknown exporter or protocol)."""
+
+
+class _LinkSampled(Sampler):
+    """The configured sampler, except that a root span with a sampled link is sampled.
+
+    A placement batch is a root span linked to the requests it decided; with ratio
+    sampling it would otherwise be dropped exactly when one of its requests is kept.
+    """
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+
+    def should_sample(
+        self,
+        parent_context: context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        if links and not trace.get_current_span(parent_context).get_span_context().is_valid:
+            if any(link.context.trace_flags.sampled for link in links):
+                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return self.inner.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"LinkSampled{{{self.inner.get_description()}}}"
+
+
+def exporter_names(mode: str | None = None) -> list[str]:
+    """The exporters asked for: ``mode``, else ``HAMI_TRACE_EXPORT``, else
+    ``OTEL_TRACES_EXPORTER``; ``none`` or nothing is an empty list."""
+    if mode is None:
+        mode = os.environ.get("HAMI_TRACE_EXPORT") or os.environ.get("OTEL_TRACES_EXPORTER", "")
+    names = [n.strip().lower() for n in mode.split(",") if n.strip()]
+    for n in names:
+        if n not in EXPORTERS:
+            raise TracingError(
+                f"unknown trace exporter {n!r} (OTEL_TRACES_EXPORTER / HAMI_TRACE_EXPORT: "
+                f"one of {', '.join(EXPORTERS)})"
+            )
+    return [n for n in names if n != "none"]
+
+
+def otlp_protocol() -> str:
+    proto = (
+        (
+            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "grpc"
+        )
+        .strip()
+        .lower()
     )
-    if mode == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
-    elif mode == "memory":
-        provider.add_span_processor(SimpleSpanProcessor(MEMORY))
-    trace.set_tracer_provider(provider)
+    if proto not in PROTOCOLS:
+        raise TracingError(
+            f"unknown OTLP protocol {proto!r} (OTEL_EXPORTER_OTLP_PROTOCOL: one of "
+            f"{', '.join(PROTOCOLS)})"
+        )
+    return proto
+
+
+def _otlp_exporter() -> SpanExporter:
+    # Imported only when asked for: gRPC's channel machinery is not loaded otherwise.
+    if otlp_protocol() == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
+
+    return HttpExporter()
+
+
+def _env_sampler() -> Sampler:
+    # The SDK's own reading of OTEL_TRACES_SAMPLER / _ARG: a provider made without a
+    # sampler takes it from the environment.
+    return TracerProvider(shutdown_on_exit=False).sampler
+
+
+def setup(service: str, mode: str | None = None, *, force: bool = False) -> None:
+    """Configure tracing for this process, once (``force``: again, after a
+    :func:`shutdown` of the previous set-up; for tests). ``mode`` overrides the env.
+
+    Raises :class:`TracingError` for a setting that cannot be honoured.
+    """
+    global _configured, _recording, _process_service, _sampler, _base, _generation, _atexit
+    if _configured and not force:
+        return
+    names = exporter_names(mode)
+    processors: list[SpanProcessor] = []
+    for n in names:
+        if n == "otlp":
+            processors.append(BatchSpanProcessor(_otlp_exporter()))
+        elif n == "console":
+            processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
+        elif n == "memory":
+            processors.append(SimpleSpanProcessor(MEMORY))
+    sampler = _LinkSampled(_env_sampler()) if processors else ALWAYS_OFF
+    if _configured:
+        shutdown()
+    _configured = True
+    _process_service = service
+    _processors[:] = processors
+    _recording = bool(processors)
+    _sampler = sampler
+    _base = Resource.create({})
+    _providers.clear()
+    _generation += 1
+    if _recording and not _atexit:
+        # A process that ends without calling shutdown() still sends its last batch.
+        atexit.register(shutdown)
+        _atexit = True
+    if _recording:
+        log.info("tracing: %s, sampler %s", ", ".join(names), sampler.get_description())
+
+
+def shutdown() -> None:
+    """Send what is batched and stop exporting (idempotent). Spans end nowhere after."""
+    global _recording
+    _recording = False
+    procs = list(_processors)
+    _processors.clear()
+    for p in procs:
+        try:
+            p.force_flush(FLUSH_TIMEOUT_MS)
+            if getattr(p, "span_exporter", None) is not MEMORY:  # kept for the next set-up
+                p.shutdown()
+        except Exception as exc:  # an unreachable collector must not fail a stop
+            log.warning("tracing: cannot flush spans: %s", exc)
+
+
+def recording() -> bool:
+    """True when spans are made (an exporter is configured)."""
+    return _recording
+
+
+def _resource(service: str) -> Resource:
+    env_named = SERVICE_NAME in OTELResourceDetector().detect().attributes
+    if service == _process_service and env_named:
+        return _base  # OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES)
+    return _base.merge(Resource({SERVICE_NAME: f"hami-{service}"}))
+
+
+def _provider(service: str) -> TracerProvider:
+    p = _providers.get(service)
+    if p is None:
+        p = TracerProvider(resource=_resource(service), sampler=_sampler, shutdown_on_exit=False)
+        for proc in _processors:
+            p.add_span_processor(proc)
+        _providers[service] = p
+    return p
+
+
+class _Tracer(trace.Tracer):
+    """A component's tracer, resolved against the current set-up at use (module-level
+    tracers are made at import, before :func:`setup`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.service = name.removeprefix("hami.").split(".")[0] or name
+        self._gen = -1
+        self._tracer: trace.Tracer = trace.NoOpTracer()
+
+    def _get(self) -> trace.Tracer:
+        if self._gen != _generation:
+            self._gen = _generation
+            self._tracer = _provider(self.service).get_tracer(self.name)
+        return self._tracer
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return self._get().start_span(*args, **kwargs)
+
+    def start_as_current_span(  # type: ignore[override]
+        self, *args: Any, **kwargs: Any
+    ) -> AbstractContextManager[trace.Span]:
+        return self._get().start_as_current_span(*args, **kwargs)
 
 
 def tracer(name: str) -> trace.Tracer:
-    return trace.get_tracer(name)
+    """The tracer of a component, ``hami.<service>[.<part>]``."""
+    return _Tracer(name)
 
 
-def span(tracer: trace.Tracer, name: str) -> AbstractContextManager[trace.Span]:
-    """A span around a unit of work, made only when it will be recorded.
+def span(
+    tracer: trace.Tracer,
+    name: str,
+    *,
+    links: Sequence[Link] | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+) -> AbstractContextManager[trace.Span]:
+    """A span around a unit of work, made only when spans are recorded.
 
-    Unrecorded, it would only carry a fresh id downstream; without it the messages
-    this work sends carry the incoming context, and the trace stays whole all the same.
+    Unrecorded, the messages this work sends carry the incoming context, and the trace
+    stays whole all the same.
     """
-    if _recording or trace.get_current_span().get_span_context().trace_flags.sampled:
-        return tracer.start_as_current_span(name)
+    if _recording:
+        return tracer.start_as_current_span(name, links=links, kind=kind)
     return nullcontext(trace.INVALID_SPAN)
+
+
+def start(tracer: trace.Tracer, name: str, *, links: Sequence[Link] | None = None) -> trace.Span:
+    """A span under the current context that its caller ends (``span.end()``): for work
+    that outlives one block, such as a decision committed with its batch."""
+    if _recording:
+        return tracer.start_span(name, links=links)
+    return trace.INVALID_SPAN
+
+
+# ---------------------------------------------------------------- messaging spans
+
+
+def destination(subject: str) -> str:
+    """The subject without its node or id token (``hami.evt.alloc.decided.node-1`` ->
+    ``hami.evt.alloc.decided``): span names stay few whatever the cluster's size."""
+    if subject.startswith("hami.evt."):
+        return ".".join(subject.split(".")[:4])
+    return subject
+
+
+def _messaging(subject: str, msg_id: str | None, op_type: str, op_name: str) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "messaging.system": "nats",
+        "messaging.destination.name": subject,
+        "messaging.operation.type": op_type,
+        "messaging.operation.name": op_name,
+    }
+    template = destination(subject)
+    if template != subject:
+        attrs["messaging.destination.template"] = template
+    if msg_id:
+        attrs["messaging.message.id"] = msg_id
+    return attrs
+
+
+def publish(
+    tracer: trace.Tracer, subject: str, msg_id: str | None = None, *, root: bool = True
+) -> AbstractContextManager[trace.Span]:
+    """A producer span around sending one message (OpenTelemetry's messaging
+    conventions: ``send``); the headers injected inside it make the receiver its child.
+
+    ``root=False``: only within a trace (heartbeats and telemetry are no trace's start).
+    """
+    if not _recording or (not root and not trace.get_current_span().get_span_context().is_valid):
+        return nullcontext(trace.INVALID_SPAN)
+    return tracer.start_as_current_span(
+        f"publish {destination(subject)}",
+        kind=SpanKind.PRODUCER,
+        attributes=_messaging(subject, msg_id, "send", "publish"),
+    )
+
+
+@contextmanager
+def receive(
+    tracer: trace.Tracer, subject: str, headers: Mapping[str, str] | None, *, root: bool = True
+) -> Iterator[trace.Span]:
+    """Handle one received message under the trace its headers carry: a consumer span
+    (``process``) child of the sender's span when recording, else that context alone.
+
+    ``root=False``: a message that carries no trace gets no span.
+    """
+    ctx = extract(headers) if headers and "traceparent" in headers else None
+    if not _recording or (ctx is None and not root):
+        if ctx is None:
+            yield trace.INVALID_SPAN
+            return
+        token = context.attach(ctx)
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            context.detach(token)
+        return
+    msg_id = headers.get("Nats-Msg-Id") if headers else None
+    with tracer.start_as_current_span(
+        f"receive {destination(subject)}",
+        context=ctx,
+        kind=SpanKind.CONSUMER,
+        attributes=_messaging(subject, msg_id, "process", "receive"),
+    ) as sp:
+        yield sp
+
+
+# ------------------------------------------------------------------ propagation
+
+
+def links(headers: Iterable[Mapping[str, str] | None]) -> list[Link]:
+    """Links to the sampled traces that messages' headers carry (for a span that
+    handles many messages at once)."""
+    out: list[Link] = []
+    for h in headers:
+        if h and "traceparent" in h:
+            sc = trace.get_current_span(extract(h)).get_span_context()
+            if sc.is_valid and sc.trace_flags.sampled:
+                out.append(Link(sc))
+    return out
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:

@@ -1,53 +1,168 @@
-"""tracing.span: spans only where they are recorded; the context propagates regardless."""
+"""shared.tracing: spans only where an exporter takes them, the context propagates
+regardless; messaging spans, sampling from the environment, per-service resources."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-from opentelemetry import context, trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
 
 from shared import tracing
 
 SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+OTEL_VARS = (
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "HAMI_TRACE_EXPORT",
+)
 
 
-@pytest.fixture
-def no_exporter(monkeypatch: pytest.MonkeyPatch) -> trace.Tracer:
-    """A tracer as setup() makes it without an exporter (a local provider: the global
-    one is set once per process, by whichever test came first)."""
-    monkeypatch.setattr(tracing, "_recording", False)
-    return TracerProvider(sampler=ParentBased(ALWAYS_OFF)).get_tracer("tests")
+@pytest.fixture(autouse=True)
+def clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for k in OTEL_VARS:
+        monkeypatch.delenv(k, raising=False)
+    tracing.MEMORY.clear()
+    yield
+    tracing.shutdown()
+    tracing.setup("tests", mode="none", force=True)
+    tracing.MEMORY.clear()
 
 
-def test_unsampled_work_makes_no_span_and_passes_the_incoming_context_on(
-    no_exporter: trace.Tracer,
-) -> None:
-    token = context.attach(tracing.extract({"traceparent": UNSAMPLED}))
-    try:
-        with tracing.span(no_exporter, "work") as span:
-            assert span is trace.INVALID_SPAN
-            span.set_attribute("k", "v")  # harmless
-            assert tracing.inject({})["traceparent"] == UNSAMPLED  # the trace continues
-    finally:
-        context.detach(token)
+def memory(service: str = "tests") -> None:
+    tracing.setup(service, mode="memory", force=True)
 
 
-def test_a_trace_sampled_upstream_is_recorded(no_exporter: trace.Tracer) -> None:
-    token = context.attach(tracing.extract({"traceparent": SAMPLED}))
-    try:
-        with tracing.span(no_exporter, "work") as span:
-            assert span.is_recording()
-            out = tracing.inject({})["traceparent"]
-            assert out.startswith("00-0af7651916cd43dd8448eb211c80319c-")  # same trace
-            assert out != SAMPLED  # ... under this span
-    finally:
-        context.detach(token)
+def test_without_an_exporter_no_span_is_made_and_the_incoming_trace_passes_on() -> None:
+    tracing.setup("tests", mode="none", force=True)
+    tr = tracing.tracer("hami.tests")
+    for incoming in (SAMPLED, UNSAMPLED):
+        with tracing.receive(tr, "hami.evt.alloc.requested", {"traceparent": incoming}) as sp:
+            assert sp is trace.INVALID_SPAN
+            with tracing.span(tr, "work") as inner, tracing.publish(tr, "x.y") as pub:
+                assert inner is trace.INVALID_SPAN and pub is trace.INVALID_SPAN
+                inner.set_attribute("k", "v")  # harmless
+                # what this process sends carries the trace it received, unchanged
+                assert tracing.inject({})["traceparent"] == incoming
+        assert "traceparent" not in tracing.inject({})  # detached again
+    assert tracing.start(tr, "open") is trace.INVALID_SPAN
+    assert not tracing.recording()
 
 
-def test_with_an_exporter_every_unit_of_work_is_a_span(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracing, "_recording", True)
-    tracer = TracerProvider(sampler=ParentBased(ALWAYS_ON)).get_tracer("tests")
-    with tracing.span(tracer, "work") as span:
-        assert span.is_recording()
+def test_receive_and_publish_spans_follow_the_messaging_conventions() -> None:
+    memory()
+    tr = tracing.tracer("hami.tests")
+    hdrs = {"traceparent": SAMPLED, "Nats-Msg-Id": "requested:u1"}
+    with tracing.receive(tr, "hami.evt.alloc.requested", hdrs) as recv:
+        with tracing.publish(tr, "hami.evt.alloc.decided.node-1", "decided:u1") as pub:
+            sent = tracing.inject({})["traceparent"]
+    spans = {s.name: s for s in tracing.MEMORY.get_finished_spans()}
+    r, p = spans["receive hami.evt.alloc.requested"], spans["publish hami.evt.alloc.decided"]
+    assert r.kind == SpanKind.CONSUMER and p.kind == SpanKind.PRODUCER
+    assert r.context.trace_id == TRACE_ID and r.parent is not None
+    assert r.parent.span_id == 0xB7AD6B7169203331 and r.parent.is_remote
+    assert p.parent is not None and p.parent.span_id == recv.get_span_context().span_id
+    # the message sent names the publish span as its parent
+    assert sent == f"00-{TRACE_ID:032x}-{pub.get_span_context().span_id:016x}-01"
+    assert dict(r.attributes or {}) == {
+        "messaging.system": "nats",
+        "messaging.destination.name": "hami.evt.alloc.requested",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "receive",
+        "messaging.message.id": "requested:u1",
+    }
+    pa = dict(p.attributes or {})
+    assert pa["messaging.operation.type"] == "send" and pa["messaging.message.id"] == "decided:u1"
+    assert pa["messaging.destination.name"] == "hami.evt.alloc.decided.node-1"
+    assert pa["messaging.destination.template"] == "hami.evt.alloc.decided"
+
+
+def test_heartbeats_start_no_trace() -> None:
+    memory()
+    tr = tracing.tracer("hami.tests")
+    with tracing.publish(tr, "hami.hb.node-1", root=False) as p:
+        assert p is trace.INVALID_SPAN
+    with tracing.receive(tr, "hami.hb.node-1", {}, root=False) as r:
+        assert r is trace.INVALID_SPAN
+    with tracing.receive(tr, "hami.evt.alloc.bound.n", {"traceparent": SAMPLED}, root=False) as r:
+        assert r.is_recording()  # within a trace: a span
+    assert [s.name for s in tracing.MEMORY.get_finished_spans()] == ["receive hami.evt.alloc.bound"]
+
+
+def test_the_sampler_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    memory()
+    tr = tracing.tracer("hami.tests")
+    with tracing.span(tr, "root") as sp:
+        assert not sp.is_recording()  # ratio 0: a new trace is never kept
+        flags = int(tracing.inject({})["traceparent"].rsplit("-", 1)[1], 16)
+        assert not flags & 1  # ...and says so downstream
+    with tracing.receive(tr, "hami.evt.alloc.requested", {"traceparent": SAMPLED}) as sp:
+        assert sp.is_recording()  # a sampled parent is followed
+    with tracing.receive(tr, "hami.evt.alloc.requested", {"traceparent": UNSAMPLED}) as sp:
+        assert not sp.is_recording()
+    # A root span linked to a sampled trace is kept (a batch of decisions).
+    links = tracing.links([{"traceparent": UNSAMPLED}, {}, {"traceparent": SAMPLED}, None])
+    assert [ln.context.trace_id for ln in links] == [TRACE_ID]
+    sp = tracing.start(tr, "batch", links=links)
+    assert sp.is_recording()
+    sp.end()
+    sp = tracing.start(tr, "batch", links=[Link(trace.INVALID_SPAN_CONTEXT)])
+    assert not sp.is_recording()
+
+
+def test_each_service_names_its_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "my-scheduler")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.name=x")
+    memory("placement")
+    for component in ("hami.placement", "hami.binder"):
+        with tracing.span(tracing.tracer(component), "work"):
+            pass
+    res = {
+        s.instrumentation_scope.name if s.instrumentation_scope else "": s.resource.attributes
+        for s in tracing.MEMORY.get_finished_spans()
+    }
+    # OTEL_SERVICE_NAME names the process's own service, over OTEL_RESOURCE_ATTRIBUTES;
+    # another service run in the same process (hami up) keeps its own name.
+    assert res["hami.placement"]["service.name"] == "my-scheduler"
+    assert res["hami.binder"]["service.name"] == "hami-binder"
+    assert all(r["deployment.environment"] == "prod" for r in res.values())
+
+
+def test_exporter_and_protocol_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp,console")
+    assert tracing.exporter_names() == ["otlp", "console"]
+    monkeypatch.setenv("HAMI_TRACE_EXPORT", "memory")  # ours, for development, wins
+    assert tracing.exporter_names() == ["memory"]
+    monkeypatch.setenv("HAMI_TRACE_EXPORT", "none")
+    assert tracing.exporter_names() == []
+    with pytest.raises(tracing.TracingError, match="zipkin"):
+        tracing.exporter_names("zipkin")
+    assert tracing.otlp_protocol() == "grpc"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    assert tracing.otlp_protocol() == "http/protobuf"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")
+    with pytest.raises(tracing.TracingError, match="http/json"):
+        tracing.setup("tests", mode="otlp", force=True)
+    assert not tracing.recording()  # a refused set-up changes nothing
+
+
+def test_shutdown_sends_what_is_batched_and_stops_recording() -> None:
+    memory()
+    with tracing.span(tracing.tracer("hami.tests"), "last"):
+        pass
+    tracing.shutdown()
+    assert [s.name for s in tracing.MEMORY.get_finished_spans()] == ["last"]
+    assert not tracing.recording()
+    with tracing.span(tracing.tracer("hami.tests"), "after") as sp:
+        assert sp is trace.INVALID_SPAN
+    tracing.shutdown()  # twice is harmless
