@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from nats.aio.msg import Msg
-from opentelemetry import context
 
 from shared import limits, logs, subjects, tracing
 from shared.bus import (
@@ -360,23 +359,21 @@ class BinderService:
             with contextlib.suppress(Exception):
                 await msg.term()
             return
-        token = context.attach(tracing.extract(msg.headers))
-        try:
-            if isinstance(ev, AllocDecided):
-                await self.handle_decided(ev)
-            elif isinstance(ev, AllocFailed):
-                await self.handle_failed(ev)
-        except asyncio.CancelledError:
-            # Stopping mid-bind: hand the decision back now rather than after ack_wait,
-            # so the next binder (a restart, another replica) takes it at once.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(msg.nak())
-            raise
-        except Exception as exc:
-            await self._failed(msg, ev, exc)
-            return
-        finally:
-            context.detach(token)
+        with tracing.receive(self.bus.tracer, msg.subject, msg.headers):
+            try:
+                if isinstance(ev, AllocDecided):
+                    await self.handle_decided(ev)
+                elif isinstance(ev, AllocFailed):
+                    await self.handle_failed(ev)
+            except asyncio.CancelledError:
+                # Stopping mid-bind: hand the decision back now rather than after ack_wait,
+                # so the next binder (a restart, another replica) takes it at once.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(msg.nak())
+                raise
+            except Exception as exc:
+                await self._failed(msg, ev, exc)
+                return
         with contextlib.suppress(Exception):  # redelivered, and handled idempotently
             await msg.ack()
 

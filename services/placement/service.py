@@ -37,15 +37,19 @@ import contextlib
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from typing import Any
 
+import msgspec
+import numpy as np
 from nats.aio.msg import Msg
-from opentelemetry import context
+from opentelemetry import context, trace
 
 from services.placement.engine import ClusterState, Failure, Placement, Placer
+from services.placement.engine.model import NODE_UNFIT_POD
 from shared import limits, logs, subjects, tracing
 from shared.bus import BadMessage, Bus, Conflict, WorkQueue, decode, decode_entry, decode_event
-from shared.config import Config
+from shared.config import Config, SchedulerSettings
 from shared.lifecycle import Background
 from shared.outcomes import WITHDRAWN, Outcomes
 from shared.schemas import (
@@ -98,6 +102,93 @@ def _retrieve(fut: asyncio.Future[int]) -> None:
         fut.exception()
 
 
+# ------------------------------------------------------------ decision span attributes
+# What a decision span says about why (docs/operations.md, "Tracing"). Pure functions of
+# the request and of what the engine returned; set only on spans that are recorded.
+
+
+def request_attributes(req: AllocRequested, scheduler: SchedulerSettings) -> dict[str, Any]:
+    """The request's shape and the policies it is decided by."""
+    cons = req.constraints
+    asks = [a for c in req.containers for a in c.devices if a.nums > 0]
+    attrs: dict[str, Any] = {
+        "hami.uid": req.uid,
+        "hami.name": req.name,
+        "hami.namespace": req.namespace,
+        "hami.source": req.source,
+        "hami.policy.node": (cons.node_policy or scheduler.node_policy).lower(),
+        "hami.policy.gpu": cons.gpu_policy or scheduler.gpu_policy,
+        "hami.request.containers": len(req.containers),
+        "hami.request.gpus": sum(a.nums for a in asks),
+        "hami.request.count": [a.nums for a in asks],
+        "hami.request.mem_mib": [a.mem for a in asks],
+        "hami.request.mem_percent": [a.mem_percent or 0 for a in asks],
+        "hami.request.cores": [a.cores for a in asks],
+        "hami.request.vendor": [a.vendor for a in asks],
+    }
+    for key, val in (("use_types", cons.use_types), ("nouse_types", cons.nouse_types),
+                     ("use_uuids", cons.use_uuids), ("nouse_uuids", cons.nouse_uuids)):
+        if val:
+            attrs[f"hami.request.{key}"] = list(val)
+    if cons.node_name:
+        attrs["hami.request.node_name"] = cons.node_name
+    if cons.nodes:
+        attrs["hami.request.offered_nodes"] = len(cons.nodes)
+    if cons.numa_bind:
+        attrs["hami.request.numa_bind"] = True
+    return attrs
+
+
+def rejected_attributes(reasons: dict[str, int]) -> dict[str, Any]:
+    """Nodes rejected, by reason with counts, most frequent first (two aligned arrays:
+    reason strings are kube-scheduler's and may hold spaces)."""
+    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {
+        "hami.nodes.rejected": sum(reasons.values()),
+        "hami.rejected.reasons": [r for r, _ in ranked],
+        "hami.rejected.counts": [n for _, n in ranked],
+    }
+
+
+def placed_attributes(p: Placement) -> dict[str, Any]:
+    """The chosen node and cards."""
+    cards = [d for c in p.containers for d in c.devices]
+    attrs: dict[str, Any] = {
+        "hami.outcome": "placed",
+        "hami.node": p.node,
+        "hami.cards": [d.uuid for d in cards],
+        "hami.card.index": [d.index for d in cards],
+        "hami.card.type": [d.type for d in cards],
+        "hami.card.mem_mib": [d.mem for d in cards],
+        "hami.card.cores": [d.cores for d in cards],
+    }
+    if p.score:
+        attrs["hami.policy.score"] = float(p.score)  # the fragmentation policies' own
+    return attrs
+
+
+def failed_attributes(f: Failure) -> dict[str, Any]:
+    """Why no node fits: HAMi's reason counts and kube-scheduler's message."""
+    return {
+        "hami.outcome": "failed",
+        "hami.nodes.total": f.nodes_total,
+        # nodes that passed the filters and were fitted card by card
+        "hami.nodes.candidates": len(f.tried),
+        "hami.failure.message": f.message,
+        **rejected_attributes(f.reasons),
+    }
+
+
+class _Decision:
+    """A recorded decision span kept open from the decision to its ledger write."""
+
+    __slots__ = ("span", "decided")
+
+    def __init__(self, span: trace.Span, decided: float) -> None:
+        self.span = span
+        self.decided = decided  # perf_counter() when the decision was made
+
+
 class PlacementService:
     def __init__(self, bus: Bus, cfg: Config, replica: str = "", fetch_batch: int = 64) -> None:
         self.bus = bus
@@ -130,6 +221,7 @@ class PlacementService:
         self.garbage: dict[str, str] = {}
         self._healthy: dict[str, bool] = {}
         self.dead_letters = 0
+        self._open: dict[str, _Decision] = {}  # uid -> its decision span, until committed
 
     # ----------------------------------------------------------------- KV watches
 
@@ -302,6 +394,46 @@ class PlacementService:
 
     # -------------------------------------------------------------- the decisions
 
+    def _trace_decision(
+        self, span: trace.Span, req: AllocRequested, result: Placement | Failure, took: float
+    ) -> None:
+        """The decision's attributes, on a span that is recorded (else nothing is done)."""
+        if not span.is_recording():
+            return
+        span.set_attributes(request_attributes(req, self.cfg.scheduler))
+        span.set_attribute("hami.decide_ms", took * 1000.0)
+        if isinstance(result, Failure):
+            span.set_attributes(failed_attributes(result))
+            return
+        span.set_attributes(placed_attributes(result))
+        rec = self.cluster.nodes.get(result.node)
+        if rec is not None:  # HAMi's node score before this pod (binpack/spread order by it)
+            span.set_attribute(
+                "hami.node.score", float(self.placer.node_scores(np.array([rec.row]))[0])
+            )
+        # Why not the other nodes: the engine stops at the first node that fits, so the
+        # reasons of the others are asked for here, on sampled decisions only.
+        span.set_attribute("hami.nodes.total", self.cluster.nodes_total())
+        cons = req.constraints
+        probe = req if cons.nodes else msgspec.structs.replace(
+            req, constraints=msgspec.structs.replace(cons, nodes=list(self.cluster.nodes))
+        )
+        try:
+            counts = Counter(self.placer.node_reasons(probe, Failure()).values())
+        except Exception as exc:  # a trace must never cost a decision
+            noisy.warning("trace-reasons", "cannot explain decision %s for its trace: %s: %s",
+                          req.uid, type(exc).__name__, exc)
+            return
+        # every filter passed (the chosen node among them)
+        span.set_attribute("hami.nodes.candidates", counts.pop(NODE_UNFIT_POD, 0))
+        span.set_attributes(rejected_attributes(dict(counts)))
+
+    def _decide(self, req: AllocRequested, span: trace.Span) -> Placement | Failure:
+        t0 = time.perf_counter()
+        result = self.placer.decide(req)
+        self._trace_decision(span, req, result, time.perf_counter() - t0)
+        return result
+
     async def _reserve(
         self, req: AllocRequested, first: Placement | Failure
     ) -> tuple[Placement, LedgerAlloc, int] | Failure:
@@ -319,8 +451,13 @@ class PlacementService:
                 )
             except Conflict:
                 self.conflicts += 1
+                span = trace.get_current_span()
+                if span.is_recording():
+                    span.add_event("conflict", {"hami.node": node})
+                    conflicts = int(span.attributes.get("hami.conflicts", 0)) + 1  # type: ignore[attr-defined]
+                    span.set_attribute("hami.conflicts", conflicts)
                 await self._refresh(node)
-                result = self.placer.decide(req)
+                result = self._decide(req, span)
                 continue
             self.revs[node] = rev
             self.cluster.reserve(node, alloc)
@@ -404,20 +541,23 @@ class PlacementService:
             if await self._refused(req, acks):  # also each retry of a pending one
                 return False
             with tracing.span(tracer, "placement.decide") as span:
-                span.set_attribute("hami.uid", req.uid)
                 span.set_attribute("hami.retry", retry)
                 if not retry:
                     self.placer.observe(req)
-                result = await self._reserve(req, self.placer.decide(req))
+                decided = self._decide(req, span)
+                t0 = time.perf_counter()
+                result = await self._reserve(req, decided)
+                span.set_attribute("hami.commit_ms", (time.perf_counter() - t0) * 1000.0)
                 if isinstance(result, Failure):
-                    span.set_attribute("hami.outcome", "failed")
                     if req.pending:
                         self.pending[req.uid] = req
                     if not retry:  # announce the first failure only
                         acks.append(await self._publish_failed(req, result))
                     return False
                 placement, alloc, rev = result
-                span.set_attribute("hami.node", placement.node)
+                if span.is_recording():
+                    span.set_attributes(placed_attributes(placement))
+                    span.set_attribute("hami.ledger.revision", rev)
                 self.pending.pop(req.uid, None)
                 self.decisions += 1
                 acks.append(await self._publish_decided(req, placement.node, alloc, rev))
@@ -439,9 +579,12 @@ class PlacementService:
         events published are appended to ``acks``, for the caller to wait on.
         """
         tentative: dict[str, list[tuple[AllocRequested, LedgerAlloc, context.Context]]] = {}
+        # The batch's span, when one of its requests is traced: each decision links to
+        # it, and it links to each traced request (so one pod's trace stays its own).
+        batch_span = self._batch_span(batch)
+        batch_link = [trace.Link(batch_span.get_span_context())] if batch_span.is_recording() else []
         for msg, ev in batch:
-            token = context.attach(tracing.extract(msg.headers))
-            try:
+            with tracing.receive(self.bus.tracer, msg.subject, msg.headers):
                 if isinstance(ev, AllocReleased):
                     # Releases free capacity for what follows: commit what is decided first.
                     await self._commit(tentative, acks)
@@ -456,24 +599,60 @@ class PlacementService:
                     continue
                 if await self._refused(ev, acks):
                     continue
-                with tracing.span(tracer, "placement.decide") as span:
-                    span.set_attribute("hami.uid", ev.uid)
+                # Open until its ledger write is answered (_commit), so the span holds
+                # both the deciding and the committing.
+                span = tracing.start(tracer, "placement.decide", links=batch_link)
+                with trace.use_span(span, end_on_exit=False):
                     self.placer.observe(ev)
-                    result = self.placer.decide(ev)
+                    result = self._decide(ev, span)
                     if isinstance(result, Failure):
-                        span.set_attribute("hami.outcome", "failed")
                         if ev.pending:
                             self.pending[ev.uid] = ev
-                        acks.append(await self._publish_failed(ev, result))
+                        try:
+                            acks.append(await self._publish_failed(ev, result))
+                        finally:
+                            span.end()
                         continue
-                    span.set_attribute("hami.node", result.node)
                     alloc = result.to_alloc(ev, time.time())
                     self.cluster.reserve(result.node, alloc)
                     self.owner[ev.uid] = result.node
                     tentative.setdefault(result.node, []).append((ev, alloc, context.get_current()))
-            finally:
-                context.detach(token)
-        await self._commit(tentative, acks)
+                    if span.is_recording():
+                        self._open[ev.uid] = _Decision(span, time.perf_counter())
+        try:
+            await self._commit(tentative, acks)
+        finally:
+            self._close_decisions("not committed")
+            batch_span.end()
+
+    def _batch_span(self, batch: list[tuple[Msg, AllocRequested | AllocReleased]]) -> trace.Span:
+        """A span of its own for a batch of which a request is traced, linked to each
+        traced request; an invalid span otherwise (no cost when not recording)."""
+        if not tracing.recording() or len(batch) < 2:
+            return trace.INVALID_SPAN
+        links = tracing.links(msg.headers for msg, ev in batch if isinstance(ev, AllocRequested))
+        if not links:
+            return trace.INVALID_SPAN
+        sp = tracer.start_span("placement.batch", context=context.Context(), links=links)
+        sp.set_attribute("hami.batch.size", len(batch))
+        sp.set_attribute("hami.batch.traced", len(links))
+        return sp
+
+    def _commit_traced(self, uid: str, rev: int = 0, outcome: str = "") -> None:
+        """End a batch decision's span with what its commit did."""
+        d = self._open.pop(uid, None)
+        if d is None:
+            return
+        d.span.set_attribute("hami.commit_ms", (time.perf_counter() - d.decided) * 1000.0)
+        if rev:
+            d.span.set_attribute("hami.ledger.revision", rev)
+        if outcome:
+            d.span.set_attribute("hami.outcome", outcome)
+        d.span.end()
+
+    def _close_decisions(self, outcome: str) -> None:
+        for uid in list(self._open):
+            self._commit_traced(uid, outcome=outcome)
 
     async def _commit(
         self,
@@ -503,6 +682,8 @@ class PlacementService:
             except Conflict:
                 self.conflicts += 1
                 redo.extend(req for req, _, _ in entries)
+                for req, _, _ in entries:  # decided again below, in a span of its own
+                    self._commit_traced(req.uid, outcome="conflict")
                 return
             except Exception as exc:
                 # No answer (a lost connection, a timeout): the write may or may not
@@ -520,6 +701,7 @@ class PlacementService:
             for req, alloc, ctx in entries:
                 self.pending.pop(req.uid, None)
                 self.decisions += 1
+                self._commit_traced(req.uid, rev)
                 acks.append(await self._publish_decided(req, node, alloc, rev, ctx))
 
         # Every task publishes before the first await, so the writes and the due
@@ -535,8 +717,15 @@ class PlacementService:
             # The batch is redelivered: what landed is announced again (_already_placed),
             # the rest decided again.
             raise next(iter(failed.values()))
+        ctxs = {req.uid: ctx for entries in tentative.values() for req, _, ctx in entries}
         for req in redo:
-            await self.handle_request(req, retry=False)
+            # Decided again in the request's own trace, under the decision that conflicted.
+            token = context.attach(ctxs[req.uid]) if req.uid in ctxs else None
+            try:
+                await self.handle_request(req, retry=False)
+            finally:
+                if token is not None:
+                    context.detach(token)
 
     async def handle_release(self, ev: AllocReleased) -> None:
         self.pending.pop(ev.uid, None)
