@@ -4,9 +4,11 @@ and packing sequences on the simulated A100/H100 geometries through the whole Pl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import pytest
 
-from services.placement.engine import mig
+from services.placement.engine import hami, mig
 from shared.hami.mig import GEOMETRIES, geometry, max_instances
 from shared.schemas import MigPlacement, MigProfile
 
@@ -47,7 +49,9 @@ HAMI_A100 = [
         ([], ["4g.20gb"], False),  # a profile the card does not offer
     ],
 )
-def test_can_place_profiles_as_hami(occupied: list[tuple[int, int]], names: list[str], ok: bool) -> None:
+def test_can_place_profiles_as_hami(
+    occupied: list[tuple[int, int]], names: list[str], ok: bool
+) -> None:
     assert mig.can_place(HAMI_A100, at(*occupied), names) is ok
 
 
@@ -130,3 +134,41 @@ def test_every_geometry_is_consistent() -> None:
             assert 0 < p.core <= 100 and p.memory_mb > 0
         mems = [p.memory_mb for p in mig.profile_order(profiles)]
         assert mems == sorted(mems)
+
+
+# ------------------------------------------------------ HAMi's fit with the MIG rule
+
+
+Rule = Callable[[int, int, Sequence[int], Sequence[int]], "str | None"]
+
+
+def _mig_rule(profiles: list[MigProfile], occupied: dict[int, list[MigPlacement]]) -> Rule:
+    def custom(p: int, memory: int, got: Sequence[int], mems: Sequence[int]) -> str | None:
+        earlier = [m for q, m in zip(got, mems, strict=True) if q == p]
+        return None if mig.fits(profiles, occupied.get(p, []), earlier, memory) else mig.REASON
+
+    return custom
+
+
+def test_hami_fit_takes_several_instances_of_one_mig_card() -> None:
+    cards = [hami.Card(id=f"g{i}", mode="mig", totalmem=40960, count=7) for i in range(2)]
+    req = hami.Request(nums=2, memreq=9000)
+    res = hami.fit(cards, [1, 0], req, custom=_mig_rule(HAMI_A100, {}))
+    assert res.ok and res.picked == [1, 1]  # HAMi's i++: the same MIG card again
+    # the second card is visited once the first has no placement left for the ask
+    res = hami.fit(cards, [1, 0], req, custom=_mig_rule(HAMI_A100, {1: at((0, 2), (2, 2))}))
+    assert res.ok and res.picked == [1, 0]
+
+
+def test_hami_fit_reports_topology_infeasible_per_card() -> None:
+    full = {p: at((0, 2), (2, 2), (4, 2)) for p in range(2)}
+    cards = [
+        hami.Card(id=f"g{i}", mode="mig", totalmem=40960, usedmem=30720, count=7, used=3)
+        for i in range(2)
+    ]
+    res = hami.fit(
+        cards, [1, 0], hami.Request(nums=1, memreq=9000), custom=_mig_rule(HAMI_A100, full)
+    )
+    assert not res.ok and res.text == "2/2 CardMigTopologyInfeasible"
+    # without the rule (a card not in MIG mode) the same cards fit on memory alone
+    assert hami.fit(cards, [1, 0], hami.Request(nums=1, memreq=9000)).ok

@@ -303,6 +303,7 @@ def fit(
     f: Filters = Filters(),
     links: Sequence[Sequence[int]] | None = None,
     quota_ok: Callable[[Card, int, int], bool] | None = None,
+    custom: Callable[[int, int, Sequence[int], Sequence[int]], str | None] | None = None,
 ) -> FitResult:
     """HAMi's NVIDIA fit of one ask over one node's cards, visited in ``visit`` order.
 
@@ -313,6 +314,12 @@ def fit(
     candidate: one card takes the one least linked to the other candidates, several
     the combination with the highest summed link score (the first wins on ties). On
     failure the fitting cards found are ``AllocatedCardsInsufficientRequest``.
+
+    ``custom(position, memory, picked, their memories)`` is HAMi's ``CustomFilterRule``,
+    the last check, with the cards this ask picked so far: the MIG placement fit
+    (:mod:`.mig`), whose refusal is ``CardMigTopologyInfeasible``. With it, a card in MIG
+    mode that fits is visited again, as HAMi does, so one ask may take several
+    instances of one card.
     """
     mine = [p for p in visit if cards[p].vendor == req.vendor]
     res = FitResult(ok=False, cards=len(mine))
@@ -321,7 +328,10 @@ def fit(
     prevnuma: int | None = None
     got: list[int] = []
     mems: list[int] = []
-    for p in mine:
+    k = 0
+    while k < len(mine):
+        p = mine[k]
+        k += 1
         card = cards[p]
         why = card_check_before_numa(card, f)
         if why is not None:
@@ -332,6 +342,8 @@ def fit(
                 reasons[NUMA_NOT_FIT] = reasons.get(NUMA_NOT_FIT, 0) + len(got)
             left, prevnuma, got, mems = req.nums, card.numa, [], []
         why = card_check_after_numa(card, req, f, quota_ok)
+        if why is None and custom is not None:
+            why = custom(p, need_mem(card, req), got, mems)
         if why is not None:
             reasons[why] = reasons.get(why, 0) + 1
             continue
@@ -343,6 +355,8 @@ def fit(
         if left == 0 and not f.topology:
             res.ok, res.picked, res.mems, res.reasons = True, got, mems, {}
             return res
+        if custom is not None and card.mode == "mig":
+            k -= 1  # HAMi's i++ on a MIG card: the same card again, until its filter refuses
     if f.topology and len(got) >= req.nums:
         pick = topology_pick(got, req.nums, links)
         res.ok, res.picked, res.reasons = True, pick, {}
