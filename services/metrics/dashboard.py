@@ -143,9 +143,9 @@ section.node h2{font-size:16px;margin:0 0 8px}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:10px}
 .card{border:1px solid var(--line);border-radius:6px;padding:8px 10px}
 .card h3{font-size:14px;margin:0}.card .uuid{color:var(--mute);font-size:11px;word-break:break-all}
-.meter{display:grid;grid-template-columns:70px 1fr 150px;gap:6px;align-items:center;font-size:12px;margin-top:3px}
-.bar{height:9px;background:#e5e7eb;border-radius:4px;overflow:hidden;position:relative}
-.bar div{height:100%;background:#3b82f6}.bar div.used{background:#f59e0b;position:absolute;top:0;left:0;opacity:.8}
+.meter{display:grid;grid-template-columns:56px 1fr 190px;gap:6px;align-items:center;font-size:12px;margin-top:3px}
+.bar{height:9px;background:#e5e7eb;border-radius:4px;overflow:hidden}
+.bar div{height:100%;background:#3b82f6}
 .free{font-size:12px;color:var(--ok);margin-top:4px}
 table{border-collapse:collapse;width:100%;font-size:12px;margin-top:6px}
 th,td{text-align:left;padding:2px 6px;border-bottom:1px solid var(--line)}th{color:var(--mute);font-weight:600}
@@ -173,20 +173,19 @@ function h(tag, attrs, ...kids) {
   return el;
 }
 function pct(used, total) { return total > 0 ? Math.min(100, Math.round(100 * used / total)) : 0; }
-function meter(label, granted, total, unit, used) {
+function meter(label, granted, total, unit, note) {
   const bar = h("div", {class: "bar"}, h("div", {style: "width:" + pct(granted, total) + "%"}));
-  if (used !== null && used !== undefined) bar.append(h("div", {class: "used", style: "width:" + pct(used, total) + "%"}));
-  const txt = granted + " / " + total + unit + (used !== null && used !== undefined ? " (" + used + " used)" : "");
-  return h("div", {class: "meter"}, h("span", {}, label), bar, h("span", {}, txt));
+  return h("div", {class: "meter"}, h("span", {}, label), bar,
+    h("span", {}, granted + " / " + total + unit + (note ? ", " + note : "")));
 }
 function card(c) {
   const title = h("h3", {}, "GPU " + c.index + " \\u00b7 " + c.type);
   if (!c.health) title.append(h("span", {class: "badge unhealthy"}, "unhealthy"));
   if (c.cordoned) title.append(h("span", {class: "badge cordoned"}, "cordoned"));
   const el = h("div", {class: "card", "data-uuid": c.uuid}, title, h("div", {class: "uuid"}, c.uuid),
-    meter("memory", c.mem_granted_mib, c.mem_total_mib, " MiB", c.mem_used_mib),
-    meter("cores", c.cores_granted, c.cores_total, " %", c.utilization),
-    meter("slots", c.slots_used, c.slots_total, ""),
+    meter("memory", c.mem_granted_mib, c.mem_total_mib, " MiB", c.mem_used_mib === null ? "" : c.mem_used_mib + " used"),
+    meter("cores", c.cores_granted, c.cores_total, " %", c.utilization === null ? "" : "util " + c.utilization + " %"),
+    meter("slots", c.slots_used, c.slots_total, "", ""),
     h("div", {class: "free"}, "free: " + c.mem_free_mib + " MiB, " + c.cores_free + " % cores, " + c.slots_free + " slots"));
   if (c.sharers.length) {
     const t = h("table", {}, h("tr", {}, h("th", {}, "pod"), h("th", {}, "namespace"), h("th", {}, "memory"),
