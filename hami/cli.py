@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -42,6 +43,8 @@ from shared.schemas import (
     PendingRequest,
     ReleaseReply,
     ReleaseRequest,
+    RunReply,
+    RunRequest,
     StatusRequest,
     SubmitReply,
     SubmitRequest,
@@ -359,6 +362,140 @@ def cmd_release(args: argparse.Namespace) -> int:
     return OK
 
 
+# ---------------------------------------------------------------------------- run
+
+RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel sent (a terminal's Ctrl-C)
+PR_SET_PDEATHSIG = 1
+CANNOT_EXEC = 127  # the command could not be started (as a shell reports it)
+# Where the limiter is looked for: a source checkout's `make native`, then the image's.
+REPO_LIMITER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "isolation", "native", "build", "libvgpu.so")
+IMAGE_LIMITER = "/usr/local/vgpu/libvgpu.so"
+
+
+def find_limiter(explicit: str | None) -> str:
+    """The libvgpu.so to preload: --limiter, $HAMI_LIMITER, the checkout's build, the image's."""
+    given = explicit or os.environ.get("HAMI_LIMITER")
+    if given:
+        if not os.path.isfile(given):
+            raise Fail(f"limiter {given}: no such file", USAGE)
+        return os.path.abspath(given)
+    for path in (REPO_LIMITER, IMAGE_LIMITER):
+        if os.path.isfile(path):
+            return path
+    raise Fail("no libvgpu.so found: run 'make native', or pass --limiter PATH", USAGE)
+
+
+def child_env(base: dict[str, str], slice_env: dict[str, str], limiter: str) -> dict[str, str]:
+    """The command's environment: ours, the slice's (it wins), the limiter preloaded first."""
+    env = dict(base)
+    env.update(slice_env)
+    old = base.get("LD_PRELOAD", "")
+    env["LD_PRELOAD"] = f"{limiter}:{old}" if old else limiter
+    return env
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: killed by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _in_child(parent: int) -> None:
+    # Runs between fork and exec: the command takes the default signal mask, and dies
+    # with 'hami run' even when that is SIGKILLed (so the node agent sees both gone).
+    import ctypes
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RUN_SIGNALS)
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # died before the prctl took
+        os._exit(137)
+
+
+async def agent_run(url: str, node: str, req: RunRequest) -> RunReply:
+    r = await request(url, subjects.agent_run(node), req, RunReply, 10)
+    if isinstance(r, ErrorReply):
+        return RunReply(ok=False, error=r.error)
+    assert isinstance(r, RunReply)
+    return r
+
+
+async def give_back(url: str, req: SubmitRequest) -> bool:
+    """Release by name (answered once placement has freed it); else withdraw by uid."""
+    try:
+        r = await request(url, subjects.API_RELEASE, ReleaseRequest(name=req.name), ReleaseReply, 20)
+        if isinstance(r, ReleaseReply) and r.ok:
+            return True
+    except Fail:
+        pass
+    await withdraw(url, req)
+    return False
+
+
+def supervise(child: subprocess.Popen[bytes]) -> int:
+    """Wait for the command; a signal sent to us by a process is passed on to it (a
+    terminal's Ctrl-C reached its whole process group, the command included, already)."""
+    while True:
+        rc = child.poll()
+        if rc is not None:
+            return rc
+        info = signal.sigtimedwait(RUN_SIGNALS, 0.2)
+        if info is not None and info.si_code != SI_KERNEL:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, info.si_signo)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise Fail("nothing to run: hami run [flags] -- CMD ARGS", USAGE)
+    limiter = find_limiter(args.limiter)
+    args.name = args.name or f"run-{uuid.uuid4().hex[:8]}"
+    req = build_submit(args)
+    url = find_nats(args.nats_url)
+    r = asyncio.run(submit(url, req))
+    if isinstance(r, ErrorReply):
+        busy = isinstance(r.detail, dict) and r.detail.get("busy")
+        raise Fail(r.error, UNREACHABLE if busy else USAGE)
+    if not r.ok or r.decision is None:
+        if r.failure is not None:
+            reasons = ", ".join(f"{n}/{r.failure.nodes_total} {k}" for k, n in sorted(r.failure.reasons.items()))
+            raise Fail(f"{req.name}: no placement: {r.failure.message}" + (f" ({reasons})" if reasons else ""),
+                       REFUSED)
+        raise Fail(f"{req.name}: {r.error}", REFUSED)
+    node = r.decision.node
+    me = os.getpid()
+    try:
+        ready = asyncio.run(agent_run(url, node, RunRequest(uid=r.uid, container=req.name, pids=[me])))
+        if not ready.ok:
+            raise Fail(f"node agent of {node}: {ready.error}", REFUSED)
+        if not args.quiet:
+            devs = ", ".join(f"{g.uuid} {g.mem} MiB {g.cores}% cores"
+                             for c in r.decision.containers for g in c.devices)
+            print(f"hami run: {req.name} on {node}: {devs}", file=sys.stderr, flush=True)
+        signal.pthread_sigmask(signal.SIG_BLOCK, RUN_SIGNALS)
+        try:
+            child = subprocess.Popen(command, env=child_env(dict(os.environ), ready.env, limiter),
+                                     preexec_fn=lambda: _in_child(me))
+        except OSError as exc:
+            raise Fail(f"cannot run {command[0]}: {exc.strerror or exc}", CANNOT_EXEC) from None
+        try:
+            # From now on the slice is the command's: reclaimed once it and we are gone.
+            asyncio.run(agent_run(url, node, RunRequest(uid=r.uid, container=req.name,
+                                                        pids=[me, child.pid])))
+        except Fail as exc:
+            print(f"hami run: cannot register the command with {node}: {exc.message}",
+                  file=sys.stderr, flush=True)
+        return exit_status(supervise(child))
+    finally:
+        if not asyncio.run(give_back(url, req)):
+            print(f"hami run: {req.name}: release not confirmed; its node agent reclaims it",
+                  file=sys.stderr, flush=True)
+
+
 # ------------------------------------------------------------------ looking at it
 
 
@@ -623,23 +760,38 @@ def parser() -> argparse.ArgumentParser:
 
     creds.add_arguments(command("creds", "print a role's nkey seed (hami creds reader), or --revoke it"))
 
+    def slice_flags(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--gpus", type=_int_in(1, 64), default=1, help="cards")
+        m = s.add_mutually_exclusive_group()
+        m.add_argument("--mem", type=_int_in(1), default=None, metavar="MIB",
+                       help="MiB per card (default: the whole card, or defaultMemory)")
+        m.add_argument("--mem-percent", type=_int_in(1, 100), default=None, metavar="P",
+                       help="percent of each card's memory (default: not used)")
+        s.add_argument("--cores", type=_int_in(0, 100), default=None, metavar="P",
+                       help="percent of each card's SMs (default: 0, or 100 with neither --mem option)")
+        s.add_argument("--node-policy", default=None, choices=NODE_POLICIES,
+                       help="node policy (default: scheduler.nodePolicy)")
+        s.add_argument("--gpu-policy", default=None,
+                       help="card policy or chain such as binpack,numa (default: scheduler.gpuPolicy)")
+        s.add_argument("--wait", type=_seconds, default=None, metavar="SECONDS",
+                       help="stay pending up to SECONDS until capacity frees (default: fail at once)")
+
     s = command("submit", "ask for a slice")
     s.add_argument("name", help="the allocation's name")
-    s.add_argument("--gpus", type=_int_in(1, 64), default=1, help="cards")
-    m = s.add_mutually_exclusive_group()
-    m.add_argument("--mem", type=_int_in(1), default=None, metavar="MIB",
-                   help="MiB per card (default: the whole card, or defaultMemory)")
-    m.add_argument("--mem-percent", type=_int_in(1, 100), default=None, metavar="P",
-                   help="percent of each card's memory (default: not used)")
-    s.add_argument("--cores", type=_int_in(0, 100), default=None, metavar="P",
-                   help="percent of each card's SMs (default: 0, or 100 with neither --mem option)")
-    s.add_argument("--node-policy", default=None, choices=NODE_POLICIES,
-                   help="node policy (default: scheduler.nodePolicy)")
-    s.add_argument("--gpu-policy", default=None,
-                   help="card policy or chain such as binpack,numa (default: scheduler.gpuPolicy)")
-    s.add_argument("--wait", type=_seconds, default=None, metavar="SECONDS",
-                   help="stay pending up to SECONDS until capacity frees (default: fail at once)")
+    slice_flags(s)
     client(s)
+
+    ru = command("run", "run a command on a slice, with the limiter preloaded; release it when it ends")
+    ru.add_argument("--name", default=None, help="the allocation's name (default: run-<random>)")
+    slice_flags(ru)
+    ru.add_argument("--limiter", default=None, metavar="PATH",
+                    help="libvgpu.so to preload (default: $HAMI_LIMITER, the checkout's build, "
+                         "/usr/local/vgpu/libvgpu.so)")
+    ru.add_argument("-q", "--quiet", action="store_true", help="print nothing of our own but errors")
+    ru.add_argument("--nats-url", default=None,
+                    help="NATS server (default: $HAMI_NATS_URL, else the state file of 'hami up')")
+    ru.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                    help="the command and its arguments")
 
     r = command("release", "give a slice back")
     r.add_argument("name", help="the allocation's name")
@@ -662,7 +814,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-HANDLERS = {"up": cmd_up, "submit": cmd_submit, "release": cmd_release, "status": cmd_status,
+HANDLERS = {"up": cmd_up, "submit": cmd_submit, "run": cmd_run, "release": cmd_release, "status": cmd_status,
             "list": cmd_list, "describe": cmd_describe, "demo": cmd_demo, "creds": creds.cmd_creds}
 
 
@@ -674,6 +826,7 @@ def run(argv: list[str]) -> int:
 
 
 def report(argv: list[str], message: str, code: int) -> int:
+    argv = argv[: argv.index("--")] if "--" in argv else argv  # not the flags of 'hami run's command
     if "--json" in argv:
         print(json.dumps({"error": message, "code": code}), flush=True)
     else:

@@ -35,9 +35,16 @@ from services.nodeagent.slices import REGION_FILE, SliceWriter, ensure_region, p
 from services.nodeagent.telemetry import TelemetryPublisher
 from shared import subjects
 from shared.bus import ENCODER, Bus, decode
-from shared.config import Config
+from shared.config import Config, NodeSettings
 from shared.lifecycle import Background
-from shared.schemas import LedgerAlloc, RunReply, RunRequest, WithdrawReply, WithdrawRequest
+from shared.schemas import (
+    ContainerGrant,
+    LedgerAlloc,
+    RunReply,
+    RunRequest,
+    WithdrawReply,
+    WithdrawRequest,
+)
 
 log = logging.getLogger("hami.nodeagent.standalone")
 
@@ -157,7 +164,7 @@ class StandaloneNode:
         await asyncio.to_thread(write)
         if hs:
             self.holders[alloc.uid] = hs
-        env = slice_env(s.grant, self.cfg.node, self.slices.mig_uuids(s.grant))
+        env = host_env(s.grant, self.cfg.node, self.slices.mig_uuids(s.grant))
         region = str(d / REGION_FILE)
         env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] = region  # the host's path, not a container's
         env["NVIDIA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"]
@@ -200,6 +207,23 @@ class StandaloneNode:
                 await self.reap_once()
             except Exception:
                 log.exception("%s: reclaim failed", self.node)
+
+
+def host_env(
+    grant: ContainerGrant, settings: NodeSettings, mig: Mapping[int, str] | None = None
+) -> dict[str, str]:
+    """A container's slice environment, for a process on the bare host: the limiter
+    numbers cards as NVML lists them, which on the host is every card, so each card's
+    limits carry its host index (a container's carry its position in the grant)."""
+    env = {
+        k: v
+        for k, v in slice_env(grant, settings, mig).items()
+        if not k.startswith(("CUDA_DEVICE_MEMORY_LIMIT_", "CUDA_DEVICE_SM_LIMIT_"))
+    }
+    for i, d in enumerate(grant.devices):
+        env[f"CUDA_DEVICE_MEMORY_LIMIT_{d.index}"] = f"{int(d.mem)}m"
+        env[f"CUDA_DEVICE_SM_LIMIT_{d.index}"] = "100" if mig and i in mig else str(int(d.cores))
+    return env
 
 
 def _any_alive(hs: list[runs.Holder]) -> bool:

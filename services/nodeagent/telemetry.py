@@ -32,7 +32,7 @@ from services.nodeagent.slices import REGION_FILE, SliceWriter, pod_slices
 from shared import subjects
 from shared.bus import Bus
 from shared.lifecycle import Background
-from shared.region import RegionError, RegionSnapshot, read_region
+from shared.region import DeviceState, RegionError, RegionSnapshot, read_region
 from shared.schemas import ContainerUsage, DeviceUsage, LedgerAlloc, Telemetry
 
 log = logging.getLogger("hami.nodeagent.telemetry")
@@ -49,6 +49,21 @@ class UsageSource(Protocol):
     """A backend that reports its cards' usage (host memory used, utilisation)."""
 
     def usage(self, containers: Sequence[ContainerUsage]) -> list[DeviceUsage]: ...
+
+
+def _region_device(region: RegionSnapshot, i: int, uuid: str) -> DeviceState | None:
+    """The region's record of a slice's ``i``-th card. The limiter numbers the cards as
+    NVML lists them where it runs: in a container that is the container's own cards (the
+    grant's order), on a bare host (``hami run``) every card of the host; the record's
+    UUID, once a process has touched the card, says which it is either way."""
+    for d in region.devices:
+        if d.uuid == uuid:
+            return d
+    with contextlib.suppress(KeyError):
+        d = region.device(i)
+        if not d.uuid:
+            return d  # not touched yet: its limit, no use
+    return None
 
 
 def sample(
@@ -73,10 +88,7 @@ def sample(
             except (OSError, RegionError) as exc:
                 log.debug("%s: region %s unreadable: %s", node, path, exc)
             for i, grant in enumerate(s.grant.devices):
-                dev = None
-                if region is not None:
-                    with contextlib.suppress(KeyError):
-                        dev = region.device(i)
+                dev = _region_device(region, i, grant.uuid) if region is not None else None
                 used = dev.used_bytes if dev else 0
                 limit = dev.limit_bytes if dev and dev.limit_bytes else grant.mem * MIB
                 util = (dev.utilization / 100.0) if dev else 0.0
