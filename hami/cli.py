@@ -64,6 +64,7 @@ BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE, as a shell r
 
 CONNECT_TIMEOUT = 2.0  # seconds for the one connection attempt of a one-shot command
 WITHDRAW_TIMEOUT = 3.0  # seconds for the answer to a withdrawal, once connected
+NO_RESPONDERS_RETRY_S = 3.0  # ask again this long while nothing answers (services reconnecting)
 
 
 class Fail(Exception):
@@ -127,14 +128,21 @@ async def request(
 
     bus = await connect(url)
     body = msgspec.json.encode(msg) if msg is not None else b"{}"
-    asked = asyncio.ensure_future(bus.nc.request(subject, body, timeout=timeout))
+    # "No responders" means nobody took the request, so asking again is safe: for a few
+    # seconds, the services may be reconnecting after a NATS restart.
+    retry_until = time.monotonic() + min(timeout, NO_RESPONDERS_RETRY_S)
     try:
-        # Without reconnects a lost server closes the client, but leaves the request
-        # waiting out its whole timeout (minutes with --wait): look now and then.
-        while not (await asyncio.wait({asked}, timeout=0.25))[0]:
-            if not bus.nc.is_connected:
-                asked.cancel()
-                raise Fail(f"lost the connection to NATS at {shown(url)}", UNREACHABLE)
+        while True:
+            asked = asyncio.ensure_future(bus.nc.request(subject, body, timeout=timeout))
+            # Without reconnects a lost server closes the client, but leaves the request
+            # waiting out its whole timeout (minutes with --wait): look now and then.
+            while not (await asyncio.wait({asked}, timeout=0.25))[0]:
+                if not bus.nc.is_connected:
+                    asked.cancel()
+                    raise Fail(f"lost the connection to NATS at {shown(url)}", UNREACHABLE)
+            if not isinstance(asked.exception(), nats.errors.NoRespondersError) or time.monotonic() > retry_until:
+                break
+            await asyncio.sleep(0.25)
         data = asked.result().data
     except nats.errors.NoRespondersError:
         raise Fail(f"nothing answers {subject} at {shown(url)}: is 'hami up' running?", UNREACHABLE) from None

@@ -82,7 +82,7 @@ def decode(data: bytes, typ: type[T]) -> T:
 
 def decode_entry(
     data: bytes, typ: type[T], key: str, check: Callable[[T, str], list[str]]
-) -> tuple[T | None, str]:
+) -> tuple[T, str] | tuple[None, str]:
     """A stored KV entry, decoded and checked against its key: ``(entry, "")``, or
     ``(None, why)`` when it is garbage (undecodable, or ``check`` found problems)."""
     try:
@@ -656,7 +656,10 @@ class Bus:
                 # Draining delivers the answers already received before it closes.
                 await self.nc.drain()
             except Exception:  # already closing or the server is gone
-                await self.nc.close()
+                # nats-py's close can itself fail on a TLS transport the server already
+                # dropped (AttributeError deep in asyncio's sslproto): closed either way.
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
         self._writes.close()
 
 
