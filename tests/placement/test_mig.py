@@ -8,9 +8,10 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from services.placement.engine import hami, mig
+from services.placement.engine import Placement, Placer, hami, mig
 from shared.hami.mig import GEOMETRIES, geometry, max_instances
-from shared.schemas import MigPlacement, MigProfile
+from shared.schemas import ContainerAsk, Device, DeviceAsk, MigPlacement, MigProfile, NodeInventory
+from tests.placement.util import cluster, fail, place, placer, pod, req
 
 
 def P(name: str, memory: int, core: int, slices: int, *placements: tuple[int, int]) -> MigProfile:
@@ -172,3 +173,126 @@ def test_hami_fit_reports_topology_infeasible_per_card() -> None:
     assert not res.ok and res.text == "2/2 CardMigTopologyInfeasible"
     # without the rule (a card not in MIG mode) the same cards fit on memory alone
     assert hami.fit(cards, [1, 0], hami.Request(nums=1, memreq=9000)).ok
+
+
+# ------------------------------------------------ the whole Placer on MIG geometry
+
+
+def mig_node(
+    name: str, model: str = "A100-SXM4-40GB", cards: int = 1, mem: int = 40960
+) -> NodeInventory:
+    prof = geometry(model)
+    assert prof is not None
+    devs = [
+        Device(uuid=f"GPU-{name}-{i}", index=i, type=f"NVIDIA-{model}", devmem=mem, count=max_instances(prof),
+               mode="mig", mig_profiles=prof)
+        for i in range(cards)
+    ]  # fmt: skip
+    return NodeInventory(node=name, devices=devs)
+
+
+def core_node(name: str, cards: int = 1, mem: int = 40960) -> NodeInventory:
+    return NodeInventory(node=name, devices=[
+        Device(uuid=f"GPU-{name}-{i}", index=i, type="NVIDIA-A100-SXM4-40GB", devmem=mem) for i in range(cards)
+    ])  # fmt: skip
+
+
+def migs(pl: Placement) -> list[tuple[str, str, int, int, int]]:
+    """(card, profile, start, MiB booked, cores booked) of every grant."""
+    out = []
+    for c in pl.containers:
+        for d in c.devices:
+            assert d.mig is not None, d
+            out.append((d.uuid, d.mig.profile, d.mig.start, d.mem, d.cores))
+    return out
+
+
+def test_each_ask_gets_the_smallest_profile_at_hamis_placement() -> None:
+    p = placer(cluster(mig_node("a")))
+    # 1g packs from the top, 2g from the bottom, as HAMi; each books its profile
+    assert migs(place(p, req(DeviceAsk(mem=4000)))) == [("GPU-a-0", "1g.5gb", 6, 4864, 14)]
+    assert migs(place(p, req(DeviceAsk(mem=9000)))) == [("GPU-a-0", "2g.10gb", 0, 9856, 29)]
+    # a 3g needs slices 0-3 or 4-7: the 2g at 0 and the 1g at 6 block both
+    assert "CardMigTopologyInfeasible" in fail(p, req(DeviceAsk(mem=15000))).message
+    assert migs(place(p, req(DeviceAsk(mem=4000)))) == [("GPU-a-0", "1g.5gb", 5, 4864, 14)]
+    st = p.cluster.status().nodes[0].cards[0]
+    assert (st.used_mem, st.used_cores, st.used_slots) == (2 * 4864 + 9856, 14 + 29 + 14, 3)
+
+
+def test_topology_infeasible_although_total_memory_is_enough() -> None:
+    p = placer(cluster(mig_node("a")))
+    for _ in range(3):
+        place(p, req(DeviceAsk(mem=9000)))  # three 2g.10gb: slices 0-5
+    card = p.cluster.status().nodes[0].cards[0]
+    assert card.total_mem - card.used_mem == 40960 - 3 * 9856 >= 9000
+    assert fail(p, req(DeviceAsk(mem=9000))).message.endswith(": 1 CardMigTopologyInfeasible")
+    # a 1g still fits in the last slice; then the compute shares HAMi books (3 x 29 + 14)
+    # exceed the card's 100, so the next ask is refused on cores before its placement
+    assert migs(place(p, req(DeviceAsk(mem=4000))))[0][1:3] == ("1g.5gb", 6)
+    assert fail(p, req(DeviceAsk(mem=1000))).message.endswith(": 1 CardInsufficientCore")
+
+
+def test_release_frees_the_placement_for_the_next_fit() -> None:
+    p = placer(cluster(mig_node("a")))
+    placed = [place(p, req(DeviceAsk(mem=9000))) for _ in range(3)]
+    starts = [migs(x)[0][2] for x in placed]
+    assert starts == [0, 2, 4]
+    p.cluster.unreserve("a", _uid_of(p, placed[1]))
+    again = place(p, req(DeviceAsk(mem=9000)))
+    assert migs(again)[0][1:3] == ("2g.10gb", 2)
+
+
+def _uid_of(p: Placer, pl: Placement) -> str:
+    led = p.cluster.ledger(pl.node)
+    return next(u for u, a in led.allocs.items() if a.containers == pl.containers)
+
+
+def test_a_whole_card_ask_does_not_fit_a_mig_card() -> None:
+    # 100 % of 40960 MiB: the largest profile (7g.40gb) holds 40192, so HAMi refuses it
+    p = placer(cluster(mig_node("a")))
+    assert (
+        "CardMigTopologyInfeasible" in fail(p, req(DeviceAsk(mem_percent=100, cores=100))).message
+    )
+    assert migs(place(p, req(DeviceAsk(mem=40000))))[0][1:] == ("7g.40gb", 0, 40192, 100)
+
+
+def test_one_ask_can_take_two_instances_of_one_card() -> None:
+    p = placer(cluster(mig_node("a", cards=2)))
+    got = migs(place(p, req(DeviceAsk(nums=2, mem=9000))))
+    assert [g[0] for g in got] == [got[0][0], got[0][0]]  # HAMi revisits the MIG card
+    assert sorted(g[2] for g in got) == [0, 2]
+
+
+def test_containers_of_one_pod_never_overlap() -> None:
+    p = placer(cluster(mig_node("a")))
+    two = pod(
+        ContainerAsk(name="a", devices=[DeviceAsk(mem=15000)]),
+        ContainerAsk(name="b", devices=[DeviceAsk(mem=15000)]),
+    )
+    got = migs(place(p, two))
+    assert [(g[1], g[2]) for g in got] == [("3g.20gb", 4), ("3g.20gb", 0)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "nodes"),
+    [(None, {"mig", "core"}), ("mig", {"mig"}), ("hami-core", {"core"})],
+)
+def test_vgpu_mode_chooses_between_mig_and_hami_core_cards(
+    mode: str | None, nodes: set[str]
+) -> None:
+    got = set()
+    for first in ("mig", "core"):
+        # either node may be best; pin each in turn and see which are admitted
+        p = placer(cluster(mig_node("mig"), core_node("core")))
+        r = req(DeviceAsk(mem=9000), vgpu_mode=mode, node_name=first)
+        d = p.decide(r)
+        if isinstance(d, Placement):
+            got.add(d.node)
+            assert (d.containers[0].devices[0].mig is not None) == (d.node == "mig")
+    assert got == nodes
+
+
+def test_the_frag_policy_leaves_mig_cards_to_the_exact_stage() -> None:
+    p = placer(cluster(mig_node("a")), node_policy="fgd")
+    got = migs(place(p, req(DeviceAsk(mem=9000))))
+    assert got[0][1:3] == ("2g.10gb", 0)

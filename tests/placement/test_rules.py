@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.placement.engine import Failure, Placement
-from shared.schemas import DeviceAsk, NodeInventory
+from shared.schemas import DeviceAsk, MigPlacement, MigProfile, NodeInventory
 
 from .util import card, cards_of, cluster, fail, node, place, placer, req
 
@@ -233,8 +233,11 @@ def test_card_filters(cons: dict[str, object], want: set[str]) -> None:
     cl = cluster(
         node("a", 1, dev={"type": "NVIDIA-A100-80GB"}),
         node("b", 1, dev={"type": "NVIDIA-Tesla-T4"}),
-        node("c", 1, dev={"type": "NVIDIA-V100-16GB", "mode": "mig"}),
-    )
+        # a MIG-mode card takes asks only as instances of its profiles (HAMi's MIG fit)
+        node("c", 1, dev={"type": "NVIDIA-V100-16GB", "mode": "mig", "mig_profiles": [MigProfile(
+            name="1g.5gb", memory_mb=4864, core=14, slice_count=1,
+            placements=[MigPlacement(start=s, size=1) for s in range(7)])]}),
+    )  # fmt: skip
     p = placer(cl)
     got = set()
     for _ in range(3):

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from shared.hami.mig import MIG_MODE, overlaps
-from shared.schemas import LedgerAlloc, MigPlacement, MigProfile, MigSlice
+from shared.schemas import Device, LedgerAlloc, MigPlacement, MigProfile, MigSlice
 
 __all__ = [
     "MIG_MODE",
@@ -172,13 +172,23 @@ def instances(allocs: Iterable[LedgerAlloc], uuid: str) -> list[tuple[str, MigSl
 
 
 class PodMig:
-    """One decision's view of a node's MIG cards: what is occupied, and what the pod being
-    placed has taken so far (its containers' instances must not overlap either)."""
+    """One decision's view of a node's MIG cards: what the node's reservations occupy and
+    what the pod being placed has taken so far (its instances must not overlap either).
 
-    def __init__(self, allocs: Iterable[LedgerAlloc]) -> None:
+    ``devices`` are the node's cards by position (the exact stage's indexes). :meth:`rule`
+    is the fit's ``custom`` check, :meth:`take` books a picked card's instance.
+    """
+
+    def __init__(self, allocs: Iterable[LedgerAlloc], devices: Sequence[Device]) -> None:
         self._allocs = list(allocs)
+        self._devices = devices
         self._occupied: dict[str, list[MigSlice]] = {}
         self._mine: dict[str, list[MigSlice]] = {}
+
+    @staticmethod
+    def needed(devices: Sequence[Device]) -> bool:
+        """Whether a node has a card in MIG mode (else the fit needs no rule)."""
+        return any(d.mode == MIG_MODE for d in devices)
 
     def occupied(self, uuid: str) -> list[MigSlice]:
         got = self._occupied.get(uuid)
@@ -186,12 +196,23 @@ class PodMig:
             got = self._occupied[uuid] = [s for _, s in instances(self._allocs, uuid)]
         return got + self._mine.get(uuid, [])
 
-    def fits(self, uuid: str, profiles: Sequence[MigProfile], memory: int) -> bool:
-        return choose(profiles, self.occupied(uuid), memory) is not None
+    def rule(self, pos: int, memory: int, picked: Sequence[int], mems: Sequence[int]) -> str | None:
+        """HAMi's MIG ``CustomFilterRule`` for card ``pos``: None when a profile and a free
+        placement hold ``memory`` after this ask's earlier picks on the card, else
+        :data:`REASON`. Cards not in MIG mode pass."""
+        d = self._devices[pos]
+        if d.mode != MIG_MODE:
+            return None
+        earlier = [m for q, m in zip(picked, mems, strict=True) if q == pos]
+        return None if fits(d.mig_profiles, self.occupied(d.uuid), earlier, memory) else REASON
 
-    def take(self, uuid: str, profiles: Sequence[MigProfile], memory: int) -> Choice | None:
-        """Choose for ``memory`` on ``uuid`` and remember it for the rest of the pod."""
-        got = choose(profiles, self.occupied(uuid), memory)
+    def take(self, pos: int, memory: int) -> Choice | None:
+        """Book the instance for ``memory`` on card ``pos`` (None: not a MIG card, or no
+        room) and remember it for the rest of the pod."""
+        d = self._devices[pos]
+        if d.mode != MIG_MODE:
+            return None
+        got = choose(d.mig_profiles, self.occupied(d.uuid), memory)
         if got is not None:
-            self._mine.setdefault(uuid, []).append(got.slice())
+            self._mine.setdefault(d.uuid, []).append(got.slice())
         return got

@@ -14,7 +14,7 @@ cumulative quota) does it try the next node. ``decide`` is pure: it never reserv
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,7 @@ from shared.schemas import (
     card_usage,
 )
 
-from . import hami
+from . import hami, mig
 from . import model as m
 from .frag import FRAG_POLICIES, VARIANTS, FragScorer, ShapeModel
 from .state import BOOL, I64, ClusterState, NodeRec
@@ -626,6 +626,10 @@ class Placer:
         app_order = list(range(n))
         grants: list[ContainerGrant] = []
         pod_mem = pod_core = 0
+        # cards in MIG mode: HAMi's placement rule and profile bookings (mig.py)
+        pm = None
+        if mig.PodMig.needed(rec.inv.devices):
+            pm = mig.PodMig((r.alloc for r in rec.allocs.values()), rec.inv.devices)
         for c, row in zip(conts, asks, strict=True):
             if c.init:
                 um, uc, us = list(base_mem), list(base_core), list(base_slot)
@@ -638,10 +642,16 @@ class Placer:
             visit = self._visit(rec, row, um, uc, us, order, chain, weights) if row else []
             for a in row:
                 picks = self._select(
-                    rec, a, um, uc, us, taken, visit, cons, chain, ns, pod_mem, pod_core
-                )
+                    rec, a, um, uc, us, taken, visit, cons, chain, ns, pod_mem, pod_core,
+                    pm.rule if pm is not None else None,
+                )  # fmt: skip
                 for i, need in picks:
                     d = rec.inv.devices[i]
+                    cores, ch = a.cores, pm.take(i, need) if pm is not None else None
+                    if ch is not None:  # HAMi books the MIG profile's memory and compute
+                        need, cores = ch.profile.memory_mb, ch.profile.core
+                    elif d.mode == mig.MIG_MODE:
+                        raise _Fail(mig.REASON)
                     devs.append(
                         CardGrant(
                             uuid=d.uuid,
@@ -649,15 +659,16 @@ class Placer:
                             type=d.type,
                             vendor=d.vendor,
                             mem=need,
-                            cores=a.cores,
+                            cores=cores,
+                            mig=ch.slice() if ch is not None else None,
                         )
                     )
                     um[i] += need
-                    uc[i] += a.cores
+                    uc[i] += cores
                     us[i] += 1
                     taken.add(i)
                     pod_mem += need
-                    pod_core += a.cores
+                    pod_core += cores
             grants.append(ContainerGrant(name=c.name, init=c.init, devices=devs))
         q = st.quotas.get(ns)
         if q is not None and any(g.devices for g in grants):
@@ -752,9 +763,11 @@ class Placer:
         ns: str,
         pod_mem: int,
         pod_core: int,
+        mig_rule: Callable[[int, int, Sequence[int], Sequence[int]], str | None] | None = None,
     ) -> list[tuple[int, int]]:
         """Pick ``a.nums`` cards of ``rec`` for one ask (:func:`.hami.fit`, in the
-        ``visit`` order); raises _Fail with HAMi's reason text for the node."""
+        ``visit`` order, ``mig_rule`` its custom filter); raises _Fail with HAMi's
+        reason text for the node."""
         st = self.cluster
         if rec.n < a.nums:
             raise _Fail(m.NODE_INSUFFICIENT_DEVICE)
@@ -786,8 +799,9 @@ class Placer:
                     per[cards[p].numa] = per.get(cards[p].numa, 0) + 1
             order.sort(key=lambda p: -per.get(cards[p].numa, 0))
         res = hami.fit(
-            cards, order, req, f, rec.links.tolist() if rec.links is not None else None, quota_ok
-        )
+            cards, order, req, f, rec.links.tolist() if rec.links is not None else None, quota_ok,
+            mig_rule,
+        )  # fmt: skip
         if not res.ok:
             raise _Fail(res.text or m.NODE_UNFIT_POD)
         return list(zip(res.picked, res.mems, strict=True))
@@ -841,6 +855,8 @@ class Placer:
         row, positions, score = got
         rec = self.cluster.rows[row]
         assert rec is not None
+        if any(rec.inv.devices[p - rec.start].mode == mig.MIG_MODE for p in positions):
+            return None  # a MIG card's profile and placement come from the exact stage
         grants: list[ContainerGrant] = []
         for c, rowasks in zip(conts, asks, strict=True):
             devs: list[CardGrant] = []
