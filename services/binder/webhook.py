@@ -101,6 +101,7 @@ ENV_VISIBLE = "NVIDIA_VISIBLE_DEVICES"
 NO_CONTAINERS = "pod has no containers"
 NODE_ASSIGNED = "pod has node assigned"
 QUOTA_EXCEEDED = "exceeding resource quota"
+OTHER_SCHEDULER = "pod already has different scheduler assigned"
 
 Obj = dict[str, Any]
 
@@ -245,6 +246,17 @@ def quota_request(req: AllocRequested) -> tuple[int, int]:
     return mem, cores
 
 
+def other_scheduler(pod: Obj, s: WebhookSettings) -> bool:
+    """Whether the pod names a scheduler that is not ours (HAMi then leaves it alone);
+    ``default-scheduler`` is ours to take only with forceOverwriteDefaultScheduler."""
+    sched = (pod.get("spec") or {}).get("schedulerName") or ""
+    return bool(
+        sched
+        and (sched != DEFAULT_SCHEDULER or not s.force_overwrite_default_scheduler)
+        and (not s.scheduler_name or sched != s.scheduler_name)
+    )
+
+
 def mutate_pod(pod: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None) -> Obj | None:
     """The mutated pod, or None to leave it alone; raises :class:`Refused`.
 
@@ -256,10 +268,8 @@ def mutate_pod(pod: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None
     spec = pod.get("spec") or {}
     if not spec.get("containers"):
         raise Refused(NO_CONTAINERS)
-    sched = spec.get("schedulerName") or ""
-    if (sched and (sched != DEFAULT_SCHEDULER or not s.force_overwrite_default_scheduler)
-            and (not s.scheduler_name or sched != s.scheduler_name)):
-        return None  # another scheduler's pod
+    if other_scheduler(pod, s):
+        return None
     out = copy.deepcopy(pod)
     ospec = out.setdefault("spec", {})
     privileged = _privileged(ospec)
@@ -399,6 +409,11 @@ def review(body: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None) -
             status["reason"] = "Forbidden"
         resp["status"] = status
         return out
+    # As controller-runtime completes HAMi's answers: code 200, and HAMi's reason when the
+    # pod is another scheduler's.
+    resp["status"] = {"code": 200}
+    if mutated is None and other_scheduler(pod, s):
+        resp["status"]["message"] = OTHER_SCHEDULER
     if mutated is not None:
         ops = json_patch(pod, mutated)
         if ops:

@@ -145,7 +145,7 @@ def test_overwrite_env_hides_cards_from_other_containers() -> None:
     assert "NVIDIA_VISIBLE_DEVICES" not in env(out["spec"]["containers"][0])
     # without it, a pod with no HAMi resources is not touched at all
     plain = pod(c("plain"))
-    assert review(adm(plain), S)["response"] == {"uid": "r-1", "allowed": True}
+    assert review(adm(plain), S)["response"] == {"uid": "r-1", "allowed": True, "status": {"code": 200}}
 
 
 @pytest.mark.parametrize(("p", "words"), [

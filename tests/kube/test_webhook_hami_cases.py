@@ -421,6 +421,7 @@ def check(case: Case, resp: dict[str, Any]) -> None:
         assert (resp["status"]["code"], resp["status"]["message"]) == (code, message)
         return
     assert resp["allowed"] is True, resp
+    assert resp["status"]["code"] == 200
     if case.untouched:
         assert "patch" not in resp, resp
         return
@@ -529,3 +530,19 @@ async def test_quota_through_https_and_the_api_server(cert: tuple[Path, Path]) -
         finally:
             await server.stop()
             await kube.close()
+
+
+def test_another_schedulers_pod_is_allowed_with_hamis_reason() -> None:
+    for p, s in (
+        (pod(ctr(limits={G: 1}), schedulerName="volcano"), WebhookSettings()),
+        (
+            pod(ctr(limits={G: 1}), schedulerName="default-scheduler"),
+            WebhookSettings(force_overwrite_default_scheduler=False),
+        ),
+    ):
+        resp = review(adm(p), s)["response"]
+        assert resp == {
+            "uid": "r-1",
+            "allowed": True,
+            "status": {"code": 200, "message": "pod already has different scheduler assigned"},
+        }
