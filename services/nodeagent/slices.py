@@ -283,6 +283,19 @@ class SliceWriter:
             out[i] = inst.uuid
         return out
 
+    def visible_devices(self, grants: list[ContainerGrant], default: str) -> str:
+        """``NVIDIA_VISIBLE_DEVICES`` for a container that may be any of ``grants``: their
+        cards, each MIG grant's card replaced by its instance (``default`` when none of
+        them is on a MIG card)."""
+        if not any(d.mig is not None for g in grants for d in g.devices):
+            return default
+        seen: dict[str, None] = {}
+        for g in grants:
+            uuids = self.mig_uuids(g) or {}
+            for i, d in enumerate(g.devices):
+                seen.setdefault(uuids.get(i, d.uuid), None)
+        return ",".join(seen)
+
     def realised(self, d: CardGrant) -> CardGrant:
         """``d`` with its MIG instance's identity filled in (for ``prepared`` events)."""
         k = mig_key(d)

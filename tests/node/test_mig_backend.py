@@ -14,9 +14,25 @@ from services.nodeagent.backends.nvml import NvmlBackend
 from services.nodeagent.backends.sim import SimBackend, SimSpecError, parse_gpu_spec
 from services.nodeagent.registration import register
 from services.nodeagent.slices import SliceWriter, parse_env
-from shared.config import NodeSettings
+from services.placement.service import PlacementService
+from shared import subjects
+from shared.bus import Bus, decode_event
+from shared.config import Config, NodeSettings
 from shared.hami import annotations as ann
-from shared.schemas import CardGrant, ContainerGrant, LedgerAlloc, MigSlice
+from shared.schemas import (
+    AllocFailed,
+    AllocReleased,
+    AllocRequested,
+    CardGrant,
+    ContainerAsk,
+    ContainerGrant,
+    DeviceAsk,
+    LedgerAlloc,
+    MigSlice,
+)
+from tests.fakekubelet import FakeKubelet
+from tests.node import test_kube_node as kube_node
+from tests.node.util import container_view
 
 # ------------------------------------------------------------------------ simulator
 
@@ -398,3 +414,78 @@ async def test_writer_without_a_mig_backend_is_unchanged(tmp_path: Path) -> None
     assert [x.uid for x in await w.sync({"p": plain})] == ["p"]
     env = parse_env(w.env_path("p", "c").read_text())
     assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_SM_LIMIT_0"]) == ("GPU-1", "30")
+
+
+# ------------------------------------------------------ end to end, Kubernetes mode
+
+NODE, RES, make_node, until = kube_node.NODE, kube_node.RES, kube_node.make_node, kube_node.until
+dirs, kubelet = kube_node.dirs, kube_node.kubelet  # the Kubernetes-mode node's fixtures
+
+
+async def test_kube_node_realises_placements_mig_grants_and_frees_them(
+    nats_url: str, bus: Bus, cfg: Config, dirs: tuple[Path, Path], kubelet: FakeKubelet
+) -> None:
+    """Real placement decides on a simulated MIG card, the node agent creates each
+    instance, the kubelet's Allocate and the slice file point the container at it; a
+    release destroys it and the freed placement serves the next pod."""
+    pbus = await Bus.connect(nats_url, "placement")
+    placement = PlacementService(pbus, cfg)
+    await placement.start()
+    backend = SimBackend(NODE, [parse_gpu_spec("A100-SXM4-40GB:1:mig")])
+    gpu = backend.discover().cards[0].uuid
+    failed: list[AllocFailed] = []
+
+    async def on_failed(msg: object) -> None:
+        ev = decode_event(msg.data)  # type: ignore[attr-defined]
+        assert isinstance(ev, AllocFailed)
+        failed.append(ev)
+
+    await bus.subscribe(subjects.alloc("failed"), on_failed)
+    node = await make_node(bus, cfg, dirs, backend=backend)
+    try:
+        await kubelet.wait_devices(RES, lambda d: len(d) == 7)  # one replica per instance
+        for i in range(3):
+            await bus.publish_event(subjects.alloc("requested"), ask(f"u{i}", 9000), msg_id=f"u{i}")
+        await until(lambda: len(node.agent.allocs) == 3 and len(backend.mig_instances(gpu)) == 3)
+        by_start = {i.start: i for i in backend.mig_instances(gpu)}
+        assert sorted(by_start) == [0, 2, 4] and {i.profile for i in by_start.values()} == {
+            "2g.10gb"
+        }
+        for uid in ("u0", "u1", "u2"):
+            a = node.agent.allocs[uid]
+            d = a.containers[0].devices[0]
+            assert d.mig is not None and (d.mem, d.cores) == (9856, 29)
+            [resp] = await kubelet.admit_pod(uid, [{RES: 1}])
+            inst = by_start[d.mig.start]
+            # the three asks look alike to Allocate: every candidate's instance is made
+            # visible, never the whole card, and the pod's own slice file narrows CUDA
+            # to its instance
+            visible = resp[RES].envs["NVIDIA_VISIBLE_DEVICES"].split(",")
+            assert inst.uuid in visible and gpu not in visible
+            assert set(visible) <= {i.uuid for i in by_start.values()}
+            assert container_view(dirs[1], uid, "main")["CUDA_VISIBLE_DEVICES"] == inst.uuid
+        # free memory is left (40960 - 3 x 9856) but no 2g/3g/7g placement: refused
+        await bus.publish_event(
+            subjects.alloc("requested"), ask("u3", 9000, pending=False), msg_id="u3"
+        )
+        await until(lambda: len(failed) == 1)
+        assert failed[0].uid == "u3" and "CardMigTopologyInfeasible" in failed[0].message
+        # release the middle one: its instance goes, and the next pod gets its slices
+        released = AllocReleased(uid="u1", name="u1", node=NODE, reason="deleted")
+        await bus.publish_event(subjects.alloc("released", NODE), released, msg_id="rel-u1")
+        await until(lambda: sorted(i.start for i in backend.mig_instances(gpu)) == [0, 4])
+        await bus.publish_event(subjects.alloc("requested"), ask("u4", 9000), msg_id="u4")
+        await until(lambda: "u4" in node.agent.allocs and len(backend.mig_instances(gpu)) == 3)
+        d4 = node.agent.allocs["u4"].containers[0].devices[0]
+        assert d4.mig is not None and d4.mig.start == 2
+    finally:
+        await node.stop()
+        await placement.stop()
+        await pbus.close()
+
+
+def ask(uid: str, mem: int, pending: bool = True) -> AllocRequested:
+    return AllocRequested(
+        uid=uid, name=uid, namespace="default", source="kube", pending=pending,
+        containers=[ContainerAsk(name="main", devices=[DeviceAsk(mem=mem)])],
+    )  # fmt: skip

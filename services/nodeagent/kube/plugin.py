@@ -359,5 +359,8 @@ class GpuPlugin:
         else:
             self.ambiguous += 1
             env = union_env(cands, self.opts)
+        # a MIG grant's container sees its instance, not the whole card
+        vis = self.slices.visible_devices([c.grant for c in cands], env["NVIDIA_VISIBLE_DEVICES"])
+        env["NVIDIA_VISIBLE_DEVICES"] = vis
         present = await asyncio.to_thread(installed, self.host_root)
         return ContainerAllocation(envs=env, mounts=mounts(self.opts, present))
