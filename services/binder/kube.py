@@ -718,7 +718,8 @@ class KubeBinder(BinderService):
         await self._write_quota(ns)
 
     async def _write_quota(self, ns: str) -> None:
-        q = quota_from_resource_quotas(list(self.quotas.get(ns, {}).values()), self.cfg.node)
+        q = quota_from_resource_quotas(list(self.quotas.get(ns, {}).values()), self.cfg.node,
+                                       self.cfg.resources)
         if q is None:
             self.quotas.pop(ns, None)
             with contextlib.suppress(Exception):

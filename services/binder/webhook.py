@@ -422,11 +422,13 @@ def review(body: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None) -
     return out
 
 
-async def namespace_quota(kube: Kube, namespace: str, node: NodeSettings) -> NamespaceQuota | None:
+async def namespace_quota(
+    kube: Kube, namespace: str, node: NodeSettings, names: ResourceNames | None = None
+) -> NamespaceQuota | None:
     """The namespace's HAMi quota from its ResourceQuotas and what its pods hold, or None
     when no ResourceQuota there names a HAMi resource."""
     rqs = await kube.get(path("resourcequotas", namespace))
-    limit = quota_from_resource_quotas(list((rqs or {}).get("items") or []), node)
+    limit = quota_from_resource_quotas(list((rqs or {}).get("items") or []), node, names)
     if limit is None:
         return None
     pods = await kube.get(path("pods", namespace))
@@ -523,8 +525,8 @@ class WebhookServer:
             return None
         ns = str(req.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default")
         try:
-            return await asyncio.wait_for(namespace_quota(self.kube, ns, self.settings.node),
-                                          self.quota_timeout)
+            lookup = namespace_quota(self.kube, ns, self.settings.node, self.settings.names)
+            return await asyncio.wait_for(lookup, self.quota_timeout)
         except Exception as exc:  # noqa: BLE001 - any failure: admit, placement still checks
             log.warning("admission quota of namespace %s not read (admitting): %s", ns, exc)
             return None

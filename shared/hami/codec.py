@@ -55,7 +55,7 @@ GPU_POLICIES = ("binpack", "spread", "topology-aware", "mutex", "numa")
 VGPU_MODES = ("hami-core", "mig", "mps")
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
 
-QUOTA_MEMORY = "limits.nvidia.com/gpumem"
+QUOTA_MEMORY = "limits.nvidia.com/gpumem"  # with the default resource names
 QUOTA_CORES = "limits.nvidia.com/gpucores"
 
 _TRUE = ("1", "t", "T", "TRUE", "true", "True")  # Go's strconv.ParseBool
@@ -349,14 +349,23 @@ def asks_devices(req: AllocRequested) -> bool:
     return any(c.devices for c in req.containers)
 
 
-def quota_from_resource_quotas(items: list[Mapping[str, Any]], settings: NodeSettings | None = None) -> Quota | None:
+def quota_from_resource_quotas(
+    items: list[Mapping[str, Any]],
+    settings: NodeSettings | None = None,
+    names: ResourceNames | None = None,
+) -> Quota | None:
     """A namespace's HAMi quota from its ResourceQuota objects (the tightest wins).
 
+    The keys are ``limits.`` + the memory and cores resource names, as in HAMi
+    (``limits.nvidia.com/gpumem``, ``limits.nvidia.com/gpucores`` by default); a value
+    that is not a whole number is skipped, as HAMi's ``AsInt64`` skips it.
     ``limits.nvidia.com/gpumem`` is in the same unit users write ``nvidia.com/gpumem`` in,
     so it is multiplied by ``memoryFactor`` like the requests it caps. Returns None when
     no ResourceQuota names a HAMi resource.
     """
     settings = settings or NodeSettings()
+    names = names or ResourceNames()
+    mem_key, cores_key = "limits." + names.memory, "limits." + names.cores
     mem: Fraction | None = None
     cores: Fraction | None = None
     for rq in items:
@@ -366,9 +375,11 @@ def quota_from_resource_quotas(items: list[Mapping[str, Any]], settings: NodeSet
                 q = parse_quantity(value)
             except QuantityError:
                 continue
-            if key == QUOTA_MEMORY:
+            if q.denominator != 1:
+                continue
+            if key == mem_key:
                 mem = q if mem is None else min(mem, q)
-            elif key == QUOTA_CORES:
+            elif key == cores_key:
                 cores = q if cores is None else min(cores, q)
     if mem is None and cores is None:
         return None

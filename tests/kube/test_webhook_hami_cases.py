@@ -546,3 +546,17 @@ def test_another_schedulers_pod_is_allowed_with_hamis_reason() -> None:
             "allowed": True,
             "status": {"code": 200, "message": "pod already has different scheduler assigned"},
         }
+
+
+def test_quota_keys_follow_the_resource_names_and_skip_fractions() -> None:
+    """HAMi's quota keys are ``limits.`` + the configured memory and cores names, read
+    with ``AsInt64`` (a fractional value is not a limit)."""
+    from shared.config import ResourceNames
+    from shared.hami.codec import quota_from_resource_quotas
+
+    names = ResourceNames(memory="example.com/vmem", cores="example.com/vcores")
+    rqs = [
+        {"spec": {"hard": {"limits.example.com/vmem": "3000", "limits.example.com/vcores": "1.5"}}}
+    ]
+    assert quota_from_resource_quotas(rqs, None, names) == Quota(memory_mib=3000)
+    assert quota_from_resource_quotas(rqs) is None  # the default names are not these
