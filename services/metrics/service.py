@@ -139,8 +139,13 @@ class MetricsService:
             self._bg.add_sub(await self.bus.subscribe(subjects.alloc_any(verb), self._on_event))
         self._bg.add_sub(await self.bus.subscribe(subjects.alloc("failed"), self._on_event))
         self._bg.add_sub(await self.bus.subscribe(subjects.TELEMETRY_ALL, self._on_telemetry))
-        for kind in ("alloc", "node"):  # the page's feed, pending requests, failure reasons
-            self._bg.add_sub(await self.bus.subscribe(f"{subjects.PREFIX}.evt.{kind}.>", self.live.on_event))
+        # The page's feed, pending requests, failure reasons. Not ``requested``: a core
+        # subscriber there would answer for a deleted stream, and the binder's publish
+        # would time out instead of meeting "no responders" and creating it again.
+        feed = [subjects.alloc(v) for v in ("failed", "released")]
+        feed += [subjects.alloc_any(v) for v in subjects.ALLOC_VERBS if v != "requested"]
+        for subject in [*feed, f"{subjects.PREFIX}.evt.node.>"]:
+            self._bg.add_sub(await self.bus.subscribe(subject, self.live.on_event))
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
