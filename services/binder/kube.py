@@ -100,6 +100,7 @@ from shared.bus import BadMessage, Bus, decode, decode_event
 from shared.config import Config
 from shared.hami import annotations as ann
 from shared.hami.codec import PodSpecError, pod_request, quota_from_resource_quotas
+from shared.hami.mig import MIG_ALLOCATIONS, encode_mig_allocations
 from shared.kube import Gone, Kube, KubeError, NotFound, path
 from shared.leader import LeaderElector
 from shared.schemas import (
@@ -139,7 +140,7 @@ def _now_rfc3339() -> str:
 def pod_annotations(d: AllocDecided, bind_time: float) -> dict[str, str]:
     """Exactly the annotations HAMi writes on a pod it binds (REFERENCE §4)."""
     devices = ann.encode_pod_devices(d.containers)
-    return {
+    out = {
         ann.VGPU_NODE: d.node,
         ann.VGPU_TIME: str(int(d.decided_at or bind_time)),
         ann.DEVICES_TO_ALLOCATE: devices,
@@ -147,6 +148,10 @@ def pod_annotations(d: AllocDecided, bind_time: float) -> dict[str, str]:
         ann.BIND_PHASE: ann.BIND_ALLOCATING,
         ann.BIND_TIME: str(int(bind_time)),
     }
+    mig = encode_mig_allocations(d.containers)  # HAMi's MIG reservations, when any
+    if mig is not None:
+        out[MIG_ALLOCATIONS] = mig
+    return out
 
 
 def pod_is_pending(pod: Obj) -> bool:

@@ -7,14 +7,17 @@ tables of the models the simulator offers: the profiles HAMi v2.10's chart allow
 each model (``migProfileAllowlist``), with the memory NVML reports for them
 (``nvidia-smi mig -lgip``, MiB) and the compute share as a percentage of the whole-card
 profile's SMs. A real card's table comes from NVML (services/nodeagent/backends/nvml.py).
-Pure data and small functions; no I/O.
+:func:`encode_mig_allocations` / :func:`decode_mig_allocations` are the codec of HAMi's
+``hami.io/vgpu-mig-allocations`` pod annotation. Pure data and small functions; no I/O.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
-from shared.schemas import MigPlacement, MigProfile, MigSlice
+from shared.schemas import ContainerGrant, MigPlacement, MigProfile, MigSlice
 
 MIG_MODE = "mig"
 
@@ -105,3 +108,80 @@ def max_instances(profiles: Sequence[MigProfile]) -> int:
 def overlaps(a: MigPlacement | MigSlice, b: MigPlacement | MigSlice) -> bool:
     """Whether two half-open slice ranges ``[start, start + size)`` intersect."""
     return a.start < b.start + b.size and b.start < a.start + a.size
+
+
+# ------------------------------------------------------- hami.io/vgpu-mig-allocations
+
+MIG_ALLOCATIONS = "hami.io/vgpu-mig-allocations"
+
+
+class MigAllocationError(ValueError):
+    """A ``hami.io/vgpu-mig-allocations`` value HAMi would refuse (HAMi's texts)."""
+
+
+def encode_mig_allocations(containers: Sequence[ContainerGrant], vendor: str = "NVIDIA") -> str | None:
+    """The pod annotation HAMi writes with its MIG reservations, byte for byte as its
+    ``EncodeMigAllocations`` (Go's ``json.Marshal``: struct field order, compact): one
+    entry per MIG grant, ``containerIndex`` in pod order, ``deviceIndex`` among the
+    container's devices of ``vendor``; the runtime identity (``migUUID``,
+    ``gpuInstanceID``, ``computeInstanceID``) once known. None when nothing is MIG."""
+    out: list[dict[str, Any]] = []
+    for ci, c in enumerate(containers):
+        for di, d in enumerate(x for x in c.devices if x.vendor == vendor):
+            if d.mig is None or not d.mig.profile or d.mig.size == 0:
+                continue
+            e: dict[str, Any] = {
+                "containerIndex": ci,
+                "deviceIndex": di,
+                "gpuUUID": d.uuid,
+                "profile": d.mig.profile,
+                "placement": {"start": d.mig.start, "size": d.mig.size},
+            }
+            if d.mig.uuid:
+                e["migUUID"] = d.mig.uuid
+            if d.mig.gpu_instance >= 0:
+                e["gpuInstanceID"] = d.mig.gpu_instance
+            if d.mig.compute_instance >= 0:
+                e["computeInstanceID"] = d.mig.compute_instance
+            out.append(e)
+    if not out:
+        return None
+    return json.dumps(out, separators=(",", ":"))
+
+
+def decode_mig_allocations(raw: str) -> list[tuple[int, int, str, MigSlice]]:
+    """HAMi's ``DecodeMigAllocations``: (container index, device index, GPU UUID, slice)
+    per entry, refusing what HAMi refuses with its error texts."""
+    if raw == "":
+        return []
+    try:
+        items = json.loads(raw)
+    except ValueError as exc:
+        raise MigAllocationError(str(exc)) from exc
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise MigAllocationError("json: cannot unmarshal into Go value of type []nvidia.MigAllocation")
+    out: list[tuple[int, int, str, MigSlice]] = []
+    seen: set[tuple[int, int]] = set()
+    for i, e in enumerate(items):
+        e = e if isinstance(e, dict) else {}
+        raw_pl = e.get("placement")
+        pl: dict[str, Any] = raw_pl if isinstance(raw_pl, dict) else {}
+        ci, di = e.get("containerIndex", 0), e.get("deviceIndex", 0)
+        gpu, prof, size = e.get("gpuUUID", ""), e.get("profile", ""), pl.get("size", 0)
+        if not isinstance(ci, int) or not isinstance(di, int) or ci < 0 or di < 0 or not gpu or not prof or not size:
+            raise MigAllocationError(f"MIG allocation {i} is incomplete")
+        runtime = sum(1 for k in ("gpuInstanceID", "computeInstanceID") if e.get(k) is not None)
+        runtime += 1 if e.get("migUUID") else 0
+        if runtime not in (0, 3):
+            raise MigAllocationError(f"MIG allocation {i} has partial runtime identity")
+        if (ci, di) in seen:
+            raise MigAllocationError(f"duplicate MIG allocation for container {ci} device {di}")
+        seen.add((ci, di))
+        out.append((ci, di, str(gpu), MigSlice(
+            profile=str(prof), start=int(pl.get("start", 0)), size=int(size), uuid=str(e.get("migUUID") or ""),
+            gpu_instance=int(e.get("gpuInstanceID", -1) if e.get("gpuInstanceID") is not None else -1),
+            compute_instance=int(e.get("computeInstanceID", -1) if e.get("computeInstanceID") is not None else -1),
+        )))  # fmt: skip
+    return out

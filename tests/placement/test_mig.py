@@ -9,8 +9,19 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from services.placement.engine import Placement, Placer, hami, mig
+from shared.hami import mig as hmig
 from shared.hami.mig import GEOMETRIES, geometry, max_instances
-from shared.schemas import ContainerAsk, Device, DeviceAsk, MigPlacement, MigProfile, NodeInventory
+from shared.schemas import (
+    CardGrant,
+    ContainerAsk,
+    ContainerGrant,
+    Device,
+    DeviceAsk,
+    MigPlacement,
+    MigProfile,
+    MigSlice,
+    NodeInventory,
+)
 from tests.placement.util import cluster, fail, place, placer, pod, req
 
 
@@ -296,3 +307,83 @@ def test_the_frag_policy_leaves_mig_cards_to_the_exact_stage() -> None:
     p = placer(cluster(mig_node("a")), node_policy="fgd")
     got = migs(place(p, req(DeviceAsk(mem=9000))))
     assert got[0][1:3] == ("2g.10gb", 0)
+
+
+# ------------------------------------------------ hami.io/vgpu-mig-allocations codec
+
+
+def _grant(uuid: str, mig_slice: MigSlice | None, vendor: str = "NVIDIA") -> CardGrant:
+    return CardGrant(uuid=uuid, vendor=vendor, mem=4864, cores=14, mig=mig_slice)
+
+
+def test_mig_allocations_encode_as_hami() -> None:
+    one = MigSlice(profile="1g.5gb", start=6, size=1)
+    pod_grants = [
+        ContainerGrant(name="init", init=True),
+        ContainerGrant(name="a", devices=[_grant("GPU-x", None), _grant("GPU-a", one)]),
+    ]
+    assert hmig.encode_mig_allocations(pod_grants) == (
+        '[{"containerIndex":1,"deviceIndex":1,"gpuUUID":"GPU-a","profile":"1g.5gb",'
+        '"placement":{"start":6,"size":1}}]'
+    )
+    assert hmig.encode_mig_allocations([ContainerGrant(devices=[_grant("GPU-x", None)])]) is None
+    # TestEncodeDecodeMigAllocations: the round trip keeps the reservation
+    [(ci, di, gpu, got)] = hmig.decode_mig_allocations(
+        hmig.encode_mig_allocations(pod_grants) or ""
+    )
+    assert (ci, di, gpu, got.profile, got.start, got.size) == (1, 1, "GPU-a", "1g.5gb", 6, 1)
+
+
+def test_mig_allocations_keep_a_zero_runtime_id() -> None:
+    # TestDecodeMigAllocationsPreservesZeroRuntimeInstanceIDs
+    raw = (
+        '[{"containerIndex":0,"deviceIndex":0,"gpuUUID":"GPU-a","profile":"2g.10gb",'
+        '"placement":{"start":0,"size":2},"migUUID":"MIG-a","gpuInstanceID":4,"computeInstanceID":0}]'
+    )
+    [(_, _, _, got)] = hmig.decode_mig_allocations(raw)
+    assert (got.uuid, got.gpu_instance, got.compute_instance) == ("MIG-a", 4, 0)
+    back = hmig.encode_mig_allocations(
+        [ContainerGrant(devices=[CardGrant(uuid="GPU-a", mem=1, cores=1, mig=got)])]
+    )
+    assert back == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (
+            '[{"containerIndex":0,"deviceIndex":0,"gpuUUID":"GPU-a","profile":"1g.5gb","placement":{"start":6,"size":1}},'
+            '{"containerIndex":0,"deviceIndex":0,"gpuUUID":"GPU-a","profile":"1g.5gb","placement":{"start":5,"size":1}}]',
+            "duplicate MIG allocation for container 0 device 0",
+        ),
+        (
+            '[{"containerIndex":0,"deviceIndex":0,"gpuUUID":"GPU-a","profile":"2g.10gb",'
+            '"placement":{"start":0,"size":2},"migUUID":"MIG-a"}]',
+            "MIG allocation 0 has partial runtime identity",
+        ),
+        (
+            '[{"containerIndex":0,"deviceIndex":0,"gpuUUID":"GPU-a","profile":"2g.10gb"}]',
+            "MIG allocation 0 is incomplete",
+        ),
+        (
+            '[{"containerIndex":-1,"deviceIndex":0,"gpuUUID":"G","profile":"p","placement":{"size":1}}]',
+            "is incomplete",
+        ),
+    ],
+)
+def test_mig_allocations_refused_as_hami(raw: str, error: str) -> None:
+    with pytest.raises(hmig.MigAllocationError, match=error):
+        hmig.decode_mig_allocations(raw)
+    assert hmig.decode_mig_allocations("") == []
+
+
+def test_the_binder_writes_hamis_mig_annotation_only_for_mig_grants() -> None:
+    from services.binder.kube import pod_annotations
+    from shared.schemas import AllocDecided
+
+    one = MigSlice(profile="2g.10gb", start=2, size=2)
+    d = AllocDecided(uid="u", name="p", node="n", containers=[ContainerGrant(devices=[_grant("GPU-a", one)])])
+    got = pod_annotations(d, 1.0)
+    assert hmig.decode_mig_allocations(got[hmig.MIG_ALLOCATIONS]) == [(0, 0, "GPU-a", one)]
+    plain = AllocDecided(uid="u", name="p", node="n", containers=[ContainerGrant(devices=[_grant("GPU-a", None)])])
+    assert hmig.MIG_ALLOCATIONS not in pod_annotations(plain, 1.0)
