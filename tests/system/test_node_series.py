@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,7 +46,7 @@ def scrape(url: str) -> Samples:
 
 
 @pytest.fixture
-async def system(nats_url: str, cfg: Config):
+async def system(nats_url: str, cfg: Config) -> AsyncIterator[System]:
     s = System(cfg, nats_url=nats_url, sim_nodes=2, sim_gpus=["A100-80GB:2:81920"], metrics_port=0,
                telemetry_interval=0.2)
     await s.start()
@@ -55,11 +56,11 @@ async def system(nats_url: str, cfg: Config):
         await s.stop()
 
 
-async def until(system: System, ok: object, timeout: float = 15.0) -> Samples:
+async def until(system: System, ok: Callable[[Samples], bool], timeout: float = 15.0) -> Samples:
     async with asyncio.timeout(timeout):
         while True:
             got = await asyncio.to_thread(scrape, system.metrics_url)
-            if ok(got):  # type: ignore[operator]
+            if ok(got):
                 return got
             await asyncio.sleep(0.1)
 
