@@ -755,7 +755,7 @@ def parser() -> argparse.ArgumentParser:
     up = command("up", "run everything in the foreground")
     up.add_argument("--sim-nodes", type=_int_in(0, 10000), default=None,
                     help="simulated nodes (default: sim.nodes of the configuration, 1)")
-    up.add_argument("--sim-gpus", action="append", default=None, metavar="MODEL:COUNT[:MEMORY_MIB]",
+    up.add_argument("--sim-gpus", action="append", default=None, metavar="MODEL:COUNT[:MEMORY_MIB][:mig]",
                     help="cards of each simulated node, repeatable (default: sim.gpus, A100-80GB:4:81920)")
     up.add_argument("--nats-url", default=None,
                     help="use this NATS server (default: start an embedded nats-server)")

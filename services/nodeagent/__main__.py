@@ -51,7 +51,7 @@ class _KubeService:
 def main(argv: list[str] | None = None) -> int:
     p = runner.common_args("python -m services.nodeagent")
     p.add_argument("--node", default=None, help="node name (default: $HAMI_NODE_NAME or hostname)")
-    p.add_argument("--sim-gpus", action="append", default=None, help="MODEL:COUNT[:MEMORY_MIB]")
+    p.add_argument("--sim-gpus", action="append", default=None, help="MODEL:COUNT[:MEMORY_MIB][:mig] (mig: MIG-mode cards)")
     p.add_argument("--topology", default=None, help="simulated links: pcie|pairs|dgx1|nvswitch")
     k = p.add_argument_group("Kubernetes mode")
     k.add_argument("--kube", action="store_true", help="run the device plugin, slices, annotations")
