@@ -560,3 +560,24 @@ def test_quota_keys_follow_the_resource_names_and_skip_fractions() -> None:
     ]
     assert quota_from_resource_quotas(rqs, None, names) == Quota(memory_mib=3000)
     assert quota_from_resource_quotas(rqs) is None  # the default names are not these
+
+
+def test_what_a_namespace_holds_counts_live_pods_only() -> None:
+    """HAMi's quota manager drops a pod's usage when it ends; a pod whose annotation
+    cannot be read is left to the binder to report, not counted."""
+    from services.binder.webhook import held_by_pods
+
+    def p(value: str, phase: str = "Running") -> dict[str, Any]:
+        return {
+            "metadata": {"annotations": {ann.DEVICES_ALLOCATED: value}},
+            "status": {"phase": phase},
+        }
+
+    pods = [
+        p("GPU-a,NVIDIA,1000,10:GPU-b,NVIDIA,1000,10:;GPU-a,NVIDIA,500,0:;"),
+        p("GPU-c,NVIDIA,7000,70:;", phase="Succeeded"),
+        p("GPU-c,NVIDIA,7000,70:;", phase="Failed"),
+        p("GPU-d,NVIDIA,x,1:;"),
+        {"metadata": {}},
+    ]
+    assert held_by_pods(pods) == (2500, 20)
