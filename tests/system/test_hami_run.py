@@ -10,11 +10,15 @@ when it ends, a signal sent to ``hami run`` reaches it, and after a SIGKILL of
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -218,3 +222,42 @@ def test_the_node_agent_reclaims_the_slice_of_a_killed_hami_run(up: dict[str, st
     # ... and the node agent withdraws the slice within a few telemetry intervals.
     assert eventually(lambda: "job-k" not in allocations(up)), allocations(up)
     assert eventually(lambda: not pod_series(up, "hami_vgpu_memory_limit_bytes", "job-k"))
+
+
+def test_ctrl_c_at_a_terminal_reaches_the_command_once(up: dict[str, str]) -> None:
+    # A terminal sends Ctrl-C's SIGINT to its whole foreground process group: the
+    # command already has it, so hami run must not pass on a second one.
+    gate = Path(up["TMP"]) / "gate-tty"
+    script = f'trap "echo got-int" INT; echo started; while [ ! -e {gate} ]; do sleep 0.05; done; echo done'
+    master, slave = pty.openpty()
+
+    def controlling_tty() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen([*HAMI, "run", "--mem", "100", "-q", "--", "sh", "-c", script], env=up,
+                         stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                         preexec_fn=controlling_tty)
+    os.close(slave)
+    out = b""
+    try:
+        def read_until_word(word: bytes) -> None:
+            nonlocal out
+            while word not in out:
+                ready, _, _ = select.select([master], [], [], 30)
+                assert ready, out
+                out += os.read(master, 4096)
+
+        read_until_word(b"started")
+        os.write(master, b"\x03")  # Ctrl-C
+        read_until_word(b"got-int")
+        time.sleep(1.0)  # a forwarded copy would come within hami run's 0.2 s poll
+        gate.touch()
+        read_until_word(b"done")
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    assert out.count(b"got-int") == 1, out
+    assert allocations(up) == []
