@@ -1,7 +1,8 @@
 """The chart's Grafana dashboard ConfigMap and PrometheusRule, through real Helm.
 
 The dashboard ConfigMap carries the sidecar's label and exactly the committed JSON (the
-chart's copy and deploy/grafana's are one file's two copies). The rules are checked by
+chart's copy and deploy/grafana's are one file's two copies); deploy/prometheus holds the
+PrometheusRule's rules, with the default thresholds, for a Prometheus without the Operator. The rules are checked by
 Prometheus' own ``promtool``: ``check rules`` parses every expression, and ``test rules``
 feeds series and asserts which alerts fire, with their labels and text, and which stay
 quiet: a healthy fleet raises nothing.
@@ -23,6 +24,7 @@ from tests.test_helm import CHART, ROOT, render_raw
 
 DASHBOARD = CHART / "dashboards" / "hami-bus.json"
 DEPLOY_COPY = ROOT / "deploy" / "grafana" / "hami-bus.json"
+DEPLOY_RULES = ROOT / "deploy" / "prometheus" / "hami-bus.rules.yaml"
 
 Obj = dict[str, Any]
 
@@ -98,6 +100,13 @@ def write_rules(tmp_path: Path, vals: Obj) -> Path:
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump(rule["spec"]))
     return path
+
+
+def test_deploy_rules_are_the_charts_defaults() -> None:
+    [rule] = rules({"metrics": {"prometheusRule": {"enabled": True}}})
+    assert yaml.safe_load(DEPLOY_RULES.read_text()) == rule["spec"], (
+        "deploy/prometheus/hami-bus.rules.yaml differs from the chart's PrometheusRule: render it again"
+    )
 
 
 def test_promtool_accepts_every_rule(tmp_path: Path) -> None:
