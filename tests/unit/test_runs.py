@@ -1,4 +1,5 @@
-"""Liveness of a ``hami run`` slice's holders (services/nodeagent/runs.py), on real processes."""
+"""A ``hami run`` slice on the host: its holders' liveness (services/nodeagent/runs.py, on real
+processes) and its limiter environment."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import sys
 from pathlib import Path
 
 from services.nodeagent import runs
+from services.nodeagent.standalone import host_env
+from shared.config import NodeSettings
+from shared.schemas import CardGrant, ContainerGrant
 
 
 def test_parse_stat_counts_fields_after_the_command_name() -> None:
@@ -54,3 +58,16 @@ def test_saved_with_the_slice(tmp_path: Path) -> None:
     assert runs.load(tmp_path) == hs
     (tmp_path / runs.RUN_FILE).write_text("{not json")
     assert runs.load(tmp_path) == []  # unreadable: nobody provably holds it
+
+
+def test_host_env_keys_limits_by_host_index() -> None:
+    # On the bare host the limiter numbers cards as NVML lists them (all of the host's),
+    # so a slice of cards 3 and 1 carries limits _3 and _1, not _0 and _1.
+    grant = ContainerGrant(name="c", devices=[CardGrant(uuid="GPU-c", index=3, mem=1000, cores=30),
+                                              CardGrant(uuid="GPU-a", index=1, mem=2000, cores=0)])
+    env = host_env(grant, NodeSettings())
+    limits = {k: v for k, v in env.items() if k.startswith("CUDA_DEVICE_")}
+    limits.pop("CUDA_DEVICE_MEMORY_SHARED_CACHE")
+    assert limits == {"CUDA_DEVICE_MEMORY_LIMIT_3": "1000m", "CUDA_DEVICE_SM_LIMIT_3": "30",
+                      "CUDA_DEVICE_MEMORY_LIMIT_1": "2000m", "CUDA_DEVICE_SM_LIMIT_1": "0"}
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-c,GPU-a"
