@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.placement.engine import Placement
-from services.placement.engine.frag import Shape, ShapeModel
+from services.placement.engine.frag import Shape, ShapeModel, Variant, register_variant
 from shared.config import NodeSettings
 from shared.schemas import AllocRequested, DeviceAsk
 
@@ -21,7 +21,9 @@ def test_shape_model_keeps_95_percent_and_normalises() -> None:
     for _ in range(90):
         sm.observe(req(DeviceAsk(mem_percent=50, cores=50), cpu=1000), NodeSettings())
     for _ in range(8):
-        sm.observe(req(DeviceAsk(nums=2), cpu=4000), NodeSettings())
+        sm.observe(
+            req(DeviceAsk(nums=2, cores=100), cpu=4000), NodeSettings()
+        )  # whole cards, as the webhook writes them
     for i in range(2):
         sm.observe(req(cpu=100 + i), NodeSettings())
     shapes, p = sm.top()
@@ -107,6 +109,8 @@ def test_shape_cover_by_gpu_demand_keeps_rare_whole_node_shapes() -> None:
 
 @pytest.mark.parametrize(("policy", "expected"), [("fgd", "a-t4"), ("fgd-models", "b-g2")])
 def test_fgd_measure_is_blind_to_the_shapes_models(policy: str, expected: str) -> None:
+    # fgd-models is benchmark code (bench/frag_variants.py), not a product policy
+    register_variant("fgd-models", Variant(two_d=False, exact=False, tie="bestfit"))
     # The same workload as above. fgd-models counts the G2 node as wholly fragmented
     # for the T4-only shape, so taking a G2 card lowers its measure: the task goes
     # there. fgd (as the published figures were made) sees both nodes alike and takes
@@ -166,14 +170,18 @@ def _hosts(c: list[int], mem: int, cores: int) -> bool:
     return 100 - c[0] >= mem and 100 - c[1] >= cores and c[2] < 10 and (cores < 100 or c[2] == 0)
 
 
-def _node_frag(cards: list[list[int]], cpu_free: int | None, shapes: list[Shape], p: Sequence[float]) -> float:
+def _node_frag(
+    cards: list[list[int]], cpu_free: int | None, shapes: list[Shape], p: Sequence[float]
+) -> float:
     """Σ_m p_m F(m); ``cpu_free`` None: the node does not report its CPU."""
     total = 0.0
     idle = [(200 - c[0] - c[1]) / 200.0 for c in cards]
     for s, pm in zip(shapes, p, strict=True):
         hosts = [_hosts(c, s.pct or 0, s.cores) for c in cards]
         runnable = s.k > 0 and sum(hosts) >= s.k and (cpu_free is None or cpu_free >= s.cpu)
-        total += pm * (sum(idle) if not runnable else sum(w for w, h in zip(idle, hosts, strict=True) if not h))
+        total += pm * (
+            sum(idle) if not runnable else sum(w for w, h in zip(idle, hosts, strict=True) if not h)
+        )
     return total
 
 
@@ -194,7 +202,9 @@ def _objective(
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sizes=st.lists(
-        st.tuples(st.integers(1, 8), st.sampled_from([0, 8000, 32000, 96000, 128000])), min_size=2, max_size=4
+        st.tuples(st.integers(1, 8), st.sampled_from([0, 8000, 32000, 96000, 128000])),
+        min_size=2,
+        max_size=4,
     ),
     mix=st.lists(st.sampled_from(_SHAPES), min_size=2, max_size=4, unique=True),
     picks=st.lists(st.integers(0, 3), min_size=1, max_size=16),
@@ -204,7 +214,12 @@ def test_frag_picks_a_candidate_of_least_objective(
 ) -> None:
     names = [f"n{i}" for i in range(len(sizes))]
     p = placer(
-        cluster(*[node(n, k, cpu_milli=c, memory_mib=1 << 20) for n, (k, c) in zip(names, sizes, strict=True)]),
+        cluster(
+            *[
+                node(n, k, cpu_milli=c, memory_mib=1 << 20)
+                for n, (k, c) in zip(names, sizes, strict=True)
+            ]
+        ),
         node_policy="frag",
     )
     for shape in mix:
@@ -213,7 +228,9 @@ def test_frag_picks_a_candidate_of_least_objective(
     p.shapes.frozen = True
     shapes, prob = p.shapes.top_gpu()
     use = {n: [[0, 0, 0] for _ in range(k)] for n, (k, _c) in zip(names, sizes, strict=True)}
-    cpu_free: dict[str, int | None] = {n: (c or None) for n, (_k, c) in zip(names, sizes, strict=True)}
+    cpu_free: dict[str, int | None] = {
+        n: (c or None) for n, (_k, c) in zip(names, sizes, strict=True)
+    }
     for i in picks:
         ask = mix[i % len(mix)]
         kind, mem, cores, cpu = ask
@@ -250,7 +267,10 @@ def test_frag_a_far_better_fit_outweighs_a_slightly_smaller_growth() -> None:
     # 4 cores left there, against 7.6 cards and 6 cores on n1: 0.47 of fit, worth
     # 0.023 card), and the CPU-only pod fits on n1.
     p = placer(
-        cluster(node("n0", 1, cpu_milli=8000, memory_mib=1 << 16), node("n1", 8, cpu_milli=8000, memory_mib=1 << 16)),
+        cluster(
+            node("n0", 1, cpu_milli=8000, memory_mib=1 << 16),
+            node("n1", 8, cpu_milli=8000, memory_mib=1 << 16),
+        ),
         node_policy="frag",
     )
     workload = [
