@@ -52,7 +52,9 @@ class ResourceNames(msgspec.Struct, kw_only=True, rename="camel"):
 
 
 class SchedulerSettings(msgspec.Struct, kw_only=True, rename="camel"):
-    node_policy: str = "binpack"
+    # frag: the fragmentation-aware policy that wastes the fewest GPUs (docs/placement.md);
+    # HAMi's own default, binpack, and spread are one setting away
+    node_policy: str = "frag"
     gpu_policy: str = "spread"
     scheduler_name: str = "hami-scheduler"
     # Kubernetes: how pods reach placement. "extender": the upstream kube-scheduler runs

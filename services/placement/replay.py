@@ -42,15 +42,58 @@ from shared.schemas import (
 
 # Published unallocated GPU % at arrived = 100 % (mean of 10 seeds), openb README.
 PUBLISHED: dict[str, dict[str, float]] = {
-    "default": {"random": 13.70, "dotprod": 9.38, "gpuclustering": 8.35, "gpupacking": 8.22, "bestfit": 7.14, "fgd": 4.77},
-    "gpushare40": {"random": 15.14, "dotprod": 10.70, "gpuclustering": 10.24, "gpupacking": 10.23, "bestfit": 8.56, "fgd": 6.04},
-    "multigpu20": {"random": 13.08, "dotprod": 8.15, "gpuclustering": 6.66, "gpupacking": 6.50, "bestfit": 6.27, "fgd": 4.47},
-    "gpuspec10": {"random": 13.74, "dotprod": 9.83, "gpuclustering": 8.04, "gpupacking": 7.76, "bestfit": 6.90, "fgd": 5.34},
-    "cpu050": {"random": 10.98, "dotprod": 6.97, "gpuclustering": 6.48, "gpupacking": 6.54, "bestfit": 6.44, "fgd": 5.00},
+    "default": {
+        "random": 13.70,
+        "dotprod": 9.38,
+        "gpuclustering": 8.35,
+        "gpupacking": 8.22,
+        "bestfit": 7.14,
+        "fgd": 4.77,
+    },
+    "gpushare40": {
+        "random": 15.14,
+        "dotprod": 10.70,
+        "gpuclustering": 10.24,
+        "gpupacking": 10.23,
+        "bestfit": 8.56,
+        "fgd": 6.04,
+    },
+    "multigpu20": {
+        "random": 13.08,
+        "dotprod": 8.15,
+        "gpuclustering": 6.66,
+        "gpupacking": 6.50,
+        "bestfit": 6.27,
+        "fgd": 4.47,
+    },
+    "gpuspec10": {
+        "random": 13.74,
+        "dotprod": 9.83,
+        "gpuclustering": 8.04,
+        "gpupacking": 7.76,
+        "bestfit": 6.90,
+        "fgd": 5.34,
+    },
+    "cpu050": {
+        "random": 10.98,
+        "dotprod": 6.97,
+        "gpuclustering": 6.48,
+        "gpupacking": 6.54,
+        "bestfit": 6.44,
+        "fgd": 5.00,
+    },
 }
 
 # Card memory by model (MiB); only used to resolve percentages, which cores also bound.
-_MODEL_MEM = {"P100": 16384, "T4": 15360, "V100M16": 16384, "V100M32": 32768, "A10": 24576, "G2": 32768, "G3": 81920}
+_MODEL_MEM = {
+    "P100": 16384,
+    "T4": 15360,
+    "V100M16": 16384,
+    "V100M32": 32768,
+    "A10": 24576,
+    "G2": 32768,
+    "G3": 81920,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +118,11 @@ class Task:
         return AllocRequested(
             uid=uid,
             name=self.name,
-            containers=[ContainerAsk(name="main", devices=devs, cpu_milli=self.cpu_milli, memory_mib=self.memory_mib)],
+            containers=[
+                ContainerAsk(
+                    name="main", devices=devs, cpu_milli=self.cpu_milli, memory_mib=self.memory_mib
+                )
+            ],
             constraints=Constraints(use_types=list(self.gpu_spec)),
         )
 
@@ -86,10 +133,23 @@ def load_nodes(path: str | Path) -> list[NodeInventory]:
         for row in csv.DictReader(fh):
             name, model = row["sn"], row["model"]
             devs = [
-                Device(uuid=f"{name}-gpu{i}", index=i, type=model, devmem=_MODEL_MEM.get(model, 16384), count=100)
+                Device(
+                    uuid=f"{name}-gpu{i}",
+                    index=i,
+                    type=model,
+                    devmem=_MODEL_MEM.get(model, 16384),
+                    count=100,
+                )
                 for i in range(int(row["gpu"]))
             ]
-            out.append(NodeInventory(node=name, devices=devs, cpu_milli=int(row["cpu_milli"]), memory_mib=int(row["memory_mib"])))
+            out.append(
+                NodeInventory(
+                    node=name,
+                    devices=devs,
+                    cpu_milli=int(row["cpu_milli"]),
+                    memory_mib=int(row["memory_mib"]),
+                )
+            )
     return out
 
 
@@ -99,7 +159,14 @@ def load_tasks(path: str | Path) -> list[Task]:
         for row in csv.DictReader(fh):
             spec = tuple(s for s in (row.get("gpu_spec") or "").split("|") if s)
             out.append(
-                Task(row["name"], int(row["cpu_milli"]), int(row["memory_mib"]), int(row["num_gpu"]), int(row["gpu_milli"]), spec)
+                Task(
+                    row["name"],
+                    int(row["cpu_milli"]),
+                    int(row["memory_mib"]),
+                    int(row["num_gpu"]),
+                    int(row["gpu_milli"]),
+                    spec,
+                )
             )
     return out
 
@@ -137,7 +204,7 @@ def replay_one(
 ) -> Run:
     """One seed of one policy; returns the unallocated GPU % at arrived = 100 %.
 
-    ``policy`` "default" is the product default (:data:`PRODUCT_DEFAULT`).
+    ``policy`` "default" is the configured default (:func:`resolve_policy`).
     """
     label = policy
     policy = resolve_policy(policy)
@@ -145,7 +212,12 @@ def replay_one(
     for inv in nodes:
         cluster.upsert_node(inv)
     total = float(sum(len(n.devices) for n in nodes))
-    placer = Placer(cluster, SchedulerSettings(node_policy=policy, gpu_policy="binpack"), NodeSettings(), seed=seed)
+    placer = Placer(
+        cluster,
+        SchedulerSettings(node_policy=policy, gpu_policy="binpack"),
+        NodeSettings(),
+        seed=seed,
+    )
     for i, t in enumerate(tasks):  # typical shapes: once, from the original list
         placer.observe(t.request(f"o{i}"))
     placer.shapes.frozen = True
@@ -174,8 +246,9 @@ def replay_one(
 
 
 def resolve_policy(name: str) -> str:
-    """``default`` names the product default node policy; other names pass through."""
-    return PRODUCT_DEFAULT if name == "default" else name
+    """``default`` names the configured default node policy (``scheduler.nodePolicy``'s
+    default, the product's own); other names pass through."""
+    return SchedulerSettings().node_policy if name == "default" else name
 
 
 def published(trace: str, policy: str) -> float | None:
@@ -240,21 +313,34 @@ def main(argv: list[str], parser: type[argparse.ArgumentParser] = argparse.Argum
     ap = parser(prog="hami replay", description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", required=True, help="openb node list CSV")
     ap.add_argument("--pods", required=True, help="openb pod list CSV")
-    ap.add_argument("--policy", action="append", required=True, help=f"node policy: default (the product default, {PRODUCT_DEFAULT}), {', '.join(NODE_POLICIES)} (repeat)")
+    ap.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        help=f"node policy: default (the configured default, {PRODUCT_DEFAULT}), {', '.join(NODE_POLICIES)} (repeat)",
+    )
     ap.add_argument("--seeds", default="42-51", help="e.g. 42-51 or 42,43 (default 42-51)")
-    ap.add_argument("--tune", type=float, default=1.3, help="inflate the GPU request to this x cluster GPUs")
+    ap.add_argument(
+        "--tune", type=float, default=1.3, help="inflate the GPU request to this x cluster GPUs"
+    )
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--plot", help="write unallocated %% vs arrived %% to this PNG")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    bad = [p for p in args.policy if resolve_policy(p) not in NODE_POLICIES and resolve_policy(p) not in VARIANTS]
+    bad = [
+        p
+        for p in args.policy
+        if resolve_policy(p) not in NODE_POLICIES and resolve_policy(p) not in VARIANTS
+    ]
     if bad:
         ap.error(f"unknown policy {', '.join(bad)}; choose from {', '.join(NODE_POLICIES)}")
     nodes = load_nodes(args.nodes)
     tasks = load_tasks(args.pods)
     seeds = parse_seeds(args.seeds)
     runs = [
-        replay_one(nodes, tasks, pol, s, args.tune, progress=not args.quiet) for pol in args.policy for s in seeds
+        replay_one(nodes, tasks, pol, s, args.tune, progress=not args.quiet)
+        for pol in args.policy
+        for s in seeds
     ]
     trace = trace_name(args.pods)
     summary = []
@@ -269,19 +355,29 @@ def main(argv: list[str], parser: type[argparse.ArgumentParser] = argparse.Argum
                 "per_seed": {r.seed: round(r.unallocated, 2) for r in runs if r.policy == pol},
                 "policy_used": resolve_policy(pol),
                 "published": published(trace, pol),
-                "seconds_per_seed": round(statistics.fmean(r.seconds for r in runs if r.policy == pol), 1),
+                "seconds_per_seed": round(
+                    statistics.fmean(r.seconds for r in runs if r.policy == pol), 1
+                ),
             }
         )
     if args.plot:
         plot(runs, args.plot)
     if args.json:
-        print(json.dumps({"trace": trace, "seeds": seeds, "tune": args.tune, "results": summary}, indent=2))
+        print(
+            json.dumps(
+                {"trace": trace, "seeds": seeds, "tune": args.tune, "results": summary}, indent=2
+            )
+        )
     else:
         print(f"trace {trace}, seeds {args.seeds}: unallocated GPU % at arrived = 100 %")
-        print(f"{'policy':<10} {'mean':>7} {'median':>7} {'stdev':>6} {'published':>9} {'s/seed':>7}")
+        print(
+            f"{'policy':<10} {'mean':>7} {'median':>7} {'stdev':>6} {'published':>9} {'s/seed':>7}"
+        )
         for row in summary:
             pub = "" if row["published"] is None else f"{row['published']:.2f}"
-            print(f"{row['policy']:<10} {row['mean']:>7.2f} {row['median']:>7.2f} {row['stdev']:>6.2f} {pub:>9} {row['seconds_per_seed']:>7}")
+            print(
+                f"{row['policy']:<10} {row['mean']:>7.2f} {row['median']:>7.2f} {row['stdev']:>6.2f} {pub:>9} {row['seconds_per_seed']:>7}"
+            )
     return 0
 
 

@@ -211,6 +211,13 @@ class Placer:
         node_settings: NodeSettings,
         seed: int = 0,
     ) -> None:
+        if (
+            scheduler.node_policy.lower() not in NODE_POLICIES
+            and scheduler.node_policy.lower() not in VARIANTS
+        ):
+            raise ValueError(
+                f"unknown node policy {scheduler.node_policy!r}; use one of {', '.join(NODE_POLICIES)}"
+            )
         self.cluster = cluster
         self.scheduler = scheduler
         self.settings = node_settings
@@ -261,7 +268,11 @@ class Placer:
             node_ok &= cnt >= a.nums
         policy = (cons.node_policy or self.scheduler.node_policy).lower()
         if policy not in NODE_POLICIES and policy not in VARIANTS:
-            policy = "binpack"
+            # the sender's mistake, said as such: placing by some other policy hides it
+            return m.Failure(
+                nodes_total=st.nodes_total(),
+                message=f"unknown node policy {policy!r}; use one of {', '.join(NODE_POLICIES)}",
+            )
         chain = parse_chain(cons.gpu_policy or self.scheduler.gpu_policy)
         weights = cons.weights or ScoringWeights()
         tried: dict[int, str] = {}
