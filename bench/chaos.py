@@ -17,7 +17,10 @@ Every request's outcome is recorded by the client that sent it: ``ok`` (node, ui
 ``refused`` (the binder answered no: placement's reasons, a name in use),
 ``deadline`` (the binder answered that no placement came in time), ``no_reply``
 (the client's own timeout, no responders, a connection error) or ``lost`` (none of
-these within the client's deadline plus 5 s: it should be impossible). After the load,
+these within the client's deadline plus 5 s: it should be impossible). A client
+sends its own uid with each submit and, like ``hami submit``, withdraws it when it
+gets no answer (asking again for up to 15 s while NATS or the binder is down;
+``withdrawn_after_no_reply`` counts how those ended). After the load,
 the bench waits until the last request's deadline plus ``--margin`` has passed and for
 the placement and binder consumers to drain (``--settle-max`` at most: a killed replica's unacknowledged
 batch is redelivered after the consumer's ack wait), then reads the ``hami-ledger`` and
@@ -66,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +96,8 @@ from shared.schemas import (  # noqa: E402
     ReleaseRequest,
     SubmitReply,
     SubmitRequest,
+    WithdrawReply,
+    WithdrawRequest,
     card_usage,
 )
 
@@ -192,6 +198,33 @@ class Load:
     # names whose last release went unanswered: the client still holds them, and may
     # rightly find them gone from the ledger
     unsure: set[str] = field(default_factory=set)
+    withdrawals: list[asyncio.Task[None]] = field(default_factory=list)
+    withdrawn: Counter[str] = field(default_factory=Counter)  # how each withdrawal ended
+
+
+WITHDRAW_FOR = 15.0  # seconds a client keeps trying to withdraw a submit nobody answered
+
+
+async def withdraw(nc: Any, load: Load, uid: str, name: str) -> None:
+    """What ``hami submit`` does when it gets no answer: withdraw by its own uid, so a
+    placement whose reply was lost (or still to come) is released, not orphaned. It
+    asks again while NATS or the binder is down."""
+    payload = ENCODER.encode(WithdrawRequest(uid=uid, name=name))
+    until = time.monotonic() + WITHDRAW_FOR
+    while True:
+        try:
+            msg = await nc.request(subjects.API_WITHDRAW, payload, timeout=2.0)
+            rep = decode(msg.data, WithdrawReply)
+            if rep.ok:
+                load.withdrawn["ok"] += 1
+                load.told[uid] = "nothing (no reply); withdrawn"
+                return
+        except Exception:  # noqa: S110 - down for now: ask again
+            pass
+        if time.monotonic() > until:
+            load.withdrawn["gave up"] += 1
+            return
+        await asyncio.sleep(0.25)
 
 
 async def _ask(nc: Any, subject: str, payload: bytes, timeout: float, out: Outcome) -> bytes | None:
@@ -249,7 +282,8 @@ async def client(
             timeout = wait_timeout if wait else submit_timeout
             o = Outcome("wait" if wait else "submit", name, time.monotonic())
             load.outcomes.append(o)
-            req = SubmitRequest(name=name, wait=wait, timeout=timeout, containers=[
+            # Its own uid, as ``hami submit`` sends: it can withdraw by it whatever happens.
+            req = SubmitRequest(name=name, wait=wait, timeout=timeout, uid=str(uuid.uuid4()), containers=[
                 ContainerAsk(devices=[DeviceAsk(mem_percent=mem, cores=cores)])])
             # The binder answers within the request's own timeout; one more second for
             # the round trips, after which the client tells itself it timed out.
@@ -264,14 +298,17 @@ async def client(
                         load.double_told += 1
                     load.held[name] = (rep.uid, rep.decision.node)
                     load.unsure.discard(name)
+                elif rep.error.startswith("no placement within"):  # (with the last reasons)
+                    o.result, o.detail = "deadline", rep.error
                 elif rep.failure is not None:
                     o.result, o.detail = "refused", rep.failure.message
-                elif rep.error.startswith("no placement within"):
-                    o.result, o.detail = "deadline", rep.error
                 else:
                     o.result, o.detail = "refused", rep.error
                 if rep.uid:
                     load.told[rep.uid] = o.result
+            else:
+                o.uid = req.uid
+                load.withdrawals.append(asyncio.create_task(withdraw(nc, load, req.uid, name)))
         if o.result == "no_reply":
             await asyncio.sleep(0.1)  # the binder or NATS is down: do not spin
         else:
@@ -469,20 +506,20 @@ def check_ledger(
                 double += 1
             where[uid] = led.node
             names.setdefault((a.namespace, a.name), set()).add(uid)
-            for uuid, (mem, cores, slots) in card_usage(a.containers).items():
-                u = per_card.setdefault(uuid, [0, 0, 0])
+            for card, (mem, cores, slots) in card_usage(a.containers).items():
+                u = per_card.setdefault(card, [0, 0, 0])
                 u[0] += mem
                 u[1] += cores
                 u[2] += slots
     double += sum(len(u) - 1 for u in names.values() if len(u) > 1)
     cards = {d.uuid: d for inv in inventories.values() for d in inv.devices}
     over: list[dict[str, Any]] = []
-    for uuid, (mem, cores, slots) in per_card.items():
-        d = cards.get(uuid)
+    for card, (mem, cores, slots) in per_card.items():
+        d = cards.get(card)
         if d is None:
-            over.append({"card": uuid, "problem": "not in the inventory"})
+            over.append({"card": card, "problem": "not in the inventory"})
         elif mem > d.devmem or cores > d.devcore or slots > d.count:
-            over.append({"card": uuid, "mem": [mem, d.devmem], "cores": [cores, d.devcore],
+            over.append({"card": card, "mem": [mem, d.devmem], "cores": [cores, d.devcore],
                          "slots": [slots, d.count]})
     return where, double, over
 
@@ -511,6 +548,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # ready (NATS: the clients reconnect 0.5 s apart), so it is seen working after.
             load.stop_at = max(load.stop_at, time.monotonic() + 3.0)
             await asyncio.gather(*clients)
+            await asyncio.gather(*load.withdrawals)
             await churn
             load_s = time.monotonic() - t0
             # node agents churned out come back before the inventory is read
@@ -605,7 +643,8 @@ def report(
         "consumers_after_settle": consumers,
         "requests": {"sent": len(outs), "answered": answered, "no_reply": by.get("no_reply", 0),
                      "lost": n_lost, "by_result": dict(by), "by_kind": by_kind,
-                     "no_reply_why": dict(Counter(o.detail for o in outs if o.result == "no_reply"))},
+                     "no_reply_why": dict(Counter(o.detail for o in outs if o.result == "no_reply")),
+                     "withdrawn_after_no_reply": dict(load.withdrawn)},
         "ledger_allocations": len(where),
         "held_by_clients": len(held),
         "orphaned": len(orphans),
