@@ -323,7 +323,9 @@ def placement_json(r: SubmitReply) -> dict[str, Any]:
         out["node"] = d.node
         out["devices"] = [
             {"container": c.name, "uuid": g.uuid, "index": g.index, "type": g.type,
-             "mem_mib": g.mem, "cores": g.cores}
+             "mem_mib": g.mem, "cores": g.cores,
+             # a MIG instance: its profile and memory slices
+             **({"mig": {"profile": g.mig.profile, "start": g.mig.start, "size": g.mig.size}} if g.mig else {})}
             for c in d.containers for g in c.devices
         ]
     if r.failure is not None:
@@ -346,7 +348,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if r.ok:
         print(f"{r.name}: placed on {out['node']}")
         for dev in out["devices"]:
-            print(f"  {dev['uuid']}  {dev['type']}  {dev['mem_mib']} MiB  {dev['cores']}% cores")
+            mig = f"  MIG {dev['mig']['profile']} at slice {dev['mig']['start']}" if "mig" in dev else ""
+            print(f"  {dev['uuid']}  {dev['type']}  {dev['mem_mib']} MiB  {dev['cores']}% cores{mig}")
         return OK
     if r.failure is not None:
         # A waiting submit that timed out carries the reasons placement last gave.
