@@ -355,8 +355,10 @@ def fit(
         if left == 0 and not f.topology:
             res.ok, res.picked, res.mems, res.reasons = True, got, mems, {}
             return res
-        if custom is not None and card.mode == "mig":
-            k -= 1  # HAMi's i++ on a MIG card: the same card again, until its filter refuses
+        if custom is not None and card.mode == "mig" and got.count(p) < card.count - card.used:
+            # HAMi's i++ on a MIG card: the same card again, until its filter refuses (the
+            # slot bound only guards against a filter that never does)
+            k -= 1
     if f.topology and len(got) >= req.nums:
         pick = topology_pick(got, req.nums, links)
         res.ok, res.picked, res.reasons = True, pick, {}
