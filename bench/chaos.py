@@ -606,9 +606,14 @@ def report(
     visible: list[dict[str, Any]] = []
     casualties = 0
     for kind, kill, back in chaos.downtime:
+        # A request in flight when another service (the binder, NATS) is killed next is
+        # that kill's casualty, not the placement replica's.
+        others = [r["_kill"] for r in chaos.restarts if r["_kill"] != kill]
         for o in outs:
             bad = o.result == "no_reply" or (o.kind == "submit" and o.result == "deadline")
             if not bad or o.kind == "release":
+                continue
+            if any(o.sent <= k < o.ended for k in others):
                 continue
             if kill < o.sent <= back:
                 visible.append({"replica": kind, "kind": o.kind, "result": o.result,
