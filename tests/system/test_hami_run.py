@@ -261,3 +261,28 @@ def test_ctrl_c_at_a_terminal_reaches_the_command_once(up: dict[str, str]) -> No
         os.close(master)
     assert out.count(b"got-int") == 1, out
     assert allocations(up) == []
+
+
+def test_its_compute_use_reaches_the_container_and_host_series(up: dict[str, str]) -> None:
+    # The limiter measures a container's SM utilisation on a card it caps (--cores);
+    # the fake driver's launches occupy the card for grid x FAKE_CUDA_NS_PER_BLOCK.
+    env = dict(up, FAKE_CUDA_NS_PER_BLOCK="10000")
+    p = subprocess.Popen([*HAMI, "run", "--name", "job-sm", "--mem", "1000", "--cores", "30", "-q", "--",
+                          str(FAKE / "cutest"), "init", "ctx", "0", "launch", "kernel", "20000", "100", "0"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        util = eventually(lambda: [(lb["device_uuid"], v) for lb, v in
+                                   pod_series(up, "hami_container_device_utilization_ratio", "job-sm") if v])
+        assert util, p.stderr.read() if p.poll() is not None and p.stderr else "no utilisation seen"
+        ((card, v),) = util
+        assert 0 < v <= 100
+        host = {lb["device_uuid"]: x for lb, x in scrape(up)["hami_host_gpu_utilization_ratio"]}
+        assert host[card] > 0, host
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    assert eventually(lambda: "job-sm" not in allocations(up))
