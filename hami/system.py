@@ -3,15 +3,18 @@
 Each service keeps its own NATS connection, so they talk over the bus exactly as
 separate processes would; only the process boundary is saved. ``hami demo`` and the
 tests use the same class. Each node is a standalone node agent
-(services/nodeagent/standalone.py): slice files in a temporary directory of its own,
-telemetry, and the endpoint ``hami run`` asks for its slice's environment.
+(services/nodeagent/standalone.py): slice files (one temporary tree for the system, a
+directory per node, removed at stop), telemetry, and the endpoint ``hami run`` asks for
+its slice's environment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from services.nodeagent.backends import Backend, nvml
 from services.nodeagent.backends.sim import GpuSpec, SimBackend, parse_gpu_spec
 from services.nodeagent.standalone import StandaloneNode
 from services.placement.service import PlacementService
+from shared import subjects
 from shared.bus import Bus
 from shared.config import Config
 from shared.natsserver import EmbeddedNats
@@ -49,6 +53,7 @@ class System:
     agents: list[NodeAgent] = field(default_factory=list)
     nodes: list[StandaloneNode] = field(default_factory=list)
     telemetry_interval: float | None = None  # None: the configuration's telemetryInterval
+    slice_root: Path | None = None  # the nodes' slice directories, one temporary tree
     metrics: MetricsService | None = None
     # Each service connects with its role's identity (docs/security.md); an embedded
     # server then admits exactly these roles.
@@ -105,7 +110,9 @@ class System:
             for node, backend in backends:
                 # With identities, each agent may write only its own node's keys.
                 bus = agent_bus or await self._bus("nodeagent", f"nodeagent:{node}")
-                sn = StandaloneNode(bus, node, backend, self.cfg,
+                if self.slice_root is None:
+                    self.slice_root = Path(tempfile.mkdtemp(prefix="hami-slices-"))
+                sn = StandaloneNode(bus, node, backend, self.cfg, root=self.slice_root / subjects.token(node),
                                     telemetry_interval=self.telemetry_interval)
                 self.nodes.append(sn)  # stopped (its directory removed) even if start fails
                 await sn.start()
@@ -134,6 +141,9 @@ class System:
                 log.exception("stopping node %s", sn.node)
         self.nodes.clear()
         self.agents.clear()
+        if self.slice_root is not None:
+            shutil.rmtree(self.slice_root, ignore_errors=True)
+            self.slice_root = None
         for svc in reversed(self.services):
             try:
                 await svc.stop()
