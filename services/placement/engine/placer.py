@@ -14,6 +14,7 @@ cumulative quota) does it try the next node. ``decide`` is pure: it never reserv
 from __future__ import annotations
 
 import functools
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -127,6 +128,54 @@ def _request(a: Ask) -> hami.Request:
     if a.pct is None:
         return hami.Request(nums=a.nums, memreq=a.mem, coresreq=a.cores, vendor=a.vendor)
     return hami.Request(nums=a.nums, mempct=a.pct, coresreq=a.cores, vendor=a.vendor)
+
+
+def _f32(xs: list[float]) -> list[float]:
+    """Each value rounded to float32 (an ``array('f')`` stores float32)."""
+    return array("f", xs).tolist()
+
+
+def _hami_scores(
+    row: list[Ask],
+    um: list[int],
+    uc: list[int],
+    us: list[int],
+    tm: list[int],
+    tc: list[int],
+    ts: list[int],
+) -> list[float]:
+    """:func:`.hami.device_score` of every card of a node for one container, fast.
+
+    Each float32 step of HAMi's is done in float64 and rounded to float32: for +, -,
+    x and / of float32 values that rounding twice gives the float32 result exactly
+    (53 >= 2 x 24 + 2 bits), and the integers here are float32-exact (< 2**24). A zero
+    total (HAMi divides by it: inf or nan) goes the slow way.
+    """
+    if 0 in ts or 0 in tc or 0 in tm:
+        n = len(tm)
+        return [
+            hami.device_score(hami.Card("", count=ts[i], used=us[i], totalmem=tm[i], usedmem=um[i],
+                                        totalcore=tc[i], usedcores=uc[i]), [_request(a) for a in row])
+            for i in range(n)
+        ]  # fmt: skip
+    nums = sum(a.nums for a in row)
+    cores = sum(a.cores for a in row)
+    mem = [0] * len(tm)
+    for a in row:
+        r = _request(a)
+        if r.mempct not in (0, hami.UNSET_PCT):
+            mem = [m + t * (r.mempct // 100) for m, t in zip(mem, tm, strict=True)]
+        else:
+            mem = [m + r.memreq for m in mem]
+    n = len(tm)
+    ucm = _f32(
+        [(nums + x) / t for x, t in zip(us, ts, strict=True)]
+        + [(cores + x) / t for x, t in zip(uc, tc, strict=True)]
+        + [(mm + x) / t for mm, x, t in zip(mem, um, tm, strict=True)]
+    )
+    s = _f32([a + b for a, b in zip(ucm[:n], ucm[n : 2 * n], strict=True)])
+    s = _f32([a + b for a, b in zip(s, ucm[2 * n :], strict=True)])
+    return _f32([10.0 * x for x in s])
 
 
 def _numa_first(chain: Chain) -> bool:
@@ -287,7 +336,7 @@ class Placer:
                 assert rec is not None
                 try:
                     grants = self._fit_node(
-                        rec, conts, asks, static, cons, chain, weights, req.namespace
+                        rec, conts, asks, dyn, cons, chain, weights, req.namespace
                     )
                 except _Fail as f:
                     tried[row] = f.reason
@@ -618,13 +667,22 @@ class Placer:
         rec: NodeRec,
         conts: list[ContainerAsk],
         asks: list[list[Ask]],
-        static: dict[Ask, BOOL],
+        dyn: dict[Ask, BOOL],
         cons: Constraints,
         chain: Chain,
         weights: ScoringWeights,
         ns: str,
     ) -> list[ContainerGrant]:
-        """Fit every container on ``rec`` (init one by one, app cumulatively)."""
+        """Fit every container on ``rec`` (init one by one, app cumulatively).
+
+        ``dyn``: per ask, the vector stage's card mask (every check against the node as
+        it is). While a container sees the node as it is (an init container, or the
+        first app container, at its first ask) and nothing but the first fitting cards
+        of the walk decides (no NUMA binding, topology, "numa" key, quota or MIG card),
+        that mask is the fit's answer and the per-card checks are skipped; a failure,
+        or any other case, runs :func:`.hami.fit` (``use_cache = False``: always, so
+        the tests compare both).
+        """
         st = self.cluster
         s, n = rec.start, rec.n
         base_mem = st.c_umem[s : s + n].tolist()
@@ -637,6 +695,14 @@ class Placer:
         app_order = list(range(n))
         grants: list[ContainerGrant] = []
         pod_mem = pod_core = 0
+        fast = (
+            self.use_cache
+            and not cons.numa_bind
+            and not chain.topology
+            and not _numa_first(chain)
+            and ns not in st.quotas
+        )
+        app_used = False
         # cards in MIG mode: HAMi's placement rule and profile bookings (mig.py)
         pm = None
         if mig.PodMig.needed(rec.inv.devices):
@@ -651,11 +717,20 @@ class Placer:
             devs: list[CardGrant] = []
             taken: set[int] = set()
             visit = self._visit(rec, row, um, uc, us, order, chain, weights) if row else []
+            fresh = fast and pm is None and (c.init or not app_used)
             for a in row:
-                picks = self._select(
-                    rec, a, um, uc, us, taken, visit, cons, chain, ns, pod_mem, pod_core,
-                    pm.rule if pm is not None else None,
-                )  # fmt: skip
+                picks: list[tuple[int, int]] | None = None
+                if fresh and not taken:
+                    ok = dyn[a][s : s + n]
+                    got = [p for p in visit if ok[p]][: a.nums]
+                    if len(got) == a.nums:
+                        tmem = st.c_tmem[s : s + n]
+                        picks = [(p, a.need(int(tmem[p]))) for p in got]
+                if picks is None:
+                    picks = self._select(
+                        rec, a, um, uc, us, taken, visit, cons, chain, ns, pod_mem, pod_core,
+                        pm.rule if pm is not None else None,
+                    )  # fmt: skip
                 for i, need in picks:
                     d = rec.inv.devices[i]
                     cores, ch = a.cores, pm.take(i, need) if pm is not None else None
@@ -681,6 +756,7 @@ class Placer:
                     pod_mem += need
                     pod_core += cores
             grants.append(ContainerGrant(name=c.name, init=c.init, devices=devs))
+            app_used = app_used or (not c.init and bool(devs))
         q = st.quotas.get(ns)
         if q is not None and any(g.devices for g in grants):
             usage = card_usage(grants)
@@ -716,32 +792,28 @@ class Placer:
         s, n = rec.start, rec.n
         usage = next((k for k in chain.keys if k in ("binpack", "spread")), "spread")
         tmem, tcore, tslot = st.c_tmem[s : s + n], st.c_tcore[s : s + n], st.c_tslot[s : s + n]
-        default = weights == ScoringWeights()
-        scores: list[float] = []
-        for i in range(n):
-            tm = int(tmem[i])
-            if default:
-                card = hami.Card(
-                    id="",
-                    count=int(tslot[i]),
-                    used=us[i],
-                    totalmem=tm,
-                    usedmem=um[i],
-                    totalcore=int(tcore[i]),
-                    usedcores=uc[i],
+        nums = sum(a.nums for a in row)
+        cores = sum(a.cores for a in row)
+        scores: list[float]
+        if weights == ScoringWeights():
+            scores = _hami_scores(row, um, uc, us, tmem.tolist(), tcore.tolist(), tslot.tolist())
+        else:
+            tm, tc, ts = tmem.tolist(), tcore.tolist(), tslot.tolist()
+            scores = [
+                10.0 * (
+                    weights.slot * (us[i] + nums) / max(ts[i], 1)
+                    + weights.core * (uc[i] + cores) / max(tc[i], 1)
+                    + weights.memory * (um[i] + sum(a.need(tm[i]) for a in row)) / max(tm[i], 1)
                 )
-                scores.append(hami.device_score(card, [_request(a) for a in row]))
-            else:
-                nums = sum(a.nums for a in row)
-                cores = sum(a.cores for a in row)
-                mem = sum(a.need(tm) for a in row)
-                scores.append(10.0 * (
-                    weights.slot * (us[i] + nums) / max(int(tslot[i]), 1)
-                    + weights.core * (uc[i] + cores) / max(int(tcore[i]), 1)
-                    + weights.memory * (um[i] + mem) / max(tm, 1)
-                ))  # fmt: skip
+                for i in range(n)
+            ]  # fmt: skip
         numa = st.c_numa[s : s + n].tolist()
-        order[:] = hami.sorted_order(usage, numa, scores, order)
+        # hami.sorted_order, inlined (this runs for every container placed)
+        if usage == "binpack":
+            keys = [(-numa[p], scores[p], i) for i, p in enumerate(order)]
+        else:
+            keys = [(numa[p], -scores[p], i) for i, p in enumerate(order)]
+        order[:] = [order[i] for i in sorted(range(len(order)), key=keys.__getitem__)]
         return order[::-1]
 
     def _hami_cards(
@@ -749,16 +821,20 @@ class Placer:
     ) -> list[hami.Card]:
         """``rec``'s cards as :class:`.hami.Card` tuples, with the given use."""
         st = self.cluster
-        s = rec.start
-        out = []
-        for i, d in enumerate(rec.inv.devices):
-            p = s + i
-            out.append(hami.Card(
-                id=d.uuid, index=d.index, type=d.type, mode=d.mode, numa=d.numa, health=bool(st.c_health[p]),
-                count=int(st.c_tslot[p]), used=us[i], totalmem=int(st.c_tmem[p]), usedmem=um[i],
-                totalcore=int(st.c_tcore[p]), usedcores=uc[i], cordoned=bool(st.c_cordon[p]), vendor=d.vendor,
-            ))  # fmt: skip
-        return out
+        sl = slice(rec.start, rec.start + rec.n)
+        health, cordon = st.c_health[sl].tolist(), st.c_cordon[sl].tolist()
+        tslot, tmem, tcore = (
+            st.c_tslot[sl].tolist(),
+            st.c_tmem[sl].tolist(),
+            st.c_tcore[sl].tolist(),
+        )
+        return [
+            hami.Card(
+                d.uuid, d.index, d.type, d.mode, d.numa, health[i], tslot[i], us[i], tmem[i], um[i],
+                tcore[i], uc[i], cordon[i], d.vendor,
+            )
+            for i, d in enumerate(rec.inv.devices)
+        ]  # fmt: skip
 
     def _select(
         self,
