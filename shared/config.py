@@ -27,6 +27,14 @@ class ConfigError(ValueError):
     """The configuration file or an override is invalid; the message says which."""
 
 
+class MigProfileAllowlistEntry(msgspec.Struct, kw_only=True, rename="camel"):
+    """One entry of HAMi's ``migProfileAllowlist``: the MIG profiles cards whose model
+    contains one of ``models`` may offer."""
+
+    models: list[str] = []
+    profiles: list[str] = []
+
+
 class NodeSettings(msgspec.Struct, kw_only=True, rename="camel"):
     """HAMi's per-node device settings."""
 
@@ -41,6 +49,9 @@ class NodeSettings(msgspec.Struct, kw_only=True, rename="camel"):
     disable_core_limit: bool = False
     filterdevices: list[str] = []  # UUIDs or indexes not to register
     max_pods: int = 110
+    # The MIG profiles a card in MIG mode may offer, per model; None: HAMi chart's default
+    # (shared.hami.mig.DEFAULT_ALLOWLIST). A list replaces it in full, as in HAMi.
+    mig_profile_allowlist: list[MigProfileAllowlistEntry] | None = None
 
 
 class ResourceNames(msgspec.Struct, kw_only=True, rename="camel"):
@@ -280,6 +291,15 @@ def validate(cfg: Config) -> None:
         value = get(cfg)
         if not ok(value):
             raise ConfigError(f"invalid configuration: {name}: {value!r} is not {want}")
+    for entry in cfg.node.mig_profile_allowlist or []:
+        # HAMi's ValidateMigProfileAllowlist, with its texts
+        if not entry.models or not entry.profiles:
+            raise ConfigError("invalid configuration: node.migProfileAllowlist: "
+                              "MIG profile allowlist must define models and profiles")
+        for prof in entry.profiles:
+            g, dot, _ = prof.partition(".")
+            if not dot or len(g) < 2 or not g.endswith("g"):
+                raise ConfigError(f"invalid configuration: node.migProfileAllowlist: invalid MIG profile {prof!r}")
     try:
         parse_gpu_policy(cfg.scheduler.gpu_policy)
     except ValueError as exc:

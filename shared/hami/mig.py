@@ -3,10 +3,11 @@
 A MIG-capable card is cut into memory slices (8 on A100/H100-class cards); a GPU
 instance of a profile occupies the half-open range ``[start, start + size)`` of them, at
 one of the starts NVML allows for that profile. :data:`GEOMETRIES` are the profile
-tables of the models the simulator offers: the profiles HAMi v2.10's chart allows for
-each model (``migProfileAllowlist``), with the memory NVML reports for them
-(``nvidia-smi mig -lgip``, MiB) and the compute share as a percentage of the whole-card
-profile's SMs. A real card's table comes from NVML (services/nodeagent/backends/nvml.py).
+tables of the models the simulator offers: the whole-slice GPU-instance profiles NVML
+reports for each, with their memory (``nvidia-smi mig -lgip``, MiB) and the compute share
+as a percentage of the whole-card profile's SMs. Which of them a card registers is the
+``migProfileAllowlist``'s choice (:func:`allowed_profiles`, HAMi v2.10 chart's
+:data:`DEFAULT_ALLOWLIST` unless configured). A real card's table comes from NVML (services/nodeagent/backends/nvml.py).
 :func:`encode_mig_allocations` / :func:`decode_mig_allocations` are the codec of HAMi's
 ``hami.io/vgpu-mig-allocations`` pod annotation. Pure data and small functions; no I/O.
 """
@@ -35,16 +36,17 @@ def _profile(
 
 
 def _ampere_hopper(
-    mem: tuple[int, int, int, int], core: tuple[int, int, int], names: tuple[str, ...]
+    mem: tuple[int, int, int, int, int], core: tuple[int, int, int, int], names: tuple[str, ...]
 ) -> list[MigProfile]:
     """The 8-memory-slice layout of A100/H100-class cards: 1g at any of 7 starts, 2g at
-    0/2/4, 3g at 0/4 (spanning 4 memory slices), 7g the whole card."""
-    g1, g2, g3, g7 = names
+    0/2/4, 3g at 0/4 and 4g at 0 (each spanning 4 memory slices), 7g the whole card."""
+    g1, g2, g3, g4, g7 = names
     return [
         _profile(g1, mem[0], core[0], 1, 1, range(7)),
         _profile(g2, mem[1], core[1], 2, 2, (0, 2, 4)),
         _profile(g3, mem[2], core[2], 3, 4, (0, 4)),
-        _profile(g7, mem[3], 100, 7, 8, (0,)),
+        _profile(g4, mem[3], core[3], 4, 4, (0,)),
+        _profile(g7, mem[4], 100, 7, 8, (0,)),
     ]
 
 
@@ -54,12 +56,12 @@ GEOMETRIES: dict[str, list[MigProfile]] = {
         _profile("2g.12gb", 12032, 50, 2, 2, (0, 2)),
         _profile("4g.24gb", 24064, 100, 4, 4, (0,)),
     ],
-    "A100-SXM4-40GB": _ampere_hopper((4864, 9856, 19968, 40192), (14, 29, 43),
-                                     ("1g.5gb", "2g.10gb", "3g.20gb", "7g.40gb")),
-    "A100-SXM4-80GB": _ampere_hopper((9728, 19968, 40192, 80896), (14, 29, 43),
-                                     ("1g.10gb", "2g.20gb", "3g.40gb", "7g.79gb")),
-    "H100-SXM5-80GB": _ampere_hopper((9984, 20096, 40448, 81152), (12, 24, 45),
-                                     ("1g.10gb", "2g.20gb", "3g.40gb", "7g.80gb")),
+    "A100-SXM4-40GB": _ampere_hopper((4864, 9856, 19968, 19968, 40192), (14, 29, 43, 57),
+                                     ("1g.5gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb")),
+    "A100-SXM4-80GB": _ampere_hopper((9728, 19968, 40192, 40192, 80896), (14, 29, 43, 57),
+                                     ("1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.79gb")),
+    "H100-SXM5-80GB": _ampere_hopper((9984, 20096, 40448, 40448, 81152), (12, 24, 45, 48),
+                                     ("1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")),
 }  # fmt: skip
 
 # Other spellings of the same models (HAMi's allowlist names several per entry).
@@ -75,6 +77,37 @@ _ALIASES = {
     "H100-80GB": "H100-SXM5-80GB",
     "H100": "H100-SXM5-80GB",
 }
+
+
+# HAMi v2.10 chart's default ``migProfileAllowlist``: (models, profiles) per entry.
+DEFAULT_ALLOWLIST: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("A30",), ("1g.6gb", "2g.12gb", "4g.24gb")),
+    (("A100-SXM4-40GB", "A100-40GB-PCIe", "A100-PCIE-40GB"), ("1g.5gb", "2g.10gb", "3g.20gb", "7g.40gb")),
+    (("A100-SXM4-80GB", "A100-80GB-PCIe", "A100-PCIE-80GB"), ("1g.10gb", "2g.20gb", "3g.40gb", "7g.79gb")),
+    (("H100-PCIE-80GB", "H100-SXM5-80GB"), ("1g.10gb", "2g.20gb", "3g.40gb", "7g.80gb")),
+    (("H100-PCIE-94GB", "H100-SXM5-94GB"), ("1g.12gb", "2g.24gb", "3g.47gb", "7g.94gb")),
+    (("H20", "H100 on GH200"), ("1g.12gb", "2g.24gb", "3g.48gb", "7g.96gb")),
+    (("H200 NVL", "H200-SXM5"), ("1g.18gb", "2g.35gb", "3g.71gb", "7g.141gb")),
+    (("B200",), ("1g.23gb", "2g.45gb", "3g.90gb", "7g.180gb")),
+    (("RTX PRO 6000 Blackwell Server Edition",), ("1g.24gb", "2g.48gb", "4g.96gb")),
+)
+
+
+def allowed_profiles(
+    model: str, allowlist: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None
+) -> set[str]:
+    """The profiles a card of ``model`` may offer: those of the allowlist entry naming
+    the longest model the card's model contains (spaces and dashes alike, as NVML names
+    and registered types differ in them), so an ``H200-SXM5`` is not taken for an
+    ``H20``; none when no entry names it."""
+    norm = model.replace(" ", "-")
+    best: tuple[int, Sequence[str]] | None = None
+    for models, profiles in DEFAULT_ALLOWLIST if allowlist is None else allowlist:
+        for m in models:
+            key = m.replace(" ", "-")
+            if key and key in norm and (best is None or len(key) > best[0]):
+                best = (len(key), profiles)
+    return set(best[1]) if best is not None else set()
 
 
 def geometry(model: str) -> list[MigProfile] | None:

@@ -3,13 +3,14 @@ slice writer's instance lifecycle (create on prepare, destroy on release, adopt 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pynvml
 import pytest
 
-from services.nodeagent.backends import MigError
+from services.nodeagent.backends import Discovery, MigError
 from services.nodeagent.backends.nvml import NvmlBackend
 from services.nodeagent.backends.sim import SimBackend, SimSpecError, parse_gpu_spec
 from services.nodeagent.registration import register
@@ -17,7 +18,7 @@ from services.nodeagent.slices import SliceWriter, parse_env
 from services.placement.service import PlacementService
 from shared import subjects
 from shared.bus import Bus, decode_event
-from shared.config import Config, NodeSettings
+from shared.config import Config, ConfigError, NodeSettings, load
 from shared.hami import annotations as ann
 from shared.schemas import (
     AllocFailed,
@@ -75,7 +76,8 @@ def test_sim_mig_cards_register_mode_profiles_and_no_scaling() -> None:
         [],
     )
     names = [p.name for p in mig.mig_profiles]
-    assert names == ["1g.5gb", "2g.10gb", "3g.20gb", "7g.40gb"]  # HAMi chart's allowlist
+    # the card has a 4g.20gb too, but HAMi's chart allowlist leaves it out
+    assert names == ["1g.5gb", "2g.10gb", "3g.20gb", "7g.40gb"]
     three = mig.mig_profiles[2]
     assert [(x.start, x.size) for x in three.placements] == [(0, 4), (4, 4)]
     # the node register annotation carries them as HAMi writes migProfiles
@@ -93,7 +95,7 @@ def test_sim_creates_only_legal_non_overlapping_instances() -> None:
     with pytest.raises(MigError, match="overlaps"):
         backend.create_mig(gpu, "1g.5gb", 5, 1)
     with pytest.raises(MigError, match="no MIG profile"):
-        backend.create_mig(gpu, "4g.20gb", 0, 4)  # not in the allowlist
+        backend.create_mig(gpu, "1g.10gb", 0, 2)  # an A100-80GB profile
     with pytest.raises(MigError, match="not in MIG mode"):
         backend.create_mig(t4, "1g.5gb", 0, 1)
     backend.destroy_mig(three)
@@ -290,11 +292,57 @@ def test_nvml_reports_mig_mode_and_profiles_from_the_driver() -> None:
     a100, t4 = cards
     assert (a100.mode, t4.mode, t4.mig_profiles) == ("mig", "hami-core", ())
     got = [(p.name, p.memory_mb, p.core, p.slice_count) for p in a100.mig_profiles]
-    # 4g.20gb is left out: HAMi's chart does not allow it on this model; the compute
-    # share is the profile's SMs over the whole card's (98)
+    # the compute share is the profile's SMs over the whole card's (98)
     assert got == [("1g.5gb", 4864, 14, 1), ("2g.10gb", 9856, 29, 2), ("3g.20gb", 19968, 43, 3),
-                   ("7g.40gb", 40192, 100, 7)]  # fmt: skip
+                   ("4g.20gb", 19968, 57, 4), ("7g.40gb", 40192, 100, 7)]  # fmt: skip
     assert [(x.start, x.size) for x in a100.mig_profiles[1].placements] == [(0, 2), (2, 2), (4, 2)]
+    # registration keeps what the allowlist allows: HAMi chart's default leaves out 4g
+    (dev,) = register(Discovery(cards=[a100]), NodeSettings())[0]
+    assert [p.name for p in dev.mig_profiles] == ["1g.5gb", "2g.10gb", "3g.20gb", "7g.40gb"]
+
+
+@pytest.mark.parametrize(
+    ("allowlist", "names", "count"),
+    [
+        (
+            [{"models": ["A100-SXM4-40GB"], "profiles": ["4g.20gb", "1g.5gb"]}],
+            ["1g.5gb", "4g.20gb"],
+            7,
+        ),
+        (
+            [{"models": ["A100"], "profiles": ["4g.20gb"]}],
+            ["4g.20gb"],
+            1,
+        ),  # a substring of the model
+        (
+            [{"models": ["H100-SXM5-80GB"], "profiles": ["1g.10gb"]}],
+            [],
+            1,
+        ),  # no entry names it: none
+    ],
+)
+def test_the_allowlist_setting_chooses_the_profiles(
+    allowlist: list[dict[str, list[str]]], names: list[str], count: int
+) -> None:
+    cfg = load(None, env={"HAMI__NODE__MIGPROFILEALLOWLIST": json.dumps(allowlist)})
+    a100 = NvmlBackend(nv=FakeNvml()).discover().cards[0]
+    (dev,) = register(Discovery(cards=[a100]), cfg.node)[0]
+    assert ([p.name for p in dev.mig_profiles], dev.count) == (names, count)
+
+
+@pytest.mark.parametrize(
+    ("allowlist", "error"),
+    [
+        ([{"models": ["A100"]}], "MIG profile allowlist must define models and profiles"),
+        ([{"models": ["A100"], "profiles": ["1g5gb"]}], "invalid MIG profile '1g5gb'"),
+        ([{"models": ["A100"], "profiles": ["g.5gb"]}], "invalid MIG profile 'g.5gb'"),
+    ],
+)
+def test_a_bad_allowlist_is_refused_with_hamis_text(
+    allowlist: list[dict[str, list[str]]], error: str
+) -> None:
+    with pytest.raises(ConfigError, match=error):
+        load(None, env={"HAMI__NODE__MIGPROFILEALLOWLIST": json.dumps(allowlist)})
 
 
 def test_nvml_creates_exactly_the_placement_asked_and_destroys_it() -> None:

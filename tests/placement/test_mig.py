@@ -124,14 +124,33 @@ def test_placement_ranges_are_half_open() -> None:
     [
         ("NVIDIA-A100-SXM4-40GB", ["1g.5gb", "2g.10gb", "3g.20gb", "7g.40gb"], 7),
         ("A100-PCIE-80GB", ["1g.10gb", "2g.20gb", "3g.40gb", "7g.79gb"], 7),
-        ("NVIDIA-H100-80GB-HBM3", ["1g.10gb", "2g.20gb", "3g.40gb", "7g.80gb"], 7),
+        ("NVIDIA-H100-SXM5-80GB", ["1g.10gb", "2g.20gb", "3g.40gb", "7g.80gb"], 7),
         ("NVIDIA-A30", ["1g.6gb", "2g.12gb", "4g.24gb"], 4),
     ],
 )
 def test_geometries_of_the_simulated_models(model: str, names: list[str], count: int) -> None:
     got = geometry(model)
-    assert got is not None and [p.name for p in got] == names
-    assert max_instances(got) == count
+    assert got is not None
+    # what the card has, less what HAMi chart's allowlist leaves out (4g on A100/H100)
+    kept = [p for p in got if p.name in hmig.allowed_profiles(model)]
+    assert [p.name for p in kept] == names
+    assert max_instances(kept) == count
+
+
+def test_the_default_allowlist_names_models_as_hamis_chart() -> None:
+    assert hmig.allowed_profiles("NVIDIA-H200-SXM5-141GB") == {
+        "1g.18gb",
+        "2g.35gb",
+        "3g.71gb",
+        "7g.141gb",
+    }
+    assert hmig.allowed_profiles("NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition") == {
+        "1g.24gb",
+        "2g.48gb",
+        "4g.96gb",
+    }
+    assert hmig.allowed_profiles("NVIDIA-Tesla-T4") == set()
+    assert hmig.allowed_profiles("X", [(["X"], ["1g.1gb"])]) == {"1g.1gb"}
 
 
 def test_no_geometry_for_cards_without_mig() -> None:
@@ -382,8 +401,12 @@ def test_the_binder_writes_hamis_mig_annotation_only_for_mig_grants() -> None:
     from shared.schemas import AllocDecided
 
     one = MigSlice(profile="2g.10gb", start=2, size=2)
-    d = AllocDecided(uid="u", name="p", node="n", containers=[ContainerGrant(devices=[_grant("GPU-a", one)])])
+    d = AllocDecided(
+        uid="u", name="p", node="n", containers=[ContainerGrant(devices=[_grant("GPU-a", one)])]
+    )
     got = pod_annotations(d, 1.0)
     assert hmig.decode_mig_allocations(got[hmig.MIG_ALLOCATIONS]) == [(0, 0, "GPU-a", one)]
-    plain = AllocDecided(uid="u", name="p", node="n", containers=[ContainerGrant(devices=[_grant("GPU-a", None)])])
+    plain = AllocDecided(
+        uid="u", name="p", node="n", containers=[ContainerGrant(devices=[_grant("GPU-a", None)])]
+    )
     assert hmig.MIG_ALLOCATIONS not in pod_annotations(plain, 1.0)

@@ -4,8 +4,8 @@
 load and report at least one card.
 
 Cards in MIG mode register ``mode: mig`` with the profiles NVML reports for them (memory,
-slice count, compute share, possible placements), kept to the profiles HAMi's chart
-allows for the model when the model is one it names. :meth:`NvmlBackend.create_mig`
+slice count, compute share, possible placements); registration keeps those
+``node.migProfileAllowlist`` allows for the model. :meth:`NvmlBackend.create_mig`
 creates the GPU instance at exactly the placement placement chose (never another) and
 its compute instance, :meth:`NvmlBackend.destroy_mig` destroys both, as HAMi's device
 plugin does. ``NvmlBackend(nv=...)`` takes any object with pynvml's functions and
@@ -29,7 +29,7 @@ from services.nodeagent.backends.sim import (
     SAME_CPU,
     SINGLE_SWITCH,
 )
-from shared.hami.mig import MIG_MODE, geometry
+from shared.hami.mig import MIG_MODE
 from shared.schemas import ContainerUsage, DeviceUsage, MigPlacement, MigProfile
 
 log = logging.getLogger("hami.nodeagent.nvml")
@@ -197,21 +197,17 @@ class NvmlBackend:
         return [MigPlacement(start=int(arr[k].start), size=int(arr[k].size)) for k in range(int(count.value))]
 
     def mig_profiles(self, h: Any, uuid: str, model: str) -> list[MigProfile]:
-        """HAMi's ``migProfiles`` of one card: each whole-slice profile with its memory,
-        slice count, compute share (its SMs over the largest profile's, in percent) and
-        NVML's possible placements; only the profiles HAMi's chart allows for the
-        model, when it names the model."""
+        """The MIG profiles of one card: each whole-slice profile with its memory, slice
+        count, compute share (its SMs over the largest profile's, in percent) and NVML's
+        possible placements (registration keeps those the allowlist allows)."""
         found = self._gi_profiles(h)
         if not found:
             return []
         full_sm = max(int(info.multiprocessorCount) for _, info in found) or 1
-        allowed = {p.name for p in geometry(model) or []}
         out: list[MigProfile] = []
         for n, info in found:
             raw = _text(getattr(info, "name", b"") or b"").removeprefix("MIG ").strip()
             name = raw or f"{n}g.{round(int(info.memorySizeMB) / 1024)}gb"
-            if allowed and name not in allowed:
-                continue
             try:
                 placements = self._placements(h, int(info.id))
             except Exception as exc:
