@@ -28,6 +28,9 @@ EXPERIMENTS: dict[str, Variant] = {
     # fgd's measure counting a node whose model a typical shape may not use as wholly
     # fragmented for it (the simulator's "no access")
     "fgd-models": Variant(two_d=False, exact=False, tie="bestfit"),
+    # fgd until the fifth session: blind to the shapes' models (the task's own models
+    # still filter), exact 95 % cover
+    "fgd-blind": Variant(two_d=False, exact=False, tie="bestfit", shape_types=False),
     "frag-v2": FRAG_V2,
     "frag-v1": Variant(two_d=True, exact=False, tie="bestfit2"),  # the first frag, for comparison
     "frag-q10": Variant(two_d=True, exact=True, tie="bestfit", quantum=0.1),

@@ -107,21 +107,43 @@ def test_shape_cover_by_gpu_demand_keeps_rare_whole_node_shapes() -> None:
     assert abs(p.sum() - 1.0) < 1e-9
 
 
-@pytest.mark.parametrize(("policy", "expected"), [("fgd", "a-t4"), ("fgd-models", "b-g2")])
-def test_fgd_measure_is_blind_to_the_shapes_models(policy: str, expected: str) -> None:
-    # fgd-models is benchmark code (bench/frag_variants.py), not a product policy
-    register_variant("fgd-models", Variant(two_d=False, exact=False, tie="bestfit"))
-    # The same workload as above. fgd-models counts the G2 node as wholly fragmented
-    # for the T4-only shape, so taking a G2 card lowers its measure: the task goes
-    # there. fgd (as the published figures were made) sees both nodes alike and takes
-    # the first by name: the model constraint acts only as the task's own filter.
+@pytest.mark.parametrize(("policy", "expected"), [("fgd", "b-g2"), ("fgd-blind", "a-t4")])
+def test_fgd_counts_a_node_a_shape_cannot_use_as_wholly_fragmented_for_it(
+    policy: str, expected: str
+) -> None:
+    # fgd-blind (fgd until the fifth session) is benchmark code, not a product policy
+    register_variant(
+        "fgd-blind", Variant(two_d=False, exact=False, tie="bestfit", shape_types=False)
+    )
+    # The same workload as above. The T4-only shape cannot run on the G2 node, so for
+    # it all of G2's idle GPU is fragmentation (the FGD simulator's "no access"), and
+    # taking a G2 card lowers that: an unconstrained task goes to G2 and leaves the T4
+    # cards to the tasks that can use nothing else. A model-blind measure sees both
+    # nodes alike and takes the first by name.
     cl = cluster(node("a-t4", 2, dev={"type": "T4"}), node("b-g2", 2, dev={"type": "G2"}))
     p = placer(cl, node_policy=policy)
     for _ in range(10):
-        p.observe(req(DeviceAsk(nums=1), use_types=["T4"]))
-        p.observe(req(DeviceAsk(nums=1)))
-    assert place(p, req(DeviceAsk(nums=1))).node == expected
-    assert place(p, req(DeviceAsk(nums=1), use_types=["G2"])).node == "b-g2"
+        p.observe(req(DeviceAsk(nums=1, cores=100), use_types=["T4"]))
+        p.observe(req(DeviceAsk(nums=1, cores=100)))
+    assert place(p, req(DeviceAsk(nums=1, cores=100))).node == expected
+    assert place(p, req(DeviceAsk(nums=1, cores=100), use_types=["G2"])).node == "b-g2"
+
+
+def test_fgd_takes_typical_shapes_ten_at_a_time() -> None:
+    # 30 shapes; the first two cover 95 % of tasks. The exact cover keeps 2, the
+    # simulator's batches of 10 keep the whole first batch, with its frequencies.
+    sm = ShapeModel()
+    for _ in range(600):
+        sm.observe(req(DeviceAsk(mem_percent=50, cores=50), cpu=1000), NodeSettings())
+    for _ in range(380):
+        sm.observe(req(DeviceAsk(nums=1, cores=100), cpu=2000), NodeSettings())
+    for i in range(28):
+        sm.observe(req(DeviceAsk(mem_percent=10 + i, cores=10 + i), cpu=1000), NodeSettings())
+    assert len(sm.top()[0]) == 2
+    shapes, p = sm.top_stepped(10)
+    assert len(shapes) == 10 and shapes[:2] == sm.top()[0]
+    assert abs(p.sum() - 1.0) < 1e-9 and abs(p[0] - 600 / 988) < 1e-9
+    assert len(sm.top_stepped(1)[0]) == 2
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
