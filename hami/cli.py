@@ -283,6 +283,7 @@ def build_submit(args: argparse.Namespace) -> SubmitRequest:
         timeout=args.wait if args.wait is not None else 30.0,
         # Ours, so that we can withdraw it whatever happens to the binder that takes it.
         uid=str(uuid.uuid4()),
+        pod_priority=getattr(args, "priority", 0),
     )
 
 
@@ -786,6 +787,9 @@ def parser() -> argparse.ArgumentParser:
                        help="card policy or chain such as binpack,numa (default: scheduler.gpuPolicy)")
         s.add_argument("--wait", type=_seconds, default=None, metavar="SECONDS",
                        help="stay pending up to SECONDS until capacity frees (default: fail at once)")
+        s.add_argument("--priority", type=_int_in(-(1 << 31), (1 << 31) - 1), default=0, metavar="N",
+                       help="scheduling priority, higher wins; with scheduler.preemption on, a slice "
+                       "that fits nowhere may preempt lower ones (default: 0; docs/preemption.md)")
 
     s = command("submit", "ask for a slice")
     s.add_argument("name", help="the allocation's name")

@@ -73,6 +73,7 @@ _ALLOC_NODE_FORMS: dict[str, tuple[bool, ...]] = {
     "bind_failed": (True,),
     "prepared": (True,),
     "released": (False, True),
+    "preempted": (True,),
 }
 
 _NODE_PARAM = (
@@ -338,6 +339,7 @@ _ALLOC_MESSAGES = {
     "bind_failed": "AllocBindFailed",
     "prepared": "AllocPrepared",
     "released": "AllocReleased",
+    "preempted": "AllocPreempted",
 }
 _ALLOC_TEXT = {
     "requested": "A slice was asked for (a pod, or a direct client's submit); placement takes it.",
@@ -349,6 +351,8 @@ _ALLOC_TEXT = {
     "prepared": "The node agent made the slice ready on its node (device plugin Allocate, or the "
     "standalone slice directory).",
     "released": "The slice was given back; its reservation is gone from the ledger.",
+    "preempted": "Placement released the slice (its ``released`` says reason preempted) to make "
+    "room for a request of higher priority, which it names.",
 }
 _API: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (

@@ -208,6 +208,8 @@ def permissions(role: str) -> Permissions:
         b.bucket(subjects.OUTCOMES_BUCKET)
         b.kv_read(subjects.OUTCOMES_BUCKET)
         b.pub += [subjects.alloc_any("decided"), subjects.alloc("failed")]
+        # Preemption (scheduler.preemption): the victims' release and who took the room.
+        b.pub += [subjects.alloc_any("released"), subjects.alloc_any("preempted")]
         b.stream(subjects.DLQ_STREAM, owner=True)
         b.pub.append(subjects.dlq(PLACEMENT))
         b.durable(subjects.PLACEMENT_CONSUMER)

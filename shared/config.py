@@ -77,6 +77,9 @@ class SchedulerSettings(msgspec.Struct, kw_only=True, rename="camel"):
     extender_reservation_timeout: float = 60.0
     # The learned task-shape table (fragmentation-aware policies) keeps this many shapes.
     shape_table_max: int = 4096
+    # Standalone: a request that fits nowhere may release allocations of lower priority
+    # on one node to fit (docs/preemption.md). Off, as in HAMi, which never preempts.
+    preemption: bool = False
 
 
 class BusSettings(msgspec.Struct, kw_only=True, rename="camel"):

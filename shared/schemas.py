@@ -213,6 +213,11 @@ class AllocRequested(_Base, kw_only=True, omit_defaults=False, tag="requested", 
     # then (answers ``failed`` with reason "expired"). 0 = none (a Kubernetes pod, which
     # stays pending for as long as it exists).
     deadline: float = 0.0
+    # Scheduling priority, higher wins: with ``scheduler.preemption`` on, a request that
+    # fits nowhere may preempt allocations of lower ``pod_priority`` (``hami submit
+    # --priority``; Kubernetes: the pod's spec.priority). Not ``priority`` above, which
+    # is HAMi's nvidia.com/priority task priority (0 high, 1 low) for the limiter.
+    pod_priority: int = 0
 
 
 # --------------------------------------------------------------------------- decisions
@@ -323,8 +328,25 @@ class AllocReleased(_Base, kw_only=True, omit_defaults=False, tag="released", ta
     name: str = ""
     namespace: str = ""
     node: str = ""  # "" when the request was never placed (withdrawn while pending)
-    # released | deleted | succeeded | failed | bind-failed | withdrawn | orphaned
+    # released | deleted | succeeded | failed | bind-failed | withdrawn | orphaned |
+    # preempted (then an ``AllocPreempted`` names who took the room)
     reason: str = ""
+    at: float = 0.0
+
+
+class AllocPreempted(_Base, kw_only=True, omit_defaults=False, tag="preempted", tag_field="kind"):
+    """An allocation was released to make room for a request of higher priority."""
+
+    v: int = SCHEMA_VERSION
+    uid: str  # the victim
+    name: str = ""
+    namespace: str = ""
+    node: str = ""
+    priority: int = 0  # the victim's pod_priority
+    by_uid: str = ""  # the preemptor
+    by_name: str = ""
+    by_namespace: str = ""
+    by_priority: int = 0
     at: float = 0.0
 
 
@@ -336,6 +358,7 @@ AllocEvent = (
     | AllocBindFailed
     | AllocPrepared
     | AllocReleased
+    | AllocPreempted
 )
 
 
@@ -359,6 +382,7 @@ class LedgerAlloc(_Base, kw_only=True):
     source: str = "cli"
     cpu_milli: int = 0  # node resources the pod holds, summed like the cards (init peak)
     memory_mib: int = 0
+    pod_priority: int = 0  # the request's scheduling priority (preemption: higher wins)
 
 
 class NodeLedger(_Base, kw_only=True, omit_defaults=False):
@@ -420,6 +444,8 @@ class SubmitRequest(_Base, kw_only=True):
     # can withdraw the request even when the binder that took it is gone; "" lets the
     # binder choose one.
     uid: str = ""
+    # Scheduling priority, higher wins (``AllocRequested.pod_priority``).
+    pod_priority: int = 0
 
 
 class SubmitReply(_Base, kw_only=True):
@@ -555,5 +581,6 @@ EVENT_TYPES: tuple[type[msgspec.Struct], ...] = (
     AllocBindFailed,
     AllocPrepared,
     AllocReleased,
+    AllocPreempted,
     NodeEvent,
 )

@@ -15,7 +15,9 @@ PREFIX = "hami"
 EVENTS_STREAM = "HAMI_EVENTS"
 EVENTS_SUBJECTS = [f"{PREFIX}.evt.>"]
 
-ALLOC_VERBS = ("requested", "decided", "failed", "bound", "bind_failed", "prepared", "released")
+ALLOC_VERBS = (
+    "requested", "decided", "failed", "bound", "bind_failed", "prepared", "released", "preempted",
+)
 NODE_VERBS = ("registered", "updated", "unhealthy", "recovered", "removed")
 
 # KV buckets.

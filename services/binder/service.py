@@ -465,7 +465,7 @@ class BinderService:
         ask = AllocRequested(
             uid=uid, name=req.name, namespace=req.namespace, containers=req.containers,
             constraints=req.constraints, priority=req.priority, pending=req.wait,
-            source="cli", requested_at=now, deadline=w.deadline,
+            source="cli", requested_at=now, deadline=w.deadline, pod_priority=req.pod_priority,
         )
         with tracing.span(tracer, "binder.submit") as span:
             span.set_attribute("hami.uid", uid)

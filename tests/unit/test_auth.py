@@ -57,7 +57,9 @@ def test_who_publishes_which_event() -> None:
     assert {r for r in ROLES if can_pub(r, subjects.alloc("requested"))} == {auth.ADMIN, auth.BINDER}
     assert {r for r in ROLES if can_pub(r, subjects.alloc("bound", "n1"))} == {auth.ADMIN, auth.BINDER}
     released = {r for r in ROLES if can_pub(r, subjects.alloc("released", "n1"))}
-    assert released == {auth.ADMIN, auth.BINDER}
+    # placement releases the victims of a preemption (scheduler.preemption)
+    assert released == {auth.ADMIN, auth.BINDER, auth.PLACEMENT}
+    assert {r for r in ROLES if can_pub(r, subjects.alloc("preempted", "n1"))} == {auth.ADMIN, auth.PLACEMENT}
     assert {r for r in ROLES if can_pub(r, subjects.alloc("prepared", "n1"))} == {auth.ADMIN, "nodeagent:n1"}
     assert not can_pub("nodeagent:n1", subjects.alloc("prepared", "n2"))
 
