@@ -50,6 +50,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     Decision,
+    ParentBased,
     Sampler,
     SamplingResult,
 )
@@ -68,6 +69,10 @@ FLUSH_TIMEOUT_MS = 5000
 
 _configured = False
 _recording = False  # an exporter is set: spans are made (and sampled)
+# The sampler follows the parent's decision (parentbased_*, the default): within a trace
+# not sampled, no span is made at all, not even a non-recording one (at 1 % sampling the
+# other 99 % would otherwise pay for three spans per decision).
+_follows_parent = False
 _process_service = ""
 _processors: list[SpanProcessor] = []
 _sampler: Sampler = ALWAYS_OFF
@@ -173,6 +178,7 @@ def setup(service: str, mode: str | None = None, *, force: bool = False) -> None
     Raises :class:`TracingError` for a setting that cannot be honoured.
     """
     global _configured, _recording, _process_service, _sampler, _base, _generation, _atexit
+    global _follows_parent
     if _configured and not force:
         return
     names = exporter_names(mode)
@@ -184,7 +190,8 @@ def setup(service: str, mode: str | None = None, *, force: bool = False) -> None
             processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
         elif n == "memory":
             processors.append(SimpleSpanProcessor(MEMORY))
-    sampler = _LinkSampled(_env_sampler()) if processors else ALWAYS_OFF
+    inner = _env_sampler()
+    sampler = _LinkSampled(inner) if processors else ALWAYS_OFF
     if _configured:
         shutdown()
     _configured = True
@@ -192,6 +199,7 @@ def setup(service: str, mode: str | None = None, *, force: bool = False) -> None
     _processors[:] = processors
     _recording = bool(processors)
     _sampler = sampler
+    _follows_parent = isinstance(inner, ParentBased)
     _base = Resource.create({})
     _providers.clear()
     _generation += 1
@@ -270,6 +278,16 @@ def tracer(name: str) -> trace.Tracer:
     return _Tracer(name)
 
 
+def _unsampled(sc: trace.SpanContext) -> bool:
+    """True when a span under ``sc`` would not be sampled anyway (no need to make it)."""
+    return _follows_parent and sc.is_valid and not sc.trace_flags.sampled
+
+
+def _quiet() -> bool:
+    """No span is to be made here: no exporter, or within a trace not sampled."""
+    return not _recording or _unsampled(trace.get_current_span().get_span_context())
+
+
 def span(
     tracer: trace.Tracer,
     name: str,
@@ -282,17 +300,21 @@ def span(
     Unrecorded, the messages this work sends carry the incoming context, and the trace
     stays whole all the same.
     """
-    if _recording:
-        return tracer.start_as_current_span(name, links=links, kind=kind)
-    return nullcontext(trace.INVALID_SPAN)
+    if _quiet():
+        return nullcontext(trace.INVALID_SPAN)
+    return tracer.start_as_current_span(name, links=links, kind=kind)
 
 
 def start(tracer: trace.Tracer, name: str, *, links: Sequence[Link] | None = None) -> trace.Span:
     """A span under the current context that its caller ends (``span.end()``): for work
-    that outlives one block, such as a decision committed with its batch."""
-    if _recording:
-        return tracer.start_span(name, links=links)
-    return trace.INVALID_SPAN
+    that outlives one block, such as a decision committed with its batch.
+
+    Unrecorded, it is the current span itself (not recording: its ``end`` does
+    nothing), so work done under it still sends the incoming trace context on.
+    """
+    if _quiet():
+        return trace.get_current_span()
+    return tracer.start_span(name, links=links)
 
 
 # ---------------------------------------------------------------- messaging spans
@@ -329,7 +351,7 @@ def publish(
 
     ``root=False``: only within a trace (heartbeats and telemetry are no trace's start).
     """
-    if not _recording or (not root and not trace.get_current_span().get_span_context().is_valid):
+    if _quiet() or (not root and not trace.get_current_span().get_span_context().is_valid):
         return nullcontext(trace.INVALID_SPAN)
     return tracer.start_as_current_span(
         f"publish {destination(subject)}",
@@ -348,7 +370,11 @@ def receive(
     ``root=False``: a message that carries no trace gets no span.
     """
     ctx = extract(headers) if headers and "traceparent" in headers else None
-    if not _recording or (ctx is None and not root):
+    if (
+        not _recording
+        or (ctx is None and not root)
+        or (ctx is not None and _unsampled(trace.get_current_span(ctx).get_span_context()))
+    ):
         if ctx is None:
             yield trace.INVALID_SPAN
             return

@@ -53,7 +53,14 @@ def test_without_an_exporter_no_span_is_made_and_the_incoming_trace_passes_on() 
                 # what this process sends carries the trace it received, unchanged
                 assert tracing.inject({})["traceparent"] == incoming
         assert "traceparent" not in tracing.inject({})  # detached again
-    assert tracing.start(tr, "open") is trace.INVALID_SPAN
+        with tracing.receive(tr, "hami.evt.alloc.requested", {"traceparent": incoming}):
+            # a span its caller ends later is the incoming one: what is sent under it
+            # still carries the trace
+            held = tracing.start(tr, "open")
+            assert not held.is_recording()
+            with trace.use_span(held, end_on_exit=False):
+                assert tracing.inject({})["traceparent"] == incoming
+            held.end()  # harmless
     assert not tracing.recording()
 
 
@@ -109,7 +116,12 @@ def test_the_sampler_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     with tracing.receive(tr, "hami.evt.alloc.requested", {"traceparent": SAMPLED}) as sp:
         assert sp.is_recording()  # a sampled parent is followed
     with tracing.receive(tr, "hami.evt.alloc.requested", {"traceparent": UNSAMPLED}) as sp:
-        assert not sp.is_recording()
+        # within a trace not sampled no span is made at all (not even a non-recording
+        # one, which costs as much to start), and the trace goes on unchanged
+        assert sp is trace.INVALID_SPAN
+        assert tracing.inject({})["traceparent"] == UNSAMPLED
+        with tracing.span(tr, "work") as inner, tracing.publish(tr, "hami.evt.x") as pub:
+            assert inner is trace.INVALID_SPAN and pub is trace.INVALID_SPAN
     # A root span linked to a sampled trace is kept (a batch of decisions).
     links = tracing.links([{"traceparent": UNSAMPLED}, {}, {"traceparent": SAMPLED}, None])
     assert [ln.context.trace_id for ln in links] == [TRACE_ID]
