@@ -262,7 +262,7 @@ def card_check(
 
 
 def card_check_before_numa(card: Card, f: Filters) -> str | None:
-    """Health, cordon (ours: HAMi has no cordon) and type: the checks before NUMA."""
+    """Health, cordon (`hami.io/device-cordon`) and type: the checks before NUMA."""
     if not card.health:
         return CARD_NOT_HEALTH
     if card.cordoned:
@@ -273,8 +273,15 @@ def card_check_before_numa(card: Card, f: Filters) -> str | None:
 
 
 def card_check_after_numa(
-    card: Card, req: Request, f: Filters, quota_ok: Callable[[Card, int, int], bool] | None = None
+    card: Card,
+    req: Request,
+    f: Filters,
+    quota_ok: Callable[[Card, int, int], bool] | None = None,
+    picked_mem: int = 0,
+    picked_cores: int = 0,
 ) -> str | None:
+    """The checks from the UUID on. The quota sees this card on top of what the ask
+    has picked so far (``picked_*``), as HAMi's ``fitQuota`` counts them."""
     if not _uuid_ok(f, card):
         return CARD_UUID_MISMATCH
     if card.count <= card.used:
@@ -283,7 +290,7 @@ def card_check_after_numa(
         return EXCLUSIVE_CONFLICT
     cores = min(req.coresreq, 100)
     mem = need_mem(card, req)
-    if quota_ok is not None and not quota_ok(card, mem, cores):
+    if quota_ok is not None and not quota_ok(card, mem + picked_mem, cores + picked_cores):
         return QUOTA_NOT_FIT
     if card.totalmem - card.usedmem < mem:
         return CARD_MEMORY
@@ -341,7 +348,9 @@ def fit(
             if left != req.nums:
                 reasons[NUMA_NOT_FIT] = reasons.get(NUMA_NOT_FIT, 0) + len(got)
             left, prevnuma, got, mems = req.nums, card.numa, [], []
-        why = card_check_after_numa(card, req, f, quota_ok)
+        why = card_check_after_numa(
+            card, req, f, quota_ok, sum(mems), len(got) * min(req.coresreq, 100)
+        )
         if why is None and custom is not None:
             why = custom(p, need_mem(card, req), got, mems)
         if why is not None:

@@ -1100,7 +1100,9 @@ class Placer:
             short = live & (rid == 0) & (mat[:, 0] < a.nums)
             if not short.any():
                 continue
-            if cons.numa_bind and a.nums > 1:
+            # a NUMA-bound ask's text depends on the walk; a quota's on the cards the
+            # ask picked before (HAMi's fitQuota counts them): the exact fit says
+            if a.nums > 1 and (cons.numa_bind or ns in st.quotas):
                 for row in np.flatnonzero(short).tolist():
                     rec = st.rows[row]
                     assert rec is not None
