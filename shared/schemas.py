@@ -275,8 +275,8 @@ class AllocFailed(_Base, kw_only=True, omit_defaults=False, tag="failed", tag_fi
     uid: str
     name: str
     namespace: str = ""
-    # HAMi reason vocabulary -> how many nodes failed for it (a node counts once, for
-    # the reason that stopped most of its cards).
+    # HAMi reason vocabulary -> how many nodes failed for it (a node counts under every
+    # reason of its text, "1/2 CardInsufficientMemory, 1/2 CardTypeMismatch", as HAMi).
     reasons: dict[str, int] = {}
     nodes_total: int = 0
     message: str = ""  # e.g. "0/2 nodes are available: 2 CardInsufficientMemory"
