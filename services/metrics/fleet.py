@@ -25,6 +25,7 @@ from shared.schemas import (
     AllocDecided,
     AllocEvent,
     AllocFailed,
+    AllocPreempted,
     AllocPrepared,
     AllocReleased,
     AllocRequested,
@@ -84,6 +85,9 @@ def describe(ev: AllocEvent | NodeEvent) -> tuple[str, str]:
         return "prepared", f"{who} ready on {ev.node}" + (
             f" ({ev.container})" if ev.container else ""
         )
+    if isinstance(ev, AllocPreempted):
+        by = _who(ev.by_namespace, ev.by_name)
+        return "preempted", f"{who} (priority {ev.priority}) preempted on {ev.node} by {by} (priority {ev.by_priority})"
     where = f" from {ev.node}" if ev.node else ""
     return "released", f"{who} released{where}" + (f" ({ev.reason})" if ev.reason else "")
 

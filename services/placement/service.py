@@ -45,7 +45,7 @@ import numpy as np
 from nats.aio.msg import Msg
 from opentelemetry import context, trace
 
-from services.placement.engine import ClusterState, Failure, Placement, Placer
+from services.placement.engine import ClusterState, Failure, Placement, Placer, preempt
 from services.placement.engine.model import NODE_UNFIT_POD
 from shared import limits, logs, subjects, tracing
 from shared.bus import BadMessage, Bus, Conflict, WorkQueue, decode, decode_entry, decode_event
@@ -55,6 +55,7 @@ from shared.outcomes import WITHDRAWN, Outcomes
 from shared.schemas import (
     AllocDecided,
     AllocFailed,
+    AllocPreempted,
     AllocReleased,
     AllocRequested,
     LedgerAlloc,
@@ -86,6 +87,7 @@ WITHDRAWING = ("withdrawn", "orphaned")
 # What a request answered by placement itself, not by the engine, fails with.
 REASON_INVALID = "invalid"
 REASON_INTERNAL = "internal-error"
+REASON_PREEMPTED = "preempted"  # a victim's ``released``
 DECISION_FILTERS = [
     subjects.alloc("requested"),
     subjects.alloc("released"),
@@ -109,6 +111,16 @@ def _retrieve(fut: asyncio.Future[int]) -> None:
 # ------------------------------------------------------------ decision span attributes
 # What a decision span says about why (docs/operations.md, "Tracing"). Pure functions of
 # the request and of what the engine returned; set only on spans that are recorded.
+
+
+def _alloc_of(p: Placement, req: AllocRequested) -> LedgerAlloc:
+    """The ledger entry of a placement, with the request's scheduling priority."""
+    return msgspec.structs.replace(p.to_alloc(req, time.time()), pod_priority=req.pod_priority)
+
+
+def _standalone_priority(alloc: LedgerAlloc) -> int | None:
+    """A direct client's allocation may be preempted; a pod's only by kube-scheduler."""
+    return None if alloc.source == "kube" else alloc.pod_priority
 
 
 def request_attributes(req: AllocRequested, scheduler: SchedulerSettings) -> dict[str, Any]:
@@ -220,6 +232,7 @@ class PlacementService:
         self._stopping = False
         self.decisions = 0
         self.conflicts = 0
+        self.preemptions = 0  # allocations released to make room (scheduler.preemption)
         # Nodes set aside because their inventory or ledger entry is garbage (KV key ->
         # why), and the health verdicts as last read, to restore when the entry heals.
         self.garbage: dict[str, str] = {}
@@ -461,7 +474,7 @@ class PlacementService:
             if isinstance(result, Failure):
                 return result
             node = result.node
-            alloc = result.to_alloc(req, time.time())
+            alloc = _alloc_of(result, req)
             current = self.cluster.ledger(node)
             new = NodeLedger(node=node, allocs={**current.allocs, req.uid: alloc})
             try:
@@ -539,6 +552,57 @@ class PlacementService:
             subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:{req.requested_at}"
         )
 
+    # ----------------------------------------------------------------- preemption
+
+    def _may_preempt(self, req: AllocRequested) -> bool:
+        # Kubernetes pods preempt through kube-scheduler (the extender's preempt verb),
+        # which evicts the victims; placement releasing a running pod's slice would not.
+        return self.cfg.scheduler.preemption and req.source != "kube"
+
+    async def _preempt(
+        self, req: AllocRequested, acks: list[asyncio.Future[int]], span: trace.Span
+    ) -> tuple[Placement, LedgerAlloc, int] | None:
+        """Release the best victims on one node and reserve ``req`` there, in one
+        compare-and-set of that node's ledger; None when no victim set makes room."""
+        for _ in range(CAS_ATTEMPTS):
+            choice = preempt.choose(self.placer, req, req.pod_priority, priority_of=_standalone_priority)
+            if choice is None:
+                return None
+            node = choice.node
+            current = self.cluster.ledger(node)
+            victims = [current.allocs[u] for u in choice.uids]
+            alloc = _alloc_of(choice.placement, req)
+            allocs = {k: v for k, v in current.allocs.items() if k not in set(choice.uids)}
+            allocs[req.uid] = alloc
+            led = NodeLedger(node=node, allocs=allocs)
+            try:
+                rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, led, self.revs.get(node, 0))
+            except Conflict:
+                self.conflicts += 1
+                await self._refresh(node)
+                continue
+            self._adopt(led, rev)
+            self.preemptions += len(victims)
+            if span.is_recording():
+                span.set_attribute("hami.preempted", [v.uid for v in victims])
+            now = time.time()
+            for v in victims:
+                log.info("preempted %s (priority %d) on %s for %s (priority %d)",
+                         v.uid, v.pod_priority, node, req.uid, req.pod_priority)
+                acks.append(await self.bus.publish_event_nowait(
+                    subjects.alloc("released", node),
+                    AllocReleased(uid=v.uid, name=v.name, namespace=v.namespace, node=node,
+                                  reason=REASON_PREEMPTED, at=now),
+                    msg_id=f"released:{v.uid}:{REASON_PREEMPTED}"))
+                acks.append(await self.bus.publish_event_nowait(
+                    subjects.alloc("preempted", node),
+                    AllocPreempted(uid=v.uid, name=v.name, namespace=v.namespace, node=node,
+                                   priority=v.pod_priority, by_uid=req.uid, by_name=req.name,
+                                   by_namespace=req.namespace, by_priority=req.pod_priority, at=now),
+                    msg_id=f"preempted:{v.uid}"))
+            return choice.placement, alloc, rev
+        raise RuntimeError(f"{req.uid}: ledger of the preemption's node kept changing; will retry")
+
     async def _already_placed(self, req: AllocRequested, acks: list[asyncio.Future[int]]) -> bool:
         """A redelivered or repeated request: the ledger holds it; say so again."""
         node = self.owner.get(req.uid)
@@ -551,7 +615,9 @@ class PlacementService:
         acks.append(await self._publish_decided(req, node, alloc, self.revs.get(node, 0)))
         return True
 
-    async def handle_request(self, req: AllocRequested, retry: bool = False) -> bool:
+    async def handle_request(
+        self, req: AllocRequested, retry: bool = False, observed: bool = False
+    ) -> bool:
         """Decide and commit one request on its own; True when it was placed."""
         acks: list[asyncio.Future[int]] = []
         try:
@@ -561,11 +627,13 @@ class PlacementService:
                 return False
             with tracing.span(tracer, "placement.decide") as span:
                 span.set_attribute("hami.retry", retry)
-                if not retry:
+                if not retry and not observed:
                     self.placer.observe(req)
                 decided = self._decide(req, span)
                 t0 = time.perf_counter()
                 result = await self._reserve(req, decided)
+                if isinstance(result, Failure) and self._may_preempt(req):
+                    result = await self._preempt(req, acks, span) or result
                 span.set_attribute("hami.commit_ms", (time.perf_counter() - t0) * 1000.0)
                 if isinstance(result, Failure):
                     if req.pending:
@@ -624,6 +692,14 @@ class PlacementService:
                 with trace.use_span(span, end_on_exit=False):
                     self.placer.observe(ev)
                     result = self._decide(ev, span)
+                    if isinstance(result, Failure) and self._may_preempt(ev):
+                        # Preempting writes a ledger of its own: what is decided goes
+                        # first, then this request is decided again on its own.
+                        span.end()
+                        await self._commit(tentative, acks)
+                        tentative = {}
+                        await self.handle_request(ev, observed=True)
+                        continue
                     if isinstance(result, Failure):
                         if ev.pending:
                             self.pending[ev.uid] = ev
@@ -632,7 +708,7 @@ class PlacementService:
                         finally:
                             span.end()
                         continue
-                    alloc = result.to_alloc(ev, time.time())
+                    alloc = _alloc_of(result, ev)
                     self.cluster.reserve(result.node, alloc)
                     self.owner[ev.uid] = result.node
                     tentative.setdefault(result.node, []).append((ev, alloc, context.get_current()))
