@@ -410,3 +410,17 @@ def test_the_binder_writes_hamis_mig_annotation_only_for_mig_grants() -> None:
         uid="u", name="p", node="n", containers=[ContainerGrant(devices=[_grant("GPU-a", None)])]
     )
     assert hmig.MIG_ALLOCATIONS not in pod_annotations(plain, 1.0)
+
+
+def test_the_vectorised_stage_knows_each_mig_cards_capacity() -> None:
+    p = placer(cluster(mig_node("a"), mig_node("b")))
+    for _ in range(6):
+        place(p, req(DeviceAsk(mem=9000)))  # three 2g on each card
+    assert set(p.cluster.c_migcap[: p.cluster.nc].tolist()) == {4864}  # a 1g left on each
+    f = fail(p, req(DeviceAsk(mem=9000)))
+    # refused by the card masks, without walking the exact fit over the nodes
+    assert f.tried == {} and f.message.endswith(": 2 CardMigTopologyInfeasible"), f
+    one = place(p, req(DeviceAsk(mem=4000)))  # the last 1g of one card: it is full
+    assert sorted(p.cluster.c_migcap[: p.cluster.nc].tolist()) == [-1, 4864]
+    p.cluster.unreserve(one.node, _uid_of(p, one))
+    assert set(p.cluster.c_migcap[: p.cluster.nc].tolist()) == {4864}

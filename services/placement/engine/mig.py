@@ -33,10 +33,12 @@ from shared.schemas import Device, LedgerAlloc, MigPlacement, MigProfile, MigSli
 
 __all__ = [
     "MIG_MODE",
+    "NO_LIMIT",
     "REASON",
     "Choice",
     "PodMig",
     "can_place",
+    "capacity",
     "choose",
     "fits",
     "instances",
@@ -101,6 +103,20 @@ def choose(
         if got is not None:
             return Choice(prof, got)
     return None
+
+
+NO_LIMIT = 2**62  # the capacity of a card outside MIG mode: no MIG constraint
+
+
+def capacity(profiles: Sequence[MigProfile], occupied: Sequence[MigPlacement | MigSlice]) -> int:
+    """The largest ask (MiB) one more instance could take: the memory of the largest
+    profile that still has a free placement, -1 when none has. An ask fits the card's
+    MIG rule exactly when it is at most this (what the vectorised stage checks)."""
+    best = -1
+    for prof in profiles:
+        if prof.memory_mb > best and free_placement(prof, occupied) is not None:
+            best = prof.memory_mb
+    return best
 
 
 def fits(

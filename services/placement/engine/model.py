@@ -38,7 +38,8 @@ CARD_MEMORY = 9
 CARD_CORE = 10
 CARD_EXCLUSIVE = 11
 CARD_COMPUTE_EXHAUSTED = 12
-N_CARD_CODES = 13
+CARD_MIG_TOPOLOGY = 13  # HAMi's CustomFilterRule on a MIG-mode card, its last check
+N_CARD_CODES = 14
 
 CARD_REASONS: dict[int, str] = {
     CARD_NOT_HEALTH: "CardNotHealth",
@@ -54,6 +55,8 @@ CARD_REASONS: dict[int, str] = {
     CARD_EXCLUSIVE: "ExclusiveDeviceAllocateConflict",
     # a 0-core ask on a card whose cores are all taken
     CARD_COMPUTE_EXHAUSTED: "CardComputeUnitsExhausted",
+    # no large-enough MIG profile has a free placement (engine/mig.py)
+    CARD_MIG_TOPOLOGY: "CardMigTopologyInfeasible",
 }
 # The fitting cards of a node that has too few of them (HAMi counts them too).
 ALLOCATED_INSUFFICIENT = "AllocatedCardsInsufficientRequest"

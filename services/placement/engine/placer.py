@@ -13,6 +13,7 @@ cumulative quota) does it try the next node. ``decide`` is pure: it never reserv
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -243,6 +244,16 @@ class _MaskEntry:
 
 
 _CACHE_MAX = 192  # cached asks (each: a bool per card and two ints per node)
+
+
+def _mig_cap_rule(cap: I64) -> Callable[[int, int, Sequence[int], Sequence[int]], str | None]:
+    """The MIG rule as the vectorised stage applies it: card ``p`` takes an ask of at
+    most ``cap[p]`` MiB (``ClusterState.c_migcap``), whatever was picked before."""
+
+    def rule(p: int, need: int, got: Sequence[int], mems: Sequence[int]) -> str | None:
+        return mig.REASON if need > cap[p] else None
+
+    return rule
 
 
 class _Fail(Exception):
@@ -492,6 +503,7 @@ class Placer:
             checks.append((m.CARD_EXCLUSIVE, (uslot == 0) | (tcore != 100)))
         elif a.cores == 0:
             checks.append((m.CARD_COMPUTE_EXHAUSTED, (ucore != tcore) | (tcore == 0)))
+        checks.append((m.CARD_MIG_TOPOLOGY, need <= st.c_migcap[:nc]))  # MIG cards (mig.py)
         return checks
 
     def _static_mask(self, a: Ask, cons: Constraints) -> BOOL:
@@ -530,6 +542,7 @@ class Placer:
             ok &= (uslot == 0) | (tcore != 100)
         if a.cores == 0:
             ok &= (ucore != tcore) | (tcore == 0)
+        ok &= need <= st.c_migcap[pos]  # MIG cards: a free placement of a large-enough profile
         return ok
 
     def _cached_mask(self, a: Ask, cons: Constraints, s_ok: BOOL) -> _MaskEntry:
@@ -1133,8 +1146,9 @@ class Placer:
         visit = self._visit(
             rec, [a], um, uc, us, list(range(n)), chain, cons.weights or ScoringWeights()
         )
+        cap = st.c_migcap[s : s + n]  # MIG cards: the vectorised stage's capacity rule
         try:
-            self._select(rec, a, um, uc, us, set(), visit, cons, chain, ns, 0, 0)
+            self._select(rec, a, um, uc, us, set(), visit, cons, chain, ns, 0, 0, _mig_cap_rule(cap))
         except _Fail as f:
             return f.reason
         return m.NODE_UNFIT_POD
@@ -1219,10 +1233,14 @@ class Placer:
                     why = m.NODE_INSUFFICIENT_DEVICE
                     break
                 req = _request(a)
+                # MIG cards as the vectorised stage judges them: refused when no
+                # large-enough profile has a free placement (mig.py)
+                mig_rule = _mig_cap_rule(st.c_migcap[s : s + n])
                 fits = sum(
                     1
-                    for c in cards
+                    for i, c in enumerate(cards)
                     if c.vendor == a.vendor and hami.card_check(c, req, f, quota_ok) is None
+                    and mig_rule(i, hami.need_mem(c, req), [], []) is None
                 )
                 if fits >= a.nums:
                     continue
@@ -1232,6 +1250,11 @@ class Placer:
                     if f.numa_bind and a.nums > 1
                     else list(range(n))
                 )
-                why = hami.fit(cards, visit, req, f, links, quota_ok).text or m.NODE_UNFIT_POD
+                # one instance per card, as the card matrix counts, unless the exact fit
+                # gives the text (NUMA binding), which may revisit a MIG card as HAMi does
+                one = cards if f.numa_bind and a.nums > 1 else [
+                    dataclasses.replace(c, mode="") if c.mode == mig.MIG_MODE else c for c in cards
+                ]  # fmt: skip
+                why = hami.fit(one, visit, req, f, links, quota_ok, mig_rule).text or m.NODE_UNFIT_POD
             out[r] = why or tried.get(r) or m.NODE_UNFIT_POD
         return out

@@ -26,6 +26,8 @@ from shared.schemas import (
     card_usage,
 )
 
+from . import mig
+
 I64 = npt.NDArray[np.int64]
 BOOL = npt.NDArray[np.bool_]
 
@@ -56,7 +58,7 @@ class NodeRec:
 
 _CARD_FIELDS = (
     "c_live", "c_node", "c_index", "c_health", "c_cordon", "c_numa", "c_mode", "c_type",
-    "c_vendor", "c_tmem", "c_umem", "c_tcore", "c_ucore", "c_tslot", "c_uslot",
+    "c_vendor", "c_tmem", "c_umem", "c_tcore", "c_ucore", "c_tslot", "c_uslot", "c_migcap",
 )  # fmt: skip
 _NODE_FIELDS = (
     "n_live", "n_healthy", "n_unsched", "n_tainted", "n_start", "n_ncards", "n_cpu_tot",
@@ -120,6 +122,7 @@ class ClusterState:
     c_ucore: I64
     c_tslot: I64
     c_uslot: I64
+    c_migcap: I64  # MIG mode: the largest ask one more instance takes (mig.capacity)
     n_live: BOOL
     n_healthy: BOOL
     n_unsched: BOOL
@@ -245,6 +248,7 @@ class ClusterState:
             self.c_tcore[p] = d.devcore
             self.c_tslot[p] = d.count
             self.c_umem[p] = self.c_ucore[p] = self.c_uslot[p] = 0
+            self.c_migcap[p] = mig.capacity(d.mig_profiles, []) if d.mode == mig.MIG_MODE else mig.NO_LIMIT
         rec.links = np.asarray(inv.links, dtype=np.int64) if inv.links else None
         if rec.links is not None and rec.links.shape != (n, n):
             rec.links = None  # malformed: ignore rather than mis-score
@@ -357,6 +361,7 @@ class ClusterState:
         ns[0] += mem
         ns[1] += cores
         rec.allocs[alloc.uid] = _Res(alloc=alloc, usage=usage, mem=mem, cores=cores)
+        self._mig_refresh(rec, usage)
 
     def _remove(self, rec: NodeRec, uid: str) -> None:
         res = rec.allocs.pop(uid, None)
@@ -380,6 +385,18 @@ class ClusterState:
         if ns is not None:
             ns[0] -= res.mem
             ns[1] -= res.cores
+        self._mig_refresh(rec, res.usage)
+
+    def _mig_refresh(self, rec: NodeRec, cards: dict[str, tuple[int, int, int]]) -> None:
+        """Recompute the MIG capacity of the node's MIG-mode cards among ``cards``."""
+        for uuid in cards:
+            p = rec.uuid_pos.get(uuid)
+            if p is None:
+                continue
+            d = rec.inv.devices[p - rec.start]
+            if d.mode == mig.MIG_MODE:
+                taken = [x for _, x in mig.instances((r.alloc for r in rec.allocs.values()), uuid)]
+                self.c_migcap[p] = mig.capacity(d.mig_profiles, taken)
 
     def _drop_usage(self, rec: NodeRec) -> None:
         for uid in list(rec.allocs):
