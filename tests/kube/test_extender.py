@@ -135,7 +135,7 @@ async def test_a_pod_that_fits_nowhere_gets_each_node_with_its_reason(
     huge = add_pod(fake, "huge", gpu_container(gpu=1, gpumem=500000))
     res = await filter_(http, kc, huge, [*ALL, "no-agent"])
     assert res["nodenames"] == [] and "error" not in res
-    assert res["failedNodes"] == dict.fromkeys(ALL, "CardInsufficientMemory")
+    assert res["failedNodes"] == dict.fromkeys(ALL, "2/2 CardInsufficientMemory")  # HAMi's per-node text
     assert set(res["failedAndUnresolvableNodes"]) == {"no-agent"}  # no cards to preempt for
     three = add_pod(fake, "three-cards", gpu_container(gpu=3, gpumem=1000))
     res = await filter_(http, kc, three, ["node-a"])
