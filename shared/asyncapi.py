@@ -374,6 +374,13 @@ _API: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "A direct client gave up on a submit: it is never placed, or released if it was.",
     ),
     (
+        subjects.PLACEMENT_PREEMPT,
+        "PreemptRequest",
+        ("PreemptReply", "ErrorReply"),
+        "The Kubernetes binder (the extender's preempt verb) asks placement which pods to evict "
+        "on each offered node so that a pod's slice fits there.",
+    ),
+    (
         subjects.API_STATUS,
         "StatusRequest",
         ("ClusterStatus", "ErrorReply"),
@@ -423,6 +430,8 @@ _MESSAGES: dict[str, tuple[type[msgspec.Struct] | None, str]] = {
     "ReleaseReply": (schemas.ReleaseReply, ""),
     "WithdrawRequest": (schemas.WithdrawRequest, "CoreHeaders"),
     "WithdrawReply": (schemas.WithdrawReply, ""),
+    "PreemptRequest": (schemas.PreemptRequest, "CoreHeaders"),
+    "PreemptReply": (schemas.PreemptReply, ""),
     "StatusRequest": (schemas.StatusRequest, "CoreHeaders"),
     "ClusterStatus": (schemas.ClusterStatus, ""),
     "ErrorReply": (schemas.ErrorReply, ""),

@@ -212,6 +212,7 @@ def permissions(role: str) -> Permissions:
         b.pub += [subjects.alloc_any("released"), subjects.alloc_any("preempted")]
         b.stream(subjects.DLQ_STREAM, owner=True)
         b.pub.append(subjects.dlq(PLACEMENT))
+        b.service("hami-placement", (subjects.PLACEMENT_PREEMPT,))
         b.durable(subjects.PLACEMENT_CONSUMER)
     elif kind == BINDER:
         b.stream(EVENTS, owner=True)
@@ -238,7 +239,7 @@ def permissions(role: str) -> Permissions:
         b.pub.append(subjects.dlq(BINDER))
         b.durable(BINDER_CONSUMER)
         # Extender mode: a standby replica hands the scheduler's calls to the Lease holder.
-        b.pub += [subjects.EXTENDER_FILTER, subjects.EXTENDER_BIND]
+        b.pub += [subjects.EXTENDER_FILTER, subjects.EXTENDER_BIND, subjects.PLACEMENT_PREEMPT]
         b.sub += [subjects.EXTENDER_FILTER, subjects.EXTENDER_BIND]
         b.service("hami-binder", (subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW))
     elif kind == INVENTORY:

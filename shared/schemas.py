@@ -448,6 +448,24 @@ class SubmitRequest(_Base, kw_only=True):
     pod_priority: int = 0
 
 
+class PreemptRequest(_Base, kw_only=True):
+    """``hami.placement.preempt``: which pods to evict on each offered node so that
+    ``request`` fits there (kube-scheduler's preempt verb, through the extender)."""
+
+    request: AllocRequested  # the preemptor, as its filter call would ask
+    priority: int = 0  # the preemptor's pod priority
+    # Offered node -> the pods there kube-scheduler would evict (uid -> pod priority,
+    # None when it sent only the uid): every pod of lower priority may be chosen; these
+    # priorities win over the ledger's.
+    nodes: dict[str, dict[str, int | None]] = {}
+
+
+class PreemptReply(_Base, kw_only=True):
+    # Node -> the uids to evict there; a node where no set of lower-priority pods makes
+    # the request fit is absent.
+    victims: dict[str, list[str]] = {}
+
+
 class SubmitReply(_Base, kw_only=True):
     ok: bool
     uid: str = ""

@@ -39,6 +39,8 @@ API_WITHDRAW = f"{PREFIX}.api.withdraw"  # a client gave up on its submit
 # Extender mode: a standby binder replica hands kube-scheduler's calls to the Lease holder.
 EXTENDER_FILTER = f"{PREFIX}.binder.extender.filter"
 EXTENDER_BIND = f"{PREFIX}.binder.extender.bind"
+# Extender mode: the binder asks placement which pods to evict for a pod (preempt verb).
+PLACEMENT_PREEMPT = f"{PREFIX}.placement.preempt"
 # key: allocation uid -> RequestOutcome of a direct client's request (answered or
 # withdrawn), with a TTL; written by the binder, read by placement.
 OUTCOMES_BUCKET = "hami-outcomes"

@@ -1,4 +1,4 @@
-"""The binder as a kube-scheduler HTTP extender: ``filter`` and ``bind``.
+"""The binder as a kube-scheduler HTTP extender: ``filter``, ``bind`` and ``preempt``.
 
 In extender mode (``scheduler.mode: extender``) the upstream kube-scheduler schedules
 our pods with every plugin it has (volume binding, inter-pod affinity, topology spread,
@@ -35,6 +35,18 @@ volume binding, a Permit plugin) is released ``extender_reservation_timeout`` se
 after its last filter by a sweep, or at once when the pod is deleted or ends (the pod
 watch calls :meth:`Extender.forget`); a bind after that finds no reservation and fails.
 
+``preempt``: kube-scheduler's own preemption counts pods, not slices of cards, so it
+asks (``ExtenderPreemptionArgs{pod, nodeToVictims, nodeNameToMetaVictims}``) and takes
+our ``ExtenderPreemptionResult{nodeNameToMetaVictims}`` instead of its own choice. The
+binder asks placement (``hami.placement.preempt``) for each offered node's smallest set
+of lower-priority pods whose release makes the pod's slice fit there (the engine's own
+fit; docs/preemption.md); the pods kube-scheduler named carry their priority, the others
+the priority their ledger entry recorded. A node where no such set exists is left out,
+so the scheduler never evicts for nothing; ``numPDBViolations`` is the scheduler's own
+count for the node (placement does not read PodDisruptionBudgets). Any replica answers
+it: nothing is reserved, placement's view decides. A pod that asks for no HAMi device
+gets the scheduler's victims back as they came.
+
 Only the Lease holder decides: a standby holds and sweeps nothing, and hands each call
 it gets over NATS (``hami.binder.extender.filter|bind``) to the Lease holder, which
 subscribes while it holds the Lease, and answers with the holder's answer. So the
@@ -66,7 +78,15 @@ from shared import subjects
 from shared.bus import Bus
 from shared.config import Config
 from shared.hami.codec import PodSpecError, pod_request
-from shared.schemas import AllocDecided, AllocFailed, AllocReleased, AllocRequested, NodeLedger
+from shared.schemas import (
+    AllocDecided,
+    AllocFailed,
+    AllocReleased,
+    AllocRequested,
+    NodeLedger,
+    PreemptReply,
+    PreemptRequest,
+)
 
 log = logging.getLogger("hami.binder.extender")
 
@@ -155,6 +175,71 @@ def parse_bind_args(body: bytes) -> BindArgs:
         raise WireError("ExtenderBindingArgs needs podName, podUID and node")
     return BindArgs(str(vals["podName"]), str(vals["podNamespace"] or "default"),
                     str(vals["podUID"]), str(vals["node"]))
+
+
+@dataclass(slots=True)
+class PreemptArgs:
+    """``ExtenderPreemptionArgs``: the pod and, per node, the victims the scheduler chose
+    (``nodeToVictims``: whole pods; ``nodeNameToMetaVictims``: uids only)."""
+
+    pod: Obj
+    # node -> victim uid -> its pod priority (None: only the uid was sent)
+    victims: dict[str, dict[str, int | None]]
+    pdb: dict[str, int]  # node -> numPDBViolations, as the scheduler counted them
+
+
+def _priority(pod: Obj) -> int | None:
+    p = (pod.get("spec") or {}).get("priority")
+    return p if isinstance(p, int) and not isinstance(p, bool) else None
+
+
+def parse_preempt_args(body: bytes) -> PreemptArgs:
+    o = _object(body, "ExtenderPreemptionArgs")
+    pod = o.get("pod")
+    if not isinstance(pod, dict):
+        raise WireError("ExtenderPreemptionArgs: pod must be a v1.Pod object")
+    meta = pod.get("metadata")
+    if not isinstance(meta, dict) or not meta.get("uid") or not meta.get("name"):
+        raise WireError("ExtenderPreemptionArgs: pod.metadata needs name and uid")
+    victims: dict[str, dict[str, int | None]] = {}
+    pdb: dict[str, int] = {}
+    for key, whole in (("nodetovictims", True), ("nodenametometavictims", False)):
+        by_node = o.get(key)
+        if by_node is None:
+            continue
+        if not isinstance(by_node, dict):
+            raise WireError(f"ExtenderPreemptionArgs: {key} must be an object of node names")
+        for node, v in by_node.items():
+            v = {str(k).lower(): x for k, x in (v or {}).items()} if isinstance(v, dict | None) else None
+            if v is None or not isinstance(v.get("pods") or [], list):
+                raise WireError(f"ExtenderPreemptionArgs: {key}[{node}] must be an object with pods")
+            named = victims.setdefault(str(node), {})
+            for p in v.get("pods") or []:
+                if not isinstance(p, dict):
+                    raise WireError(f"ExtenderPreemptionArgs: {key}[{node}].pods holds a non-object")
+                if whole:
+                    uid = (p.get("metadata") or {}).get("uid")
+                    prio = _priority(p)
+                else:
+                    uid = {str(k).lower(): x for k, x in p.items()}.get("uid")
+                    prio = None
+                if not isinstance(uid, str) or not uid:
+                    raise WireError(f"ExtenderPreemptionArgs: {key}[{node}] has a pod without uid")
+                if prio is not None or uid not in named:
+                    named[uid] = prio
+            n = v.get("numpdbviolations")
+            pdb[str(node)] = max(pdb.get(str(node), 0), n if isinstance(n, int) else 0)
+    return PreemptArgs(pod=pod, victims=victims, pdb=pdb)
+
+
+def preempt_result(victims: Mapping[str, list[str]], pdb: Mapping[str, int]) -> Obj:
+    """An ``ExtenderPreemptionResult`` (``omitempty``: no nodes, no key)."""
+    if not victims:
+        return {}
+    return {"nodeNameToMetaVictims": {
+        node: {"pods": [{"uid": u} for u in uids], "numPDBViolations": pdb.get(node, 0)}
+        for node, uids in victims.items()
+    }}
 
 
 def filter_result(
@@ -254,6 +339,7 @@ class Extender:
         self._fwd_subs: list[Any] = []  # the standbys' calls, while this replica leads
         self.filters = 0
         self.binds = 0
+        self.preempts = 0
         self.expired = 0
 
     def _lock(self, uid: str) -> asyncio.Lock:
@@ -347,6 +433,40 @@ class Extender:
                 # free it and ask again.
                 await self._release(got, "refiltered")
             return 200, filter_result(args, [], error="placement kept answering a node not offered")
+
+    # ------------------------------------------------------------------ preempt
+
+    async def preempt(self, body: bytes) -> tuple[int, Obj]:
+        """HTTP status and ``ExtenderPreemptionResult`` for a preempt call's body."""
+        try:
+            args = parse_preempt_args(body)
+        except WireError as exc:
+            return 400, {"error": str(exc)}
+        try:
+            req = pod_request(args.pod, self.cfg.node, self.cfg.resources, now=time.time())
+        except PodSpecError:
+            return 200, {}  # no node can fix the spec: evicting anyone would be for nothing
+        if not asks_devices(req):  # nothing of HAMi's: the scheduler's choice stands
+            return 200, preempt_result({n: list(v) for n, v in args.victims.items()}, args.pdb)
+        nodes = list(args.victims)
+        ask = PreemptRequest(
+            request=msgspec.structs.replace(
+                req, constraints=msgspec.structs.replace(req.constraints, nodes=nodes),
+                pending=False, source="kube"),
+            priority=_priority(args.pod) or 0,
+            nodes=args.victims,
+        )
+        try:
+            raw = await self.bus.nc.request(subjects.PLACEMENT_PREEMPT, msgspec.json.encode(ask),
+                                            timeout=self.answer_timeout_s, headers=self.bus.headers())
+        except (NatsTimeout, NoRespondersError, TimeoutError) as exc:
+            return 503, {"error": f"no answer from placement: {type(exc).__name__}"}
+        err = msgspec.json.decode(raw.data).get("error")
+        if err:  # an ErrorReply: say so rather than evict nobody in silence
+            return 500, {"error": f"placement: {err}"}
+        got = msgspec.json.decode(raw.data, type=PreemptReply)
+        self.preempts += 1
+        return 200, preempt_result(got.victims, args.pdb)
 
     @staticmethod
     def _chosen(args: FilterArgs, node: str) -> Obj:
@@ -572,7 +692,7 @@ def _bound_to(pod: Obj | None, uid: str, node: str) -> bool:
 
 
 class ExtenderServer:
-    """``POST {prefix}filter`` and ``POST {prefix}bind`` over HTTP.
+    """``POST {prefix}filter``, ``{prefix}bind`` and ``{prefix}preempt`` over HTTP.
 
     kube-scheduler's ``urlPrefix`` is ``http://HOST:PORT`` plus ``prefix`` (default
     ``/``), its ``filterVerb`` ``filter`` and ``bindVerb`` ``bind``.
@@ -607,6 +727,7 @@ class ExtenderServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)  # a NodeList can be large
         app.router.add_post(self.prefix + "filter", self._route(self.extender.filter))
         app.router.add_post(self.prefix + "bind", self._route(self.extender.bind))
+        app.router.add_post(self.prefix + "preempt", self._route(self.extender.preempt))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -615,7 +736,7 @@ class ExtenderServer:
         if server is not None and server.sockets:
             self.port = server.sockets[0].getsockname()[1]
         self.listening = True
-        log.info("extender listening on http://%s:%d%s{filter,bind}", self.host, self.port, self.prefix)
+        log.info("extender listening on http://%s:%d%s{filter,bind,preempt}", self.host, self.port, self.prefix)
 
     @property
     def url(self) -> str:

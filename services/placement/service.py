@@ -48,7 +48,17 @@ from opentelemetry import context, trace
 from services.placement.engine import ClusterState, Failure, Placement, Placer, preempt
 from services.placement.engine.model import NODE_UNFIT_POD
 from shared import limits, logs, subjects, tracing
-from shared.bus import BadMessage, Bus, Conflict, WorkQueue, decode, decode_entry, decode_event
+from shared.bus import (
+    ApiService,
+    BadMessage,
+    Bus,
+    Conflict,
+    WorkQueue,
+    add_service,
+    decode,
+    decode_entry,
+    decode_event,
+)
 from shared.config import Config, SchedulerSettings
 from shared.lifecycle import Background
 from shared.outcomes import WITHDRAWN, Outcomes
@@ -62,6 +72,8 @@ from shared.schemas import (
     NodeHealth,
     NodeInventory,
     NodeLedger,
+    PreemptReply,
+    PreemptRequest,
     Quota,
     RequestOutcome,
 )
@@ -233,6 +245,7 @@ class PlacementService:
         self.decisions = 0
         self.conflicts = 0
         self.preemptions = 0  # allocations released to make room (scheduler.preemption)
+        self._api: ApiService | None = None  # hami.placement.preempt (the extender's)
         # Nodes set aside because their inventory or ledger entry is garbage (KV key ->
         # why), and the health verdicts as last read, to restore when the entry heals.
         self.garbage: dict[str, str] = {}
@@ -602,6 +615,23 @@ class PlacementService:
                     msg_id=f"preempted:{v.uid}"))
             return choice.placement, alloc, rev
         raise RuntimeError(f"{req.uid}: ledger of the preemption's node kept changing; will retry")
+
+    async def preempt_endpoint(self, data: bytes) -> PreemptReply:
+        """``hami.placement.preempt``: per offered node, the pods whose eviction makes
+        the pod's slice fit there (the extender's preempt verb; kube-scheduler evicts)."""
+        ask = decode(data, PreemptRequest)
+        out: dict[str, list[str]] = {}
+        for node, named in ask.nodes.items():
+
+            def priority_of(a: LedgerAlloc, named: dict[str, int | None] = named) -> int | None:
+                given = named.get(a.uid)
+                return given if given is not None else a.pod_priority
+
+            got = preempt.victims_on_node(self.placer, ask.request, node, ask.priority,
+                                          priority_of=priority_of)
+            if got is not None:
+                out[node] = got.uids
+        return PreemptReply(victims=out)
 
     async def _already_placed(self, req: AllocRequested, acks: list[asyncio.Future[int]]) -> bool:
         """A redelivered or repeated request: the ledger holds it; say so again."""
@@ -1095,10 +1125,16 @@ class PlacementService:
         self._sub = await self.bus.work_queue(subjects.PLACEMENT_CONSUMER, DECISION_FILTERS)
         self._bg.spawn(self._consume(), "placement-consume")
         self._bg.spawn(self._retry_pending(), "placement-retry")
+        self._api = await add_service(
+            self.bus, "hami-placement", {subjects.PLACEMENT_PREEMPT: self.preempt_endpoint}
+        )
         log.info("%s ready: %d nodes", self.replica, len(list(self.cluster.nodes)))
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
         await self._bg.stop()
         # Batches whose events are on their way to the stream: acknowledged if they
         # are stored soon, else redelivered to whichever replica runs next.

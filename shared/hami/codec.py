@@ -333,6 +333,8 @@ def pod_request(
         pending=True,
         source="kube",
         requested_at=now,
+        # the pod's scheduling priority (admission resolves priorityClassName into it)
+        pod_priority=prio if isinstance(prio := (pod.get("spec") or {}).get("priority"), int) else 0,
     )
     # Absurd amounts (2**63 MiB, 10,000 cards) are refused here, with the bound named,
     # rather than reaching placement's arithmetic.

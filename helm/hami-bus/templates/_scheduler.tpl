@@ -60,6 +60,7 @@ extenders:
   - urlPrefix: "http://127.0.0.1:{{ .Values.scheduler.extenderPort }}"
     filterVerb: filter
     bindVerb: bind              # the binder writes HAMi's annotations in the Binding itself
+    preemptVerb: preempt        # kube-scheduler's preemption, with victims that free the slice
     enableHTTPS: false          # loopback inside the pod
     nodeCacheCapable: true      # the binder knows the nodes from the bus: names only
     weight: 1
