@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 # HAMi's request defaults live in shared.hami.resources, since the Kubernetes codec needs
 # the same answers; re-exported here for the engine's callers.
-from shared.hami.resources import normalise_ask, resolve_device_ask  # noqa: F401
+from shared.hami.resources import normalise_ask as normalise_ask
+from shared.hami.resources import resolve_device_ask as resolve_device_ask
 from shared.schemas import (
     AllocRequested,
     ContainerAsk,

@@ -629,7 +629,7 @@ class Placer:
         tm, tc = np.maximum(st.c_tmem[:nc], 1), np.maximum(st.c_tcore[:nc], 1)
         share = np.minimum((tm - st.c_umem[:nc]) / tm, (tc - st.c_ucore[:nc]) / tc)
         share = np.where(st.c_live[:nc] & st.c_health[:nc], share, 0.0)
-        return np.bincount(st.c_node[:nc], weights=share, minlength=nn)
+        return np.bincount(st.c_node[:nc], weights=share, minlength=nn).astype(np.float64)
 
     def _gpu_req(self, flat: list[Ask], rows: npt.NDArray[np.int64]) -> _F64:
         st = self.cluster
