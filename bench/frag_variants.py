@@ -31,6 +31,8 @@ EXPERIMENTS: dict[str, Variant] = {
     # fgd until the fifth session: blind to the shapes' models (the task's own models
     # still filter), exact 95 % cover
     "fgd-blind": Variant(two_d=False, exact=False, tie="bestfit", shape_types=False),
+    # the no-access measure with batches of 10 shapes up to the 95 % cover (e8b019d)
+    "fgd-step95": Variant(two_d=False, exact=False, tie="bestfit", shape_step=10),
     "frag-v2": FRAG_V2,
     "frag-v1": Variant(two_d=True, exact=False, tie="bestfit2"),  # the first frag, for comparison
     "frag-q10": Variant(two_d=True, exact=True, tie="bestfit", quantum=0.1),
