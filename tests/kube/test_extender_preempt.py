@@ -131,26 +131,30 @@ async def test_victims_are_slice_aware_per_node(
 async def test_meta_victims_take_the_ledgers_priorities(
     kc: KubeCluster, fake: FakeKube, http: aiohttp.ClientSession, full: dict[str, dict[str, Any]]
 ) -> None:
-    # nodeCacheCapable: uids only; c1's priority 50 comes from its ledger entry
+    # nodeCacheCapable: uids only; c1's priority 50 comes from its ledger entry. node-a
+    # comes with no victims (kube-scheduler's own filters fit there: they ignore HAMi's
+    # resources); the slice needs both of its pods gone.
     mid = add_pod(fake, "mid", 40, gpu=1, **{"gpumem-percentage": 60})
     body = {
         "pod": mid,
         "nodeNameToMetaVictims": {
+            "node-a": {"pods": [], "numPDBViolations": 0},
             "node-b": {"pods": [{"uid": uid(full["b1"])}], "numPDBViolations": 0},
             "node-c": {"pods": [{"uid": uid(full["c1"])}], "numPDBViolations": 0},
         },
     }
     status, res = await post(http, f"{kc.extender_url}/preempt", body)
     assert status == 200, res
-    assert res == {
-        "nodeNameToMetaVictims": {
-            "node-b": {"pods": [{"uid": uid(full["b1"])}], "numPDBViolations": 0}
-        }
-    }
+    got = res["nodeNameToMetaVictims"]
+    assert set(got) == {"node-a", "node-b"}
+    assert got["node-b"] == {"pods": [{"uid": uid(full["b1"])}], "numPDBViolations": 0}
+    assert sorted(p["uid"] for p in got["node-a"]["pods"]) == sorted(
+        [uid(full["a1"]), uid(full["a2"])]
+    )
     top = add_pod(fake, "top", 60, gpu=1, **{"gpumem-percentage": 60})
     status, res = await post(http, f"{kc.extender_url}/preempt", {**body, "pod": top})
     assert status == 200
-    assert set(res["nodeNameToMetaVictims"]) == {"node-b", "node-c"}
+    assert set(res["nodeNameToMetaVictims"]) == {"node-a", "node-b", "node-c"}
 
 
 async def test_no_victims_for_a_request_no_node_can_hold(
