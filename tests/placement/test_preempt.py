@@ -222,7 +222,7 @@ def _random_case(seed: int) -> tuple[Placer, AllocRequested, int]:
     ]
     p = placer(
         cluster(*invs),
-        node_policy=rng.choice(["binpack", "spread"]),
+        node_policy=rng.choice(["binpack", "spread", "frag"]),
         gpu_policy=rng.choice(["binpack", "spread"]),
     )
     for _ in range(rng.randint(2, 10)):
