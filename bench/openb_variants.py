@@ -1,5 +1,8 @@
 """Held-out variants of the openb trace, made from the shipped default trace.
 
+(The third session's look-alikes, kept for their figures in docs/placement.md; the
+whole family, with model lists drawn per task kind, is bench/openb_family.py.)
+
 The paper's family has more traces than are shipped (gpushareXX, multigpuXX, gpuspecXX,
 cpuXXX). This writes look-alikes by the definitions in data/openb/README.md, for checking
 that a policy tuned on the shipped five holds elsewhere:
