@@ -19,7 +19,16 @@ Prints one JSON object:
   decision's time stamp; ``cpu_ms_per_request``: CPU per request of each process;
 - ``placement_rss_mb``: the placement process's resident memory at the end.
 
+``--trace-sampling off,0.01,1`` runs the ``nats`` part once per setting (``--repeat``
+times each, interleaved, so drift of a shared machine spreads over all of them): ``off``
+without an exporter, a number with OTLP export over gRPC to a sink in this process that
+accepts every export without decoding it, sampled at that ratio
+(``parentbased_traceidratio``). ``tracing`` then holds each run and ``tracing_ratios``
+each setting's medians over those of ``off`` (throughput, p50, p99, placement's CPU per
+request), with the exports the sink received.
+
     .venv/bin/python bench/placement.py [--nodes 5000] [--cards 8] [--requests 20000] [--rate 1000]
+    .venv/bin/python bench/placement.py --skip-inprocess --rate 0 --trace-sampling off,0.01,1
 
 The default rate is the issue's target (1,000 decisions/s sustained), so the latency
 figures are those of that load; ``--rate 0`` publishes everything at once (a burst).
@@ -33,9 +42,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import nats
 import numpy as np
 
@@ -124,7 +136,59 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: int) -> dict[str, object]:
+class OtlpSink:
+    """An OTLP/gRPC trace endpoint that accepts every export and only counts it: what
+    a collector costs is not placement's, and decoding 100 % of the spans here would
+    take CPU from the service being measured (two cores are shared)."""
+
+    METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+    def __init__(self) -> None:
+        self.exports = 0
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": grpc.unary_unary_rpc_method_handler(self._export)},
+        ),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _export(self, request: bytes, context: object) -> bytes:
+        with self._lock:
+            self.exports += 1
+            self.bytes += len(request)
+        return b""  # an empty ExportTraceServiceResponse: all accepted
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.exports, self.bytes
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+def trace_env(setting: str, sink: OtlpSink | None) -> dict[str, str]:
+    """The placement process's tracing environment for one ``--trace-sampling`` value."""
+    if setting == "off":
+        return {"OTEL_TRACES_EXPORTER": "none"}
+    ratio = float(setting)
+    if not 0.0 <= ratio <= 1.0 or sink is None:
+        raise SystemExit(f"--trace-sampling: {setting!r} is neither off nor a ratio in [0, 1]")
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+    }
+
+
+async def over_nats(
+    nodes: int, cards: int, requests: int, rate: float, seed: int,
+    trace: dict[str, str] | None = None,
+) -> dict[str, object]:
     server = EmbeddedNats()
     url = await server.astart()
     bus = await Bus.connect(url, "bench")
@@ -138,6 +202,8 @@ async def over_nats(nodes: int, cards: int, requests: int, rate: float, seed: in
         echo = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
             [sys.executable, str(ROOT / "bench" / "_echo.py"), url, "bench.echo.remote.>"], cwd=ROOT)
         env = dict(os.environ, HAMI_LOG_LEVEL="WARNING", HAMI__SCHEDULER__NODEPOLICY="binpack")
+        env.pop("HAMI_TRACE_EXPORT", None)
+        env.update(trace or {"OTEL_TRACES_EXPORTER": "none"})
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
             [sys.executable, "-m", "services.placement", "--nats-url", url, "--health-port", "0"], cwd=ROOT, env=env)
         # The echo process answers before any round trip is timed.
@@ -259,6 +325,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000.0, help="requests per second (0: all at once)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip-inprocess", action="store_true")
+    ap.add_argument("--trace-sampling", default=None, metavar="off,0.01,1",
+                    help="run the NATS part once per setting: off, or a sampling ratio "
+                         "with OTLP export to an in-process sink; prints the ratios to off")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="with --trace-sampling: runs per setting, interleaved")
     args = ap.parse_args()
     out: dict[str, object] = {}
     if not args.skip_inprocess:
@@ -266,9 +337,49 @@ def main() -> int:
                             "--nodes", str(args.nodes), "--cards", str(args.cards)],
                            capture_output=True, text=True, cwd=ROOT)
         out["inprocess"] = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-2000:]}
-    out["nats"] = asyncio.run(over_nats(args.nodes, args.cards, args.requests, args.rate, args.seed))
+    if args.trace_sampling is None:
+        out["nats"] = asyncio.run(over_nats(args.nodes, args.cards, args.requests, args.rate, args.seed))
+    else:
+        out.update(traced(args))
     print(json.dumps(out, indent=2))
     return 0
+
+
+def traced(args: argparse.Namespace) -> dict[str, object]:
+    """The NATS part under each tracing setting, and each setting's ratios to off."""
+    settings = [s.strip().lower() for s in args.trace_sampling.split(",") if s.strip()]
+    if "off" not in settings:
+        settings.insert(0, "off")
+    sink = OtlpSink()
+    runs: dict[str, list[dict[str, object]]] = {s: [] for s in settings}
+    try:
+        for _ in range(max(1, args.repeat)):
+            for s in settings:
+                before = sink.counts()
+                r = asyncio.run(over_nats(args.nodes, args.cards, args.requests, args.rate,
+                                          args.seed, trace_env(s, sink)))
+                after = sink.counts()
+                r["otlp_exports"], r["otlp_bytes"] = after[0] - before[0], after[1] - before[1]
+                runs[s].append(r)
+    finally:
+        sink.stop()
+
+    def med(s: str, key: str) -> float:
+        vals = []
+        for r in runs[s]:
+            v = r[key]
+            vals.append(float(v["placement"] if isinstance(v, dict) else v))  # type: ignore[arg-type]
+        return float(np.median(vals))
+
+    keys = {"decisions_per_s": "decisions_per_s", "p50_ms": "p50_ms", "p99_ms": "p99_ms",
+            "placement_cpu_ms_per_request": "cpu_ms_per_request"}
+    ratios = {
+        s: {name: round(med(s, key) / med("off", key), 3) for name, key in keys.items()}
+        | {"otlp_exports": sum(int(r["otlp_exports"]) for r in runs[s]),  # type: ignore[call-overload]
+           "otlp_bytes": sum(int(r["otlp_bytes"]) for r in runs[s])}  # type: ignore[call-overload]
+        for s in settings
+    }
+    return {"tracing": runs, "tracing_ratios": ratios}
 
 
 if __name__ == "__main__":

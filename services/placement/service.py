@@ -91,8 +91,8 @@ STOP_SETTLE_S = 2.0  # at stop, for the stream to answer the events already sent
 CAS_ATTEMPTS = 16
 # The share of time that explaining placed decisions in their traces may take (why not
 # the other nodes), and the most it may save up while idle.
-EXPLAIN_BUDGET = 0.01
-EXPLAIN_BURST_S = 0.25
+EXPLAIN_BUDGET = 0.005
+EXPLAIN_BURST_S = 0.05
 WITHDRAWN_CAP = 100_000  # withdrawn uids remembered at most (oldest forgotten first)
 # Releases that mean "nobody waits for this request": never place it again.
 WITHDRAWING = ("withdrawn", "orphaned")
