@@ -87,7 +87,8 @@ class TracingError(ValueError):
 
 
 class _LinkSampled(Sampler):
-    """The configured sampler, except that a root span with a sampled link is sampled.
+    """The configured sampler, except that a root span with a sampled link is sampled
+    (when the sampler follows parents: the link is then to a trace that is kept).
 
     A placement batch is a root span linked to the requests it decided; with ratio
     sampling it would otherwise be dropped exactly when one of its requests is kept.
@@ -95,6 +96,7 @@ class _LinkSampled(Sampler):
 
     def __init__(self, inner: Sampler) -> None:
         self.inner = inner
+        self.follow_links = isinstance(inner, ParentBased)
 
     def should_sample(
         self,
@@ -106,7 +108,11 @@ class _LinkSampled(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: trace.TraceState | None = None,
     ) -> SamplingResult:
-        if links and not trace.get_current_span(parent_context).get_span_context().is_valid:
+        if (
+            self.follow_links
+            and links
+            and not trace.get_current_span(parent_context).get_span_context().is_valid
+        ):
             if any(link.context.trace_flags.sampled for link in links):
                 return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
         return self.inner.should_sample(

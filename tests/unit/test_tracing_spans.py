@@ -132,6 +132,14 @@ def test_the_sampler_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     assert not sp.is_recording()
 
 
+def test_a_sampler_that_ignores_parents_ignores_links_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    memory()
+    tr = tracing.tracer("hami.tests")
+    sp = tracing.start(tr, "batch", links=tracing.links([{"traceparent": SAMPLED}]))
+    assert not sp.is_recording()
+
+
 def test_each_service_names_its_spans(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "my-scheduler")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.name=x")
