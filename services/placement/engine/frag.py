@@ -122,6 +122,7 @@ _F64 = npt.NDArray[np.float64]
 _I64 = npt.NDArray[np.int64]
 _BEST_MAX = 256  # cached request kinds per scorer (each: four numbers per node)
 _BEST_BYTES = 64 << 20  # and their memory: 20,000 nodes keep 104 kinds
+_CHUNK_NODES = 2048  # nodes scored at once (bounds the temporaries, not the result)
 
 
 @dataclass(slots=True)
@@ -549,6 +550,14 @@ class FragScorer:
         stale = np.flatnonzero(self._ver != st.n_ver[:nn])
         if len(stale) == 0:
             return type_ok
+        # in slices of nodes: after a new shape version every node is stale, and the
+        # (cards x groups) temporaries of 20,000 nodes at once were a quarter GB at peak
+        for lo in range(0, len(stale), _CHUNK_NODES):
+            self._refresh_rows(st, stale[lo : lo + _CHUNK_NODES], type_ok, ng)
+        self._ver[stale] = st.n_ver[stale]
+        return type_ok
+
+    def _refresh_rows(self, st: ClusterState, stale: _I64, type_ok: BOOL, ng: int) -> None:
         counts = st.n_ncards[stale]
         pos = np.repeat(st.n_start[stale] - np.cumsum(counts) + counts, counts) + np.arange(
             counts.sum()
@@ -565,8 +574,6 @@ class FragScorer:
         idle: _F64 = np.bincount(owner, weights=w, minlength=len(stale)).astype(np.float64)
         self.idle[stale] = idle
         self.fb[stale] = self._frag_of(cnt, small, idle, self._cpu_rank(st, stale, 0))
-        self._ver[stale] = st.n_ver[stale]
-        return type_ok
 
     # ------------------------------------------------------------------- choose
 
@@ -813,8 +820,9 @@ class FragScorer:
             while len(self._best) >= cap:
                 del self._best[next(iter(self._best))]  # least recently used first
         self._best[key] = ent
-        stale = np.flatnonzero(ent.ver != st.n_ver[:nn])
-        if len(stale):
+        stale_all = np.flatnonzero(ent.ver != st.n_ver[:nn])
+        for lo in range(0, len(stale_all), _CHUNK_NODES):  # in slices: see _refresh
+            stale = stale_all[lo : lo + _CHUNK_NODES]
             node_ok = np.zeros(nn, dtype=bool)
             node_ok[stale] = True
             rows, pos = self._candidates(st, k, feasible, node_ok, stale)
