@@ -720,7 +720,11 @@ class Placer:
         pm = None
         if mig.PodMig.needed(rec.inv.devices):
             pm = mig.PodMig((r.alloc for r in rec.allocs.values()), rec.inv.devices)
-        for c, row in zip(conts, asks, strict=True):
+        last_app = max(
+            (i for i, (c, r) in enumerate(zip(conts, asks, strict=True)) if r and not c.init),
+            default=-1,
+        )
+        for ci, (c, row) in enumerate(zip(conts, asks, strict=True)):
             if c.init:
                 um, uc, us = list(base_mem), list(base_core), list(base_slot)
                 order = list(range(n))
@@ -729,8 +733,18 @@ class Placer:
                 order = app_order
             devs: list[CardGrant] = []
             taken: set[int] = set()
-            visit = self._visit(rec, row, um, uc, us, order, chain, weights) if row else []
             fresh = fast and pm is None and (c.init or not app_used)
+            visit: list[int] = []
+            partial = False
+            if fresh and len(row) == 1 and (c.init or ci == last_app):
+                # no later container starts from this order: only the fitting cards'
+                # relative order matters, so only they are scored and sorted
+                ok1 = dyn[row[0]][s : s + n]
+                cand = [p for p in order if ok1[p]]
+                visit = self._visit(rec, row, um, uc, us, cand, chain, weights)
+                partial = True
+            elif row:
+                visit = self._visit(rec, row, um, uc, us, order, chain, weights)
             for a in row:
                 picks: list[tuple[int, int]] | None = None
                 if fresh and not taken:
@@ -739,6 +753,9 @@ class Placer:
                     if len(got) == a.nums:
                         tmem = st.c_tmem[s : s + n]
                         picks = [(p, a.need(int(tmem[p]))) for p in got]
+                if picks is None and partial:
+                    # the exact fit walks every card (its reasons count them all)
+                    visit = self._visit(rec, row, um, uc, us, order, chain, weights)
                 if picks is None:
                     picks = self._select(
                         rec, a, um, uc, us, taken, visit, cons, chain, ns, pod_mem, pod_core,
@@ -1148,7 +1165,9 @@ class Placer:
         )
         cap = st.c_migcap[s : s + n]  # MIG cards: the vectorised stage's capacity rule
         try:
-            self._select(rec, a, um, uc, us, set(), visit, cons, chain, ns, 0, 0, _mig_cap_rule(cap))
+            self._select(
+                rec, a, um, uc, us, set(), visit, cons, chain, ns, 0, 0, _mig_cap_rule(cap)
+            )
         except _Fail as f:
             return f.reason
         return m.NODE_UNFIT_POD
@@ -1239,7 +1258,8 @@ class Placer:
                 fits = sum(
                     1
                     for i, c in enumerate(cards)
-                    if c.vendor == a.vendor and hami.card_check(c, req, f, quota_ok) is None
+                    if c.vendor == a.vendor
+                    and hami.card_check(c, req, f, quota_ok) is None
                     and mig_rule(i, hami.need_mem(c, req), [], []) is None
                 )
                 if fits >= a.nums:
@@ -1255,6 +1275,8 @@ class Placer:
                 one = cards if f.numa_bind and a.nums > 1 else [
                     dataclasses.replace(c, mode="") if c.mode == mig.MIG_MODE else c for c in cards
                 ]  # fmt: skip
-                why = hami.fit(one, visit, req, f, links, quota_ok, mig_rule).text or m.NODE_UNFIT_POD
+                why = (
+                    hami.fit(one, visit, req, f, links, quota_ok, mig_rule).text or m.NODE_UNFIT_POD
+                )
             out[r] = why or tried.get(r) or m.NODE_UNFIT_POD
         return out
