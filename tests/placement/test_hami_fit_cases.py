@@ -404,10 +404,30 @@ def test_engine_grants_what_the_pure_fit_grants(
 def test_engine_scores_are_hamis(
     specs: list[dict[str, int]], asks: list[tuple[int, int, int, int]]
 ) -> None:
-    """The engine's fast float32 card scores equal :func:`hami.device_score` exactly."""
+    """The engine's fast card scores order and tie the cards exactly as
+    :func:`hami.device_score`'s float32 values do."""
     cards = _hami_cards(specs)
     row = [pm.Ask("NVIDIA", n, mib, None if mib else pct, c) for n, mib, pct, c in asks]
     got = pm._hami_scores(row, [c.usedmem for c in cards], [c.usedcores for c in cards], [c.used for c in cards],
                           [c.totalmem for c in cards], [c.totalcore for c in cards], [c.count for c in cards])  # fmt: skip
     reqs = [pm._request(a) for a in row]
-    assert got == [h.device_score(c, reqs) for c in cards]
+    want = [h.device_score(c, reqs) for c in cards]
+
+    def sign(x: float) -> int:
+        return (x > 0) - (x < 0)
+
+    n = len(cards)
+    assert [[sign(got[i] - got[j]) for j in range(n)] for i in range(n)] == [
+        [sign(want[i] - want[j]) for j in range(n)] for i in range(n)
+    ]
+
+
+def test_engine_scores_near_ties_take_float32() -> None:
+    """Scores closer than float32 can tell apart tie as in HAMi (float64 would order them)."""
+    # 0.1 + 0.2 and 0.3 + 0.0 differ in float64 and are equal in float32
+    row = [pm.Ask("NVIDIA", 0, 0, None, 0)]
+    got = pm._hami_scores(row, [0, 0], [20, 30], [1, 0], [1, 1], [100, 100], [10, 10])
+    want = [h.device_score(h.Card("", count=10, used=u, totalmem=1, usedmem=0, totalcore=100, usedcores=c), [])
+            for u, c in ((1, 20), (0, 30))]  # fmt: skip
+    assert (got[0] == got[1]) is (want[0] == want[1])
+    assert (got[0] < got[1]) is (want[0] < want[1])

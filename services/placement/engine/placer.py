@@ -131,11 +131,6 @@ def _request(a: Ask) -> hami.Request:
     return hami.Request(nums=a.nums, mempct=a.pct, coresreq=a.cores, vendor=a.vendor)
 
 
-def _f32(xs: list[float]) -> list[float]:
-    """Each value rounded to float32 (an ``array('f')`` stores float32)."""
-    return array("f", xs).tolist()
-
-
 def _hami_scores(
     row: list[Ask],
     um: list[int],
@@ -145,19 +140,20 @@ def _hami_scores(
     tc: list[int],
     ts: list[int],
 ) -> list[float]:
-    """:func:`.hami.device_score` of every card of a node for one container, fast.
+    """Card scores that order (and tie) a node's cards exactly as HAMi's float32
+    :func:`.hami.device_score` values do, for one container; cheap in the usual case.
 
-    Each float32 step of HAMi's is done in float64 and rounded to float32: for +, -,
-    x and / of float32 values that rounding twice gives the float32 result exactly
-    (53 >= 2 x 24 + 2 bits), and the integers here are float32-exact (< 2**24). A zero
-    total (HAMi divides by it: inf or nan) goes the slow way.
+    The scores are computed in float64 first. Cards with the same inputs tie in both;
+    two values further apart than float32's rounding could move them (a relative
+    1e-5) order the same in both. Only when two different cards come closer than that
+    are HAMi's float32 values computed (:func:`_hami_scores_f32`). A zero total (HAMi
+    divides by it: inf or nan) takes the exact way too.
     """
     if 0 in ts or 0 in tc or 0 in tm:
-        n = len(tm)
         return [
             hami.device_score(hami.Card("", count=ts[i], used=us[i], totalmem=tm[i], usedmem=um[i],
                                         totalcore=tc[i], usedcores=uc[i]), [_request(a) for a in row])
-            for i in range(n)
+            for i in range(len(tm))
         ]  # fmt: skip
     nums = sum(a.nums for a in row)
     cores = sum(a.cores for a in row)
@@ -168,6 +164,44 @@ def _hami_scores(
             mem = [m + t * (r.mempct // 100) for m, t in zip(mem, tm, strict=True)]
         else:
             mem = [m + r.memreq for m in mem]
+    s64 = [
+        10.0 * ((nums + x) / t1 + (cores + y) / t2 + (mm + z) / t3)
+        for x, t1, y, t2, mm, z, t3 in zip(us, ts, uc, tc, mem, um, tm, strict=True)
+    ]
+    srt = sorted(range(len(s64)), key=s64.__getitem__)
+    for i, j in zip(srt, srt[1:], strict=False):
+        if s64[j] - s64[i] <= 1e-5 * abs(s64[j]) and (
+            us[i],
+            uc[i],
+            um[i],
+            ts[i],
+            tc[i],
+            tm[i],
+            mem[i],
+        ) != (us[j], uc[j], um[j], ts[j], tc[j], tm[j], mem[j]):
+            return _hami_scores_f32(nums, cores, mem, um, uc, us, tm, tc, ts)
+    return s64
+
+
+def _f32(xs: list[float]) -> list[float]:
+    """Each value rounded to float32 (an ``array('f')`` stores float32)."""
+    return array("f", xs).tolist()
+
+
+def _hami_scores_f32(
+    nums: int,
+    cores: int,
+    mem: list[int],
+    um: list[int],
+    uc: list[int],
+    us: list[int],
+    tm: list[int],
+    tc: list[int],
+    ts: list[int],
+) -> list[float]:
+    """HAMi's float32 card scores, each float32 step done in float64 and rounded: for
+    +, -, x and / of float32 values rounding twice gives the float32 result exactly
+    (53 >= 2 x 24 + 2 bits), and the integers here are float32-exact (< 2**24)."""
     n = len(tm)
     ucm = _f32(
         [(nums + x) / t for x, t in zip(us, ts, strict=True)]
@@ -243,6 +277,7 @@ class _MaskEntry:
     ver: I64
 
 
+_FAIL_CACHE_MAX = 4096  # (node, version, pod shape) -> the exact stage's refusal
 _CACHE_MAX = 192  # cached asks (each: a bool per card and two ints per node)
 
 
@@ -290,7 +325,20 @@ class Placer:
         self._score_key: tuple[int, int] = (-1, -1)
         self._score: _F64 = np.zeros(0)
         self._score_ver: I64 = np.zeros(0, dtype=np.int64)
+        self._fail_cache: dict[tuple[object, ...], str] = {}
         self.use_cache = True  # False: recompute everything (tests compare both paths)
+
+    @staticmethod
+    def _shape_key(
+        conts: list[ContainerAsk], asks: list[list[Ask]], cons: Constraints
+    ) -> tuple[object, ...]:
+        """What the exact stage's answer on a node depends on besides the node."""
+        return (
+            tuple((c.init, tuple(r)) for c, r in zip(conts, asks, strict=True)),
+            cons.gpu_policy, (w.slot, w.core, w.memory) if (w := cons.weights) else None,
+            cons.numa_bind, cons.vgpu_mode,
+            tuple(cons.use_types), tuple(cons.nouse_types), tuple(cons.use_uuids), tuple(cons.nouse_uuids),
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- public API
 
@@ -342,15 +390,26 @@ class Placer:
                 got = self._decide_frag(policy, req, conts, asks, cpu, mem, cands, dyn, flat)
                 if got is not None:
                     return got
+            # a node that refused this shape of pod and has not changed since refuses it
+            # again: kept per (node, version, shape), the exact stage is skipped then
+            shape = self._shape_key(conts, asks, cons) if cached else None
             for row in self._order(policy, cands, flat, cpu):
                 rec = st.rows[row]
                 assert rec is not None
+                fkey = (row, int(st.n_ver[row]), st.layout, shape) if shape is not None else None
+                if fkey is not None and fkey in self._fail_cache:
+                    tried[row] = self._fail_cache[fkey]
+                    continue
                 try:
                     grants = self._fit_node(
                         rec, conts, asks, dyn, cons, chain, weights, req.namespace
                     )
                 except _Fail as f:
                     tried[row] = f.reason
+                    if fkey is not None:
+                        if len(self._fail_cache) >= _FAIL_CACHE_MAX:
+                            self._fail_cache.clear()
+                        self._fail_cache[fkey] = f.reason
                     continue
                 return m.Placement(node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem)
         if not explain:
@@ -720,6 +779,7 @@ class Placer:
         pm = None
         if mig.PodMig.needed(rec.inv.devices):
             pm = mig.PodMig((r.alloc for r in rec.allocs.values()), rec.inv.devices)
+        memo: dict[str, object] = {}
         last_app = max(
             (i for i, (c, r) in enumerate(zip(conts, asks, strict=True)) if r and not c.init),
             default=-1,
@@ -759,7 +819,7 @@ class Placer:
                 if picks is None:
                     picks = self._select(
                         rec, a, um, uc, us, taken, visit, cons, chain, ns, pod_mem, pod_core,
-                        pm.rule if pm is not None else None,
+                        pm.rule if pm is not None else None, memo,
                     )  # fmt: skip
                 for i, need in picks:
                     d = rec.inv.devices[i]
@@ -881,6 +941,7 @@ class Placer:
         pod_mem: int,
         pod_core: int,
         mig_rule: Callable[[int, int, Sequence[int], Sequence[int]], str | None] | None = None,
+        memo: dict[str, object] | None = None,
     ) -> list[tuple[int, int]]:
         """Pick ``a.nums`` cards of ``rec`` for one ask (:func:`.hami.fit`, in the
         ``visit`` order, ``mig_rule`` its custom filter); raises _Fail with HAMi's
@@ -888,7 +949,17 @@ class Placer:
         st = self.cluster
         if rec.n < a.nums:
             raise _Fail(m.NODE_INSUFFICIENT_DEVICE)
-        cards = self._hami_cards(rec, um, uc, us)
+        # ``memo`` (one per node fit): the node's cards and the filters are built once,
+        # then only the cards' use is brought up to date
+        cached = memo.get("cards") if memo is not None else None
+        if isinstance(cached, list):
+            cards = cached
+            for i, card in enumerate(cards):
+                card.usedmem, card.usedcores, card.used = um[i], uc[i], us[i]
+        else:
+            cards = self._hami_cards(rec, um, uc, us)
+            if memo is not None:
+                memo["cards"] = cards
         f = _filters(cons, chain)
         q = st.quotas.get(ns)
         quota_ok = None
