@@ -121,18 +121,24 @@ def register_variant(name: str, variant: Variant) -> None:
 _F64 = npt.NDArray[np.float64]
 _I64 = npt.NDArray[np.int64]
 _BEST_MAX = 256  # cached request kinds per scorer (each: four numbers per node)
-_BEST_BYTES = 64 << 20  # and their memory: 20,000 nodes keep 104 kinds
+_BEST_BYTES = 64 << 20  # and their memory: 20,000 nodes keep 167 kinds
 _CHUNK_NODES = 2048  # nodes scored at once (bounds the temporaries, not the result)
 
 
 @dataclass(slots=True)
 class _Best:
-    """Per node, the best card for one kind of request, valid while ``ver`` = n_ver."""
+    """Per node, the best card for one kind of request, valid for the nodes whose
+    ``n_ver`` is at most ``synced``.
+
+    ``n_ver`` is a stamp from one counter of the whole cluster, so a node changed
+    since the entry was brought up to date has a larger one: one number per entry
+    instead of one per node (20 bytes per node and kind, not 32).
+    """
 
     score: _F64  # -inf: no feasible card
     left: _F64
-    pos: _I64
-    ver: _I64
+    pos: npt.NDArray[np.int32]
+    synced: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -809,25 +815,21 @@ class FragScorer:
         key = (key, st.layout, nn)
         ent = self._best.pop(key, None)  # re-inserted last: the dict's order is recency
         if ent is None:
-            ent = _Best(
-                np.full(nn, -np.inf),
-                np.zeros(nn),
-                np.full(nn, -1, dtype=np.int64),
-                np.full(nn, -1, dtype=np.int64),
-            )
-            # 32 bytes per node and kind: at most _BEST_BYTES in all (16 kinds at least)
-            cap = max(16, min(_BEST_MAX, _BEST_BYTES // (32 * max(nn, 1))))
+            ent = _Best(np.full(nn, -np.inf), np.zeros(nn), np.full(nn, -1, dtype=np.int32), -1)
+            # 20 bytes per node and kind: at most _BEST_BYTES in all (16 kinds at least)
+            cap = max(16, min(_BEST_MAX, _BEST_BYTES // (20 * max(nn, 1))))
             while len(self._best) >= cap:
                 del self._best[next(iter(self._best))]  # least recently used first
         self._best[key] = ent
-        stale_all = np.flatnonzero(ent.ver != st.n_ver[:nn])
+        nver = st.n_ver[:nn]
+        now = int(nver.max(initial=-1))
+        stale_all = np.flatnonzero(nver > ent.synced)
         for lo in range(0, len(stale_all), _CHUNK_NODES):  # in slices: see _refresh
             stale = stale_all[lo : lo + _CHUNK_NODES]
             node_ok = np.zeros(nn, dtype=bool)
             node_ok[stale] = True
             rows, pos = self._candidates(st, k, feasible, node_ok, stale)
             ent.score[stale] = -np.inf
-            ent.ver[stale] = st.n_ver[stale]
             if len(rows):
                 score, left, cleft = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
                 # per node the best card: highest score, least left, lowest position
@@ -839,6 +841,7 @@ class FragScorer:
                 ent.score[rows[pick]] = score[pick]
                 ent.left[rows[pick]] = left[pick]
                 ent.pos[rows[pick]] = pos[pick]
+        ent.synced = now
         sc = ent.score[cands]
         if len(sc) == 0 or sc.max() == -np.inf:
             return None
