@@ -201,7 +201,9 @@ async def over_nats(
                 await asyncio.sleep(0)
         echo = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
             [sys.executable, str(ROOT / "bench" / "_echo.py"), url, "bench.echo.remote.>"], cwd=ROOT)
-        env = dict(os.environ, HAMI_LOG_LEVEL="WARNING", HAMI__SCHEDULER__NODEPOLICY="binpack")
+        # placement's configured node policy (frag); HAMI__SCHEDULER__NODEPOLICY=binpack in
+        # the environment measures HAMi's
+        env = dict(os.environ, HAMI_LOG_LEVEL="WARNING")
         env.pop("HAMI_TRACE_EXPORT", None)
         env.update(trace or {"OTEL_TRACES_EXPORTER": "none"})
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
