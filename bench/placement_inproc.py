@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.placement.engine import ClusterState, Placement, Placer  # noqa: E402
+from services.placement.engine.frag import PRODUCT_DEFAULT  # noqa: E402
 from shared.config import NodeSettings, SchedulerSettings  # noqa: E402
 from shared.schemas import (  # noqa: E402
     AllocRequested,
@@ -143,7 +144,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument(
         "--policy",
         default="default",
-        help="node policy; default: the configured default (scheduler.nodePolicy)",
+        help="node policy; default: the product's own (frag)",
     )
     ap.add_argument("--gpu-policy", default="spread")
     ap.add_argument("--seed", type=int, default=1)
@@ -152,7 +153,7 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     cl = build(args.nodes, args.cards)
     build_s = time.perf_counter() - t0
-    policy = SchedulerSettings().node_policy if args.policy == "default" else args.policy
+    policy = PRODUCT_DEFAULT if args.policy == "default" else args.policy
     # an unknown name stops here (ValueError), before the cluster is filled
     placer = Placer(
         cl,

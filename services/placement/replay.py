@@ -204,7 +204,7 @@ def replay_one(
 ) -> Run:
     """One seed of one policy; returns the unallocated GPU % at arrived = 100 %.
 
-    ``policy`` "default" is the configured default (:func:`resolve_policy`).
+    ``policy`` "default" is the product's own (:func:`resolve_policy`).
     """
     label = policy
     policy = resolve_policy(policy)
@@ -246,9 +246,9 @@ def replay_one(
 
 
 def resolve_policy(name: str) -> str:
-    """``default`` names the configured default node policy (``scheduler.nodePolicy``'s
-    default, the product's own); other names pass through."""
-    return SchedulerSettings().node_policy if name == "default" else name
+    """``default`` names the product's own policy (``frag``), the one compared with the
+    published FGD figure; other names pass through."""
+    return PRODUCT_DEFAULT if name == "default" else name
 
 
 def published(trace: str, policy: str) -> float | None:
@@ -317,7 +317,7 @@ def main(argv: list[str], parser: type[argparse.ArgumentParser] = argparse.Argum
         "--policy",
         action="append",
         required=True,
-        help=f"node policy: default (the configured default, {PRODUCT_DEFAULT}), {', '.join(NODE_POLICIES)} (repeat)",
+        help=f"node policy: default (the product's own, {PRODUCT_DEFAULT}), {', '.join(NODE_POLICIES)} (repeat)",
     )
     ap.add_argument("--seeds", default="42-51", help="e.g. 42-51 or 42,43 (default 42-51)")
     ap.add_argument(

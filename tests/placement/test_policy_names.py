@@ -1,5 +1,6 @@
-"""Node policy names: the configured default is the product's policy, and a name that
-is not known is an error everywhere, never a silent fall back to binpack."""
+"""Node policy names: the configured default is HAMi's binpack until the product's policy
+is as fast, the product's is one setting away, and a name that is not known is an error
+everywhere, never a silent fall back to binpack."""
 
 from __future__ import annotations
 
@@ -21,24 +22,23 @@ from .util import cluster, node, placer, req
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_configured_default_is_the_product_policy(tmp_path: Path) -> None:
+def test_the_configured_default_is_binpack_and_the_product_policy_one_setting_away(tmp_path: Path) -> None:
     assert PRODUCT_DEFAULT == "frag"
-    assert SchedulerSettings().node_policy == PRODUCT_DEFAULT
+    assert SchedulerSettings().node_policy == "binpack"
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
-    assert load_config(empty, env={}).scheduler.node_policy == PRODUCT_DEFAULT
+    assert load_config(empty, env={}).scheduler.node_policy == "binpack"
     assert replay.resolve_policy("default") == PRODUCT_DEFAULT
-    # HAMi's own policies stay one setting away
-    picked = tmp_path / "binpack.yaml"
-    picked.write_text("scheduler: {nodePolicy: binpack}\n")
-    assert load_config(picked, env={}).scheduler.node_policy == "binpack"
+    picked = tmp_path / "frag.yaml"
+    picked.write_text("scheduler: {nodePolicy: frag}\n")
+    assert load_config(picked, env={}).scheduler.node_policy == PRODUCT_DEFAULT
 
 
-def test_a_placer_with_the_default_settings_places_by_the_product_policy() -> None:
+def test_a_placer_set_to_the_product_policy_places_by_it() -> None:
     # Workload: half-card and whole-card tasks; a has a card half used. Default settings
     # must place the next half-card task into that fragment, not split an idle card.
     cl = cluster(node("a", 2), node("b", 2))
-    p = Placer(cl, SchedulerSettings(), NodeSettings())
+    p = Placer(cl, SchedulerSettings(node_policy=PRODUCT_DEFAULT), NodeSettings())
     for _ in range(10):
         p.observe(req(DeviceAsk(mem_percent=50, cores=50)))
         p.observe(req(DeviceAsk(nums=1, cores=100)))

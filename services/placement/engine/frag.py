@@ -39,7 +39,7 @@ from . import model as m
 from .state import BOOL, ClusterState
 
 FRAG_POLICIES = ("fgd", "frag")
-PRODUCT_DEFAULT = "frag"  # the product's own policy, the default of scheduler.nodePolicy
+PRODUCT_DEFAULT = "frag"  # the product's own policy (scheduler.nodePolicy stays binpack until frag is as fast)
 
 
 @dataclass(frozen=True, slots=True)
