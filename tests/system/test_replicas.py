@@ -140,6 +140,7 @@ class _Recorded:
     def __init__(self) -> None:
         self.settled: list[str] = []
         self.headers: dict[str, str] = {}
+        self.subject = "hami.evt.alloc.requested"
 
     async def ack(self) -> None:
         self.settled.append("ack")
