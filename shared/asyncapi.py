@@ -291,7 +291,7 @@ def channels(settings: BusSettings | None = None) -> list[Channel]:
                 description=f"The Lease holder's answer to {subject}.",
             )
         )
-    dlq_services = tuple(r for r in auth.SERVICE_ROLES if _can_pub(r, subjects.dlq(r)))
+    dlq_services = tuple(r for r in auth.SERVICE_ROLES if auth.may_publish(r, subjects.dlq(r)))
     out.append(
         Channel(
             id="deadLetter",
@@ -530,31 +530,6 @@ def _headers() -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------ who does what
 
 
-def _matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard matching: ``*`` one token, ``>`` one or more at the end."""
-    p, s = pattern.split("."), subject.split(".")
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return len(s) > i
-        if i >= len(s) or (tok != "*" and tok != s[i]):
-            return False
-    return len(p) == len(s)
-
-
-def _can_pub(role: str, subject: str) -> bool:
-    perms = auth.permissions(role)
-    return any(_matches(a, subject) for a in perms.pub_allow) and not any(
-        _matches(d, subject) for d in perms.pub_deny
-    )
-
-
-def _can_sub(role: str, subject: str) -> bool:
-    perms = auth.permissions(role)
-    return any(_matches(a, subject) for a in perms.sub_allow) and not any(
-        _matches(d, subject) for d in perms.sub_deny
-    )
-
-
 @dataclass(frozen=True)
 class Operation:
     role: str  # the documented name (nodeagent, not nodeagent:<node>)
@@ -575,19 +550,19 @@ def operations(chans: list[Channel]) -> list[Operation]:
                 bucket = ch.extensions["x-kv"]["bucket"]
                 (param,) = ch.params
                 key = subjects.kv_key(_EXAMPLES[param])
-                if _can_pub(role, f"$KV.{bucket}.{key}"):
+                if auth.may_publish(role, f"$KV.{bucket}.{key}"):
                     out.append(Operation(name, "send", ch, "KV put"))
-                if _can_pub(
+                if auth.may_publish(
                     role, f"$JS.API.DIRECT.GET.{auth.kv_stream(bucket)}.$KV.{bucket}.{key}"
                 ):
                     out.append(Operation(name, "receive", ch, "KV get and watch"))
                 continue
             if ch.kind == "dlq":
-                if role in ch.enums["service"] and _can_pub(role, ch.example(service=role)):
+                if role in ch.enums["service"] and auth.may_publish(role, ch.example(service=role)):
                     out.append(Operation(name, "send", ch, "JetStream publish"))
                 continue
             subject = ch.example()
-            if _can_pub(role, subject):
+            if auth.may_publish(role, subject):
                 how = {
                     "event": "JetStream publish (acknowledged, Nats-Msg-Id)",
                     "core": "core publish",
@@ -598,8 +573,8 @@ def operations(chans: list[Channel]) -> list[Operation]:
                 q
                 for q, filters in WORK_QUEUES.items()
                 if _QUEUE_ROLE[q] == role
-                and any(_matches(f, subject) for f in filters)
-                and _can_pub(role, f"$JS.ACK.{subjects.EVENTS_STREAM}.{q}.1.1.1.1.1")
+                and any(auth.subject_matches(f, subject) for f in filters)
+                and auth.may_publish(role, f"$JS.ACK.{subjects.EVENTS_STREAM}.{q}.1.1.1.1.1")
             ]
             if queues:
                 out.append(
@@ -612,7 +587,7 @@ def operations(chans: list[Channel]) -> list[Operation]:
                         queue=queues[0],
                     )
                 )
-            elif _can_sub(role, subject):
+            elif auth.may_subscribe(role, subject):
                 how = {
                     "event": "subscription or JetStream consumer",
                     "core": "subscription",
@@ -640,7 +615,7 @@ def undocumented(chans: list[Channel] | None = None) -> list[str]:
                 if pattern.split(".")[1] not in buckets:
                     out.append(f"{role}: {pattern}")
             elif not pattern.startswith(plumbing) and not any(
-                _matches(pattern, e) for e in examples
+                auth.subject_matches(pattern, e) for e in examples
             ):
                 out.append(f"{role}: {pattern}")
     return sorted(set(out))

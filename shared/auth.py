@@ -420,3 +420,30 @@ class Credentials:
     @property
     def inbox_prefix(self) -> str:
         return inbox_prefix(self.role)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` one token, ``>`` one or more at the end."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def may_publish(role: str, subject: str) -> bool:
+    """Whether ``role``'s permissions let it publish on ``subject``."""
+    perms = permissions(role)
+    return any(subject_matches(a, subject) for a in perms.pub_allow) and not any(
+        subject_matches(d, subject) for d in perms.pub_deny
+    )
+
+
+def may_subscribe(role: str, subject: str) -> bool:
+    """Whether ``role``'s permissions let it subscribe to ``subject``."""
+    perms = permissions(role)
+    return any(subject_matches(a, subject) for a in perms.sub_allow) and not any(
+        subject_matches(d, subject) for d in perms.sub_deny
+    )

@@ -7,27 +7,9 @@ import pytest
 from services.binder.service import BINDER_CONSUMER
 from shared import auth, subjects
 
-
-def matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard matching: ``*`` one token, ``>`` one or more at the end."""
-    p, s = pattern.split("."), subject.split(".")
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return len(s) > i
-        if i >= len(s) or (tok != "*" and tok != s[i]):
-            return False
-    return len(p) == len(s)
-
-
-def can_pub(role: str, subject: str) -> bool:
-    perms = auth.permissions(role)
-    return any(matches(a, subject) for a in perms.pub_allow) and not any(
-        matches(d, subject) for d in perms.pub_deny
-    )
-
-
-def can_sub(role: str, subject: str) -> bool:
-    return any(matches(a, subject) for a in auth.permissions(role).sub_allow)
+matches = auth.subject_matches
+can_pub = auth.may_publish
+can_sub = auth.may_subscribe
 
 
 ROLES = [*auth.FIXED_ROLES, "nodeagent:n1"]
