@@ -272,6 +272,8 @@ async def client(
                 o.result = "ok" if rel.ok else "refused"
                 o.detail = rel.error
                 told = "released" if rel.ok else "release refused"
+                if rel.ok and rel.uid and rel.uid != uid:  # the binder freed another uid
+                    told += f" (the binder released {rel.uid})"
                 load.told[uid] = f"{told}: {rel.error}" if rel.error else told
             else:
                 load.unsure.add(name)

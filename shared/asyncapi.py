@@ -413,7 +413,7 @@ _KV: tuple[tuple[str, str, str, str], ...] = (
         subjects.OUTCOMES_BUCKET,
         "uid",
         "RequestOutcome",
-        "What became of a direct client's request (answered or withdrawn), first writer wins; "
+        "What became of a direct client's request (answered, withdrawn or released), first writer wins; "
         "entries expire after {ttl:g} s (bus.maxWait {max_wait:g} s plus a margin).",
     ),
 )

@@ -7,6 +7,12 @@ A ``hami submit`` request ends in exactly one of two ways, recorded under its ui
 - ``withdrawn``: nobody waits for it any more (the wait timed out, the client withdrew,
   or a binder found a decision nobody answered). Never place it; release it if placed.
 
+- ``released``: its holder released it (``hami release``) after it was answered.
+  Written over ``answered`` before the release is published, so that a copy of the
+  request redelivered after the release (a placement replica that crashed before its
+  acknowledgement) is refused like a withdrawn one instead of being placed again for
+  a client that has been told it is gone.
+
 A create loses to whatever is there already, so of a reply and a withdrawal racing on
 two binder replicas only the first counts: a client is told "placed" only if nobody
 withdrew the request first, and every other decision is released. Placement follows
@@ -31,6 +37,9 @@ from shared.schemas import RequestOutcome
 
 ANSWERED = "answered"
 WITHDRAWN = "withdrawn"
+RELEASED = "released"
+# Never to be placed (again): what placement refuses.
+CLOSED = frozenset({WITHDRAWN, RELEASED})
 # Kept this long after the longest wait: a late redelivery still finds its outcome.
 TTL_MARGIN_S = 600.0
 
@@ -84,8 +93,16 @@ class Outcomes:
                        deadline: float = 0.0) -> None:
         """Record that nobody waits for ``uid`` (overwriting ``answered``: a client that
         withdraws after its reply was lost does not want the allocation)."""
+        await self._put(uid, WITHDRAWN, name, namespace, deadline)
+
+    async def release(self, uid: str, name: str = "", namespace: str = "") -> None:
+        """Record that ``uid``'s holder released it: never place it again."""
+        await self._put(uid, RELEASED, name, namespace, 0.0)
+
+    async def _put(self, uid: str, state: str, name: str, namespace: str,
+                   deadline: float) -> None:
         await self.ensure()
         await self.bus.kv_put(subjects.OUTCOMES_BUCKET, uid, RequestOutcome(
-            uid=uid, state=WITHDRAWN, name=name, namespace=namespace, deadline=deadline,
+            uid=uid, state=state, name=name, namespace=namespace, deadline=deadline,
             at=time.time(),
         ))

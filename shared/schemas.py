@@ -513,11 +513,13 @@ class RequestOutcome(_Base, kw_only=True, omit_defaults=False):
     """What became of a direct client's request, in the ``hami-outcomes`` bucket (key:
     the uid): ``answered`` (its client was told where it is placed) or ``withdrawn``
     (nobody waits for it: never place it, release it if placed). Whichever is written
-    first wins; entries expire with the bucket's TTL, after every request's deadline."""
+    first wins; ``released`` (its holder released it: never place it again) is written
+    over ``answered``. Entries expire with the bucket's TTL, after every request's
+    deadline."""
 
     v: int = SCHEMA_VERSION
     uid: str
-    state: str  # answered | withdrawn
+    state: str  # answered | withdrawn | released
     name: str = ""
     namespace: str = ""
     deadline: float = 0.0

@@ -515,6 +515,7 @@ class BinderService:
             return ReleaseReply(ok=False, error=f"{req.name}: no such allocation")
         uid, node = found
         gone = self.gone.setdefault(uid, asyncio.Event())
+        await self.outcomes.release(uid, req.name, req.namespace)
         await self.release(uid, req.name, req.namespace, node, "released")
         try:
             # Answer once placement has freed it, so the caller's next ask sees the room.

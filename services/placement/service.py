@@ -61,7 +61,7 @@ from shared.bus import (
 )
 from shared.config import Config, SchedulerSettings
 from shared.lifecycle import Background
-from shared.outcomes import WITHDRAWN, Outcomes
+from shared.outcomes import CLOSED, Outcomes
 from shared.schemas import (
     AllocDecided,
     AllocFailed,
@@ -378,7 +378,7 @@ class PlacementService:
         if value is None:
             return
         o = decode(value, RequestOutcome)
-        if o.state == WITHDRAWN:
+        if o.state in CLOSED:
             self._note_withdrawn(o.uid, o.deadline)
 
     def _note_withdrawn(self, uid: str, deadline: float = 0.0) -> None:

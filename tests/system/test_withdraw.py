@@ -186,6 +186,26 @@ async def test_a_withdrawn_request_is_never_placed_when_capacity_appears(system:
     assert not ev.of(uid, AllocDecided)
 
 
+async def test_a_released_request_redelivered_is_not_placed_again(system: System, bus: Bus) -> None:
+    """A copy of a request delivered again after its holder released it (a placement
+    replica that crashed before its acknowledgement) must not take the card back for a
+    client that was told it is gone."""
+    ev = await Events().start(bus)
+    uid = new_uid()
+    r = await submit(bus, ask("held", pct=None, uid=uid, timeout=30))
+    assert r.ok, r
+    (first,) = ev.of(uid, AllocRequested)
+    assert (await release(bus, "held")).ok
+    assert uid not in await ledger_uids(bus, NODE)
+    await bus.publish_event(subjects.alloc("requested"), first, msg_id=f"requested:{uid}:again")
+    # The card holds one whole-card slice: the probe, after the copy in stream order,
+    # gets it only if the copy was refused.
+    probe = await submit(bus, ask("probe", pct=None))
+    assert probe.ok, probe
+    assert uid not in await ledger_uids(bus, NODE)
+    assert len(ev.of(uid, AllocDecided)) == 1
+
+
 async def test_an_expired_request_redelivered_is_answered_expired_and_not_placed(system: System, bus: Bus) -> None:
     ev = await Events().start(bus)
     uid = new_uid()
