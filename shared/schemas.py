@@ -218,6 +218,9 @@ class AllocRequested(_Base, kw_only=True, omit_defaults=False, tag="requested", 
     # --priority``; Kubernetes: the pod's spec.priority). Not ``priority`` above, which
     # is HAMi's nvidia.com/priority task priority (0 high, 1 low) for the limiter.
     pod_priority: int = 0
+    # The leaf queue it joins (docs/queues.md): ``hami submit --queue``, the pod's
+    # ``hami.io/queue`` label; "" = its namespace's default queue, else "default".
+    queue: str = ""
 
 
 # --------------------------------------------------------------------------- decisions
@@ -290,6 +293,9 @@ class AllocFailed(_Base, kw_only=True, omit_defaults=False, tag="failed", tag_fi
     # "" when it did not fit (``reasons`` say why); "expired" when its deadline passed
     # before it was placed; "withdrawn" when its client withdrew it.
     reason: str = ""
+    # Per card reason, the nodes whose text gives it, sorted (what HAMi's FilteringFailed
+    # events list: "2 nodes CardInsufficientMemory(n1,n2)"); for Kubernetes pods only.
+    reason_nodes: dict[str, list[str]] = {}
 
 
 class AllocBound(_Base, kw_only=True, omit_defaults=False, tag="bound", tag_field="kind"):
@@ -383,6 +389,7 @@ class LedgerAlloc(_Base, kw_only=True):
     cpu_milli: int = 0  # node resources the pod holds, summed like the cards (init peak)
     memory_mib: int = 0
     pod_priority: int = 0  # the request's scheduling priority (preemption: higher wins)
+    queue: str = ""  # the leaf queue it counts against (docs/queues.md); "" = its namespace's default
 
 
 class NodeLedger(_Base, kw_only=True, omit_defaults=False):
@@ -446,6 +453,7 @@ class SubmitRequest(_Base, kw_only=True):
     uid: str = ""
     # Scheduling priority, higher wins (``AllocRequested.pod_priority``).
     pod_priority: int = 0
+    queue: str = ""  # the leaf queue to join (``AllocRequested.queue``)
 
 
 class PreemptRequest(_Base, kw_only=True):

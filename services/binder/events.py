@@ -17,10 +17,25 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 log = logging.getLogger("hami.binder.events")
+
+
+def filtering_failed_messages(reason_nodes: Mapping[str, Sequence[str]], offered: int) -> list[str]:
+    """The messages of HAMi's ``FilteringFailed`` events (Warning) for a pod no node
+    fits: one per card reason, ``"<n> nodes <reason>(<node>,<node>)"`` with its nodes
+    sorted, then ``"no available node, <offered> nodes do not meet"``. HAMi emits the
+    per-reason ones in its map's order, which Go randomises; here they come by name."""
+    out = [
+        f"{len(nodes)} nodes {why}({','.join(sorted(nodes))})"
+        for why, nodes in sorted(reason_nodes.items())
+        if nodes
+    ]
+    out.append(f"no available node, {offered} nodes do not meet")
+    return out
+
 
 Post = Callable[[str, dict[str, Any]], Awaitable[Any]]  # (collection path, body)
 
@@ -67,7 +82,9 @@ class EventSender:
         if send is None and len(self.queue) >= self.max_queue:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("event queue full (%d): %d events dropped", self.max_queue, self.dropped)
+                log.warning(
+                    "event queue full (%d): %d events dropped", self.max_queue, self.dropped
+                )
             return
         self.queue.append((time.monotonic(), path, body, send or self.post))
         self._drained.clear()

@@ -92,7 +92,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from services.binder.events import EventSender
+from services.binder.events import EventSender, filtering_failed_messages
 from services.binder.extender import Extender, ExtenderServer
 from services.binder.service import Backend, BindError, BinderService
 from shared import subjects
@@ -695,9 +695,15 @@ class KubeBinder(BinderService):
     async def handle_failed(self, f: AllocFailed) -> None:
         if f.source == "kube":
             pod = self.pods.get(f.uid) or {"metadata": {"uid": f.uid, "name": f.name, "namespace": f.namespace}}
-            counts = ", ".join(f"{n} {r}" for r, n in sorted(f.reasons.items()))
-            msg = f.message or f"0/{f.nodes_total} nodes are available: {counts}"
-            self.kbackend.event(pod, FILTERING_FAILED, msg, warning=True)
+            if f.nodes_total and not f.reason:
+                # HAMi's events: one per card reason naming its nodes, then the count
+                offered = len(f.node_reasons) or f.nodes_total
+                for msg in filtering_failed_messages(f.reason_nodes, offered):
+                    self.kbackend.event(pod, FILTERING_FAILED, msg, warning=True)
+            else:  # refused before any node was judged (invalid, expired): say why
+                counts = ", ".join(f"{n} {r}" for r, n in sorted(f.reasons.items()))
+                msg = f.message or f"0/{f.nodes_total} nodes are available: {counts}"
+                self.kbackend.event(pod, FILTERING_FAILED, msg, warning=True)
         await super().handle_failed(f)
 
     # ------------------------------------------------------------------ quotas

@@ -560,6 +560,8 @@ class PlacementService:
             requested_at=req.requested_at,
             failed_at=time.time(),
             node_reasons=self.placer.node_reasons(req, result) if req.constraints.nodes else {},
+            # the binder's FilteringFailed events name them (only Kubernetes pods get events)
+            reason_nodes=self.placer.reason_nodes(req, result) if req.source == "kube" else {},
         )
         return await self.bus.publish_event_nowait(
             subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:{req.requested_at}"

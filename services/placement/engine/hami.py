@@ -127,6 +127,14 @@ def parse_reason(text: str) -> dict[str, int]:
     return out
 
 
+def hami_parse_reason(text: str) -> dict[str, int]:
+    """HAMi's ``ParseReason``: the reasons and counts of a per-node text, and nothing
+    for a text that is not all ``"<n>/<cards> <reason>"`` parts (``NodeInsufficientDevice``,
+    a pod-level filter's wording). What HAMi's ``FilteringFailed`` events list."""
+    got = parse_reason(text)
+    return {} if got == {text: 1} else got
+
+
 # -------------------------------------------------------------------------- scores
 
 

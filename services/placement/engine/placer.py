@@ -1122,6 +1122,38 @@ class Placer:
                 out[name] = rs.text(rec.row)
         return out
 
+    def reason_nodes(self, req: AllocRequested, failure: m.Failure) -> dict[str, list[str]]:
+        """For a failed request, per card reason the live nodes whose text gives it,
+        sorted: what HAMi's ``FilteringFailed`` events list. As HAMi's ``ParseReason``
+        reads the texts, a node-level one (``NodeInsufficientDevice``, a pod-level
+        filter) lists the node under no reason."""
+        conts = m.ordered_containers(req)
+        flat = [self._ask(a) for c in conts for a in c.devices if a.nums > 0]
+        if not flat:
+            return {}
+        cons = req.constraints
+        cpu, mem = m.pod_node_resources(conts)
+        static = {a: self._static_mask(a, cons) for a in dict.fromkeys(flat)}
+        rs = self._reason_ids(cons, cpu, mem, flat, static, req.namespace, failure.tried)
+        st = self.cluster
+        live = st.n_live[: st.nn]
+        rows: dict[str, list[int]] = {}
+        for i in np.unique(rs.rid[live]).tolist():
+            if i > 0:
+                for why in hami.hami_parse_reason(rs.names[i]):
+                    rows.setdefault(why, []).extend(np.flatnonzero(live & (rs.rid == i)).tolist())
+        vec = live & (rs.rid == _VEC)
+        if vec.any():
+            sums = {why: rs.counts[:, cols].sum(axis=1) for why, cols in _COLUMNS.items()}
+            for why, tot in sums.items():
+                got = np.flatnonzero(vec & (tot > 0)).tolist()
+                if got:
+                    rows.setdefault(why, []).extend(got)
+        out: dict[str, list[str]] = {}
+        for why in sorted(rows):
+            out[why] = sorted(st.rows[r].name for r in rows[why])  # type: ignore[union-attr]
+        return out
+
     def _reason_ids(
         self,
         cons: Constraints,
