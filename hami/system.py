@@ -150,8 +150,8 @@ class System:
             except Exception:
                 log.exception("stopping %s", type(svc).__name__)
         self.services.clear()
-        for bus in self.buses:
-            await bus.close()
+        # Together: each close may wait out its drain.
+        await asyncio.gather(*(bus.close() for bus in self.buses))
         self.buses.clear()
         if self.nats is not None:
             self.nats.cleanup()

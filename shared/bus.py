@@ -57,6 +57,10 @@ DLQ_MAX_MSGS = 100_000
 MAX_DELIVER_MARGIN = 2
 # How often a work queue looks that its durable consumer still exists.
 CONSUMER_CHECK_S = 5.0
+# How long a closing connection waits for its subscriptions to drain (nats-py: 30 s). A
+# subscription whose reader stopped first never drains; a stopping service or CLI
+# then waited 30 s per connection (``hami demo`` ran past a minute under load).
+DRAIN_S = 3
 
 KV_BUCKETS = (
     subjects.NODES_BUCKET,
@@ -185,6 +189,7 @@ class Bus:
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 connect_timeout=5,
+                drain_timeout=DRAIN_S,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
@@ -202,6 +207,7 @@ class Bus:
                         max_reconnect_attempts=1,
                         reconnect_time_wait=0,
                         connect_timeout=once,
+                        drain_timeout=DRAIN_S,
                         error_cb=on_error,
                         **extra,
                     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from shared import bus as bus_mod
 from shared import subjects
 from shared.bus import Bus, Conflict, _Writes
 from shared.natsserver import EmbeddedNats
@@ -126,3 +127,20 @@ async def test_a_kv_watch_follows_again_soon_after_nats_restarts(tmp_path: Path)
     finally:
         await bus.close()
         srv.cleanup()
+
+
+async def test_close_does_not_wait_out_a_subscription_nobody_reads(nats_url: str) -> None:
+    """A subscription whose reader stopped first never drains: nats-py would wait 30 s
+    per connection for it (``hami demo`` and a stopping system ran past a minute)."""
+    b = await Bus.connect(nats_url, "unread", setup=False)
+    await b.nc.subscribe("hami.test.unread")  # no callback, and nobody iterates it
+    for _ in range(5):
+        await b.nc.publish("hami.test.unread", b"x")
+    await b.nc.flush()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    async with asyncio.timeout(60):  # a hang guard only
+        await b.close()
+    assert b.nc.is_closed
+    # Bounded by our drain limit, not nats-py's 30 s default.
+    assert loop.time() - t0 < bus_mod.DRAIN_S * 5
