@@ -390,6 +390,9 @@ class LedgerAlloc(_Base, kw_only=True):
     memory_mib: int = 0
     pod_priority: int = 0  # the request's scheduling priority (preemption: higher wins)
     queue: str = ""  # the leaf queue it counts against (docs/queues.md); "" = its namespace's default
+    # W3C traceparent of the decision that wrote this entry: the node agent's work on
+    # it (preparing, releasing) joins the request's trace across the ledger KV hop.
+    traceparent: str = ""
 
 
 class NodeLedger(_Base, kw_only=True, omit_defaults=False):

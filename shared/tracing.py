@@ -425,6 +425,42 @@ def links(headers: Iterable[Mapping[str, str] | None]) -> list[Link]:
     return out
 
 
+def traceparent() -> str:
+    """The W3C ``traceparent`` of the current span ("" outside any trace): trace context
+    carried in a stored value rather than a message's headers (a ledger entry)."""
+    sc = trace.get_current_span().get_span_context()
+    if not sc.is_valid:
+        return ""
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+
+
+@contextmanager
+def resume(
+    tracer: trace.Tracer, name: str, traceparent: str, *, start_time: int | None = None
+) -> Iterator[trace.Span]:
+    """Work done later for the trace that ``traceparent`` names (from :func:`traceparent`,
+    through a stored value): a child span of it when recording, else that context alone,
+    so what the work publishes still carries the trace. No trace (""): no span.
+
+    ``start_time`` (ns since the epoch): when the work began, for a span opened once it
+    is known which traces the work was for.
+    """
+    ctx = extract({"traceparent": traceparent}) if traceparent else None
+    sc = trace.get_current_span(ctx).get_span_context() if ctx is not None else None
+    if ctx is None or sc is None or not sc.is_valid:
+        yield trace.INVALID_SPAN
+        return
+    if not _recording or _unsampled(sc):
+        token = context.attach(ctx)
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            context.detach(token)
+        return
+    with tracer.start_as_current_span(name, context=ctx, start_time=start_time) as sp:
+        yield sp
+
+
 def inject(headers: dict[str, str]) -> dict[str, str]:
     """Add ``traceparent`` (and ``tracestate``) of the current span to ``headers``."""
     _PROPAGATOR.inject(headers)

@@ -43,7 +43,7 @@ from pathlib import Path
 import msgspec
 
 from services.nodeagent.backends import MigBackend, MigError, MigInstance, PhysicalCard
-from shared import subjects
+from shared import subjects, tracing
 from shared.bus import Bus
 from shared.config import NodeSettings
 from shared.files import replace_file
@@ -51,6 +51,7 @@ from shared.hami.mig import MIG_MODE
 from shared.schemas import AllocPrepared, CardGrant, ContainerGrant, LedgerAlloc
 
 log = logging.getLogger("hami.nodeagent.slices")
+tracer = tracing.tracer("hami.nodeagent.slices")
 
 # Host directory holding one sub-directory per container (relative to the host root).
 CONTAINERS_DIR = "usr/local/vgpu/containers"
@@ -235,6 +236,7 @@ class SliceWriter:
         self.mig_failed: dict[MigKey, str] = {}  # instances that could not be created: why
         self.written: dict[str, str] = {}  # dir name -> env file text on disk
         self.prepared: set[str] = set()  # pod UIDs whose slices are all on disk
+        self.known: dict[str, LedgerAlloc] = {}  # the allocations of the last sync
         self.removed = 0
         self._lock = asyncio.Lock()
         self._reconciled = False
@@ -249,9 +251,16 @@ class SliceWriter:
         return self.path(pod_uid, container) / ENV_FILE
 
     async def sync(self, allocs: Mapping[str, LedgerAlloc]) -> list[LedgerAlloc]:
-        """Make the directory match ``allocs``; returns the pods newly prepared."""
+        """Make the directory match ``allocs``; returns the pods newly prepared.
+
+        Each pod prepared or released here is a span (``nodeagent.prepare``,
+        ``nodeagent.release``) in the trace of the decision its ledger entry names.
+        """
         async with self._lock:
+            began = time.time_ns()
             allocs = dict(allocs)
+            released = [a for uid, a in self.known.items() if uid not in allocs]
+            self.known = allocs
             if self.mig is not None:
                 await asyncio.to_thread(self._sync_mig, allocs)
             if not self._reconciled:
@@ -264,8 +273,35 @@ class SliceWriter:
                     await asyncio.to_thread(self._apply, writes, removes)
                 new_pods = self._newly_prepared(allocs)
         for alloc in new_pods:
-            await self._publish_prepared(alloc)
+            with tracing.resume(
+                tracer, "nodeagent.prepare", alloc.traceparent, start_time=began
+            ) as sp:
+                if sp.is_recording():
+                    sp.set_attributes(self._span_attributes(alloc))
+                await self._publish_prepared(alloc)
+        for alloc in released:
+            if not pod_slices(alloc):
+                continue  # nothing of it was on this node's disk
+            with tracing.resume(
+                tracer, "nodeagent.release", alloc.traceparent, start_time=began
+            ) as sp:
+                if sp.is_recording():
+                    sp.set_attributes(self._span_attributes(alloc))
         return new_pods
+
+    def _span_attributes(self, alloc: LedgerAlloc) -> dict[str, str | int | list[str]]:
+        mine = pod_slices(alloc)
+        return {
+            "hami.uid": alloc.uid,
+            "hami.name": alloc.name,
+            "hami.namespace": alloc.namespace,
+            "hami.node": self.node,
+            "hami.slices": [s.container for s in mine],
+            "hami.cards": sorted({d.uuid for s in mine for d in s.grant.devices}),
+            "hami.mig.instances": sum(
+                1 for s in mine for d in s.grant.devices if d.mig is not None
+            ),
+        }
 
     # ------------------------------------------------------------------------ MIG
 
@@ -303,7 +339,10 @@ class SliceWriter:
         if inst is None or d.mig is None:
             return d
         mig = msgspec.structs.replace(
-            d.mig, uuid=inst.uuid, gpu_instance=inst.gpu_instance, compute_instance=inst.compute_instance
+            d.mig,
+            uuid=inst.uuid,
+            gpu_instance=inst.gpu_instance,
+            compute_instance=inst.compute_instance,
         )
         return msgspec.structs.replace(d, mig=mig)
 
@@ -319,7 +358,15 @@ class SliceWriter:
             try:
                 self.mig.destroy_mig(inst)
             except MigError as exc:
-                log.error("%s: MIG %s at %d/%d on %s not destroyed: %s", self.node, k[1], k[2], k[3], k[0], exc)
+                log.error(
+                    "%s: MIG %s at %d/%d on %s not destroyed: %s",
+                    self.node,
+                    k[1],
+                    k[2],
+                    k[3],
+                    k[0],
+                    exc,
+                )
                 continue  # retried at the next change
             del self.instances[k]
             log.info("%s: destroyed MIG %s at %d/%d on %s", self.node, k[1], k[2], k[3], k[0])
@@ -330,11 +377,28 @@ class SliceWriter:
                 self.instances[k] = self.mig.create_mig(*k)
             except MigError as exc:
                 if self.mig_failed.get(k) != str(exc):
-                    log.error("%s: MIG %s at %d/%d on %s for %s: %s", self.node, k[1], k[2], k[3], k[0], want[k], exc)
+                    log.error(
+                        "%s: MIG %s at %d/%d on %s for %s: %s",
+                        self.node,
+                        k[1],
+                        k[2],
+                        k[3],
+                        k[0],
+                        want[k],
+                        exc,
+                    )
                 self.mig_failed[k] = str(exc)
                 continue
             self.mig_failed.pop(k, None)
-            log.info("%s: created MIG %s at %d/%d on %s: %s", self.node, k[1], k[2], k[3], k[0], self.instances[k].uuid)
+            log.info(
+                "%s: created MIG %s at %d/%d on %s: %s",
+                self.node,
+                k[1],
+                k[2],
+                k[3],
+                k[0],
+                self.instances[k].uuid,
+            )
         for k in [k for k in self.mig_failed if k not in want]:
             del self.mig_failed[k]
 
@@ -408,7 +472,8 @@ class SliceWriter:
         new = [
             a
             for uid, a in allocs.items()
-            if uid not in self.prepared and all(self.mig_uuids(s.grant) is not None for s in pod_slices(a))
+            if uid not in self.prepared
+            and all(self.mig_uuids(s.grant) is not None for s in pod_slices(a))
         ]
         self.prepared.update(a.uid for a in new)
         return new

@@ -126,8 +126,13 @@ def _retrieve(fut: asyncio.Future[int]) -> None:
 
 
 def _alloc_of(p: Placement, req: AllocRequested) -> LedgerAlloc:
-    """The ledger entry of a placement, with the request's scheduling priority."""
-    return msgspec.structs.replace(p.to_alloc(req, time.time()), pod_priority=req.pod_priority)
+    """The ledger entry of a placement, with the request's scheduling priority and the
+    trace context of the decision (current here), for the node agent to continue."""
+    return msgspec.structs.replace(
+        p.to_alloc(req, time.time()),
+        pod_priority=req.pod_priority,
+        traceparent=tracing.traceparent(),
+    )
 
 
 def _standalone_priority(alloc: LedgerAlloc) -> int | None:
