@@ -119,6 +119,28 @@ class WebhookSettings(msgspec.Struct, kw_only=True, rename="camel"):
     runtime_class_name: str = ""
 
 
+class QueueAmount(msgspec.Struct, kw_only=True, rename="camel"):
+    """An amount of GPU: memory in MiB, cores in percent of a card (100 per whole card);
+    None: unbounded (in a limit) or nothing (in a guarantee)."""
+
+    memory: int | None = None
+    cores: int | None = None
+
+
+class QueueSettings(msgspec.Struct, kw_only=True, rename="camel"):
+    """One queue (docs/queues.md); the Kubernetes Queue resource's spec has these fields."""
+
+    name: str = ""  # a Kubernetes Queue's is its metadata.name
+    parent: str = ""
+    guarantee: QueueAmount = msgspec.field(default_factory=QueueAmount)
+    limit: QueueAmount = msgspec.field(default_factory=QueueAmount)
+    # card model (a substring of the card type, e.g. "A100") -> a limit on those cards
+    model_limits: dict[str, QueueAmount] = {}
+    over_quota_weight: float = 1.0
+    # requests of these namespaces that name no queue join this one
+    namespaces: list[str] = []
+
+
 class Config(msgspec.Struct, kw_only=True, rename="camel"):
     nats_url: str = ""  # "" = start an embedded nats-server
     node_name: str = ""
@@ -129,6 +151,8 @@ class Config(msgspec.Struct, kw_only=True, rename="camel"):
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     webhook: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
+    # Queues with fair share (docs/queues.md); none: requests are tried in arrival order.
+    queues: list[QueueSettings] = []
     heartbeat_interval: float = 2.0
     telemetry_interval: float = 5.0  # seconds between node agents' usage samples
     unhealthy_after: float = 6.0  # seconds without a heartbeat

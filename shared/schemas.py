@@ -477,6 +477,34 @@ class PreemptReply(_Base, kw_only=True):
     victims: dict[str, list[str]] = {}
 
 
+class QueuesRequest(_Base, kw_only=True):
+    """``hami.placement.queues``: each queue's state (hami queues); no fields yet."""
+
+
+class QueueStatus(_Base, kw_only=True):
+    """One queue as placement sees it (docs/queues.md). Memory in MiB, cores in percent
+    of a card (100 per whole card); a limit of -1 is none."""
+
+    name: str
+    parent: str = ""
+    weight: float = 1.0
+    guarantee_mem: int = 0
+    guarantee_cores: int = 0
+    limit_mem: int = -1
+    limit_cores: int = -1
+    used_mem: int = 0
+    used_cores: int = 0
+    borrowed_mem: int = 0  # use beyond the guarantee, lent by queues that leave theirs idle
+    borrowed_cores: int = 0
+    pending: int = 0  # requests waiting in it (and in the queues below it)
+
+
+class QueuesReply(_Base, kw_only=True):
+    queues: list[QueueStatus] = []  # parents before their children; empty: no queues
+    capacity_mem: int = 0  # of the live cards
+    capacity_cores: int = 0
+
+
 class SubmitReply(_Base, kw_only=True):
     ok: bool
     uid: str = ""

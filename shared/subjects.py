@@ -26,6 +26,9 @@ LEDGER_BUCKET = "hami-ledger"  # key: node -> NodeLedger (compare-and-set only)
 HEALTH_BUCKET = "hami-health"  # key: node -> NodeHealth
 # key: namespace -> Quota, from its ResourceQuotas (written by the Kubernetes binder)
 QUOTA_BUCKET = "hami-quotas"
+# key: queue name -> QueueSettings, from the Kubernetes Queue resources (written by the
+# Kubernetes binder, read by placement; docs/queues.md)
+QUEUES_BUCKET = "hami-queues"
 
 # Durable consumer names (shared by replicas of one service: work-queue style).
 PLACEMENT_CONSUMER = "placement"
@@ -41,6 +44,8 @@ EXTENDER_FILTER = f"{PREFIX}.binder.extender.filter"
 EXTENDER_BIND = f"{PREFIX}.binder.extender.bind"
 # Extender mode: the binder asks placement which pods to evict for a pod (preempt verb).
 PLACEMENT_PREEMPT = f"{PREFIX}.placement.preempt"
+# Each queue's guarantee, use, borrowed and pending (hami queues).
+PLACEMENT_QUEUES = f"{PREFIX}.placement.queues"
 # key: allocation uid -> RequestOutcome of a direct client's request (answered or
 # withdrawn), with a TTL; written by the binder, read by placement.
 OUTCOMES_BUCKET = "hami-outcomes"

@@ -38,6 +38,7 @@ import logging
 import os
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -46,6 +47,7 @@ from nats.aio.msg import Msg
 from opentelemetry import context, trace
 
 from services.placement.engine import ClusterState, Failure, Placement, Placer, preempt
+from services.placement.engine import queues as fair
 from services.placement.engine.model import NODE_UNFIT_POD
 from shared import limits, logs, subjects, tracing
 from shared.bus import (
@@ -59,7 +61,7 @@ from shared.bus import (
     decode_entry,
     decode_event,
 )
-from shared.config import Config, SchedulerSettings
+from shared.config import Config, ConfigError, QueueSettings, SchedulerSettings
 from shared.lifecycle import Background
 from shared.outcomes import CLOSED, Outcomes
 from shared.schemas import (
@@ -74,6 +76,9 @@ from shared.schemas import (
     NodeLedger,
     PreemptReply,
     PreemptRequest,
+    QueuesReply,
+    QueuesRequest,
+    QueueStatus,
     Quota,
     RequestOutcome,
 )
@@ -230,6 +235,15 @@ class PlacementService:
         self.replica = replica or f"placement-{os.getpid()}-{id(self) % 10000}"
         self.cluster = ClusterState()
         self.placer = Placer(self.cluster, cfg.scheduler, cfg.node)
+        # Queues with fair share (docs/queues.md): the configured ones and the Kubernetes
+        # Queue resources (the hami-queues bucket); None: arrival order and no limits.
+        self.kube_queues: dict[str, QueueSettings] = {}
+        self.queues: fair.QueueTree | None = None
+        self._queue_use: fair.UseCache | None = None
+        try:
+            self._set_queues()
+        except fair.QueueError as exc:
+            raise ConfigError(f"invalid configuration: queues: {exc}") from None
         self.revs: dict[str, int] = {}  # ledger revision per node, as last seen
         self._key_node: dict[str, str] = {}  # ledger KV key -> node name
         self._writing: set[str] = set()  # nodes whose ledger write awaits its reply
@@ -481,6 +495,8 @@ class PlacementService:
     def _decide(self, req: AllocRequested, span: trace.Span) -> Placement | Failure:
         t0 = time.perf_counter()
         result = self.placer.decide(req)
+        if self.queues is not None and isinstance(result, Placement):
+            result = self._within_limits(req, result)
         self._trace_decision(span, req, result, time.perf_counter() - t0)
         return result
 
@@ -585,7 +601,7 @@ class PlacementService:
         """Release the best victims on one node and reserve ``req`` there, in one
         compare-and-set of that node's ledger; None when no victim set makes room."""
         for _ in range(CAS_ATTEMPTS):
-            choice = preempt.choose(self.placer, req, req.pod_priority, priority_of=_standalone_priority)
+            choice = self._choose_victims(req)
             if choice is None:
                 return None
             node = choice.node
@@ -622,6 +638,89 @@ class PlacementService:
                     msg_id=f"preempted:{v.uid}"))
             return choice.placement, alloc, rev
         raise RuntimeError(f"{req.uid}: ledger of the preemption's node kept changing; will retry")
+
+    # ------------------------------------------------------------------- queues
+
+    def _set_queues(self) -> None:
+        """The queue tree of the configured queues and the Kubernetes ones (these win
+        by name); raises QueueError when the definitions do not make a tree."""
+        defs = {q.name: q for q in self.cfg.queues}
+        defs.update(self.kube_queues)
+        tree = fair.tree_of(defs.values())
+        self.queues = tree
+        self._queue_use = fair.UseCache(tree) if tree is not None else None
+
+    def _qstate(self) -> tuple[fair.QueueTree, fair.Usage]:
+        assert self.queues is not None and self._queue_use is not None
+        return self.queues, self._queue_use.get(self.cluster)
+
+    def _within_limits(self, req: AllocRequested, p: Placement) -> Placement | Failure:
+        """``p``, or a failure naming the queue limit it would break."""
+        tree, use = self._qstate()
+        why = fair.limit_problem(tree, use, req, p.containers)
+        if why is None:
+            return p
+        return Failure(reasons={fair.REASON_LIMIT: 1}, nodes_total=self.cluster.nodes_total(),
+                       message=f"{req.name}: {why}")
+
+    def _choose_victims(self, req: AllocRequested) -> preempt.Choice | None:
+        if self.queues is None:
+            return preempt.choose(self.placer, req, req.pod_priority, priority_of=_standalone_priority)
+        tree, use = self._qstate()
+        return fair.choose_victims(self.placer, tree, req, _standalone_priority, use=use)
+
+    def _pending_order(self) -> Iterator[AllocRequested]:
+        """Pending requests in arrival order, or with queues, fairest queue first, then
+        priority, then age (the use read again after each one tried)."""
+        if self.queues is None:
+            yield from list(self.pending.values())
+            return
+        tree, use = self._qstate()
+        rounds = fair.Rounds(tree, use, fair.capacity(self.cluster), list(self.pending.values()))
+        while (req := rounds.next()) is not None:
+            yield req
+            rounds.use = self._qstate()[1]
+
+    async def _on_queue_def(self, key: str, value: bytes | None, revision: int) -> None:
+        """A Kubernetes Queue resource (written by the binder): the tree is rebuilt; a
+        definition that breaks it is left out, with a warning, until it is fixed."""
+        name = subjects.unescape(key)
+        if value is None:
+            self.kube_queues.pop(name, None)
+        else:
+            try:
+                q = decode(value, QueueSettings)
+            except BadMessage as exc:
+                noisy.warning(f"garbage:queues:{key}", "ignoring garbage queue entry %s: %s", key, exc)
+                return
+            self.kube_queues[name] = msgspec.structs.replace(q, name=name)
+        try:
+            self._set_queues()
+        except fair.QueueError as exc:
+            noisy.warning(f"queues:{key}", "queue %s left out: %s", name, exc)
+            self.kube_queues.pop(name, None)
+            self._set_queues()
+        self.capacity_changed.set()
+
+    async def queues_endpoint(self, data: bytes) -> QueuesReply:
+        """``hami.placement.queues``: each queue's guarantee, use, borrowed and pending."""
+        decode(data or b"{}", QueuesRequest)
+        cap = fair.capacity(self.cluster)
+        if self.queues is None:
+            return QueuesReply(capacity_mem=cap.mem, capacity_cores=cap.cores)
+        tree, use = self._qstate()
+        out = [
+            QueueStatus(
+                name=r.name, parent=r.parent, weight=r.weight,
+                guarantee_mem=r.guarantee.mem, guarantee_cores=r.guarantee.cores,
+                limit_mem=-1 if r.limit.mem is None else r.limit.mem,
+                limit_cores=-1 if r.limit.cores is None else r.limit.cores,
+                used_mem=r.used.mem, used_cores=r.used.cores,
+                borrowed_mem=r.borrowed.mem, borrowed_cores=r.borrowed.cores, pending=r.pending,
+            )
+            for r in fair.report(tree, use, self.pending.values())
+        ]
+        return QueuesReply(queues=out, capacity_mem=cap.mem, capacity_cores=cap.cores)
 
     async def preempt_endpoint(self, data: bytes) -> PreemptReply:
         """``hami.placement.preempt``: per offered node, the pods whose eviction makes
@@ -1110,7 +1209,8 @@ class PlacementService:
             if not self.pending:
                 continue
             async with self.lock:
-                for uid, req in list(self.pending.items()):
+                for req in self._pending_order():
+                    uid = req.uid
                     if uid not in self.pending:
                         continue
                     try:
@@ -1133,7 +1233,9 @@ class PlacementService:
         self._bg.spawn(self._consume(), "placement-consume")
         self._bg.spawn(self._retry_pending(), "placement-retry")
         self._api = await add_service(
-            self.bus, "hami-placement", {subjects.PLACEMENT_PREEMPT: self.preempt_endpoint}
+            self.bus, "hami-placement",
+            {subjects.PLACEMENT_PREEMPT: self.preempt_endpoint,
+             subjects.PLACEMENT_QUEUES: self.queues_endpoint},
         )
         log.info("%s ready: %d nodes", self.replica, len(list(self.cluster.nodes)))
 

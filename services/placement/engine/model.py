@@ -121,6 +121,7 @@ class Placement:
             source=req.source,
             cpu_milli=self.cpu_milli,
             memory_mib=self.memory_mib,
+            queue=req.queue,
         )
 
 
