@@ -27,7 +27,7 @@ import yaml
 
 from shared import auth, outcomes, schemas, subjects
 from shared.bus import DLQ_MAX_BYTES, DLQ_MAX_MSGS, DUPLICATE_WINDOW_S
-from shared.config import BusSettings
+from shared.config import BusSettings, QueueSettings
 
 ASYNCAPI_VERSION = "3.0.0"
 SCHEMA_REF = "#/components/schemas/{name}"
@@ -58,7 +58,8 @@ DOCUMENTED_ROLES: tuple[tuple[str, str], ...] = (
     ("cli", auth.CLI),
     ("reader", auth.READER),
 )
-_EXAMPLES = {"node": _NODE, "namespace": "team-a", "uid": "3f1c2a9e-uid", "verb": "registered"}
+_EXAMPLES = {"node": _NODE, "namespace": "team-a", "uid": "3f1c2a9e-uid", "verb": "registered",
+             "queue": "research"}
 
 # A token that subjects.* keeps as it is, replaced by the {parameter} afterwards: the
 # addresses are made by the same functions the services publish with.
@@ -86,6 +87,7 @@ _KEY_PARAMS = {
     "but dots are kept (a Kubernetes node name's key is its name).",
     "namespace": "The Kubernetes namespace, as a KV key (shared.subjects.kv_key).",
     "uid": "The allocation id (a pod UID, or the id a direct client chose), as a KV key.",
+    "queue": "The queue's name (a Kubernetes Queue's metadata.name), as a KV key.",
 }
 
 
@@ -386,6 +388,12 @@ _API: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         ("ClusterStatus", "ErrorReply"),
         "Cards, allocations and pending requests (hami status / list).",
     ),
+    (
+        subjects.PLACEMENT_QUEUES,
+        "QueuesRequest",
+        ("QueuesReply", "ErrorReply"),
+        "Each queue's guarantee, use, borrowed share and pending requests (hami queues).",
+    ),
 )
 _KV: tuple[tuple[str, str, str, str], ...] = (
     (
@@ -408,6 +416,13 @@ _KV: tuple[tuple[str, str, str, str], ...] = (
         "namespace",
         "Quota",
         "A namespace's HAMi quota, from its ResourceQuotas (written by the Kubernetes binder).",
+    ),
+    (
+        subjects.QUEUES_BUCKET,
+        "queue",
+        "QueueSettings",
+        "A queue of the Kubernetes Queue resources (hami.io/v1alpha1), for placement's fair "
+        "share (written by the Kubernetes binder).",
     ),
     (
         subjects.OUTCOMES_BUCKET,
@@ -442,6 +457,9 @@ _MESSAGES: dict[str, tuple[type[msgspec.Struct] | None, str]] = {
     "NodeHealth": (schemas.NodeHealth, "KvHeaders"),
     "Quota": (schemas.Quota, "KvHeaders"),
     "RequestOutcome": (schemas.RequestOutcome, "KvHeaders"),
+    "QueueSettings": (QueueSettings, "KvHeaders"),
+    "QueuesRequest": (schemas.QueuesRequest, "CoreHeaders"),
+    "QueuesReply": (schemas.QueuesReply, ""),
     "DeadLetter": (None, "DeadLetterHeaders"),
     "ExtenderCall": (None, "CoreHeaders"),
     "ExtenderAnswer": (None, "ExtenderAnswerHeaders"),

@@ -200,7 +200,8 @@ def permissions(role: str) -> Permissions:
     if kind == PLACEMENT:
         b.stream(EVENTS, owner=True)
         b.bucket(subjects.LEDGER_BUCKET, owner=True)
-        for bucket in (subjects.NODES_BUCKET, subjects.HEALTH_BUCKET, subjects.QUOTA_BUCKET):
+        for bucket in (subjects.NODES_BUCKET, subjects.HEALTH_BUCKET, subjects.QUOTA_BUCKET,
+                       subjects.QUEUES_BUCKET):
             b.bucket(bucket)
             b.kv_read(bucket)
         b.kv_write(subjects.LEDGER_BUCKET)
@@ -212,7 +213,7 @@ def permissions(role: str) -> Permissions:
         b.pub += [subjects.alloc_any("released"), subjects.alloc_any("preempted")]
         b.stream(subjects.DLQ_STREAM, owner=True)
         b.pub.append(subjects.dlq(PLACEMENT))
-        b.service("hami-placement", (subjects.PLACEMENT_PREEMPT,))
+        b.service("hami-placement", (subjects.PLACEMENT_PREEMPT, subjects.PLACEMENT_QUEUES))
         b.durable(subjects.PLACEMENT_CONSUMER)
     elif kind == BINDER:
         b.stream(EVENTS, owner=True)
@@ -220,6 +221,9 @@ def permissions(role: str) -> Permissions:
         b.bucket(subjects.LEDGER_BUCKET)
         b.kv_read(subjects.LEDGER_BUCKET)
         b.kv_write(subjects.QUOTA_BUCKET)
+        # the Kubernetes Queue resources, for placement (docs/queues.md)
+        b.bucket(subjects.QUEUES_BUCKET, owner=True)
+        b.kv_write(subjects.QUEUES_BUCKET)
         b.bucket(subjects.OUTCOMES_BUCKET, owner=True)
         b.kv_write(subjects.OUTCOMES_BUCKET)
         # Every replica answers its own waiting submits from these, whichever replica
@@ -285,7 +289,7 @@ def permissions(role: str) -> Permissions:
         b.responds = True
     elif kind == CLI:
         b.pub += [subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW, subjects.API_STATUS,
-                  subjects.AGENT_RUN_ALL]
+                  subjects.AGENT_RUN_ALL, subjects.PLACEMENT_QUEUES]
     elif kind == READER:
         # An ordered consumer of the event stream (nats-py or the nats CLI), and nothing
         # that writes: create and look up ephemeral consumers, answer flow control.
@@ -325,6 +329,7 @@ _BUCKETS = (
     subjects.HEALTH_BUCKET,
     subjects.QUOTA_BUCKET,
     subjects.OUTCOMES_BUCKET,
+    subjects.QUEUES_BUCKET,
 )
 
 

@@ -67,6 +67,7 @@ KV_BUCKETS = (
     subjects.LEDGER_BUCKET,
     subjects.HEALTH_BUCKET,
     subjects.QUOTA_BUCKET,
+    subjects.QUEUES_BUCKET,
 )
 
 Conflict = KeyWrongLastSequenceError

@@ -221,6 +221,15 @@ class AllocRequested(_Base, kw_only=True, omit_defaults=False, tag="requested", 
     # The leaf queue it joins (docs/queues.md): ``hami submit --queue``, the pod's
     # ``hami.io/queue`` label; "" = its namespace's default queue, else "default".
     queue: str = ""
+    # A gang (all-or-nothing group, docs/gangs.md): its name within the namespace and how
+    # many members must be placed together (minMember); "" / 0 = not in a gang.
+    gang: str = ""
+    gang_size: int = 0
+    # Seconds a partial gang may hold reservations before they are rolled back; 0 = the
+    # default (services.placement.engine.gang.GANG_TIMEOUT_S).
+    gang_timeout: float = 0.0
+    # May be moved to another card by consolidation (``hami defrag``, docs/defrag.md).
+    movable: bool = False
 
 
 # --------------------------------------------------------------------------- decisions
@@ -393,6 +402,13 @@ class LedgerAlloc(_Base, kw_only=True):
     # W3C traceparent of the decision that wrote this entry: the node agent's work on
     # it (preparing, releasing) joins the request's trace across the ledger KV hop.
     traceparent: str = ""
+    # Gang membership (docs/gangs.md). ``gang_expires`` > 0: a reservation of a gang not
+    # yet complete, rolled back at that time (epoch s) unless every member is reserved by
+    # then; 0: committed (or not in a gang).
+    gang: str = ""
+    gang_size: int = 0
+    gang_expires: float = 0.0
+    movable: bool = False  # consolidation may move it (``hami defrag --apply``)
 
 
 class NodeLedger(_Base, kw_only=True, omit_defaults=False):
@@ -456,6 +472,11 @@ class SubmitRequest(_Base, kw_only=True):
     uid: str = ""
     # Scheduling priority, higher wins (``AllocRequested.pod_priority``).
     pod_priority: int = 0
+    # Gang and consolidation (``AllocRequested`` fields of the same names).
+    gang: str = ""
+    gang_size: int = 0
+    gang_timeout: float = 0.0
+    movable: bool = False
     queue: str = ""  # the leaf queue to join (``AllocRequested.queue``)
 
 

@@ -464,8 +464,11 @@ class BinderService:
     async def _wait(self, req: SubmitRequest, uid: str, w: _Waiter, now: float) -> SubmitReply:
         ask = AllocRequested(
             uid=uid, name=req.name, namespace=req.namespace, containers=req.containers,
-            constraints=req.constraints, priority=req.priority, pending=req.wait,
+            constraints=req.constraints, priority=req.priority, pending=req.wait or bool(req.gang),
             source="cli", requested_at=now, deadline=w.deadline, pod_priority=req.pod_priority,
+            # a gang member waits for its gang (its reservation deadline bounds that)
+            gang=req.gang, gang_size=req.gang_size, gang_timeout=req.gang_timeout,
+            movable=req.movable,
         )
         with tracing.span(tracer, "binder.submit") as span:
             span.set_attribute("hami.uid", uid)

@@ -47,6 +47,7 @@ from nats.aio.msg import Msg
 from opentelemetry import context, trace
 
 from services.placement.engine import ClusterState, Failure, Placement, Placer, preempt
+from services.placement.engine import gang as gangs
 from services.placement.engine import queues as fair
 from services.placement.engine.model import NODE_UNFIT_POD
 from shared import limits, logs, subjects, tracing
@@ -94,6 +95,7 @@ ACK_DELAY_S = 0.005
 STOP_SETTLE_S = 2.0  # at stop, for the stream to answer the events already sent
 
 CAS_ATTEMPTS = 16
+GANG_SWEEP_S = 0.5  # how often partial gangs are checked against their deadlines
 # The share of time that explaining placed decisions in their traces may take (why not
 # the other nodes), and the most it may save up while idle.
 EXPLAIN_BUDGET = 0.005
@@ -138,6 +140,12 @@ def _alloc_of(p: Placement, req: AllocRequested) -> LedgerAlloc:
         pod_priority=req.pod_priority,
         traceparent=tracing.traceparent(),
     )
+
+
+def _alloc_of_request(req: AllocRequested) -> LedgerAlloc:
+    """What a failure of a member not yet reserved is told about: its names."""
+    return LedgerAlloc(uid=req.uid, name=req.name, namespace=req.namespace, source=req.source,
+                       decided_at=req.requested_at)
 
 
 def _standalone_priority(alloc: LedgerAlloc) -> int | None:
@@ -273,6 +281,10 @@ class PlacementService:
         self._open: dict[str, _Decision] = {}  # uid -> its decision span, until committed
         self._explain_credit = EXPLAIN_BURST_S  # seconds of explaining allowed now
         self._explain_at = time.monotonic()
+        # Gangs (docs/gangs.md): each member's request as this replica last saw it (to
+        # announce it at commit), and the nodes whose ledger holds a gang member.
+        self.gang_reqs: dict[str, AllocRequested] = {}
+        self._gang_nodes: set[str] = set()
 
     # ----------------------------------------------------------------- KV watches
 
@@ -382,6 +394,10 @@ class PlacementService:
         for uid in before - set(led.allocs):
             if self.owner.get(uid) == led.node:
                 del self.owner[uid]
+        if any(a.gang for a in led.allocs.values()):
+            self._gang_nodes.add(led.node)
+        else:
+            self._gang_nodes.discard(led.node)
         for uid in led.allocs:
             self.owner[uid] = led.node
         if before - set(led.allocs):
@@ -501,7 +517,7 @@ class PlacementService:
         return result
 
     async def _reserve(
-        self, req: AllocRequested, first: Placement | Failure
+        self, req: AllocRequested, first: Placement | Failure, gang_expires: float = 0.0
     ) -> tuple[Placement, LedgerAlloc, int] | Failure:
         result = first
         for _ in range(CAS_ATTEMPTS):
@@ -510,6 +526,8 @@ class PlacementService:
             node = result.node
             alloc = _alloc_of(result, req)
             current = self.cluster.ledger(node)
+            if gang_expires:  # a gang member: a reservation until its gang is complete
+                alloc = gangs.reservation(alloc, req, gang_expires)
             new = NodeLedger(node=node, allocs={**current.allocs, req.uid: alloc})
             try:
                 rev = await self.bus.kv_cas(
@@ -587,6 +605,161 @@ class PlacementService:
         return await self.bus.publish_event_nowait(
             subjects.alloc("failed"), ev, msg_id=f"failed:{req.uid}:{req.requested_at}"
         )
+
+    # ---------------------------------------------------------------------- gangs
+
+    def _gang_views(self) -> dict[str, gangs.GangView]:
+        return gangs.gangs_in(self.cluster.ledger(n) for n in sorted(self._gang_nodes))
+
+    async def _gang_member(
+        self, req: AllocRequested, acks: list[asyncio.Future[int]], retry: bool
+    ) -> bool:
+        """Reserve one member of a gang (never announced before the gang commits); commit
+        the gang when this completes it. Where it does not fit, younger gangs holding
+        what it needs are rolled back (wound-wait, engine/gang.py); else it waits."""
+        key = gangs.request_key(req)
+        self.gang_reqs[req.uid] = req
+        views = self._gang_views()
+        view = views.get(key)
+        expires = gangs.expiry_for(view, time.time(), req.gang_timeout)
+        with tracing.span(tracer, "placement.decide") as span:
+            span.set_attribute("hami.gang", key)
+            if not retry:
+                self.placer.observe(req)
+            decided = self._decide(req, span)
+            if isinstance(decided, Failure):
+                wound = gangs.wound_priority(views, gangs.rank_for(view, key, expires))
+                choice = preempt.choose(self.placer, req, 1, priority_of=wound)
+                if choice is not None:
+                    held = self.cluster.ledger(choice.node).allocs
+                    for loser in sorted({held[u].gang for u in choice.uids}):
+                        log.info("gang %s rolled back: older gang %s needs its cards", loser, key)
+                        await self._gang_rollback(loser, acks, "wounded")
+                    decided = self._decide(req, span)
+            result = await self._reserve(req, decided, expires)
+            if isinstance(result, Failure):
+                self.pending[req.uid] = req
+                if not retry:
+                    acks.append(await self._publish_failed(req, result))
+                return False
+            self.pending.pop(req.uid, None)
+            self._gang_nodes.add(result[0].node)
+        view = self._gang_views().get(key)
+        if view is not None and view.complete:
+            await self._gang_commit(key, acks)
+        return True
+
+    async def _gang_commit(self, key: str, acks: list[asyncio.Future[int]]) -> None:
+        """Commit a complete gang: every reservation rewritten without its deadline, node
+        by node, then every member announced. Idempotent: run again (after a conflict,
+        or by a replica that found the commit half done) it finishes the rest."""
+        for _ in range(CAS_ATTEMPTS):
+            view = self._gang_views().get(key)
+            if view is None or not view.complete or not view.reserved:
+                return
+            conflict = False
+            for node in sorted({m.node for m in view.reserved}):
+                led = gangs.committed_ledger(self.cluster.ledger(node), key)
+                if led is None:
+                    continue
+                try:
+                    rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, led, self.revs.get(node, 0))
+                except Conflict:
+                    self.conflicts += 1
+                    await self._refresh(node)
+                    conflict = True
+                    break
+                self._adopt(led, rev)
+            if conflict:
+                continue
+            log.info("gang %s committed: %d members", key, len(view.members))
+            for uid, m in sorted(view.members.items()):
+                alloc = self.cluster.ledger(m.node).allocs.get(uid)
+                if alloc is None:
+                    continue
+                req = self.gang_reqs.pop(uid, None) or AllocRequested(
+                    uid=uid, name=alloc.name, namespace=alloc.namespace, source=alloc.source,
+                    requested_at=alloc.decided_at,
+                )
+                self.pending.pop(uid, None)
+                self.decisions += 1
+                # one message id per decision: a member announced twice is stored once
+                acks.append(await self._publish_decided(req, m.node, alloc, self.revs.get(m.node, 0)))
+            return
+        raise RuntimeError(f"gang {key}: ledgers kept changing during its commit; will retry")
+
+    async def _gang_rollback(self, key: str, acks: list[asyncio.Future[int]], why: str) -> None:
+        """Remove a partial gang's reservations from every ledger. ``why`` "wounded": an
+        older gang needs the room, and the members this replica knows wait again;
+        "expired": its deadline passed, and its members are answered ``failed``."""
+        gone: list[LedgerAlloc] = []
+        for node in sorted(self._gang_nodes):
+            for _ in range(CAS_ATTEMPTS):
+                got = gangs.rolled_back_ledger(self.cluster.ledger(node), key)
+                if got is None:
+                    break
+                led, removed = got
+                try:
+                    rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, led, self.revs.get(node, 0))
+                except Conflict:
+                    self.conflicts += 1
+                    await self._refresh(node)
+                    continue
+                self._adopt(led, rev)
+                gone.extend(removed)
+                break
+        self.capacity_changed.set()
+        members = {a.uid: a for a in gone}
+        for uid, known in self.gang_reqs.items():
+            if gangs.request_key(known) == key and uid not in members and uid in self.pending:
+                members[uid] = _alloc_of_request(known)
+        for uid, a in sorted(members.items()):
+            req = self.gang_reqs.get(uid)
+            if why == "wounded" and req is not None:
+                self.pending[uid] = req  # placed again when there is room
+                continue
+            self.gang_reqs.pop(uid, None)
+            self.pending.pop(uid, None)
+            self._note_withdrawn(uid, req.deadline if req is not None else 0.0)
+            reason = "gang-expired" if why == "expired" else "gang-rolled-back"
+            ev = AllocFailed(
+                uid=uid, name=a.name, namespace=a.namespace, pending=False, reasons={reason: 1},
+                message=f"gang {key}: not all of its members could be placed by its deadline; "
+                        "its reservations were rolled back" if why == "expired" else
+                        f"gang {key}: rolled back for an older gang, and its request is unknown here",
+                source=a.source, requested_at=req.requested_at if req is not None else a.decided_at,
+                failed_at=time.time(), reason=reason,
+            )
+            acks.append(await self.bus.publish_event_nowait(
+                subjects.alloc("failed"), ev, msg_id=f"failed:{uid}:{reason}"))
+
+    async def gang_sweep(self) -> None:
+        """Carry on what the ledger's gangs need now (engine/gang.py ``sweep``): commit the
+        complete ones, roll back the partial ones past their deadline. Also at start, so
+        a gang left half done by a placement that stopped is finished or undone."""
+        acts = gangs.sweep(self._gang_views().values(), time.time())
+        if not acts:
+            return
+        acks: list[asyncio.Future[int]] = []
+        try:
+            async with self.lock:
+                for act in gangs.sweep(self._gang_views().values(), time.time()):
+                    if act.verb == "commit":
+                        await self._gang_commit(act.key, acks)
+                    else:
+                        log.info("gang %s rolled back: its deadline passed", act.key)
+                        await self._gang_rollback(act.key, acks, "expired")
+        finally:
+            if acks:
+                await asyncio.gather(*acks)
+
+    async def _gang_sweeper(self) -> None:
+        while True:
+            try:
+                await self.gang_sweep()
+            except Exception:
+                log.exception("gang sweep failed; trying again")
+            await asyncio.sleep(GANG_SWEEP_S)
 
     # ----------------------------------------------------------------- preemption
 
@@ -747,6 +920,10 @@ class PlacementService:
         alloc = self.cluster.ledger(node).allocs.get(req.uid)
         if alloc is None:
             return False
+        if alloc.gang_expires > 0:  # reserved for its gang, announced when the gang commits
+            self.pending.pop(req.uid, None)
+            self.gang_reqs[req.uid] = req
+            return True
         self.pending.pop(req.uid, None)
         acks.append(await self._publish_decided(req, node, alloc, self.revs.get(node, 0)))
         return True
@@ -761,6 +938,8 @@ class PlacementService:
                 return True
             if await self._refused(req, acks):  # also each retry of a pending one
                 return False
+            if req.gang:
+                return await self._gang_member(req, acks, retry)
             with tracing.span(tracer, "placement.decide") as span:
                 span.set_attribute("hami.retry", retry)
                 if not retry and not observed:
@@ -821,6 +1000,11 @@ class PlacementService:
                         await self._already_placed(ev, acks)
                     continue
                 if await self._refused(ev, acks):
+                    continue
+                if ev.gang:  # reserved and committed on its own (its gang's ledger writes)
+                    await self._commit(tentative, acks)
+                    tentative = {}
+                    await self.handle_request(ev)
                     continue
                 # Open until its ledger write is answered (_commit), so the span holds
                 # both the deciding and the committing.
@@ -1003,7 +1187,7 @@ class PlacementService:
                 problems = limits.request_problems(
                     name=ev.name, namespace=ev.namespace, containers=ev.containers,
                     constraints=ev.constraints, priority=ev.priority, uid=ev.uid,
-                )
+                ) + gangs.problems(ev)
                 if problems:
                     await self._refuse(msg, ev, "; ".join(problems))
                     continue
@@ -1232,6 +1416,7 @@ class PlacementService:
         self._sub = await self.bus.work_queue(subjects.PLACEMENT_CONSUMER, DECISION_FILTERS)
         self._bg.spawn(self._consume(), "placement-consume")
         self._bg.spawn(self._retry_pending(), "placement-retry")
+        self._bg.spawn(self._gang_sweeper(), "placement-gangs")
         self._api = await add_service(
             self.bus, "hami-placement",
             {subjects.PLACEMENT_PREEMPT: self.preempt_endpoint,
