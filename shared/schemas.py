@@ -472,6 +472,7 @@ class SubmitRequest(_Base, kw_only=True):
     uid: str = ""
     # Scheduling priority, higher wins (``AllocRequested.pod_priority``).
     pod_priority: int = 0
+    queue: str = ""  # the leaf queue to join (``AllocRequested.queue``)
     # Gang and consolidation (``AllocRequested`` fields of the same names).
     gang: str = ""
     gang_size: int = 0
