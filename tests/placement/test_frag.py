@@ -306,3 +306,123 @@ def test_frag_a_far_better_fit_outweighs_a_slightly_smaller_growth() -> None:
     got = place(p, req(DeviceAsk(mem_percent=40, cores=40), cpu=2000))
     assert (got.node, cards_of(got)[0][0]) == ("n0", "GPU-n0-0")
     assert place(p, req(cpu=8000)).node == "n1"
+
+
+# ------------------------------------------------- nodes in equal states scored once
+# After a new shape version every node is stale; nodes in the same state (idle nodes of
+# one model, above all) are scored once and the result copied at the same card offsets
+# (FragScorer._node_groups). That must not change a choice: on a seeded workload with
+# many equal nodes, shape versions moving, releases and health changes, the grouped
+# scorer (grouping at every call), the cached one without grouping and the uncached
+# reference decide the same, card for card.
+
+
+@pytest.mark.parametrize("policy", ["frag", "fgd"])
+def test_grouped_scoring_decides_as_the_reference(policy: str) -> None:
+    import numpy as np
+
+    from services.placement.engine.frag import FragScorer
+
+    rng = np.random.default_rng(15)
+    invs = []
+    for n in range(48):
+        model, mem = (("NVIDIA-T4", 15360), ("NVIDIA-A10", 24576), ("NVIDIA-A100", 81920))[n % 3]
+        invs.append(
+            node(
+                f"n{n:02d}",
+                (2, 4, 8)[(n // 3) % 3],
+                mem,
+                dev={"type": model, "count": 4},
+                cpu_milli=(0, 64000)[(n // 9) % 2],
+                memory_mib=1 << 20,
+                labels={"g": str(n % 16)},
+            )
+        )
+    cl = cluster(*invs)
+    grouped, plain, ref = (placer(cl, node_policy=policy, gpu_policy="binpack") for _ in range(3))
+    for p, gmin in ((grouped, 0), (plain, 1 << 30)):
+        p._frag[policy] = FragScorer(policy)
+        p._frag[policy].group_min = gmin
+    ref.use_cache = False
+    scorer = grouped._frag[policy]
+    merged: list[int] = []  # per grouping: how many rows another row stood for
+    orig = scorer._node_groups
+
+    def spy(st: object, rows: object, feasible: object = None) -> object:
+        reps, inv = orig(st, rows, feasible)  # type: ignore[arg-type]
+        merged.append(len(inv) - len(reps))
+        return reps, inv
+
+    scorer._node_groups = spy  # type: ignore[method-assign]
+    live: list[tuple[str, str]] = []
+    placed = 0
+    for i in range(500):
+        r = rng.random()
+        if r < 0.12 and live:
+            nd, uid = live.pop(int(rng.integers(len(live))))
+            cl.unreserve(nd, uid)
+            continue
+        if r < 0.15:
+            cl.set_health(f"n{int(rng.integers(48)):02d}", bool(rng.random() < 0.7))
+            continue
+        kind = int(rng.integers(6))
+        cpu = int(rng.choice([0, 1000, 4000, 16000]))
+        types = [] if rng.random() < 0.8 else [str(rng.choice(["T4", "A10", "A100"]))]
+        if kind == 0:
+            # a card refused by uuid makes its node differ from its equals for this request
+            avoid = [
+                f"GPU-n{int(rng.integers(48)):02d}-{int(rng.integers(2))}"
+                for _ in range(int(rng.integers(0, 3)))
+            ]
+            rq = req(
+                DeviceAsk(
+                    nums=1,
+                    mem_percent=int(rng.choice([10, 25, 50])),
+                    cores=int(rng.choice([10, 25, 50])),
+                ),
+                cpu=cpu,
+                use_types=types,
+                nouse_uuids=avoid,
+            )
+        elif kind == 1:
+            rq = req(
+                DeviceAsk(
+                    nums=1,
+                    mem=int(rng.choice([2048, 4096, 8192])),
+                    cores=int(rng.choice([0, 20, 30])),
+                ),
+                cpu=cpu,
+                use_types=types,
+            )
+        elif kind == 2:
+            rq = req(
+                DeviceAsk(nums=int(rng.choice([1, 2, 4])), cores=100), cpu=cpu, use_types=types
+            )
+        else:
+            # CPU-only pods on nodes picked by label make nodes of equal cards differ in CPU alone
+            rq = (
+                req(cpu=cpu or 2000, node_selector={"g": str(rng.integers(16))})
+                if kind < 5
+                else req(DeviceAsk(nums=1, mem_percent=100, cores=100), cpu=cpu)
+            )
+        for p in (grouped, plain, ref):
+            p.observe(rq)
+        got = grouped.decide(rq)
+        assert got == plain.decide(rq) == ref.decide(rq), i
+        # and every node's best card for this kind of request, not only the winner's
+        a, b = scorer._best, plain._frag[policy]._best
+        assert a.keys() == b.keys()
+        for key, ent in a.items():
+            other = b[key]
+            if ent.synced == other.synced:
+                ok = other.score > -np.inf
+                assert np.array_equal(ent.score, other.score), i
+                assert np.array_equal(ent.pos[ok], other.pos[ok]), i
+        if isinstance(got, Placement):
+            cl.reserve(got.node, got.to_alloc(rq))
+            live.append((got.node, rq.uid))
+            placed += 1
+    # the workload did what it is for: many placements, new shape versions, and
+    # groupings that let one node stand for others
+    assert placed > 200 and grouped.shapes.version > 3
+    assert sum(1 for x in merged if x > 0) > 50

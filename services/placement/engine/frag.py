@@ -39,7 +39,9 @@ from . import model as m
 from .state import BOOL, ClusterState
 
 FRAG_POLICIES = ("fgd", "frag")
-PRODUCT_DEFAULT = "frag"  # the product's own policy (scheduler.nodePolicy stays binpack until frag is as fast)
+PRODUCT_DEFAULT = (
+    "frag"  # the product's own policy (scheduler.nodePolicy stays binpack until frag is as fast)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,9 @@ _I64 = npt.NDArray[np.int64]
 _BEST_MAX = 256  # cached request kinds per scorer (each: four numbers per node)
 _BEST_BYTES = 64 << 20  # and their memory: 20,000 nodes keep 167 kinds
 _CHUNK_NODES = 2048  # nodes scored at once (bounds the temporaries, not the result)
+# At least this many stale nodes: score one node per distinct state and copy its result
+# (below it, finding the groups costs more than scoring the nodes one by one)
+_GROUP_MIN = 256
 
 
 @dataclass(slots=True)
@@ -352,6 +357,11 @@ class FragScorer:
         )  # per node: demand of model-constrained shapes on its model
         self.cpu_weight = 0.5  # CPU left's weight in best-fit ties (adaptive: by CPU scarcity)
         self.cache_best = True  # False: score every candidate afresh (the reference path)
+        self.group_min = _GROUP_MIN  # stale nodes from which equal states are scored once
+        self._sid: _I64 = np.zeros(0, dtype=np.int64)  # per node: its state's id
+        self._sid_of: dict[bytes, int] = {}
+        self._sid_key: tuple[int, int] = (-1, -1)
+        self._sid_synced = -1
 
     # ------------------------------------------------------------ card measures
 
@@ -556,12 +566,90 @@ class FragScorer:
         stale = np.flatnonzero(self._ver != st.n_ver[:nn])
         if len(stale) == 0:
             return type_ok
-        # in slices of nodes: after a new shape version every node is stale, and the
-        # (cards x groups) temporaries of 20,000 nodes at once were a quarter GB at peak
-        for lo in range(0, len(stale), _CHUNK_NODES):
-            self._refresh_rows(st, stale[lo : lo + _CHUNK_NODES], type_ok, ng)
+        # After a new shape version every node is stale; most of them are often in one
+        # of a few states (idle nodes of each model): each state is computed once
+        todo, inv = self._node_groups(st, stale) if len(stale) >= self.group_min else (stale, None)
+        # in slices of nodes: the (cards x groups) temporaries of 20,000 nodes at once
+        # were a quarter GB at peak
+        for lo in range(0, len(todo), _CHUNK_NODES):
+            self._refresh_rows(st, todo[lo : lo + _CHUNK_NODES], type_ok, ng)
+        if inv is not None:
+            src = todo[inv]
+            self.cnt[stale] = self.cnt[src]
+            self.small[stale] = self.small[src]
+            self.idle[stale] = self.idle[src]
+            self.fb[stale] = self.fb[src]
         self._ver[stale] = st.n_ver[stale]
         return type_ok
+
+    def _node_groups(
+        self, st: ClusterState, rows: _I64, feasible: BOOL | None = None
+    ) -> tuple[_I64, _I64]:
+        """Rows in the same state for the scorer, as (one row per state, per row the
+        index of its state's row in the first).
+
+        The state is everything the measures and scores read of a node: its card
+        count, CPU total and use, and per card (in position order) capacity, use,
+        slots, model and usability; with ``feasible``, also which of its cards the
+        request may use. Rows in one state get the same numbers, and the same card
+        offsets within the node, as each would alone. Exact: states are compared as
+        bytes (interned to ids), not by a hash.
+        """
+        sid = self._state_ids(st)[rows]
+        if feasible is not None:
+            ncards = st.n_ncards[rows]
+            width = int(ncards.max(initial=0))
+            if width > 40 or len(self._sid_of) >= 1 << 22:
+                return rows, np.arange(len(rows), dtype=np.int64)
+            # which cards the request may use, as one bit per card offset
+            off = np.arange(width, dtype=np.int64)
+            has = off[None, :] < ncards[:, None]
+            pos = np.where(has, st.n_start[rows][:, None] + off[None, :], 0)
+            bits = (feasible[pos] & has).astype(np.int64) << off[None, :]
+            sid = (sid << width) | bits.sum(axis=1)
+        _, first, inv = np.unique(sid, return_index=True, return_inverse=True)
+        # representatives in row order (the first row of each state), so slices of them
+        # are scored as the rows themselves would be
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return rows[first[order]], rank[inv.ravel()].astype(np.int64)
+
+    def _state_ids(self, st: ClusterState) -> _I64:
+        """Per node row, an id of its state (see :meth:`_node_groups`), brought up to
+        date for the rows changed since the last call."""
+        nn = st.nn
+        if self._sid_key != (st.layout, nn) or len(self._sid_of) > 4 * nn + 64:
+            # new positions, or ids of states long gone piling up: start again
+            self._sid_key = (st.layout, nn)
+            self._sid_of.clear()
+            self._sid = np.zeros(nn, dtype=np.int64)
+            self._sid_synced = -1
+        nver = st.n_ver[:nn]
+        todo = np.flatnonzero(nver > self._sid_synced)
+        if len(todo) == 0:
+            return self._sid
+        self._sid_synced = int(nver.max(initial=-1))
+        ncards = st.n_ncards[todo]
+        width = int(ncards.max(initial=0))
+        off = np.arange(width, dtype=np.int64)
+        has = off[None, :] < ncards[:, None]
+        pos = np.where(has, st.n_start[todo][:, None] + off[None, :], 0)
+        usable = st.c_live[pos] & st.c_health[pos] & ~st.c_cordon[pos]
+        fields = [st.c_tmem, st.c_tcore, st.c_umem, st.c_ucore, st.c_uslot, st.c_tslot, st.c_type]
+        # card-major: a node's key is the prefix of its row up to its own card count
+        per_card = np.stack([f[pos] for f in fields] + [usable.astype(np.int64)], axis=2)
+        head = np.stack([ncards, st.n_cpu_tot[todo], st.n_cpu_used[todo]], axis=1)
+        sig = np.concatenate([head, per_card.reshape(len(todo), -1)], axis=1)
+        ends = (3 + per_card.shape[2] * ncards).tolist()
+        ids = self._sid_of
+        raw = sig.tobytes()
+        stride = sig.shape[1] * 8
+        self._sid[todo] = [
+            ids.setdefault(raw[i * stride : i * stride + e * 8], len(ids))
+            for i, e in enumerate(ends)
+        ]
+        return self._sid
 
     def _refresh_rows(self, st: ClusterState, stale: _I64, type_ok: BOOL, ng: int) -> None:
         counts = st.n_ncards[stale]
@@ -824,12 +912,19 @@ class FragScorer:
         nver = st.n_ver[:nn]
         now = int(nver.max(initial=-1))
         stale_all = np.flatnonzero(nver > ent.synced)
-        for lo in range(0, len(stale_all), _CHUNK_NODES):  # in slices: see _refresh
-            stale = stale_all[lo : lo + _CHUNK_NODES]
+        # one node per distinct state (see _refresh), its best card copied to the others
+        # at the same offset within their node
+        todo, inv = (
+            self._node_groups(st, stale_all, feasible if k else None)
+            if len(stale_all) >= self.group_min
+            else (stale_all, None)
+        )
+        ent.score[todo] = -np.inf
+        for lo in range(0, len(todo), _CHUNK_NODES):  # in slices: see _refresh
+            stale = todo[lo : lo + _CHUNK_NODES]
             node_ok = np.zeros(nn, dtype=bool)
             node_ok[stale] = True
             rows, pos = self._candidates(st, k, feasible, node_ok, stale)
-            ent.score[stale] = -np.inf
             if len(rows):
                 score, left, cleft = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
                 # per node the best card: highest score, least left, lowest position
@@ -841,6 +936,12 @@ class FragScorer:
                 ent.score[rows[pick]] = score[pick]
                 ent.left[rows[pick]] = left[pick]
                 ent.pos[rows[pick]] = pos[pick]
+        if inv is not None:
+            src = todo[inv]
+            ent.score[stale_all] = ent.score[src]
+            ent.left[stale_all] = ent.left[src]
+            rp = ent.pos[src]  # -1: no card (CPU-only requests, or none feasible)
+            ent.pos[stale_all] = np.where(rp >= 0, rp - st.n_start[src] + st.n_start[stale_all], -1)
         ent.synced = now
         sc = ent.score[cands]
         if len(sc) == 0 or sc.max() == -np.inf:
