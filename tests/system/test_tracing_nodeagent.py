@@ -10,7 +10,12 @@ trace from the client's submit to the node agent's spans, every parent link in i
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -30,6 +35,8 @@ from shared.schemas import (
     SubmitRequest,
 )
 from tests.otlp_collector import Collector, Span
+from tests.system.test_cli import HAMI, run
+from tests.system.test_otlp import check_trace
 
 
 @pytest.fixture
@@ -165,6 +172,52 @@ async def test_each_decision_of_a_batch_is_continued_in_its_own_trace(
         prepare = _named(spans, "nodeagent.prepare", uid)
         assert int(decide.trace_id, 16) == tid
         assert prepare.trace_id == decide.trace_id and prepare.parent_id == decide.span_id
+
+
+def test_one_hami_submit_under_hami_up_is_one_trace_through_every_service(
+    tmp_path: Path, collector: Collector
+) -> None:
+    """What an operator does: ``hami up`` exporting over OTLP/gRPC by the standard
+    environment, one ``hami submit``; its trace holds every service it crossed."""
+    env = dict(
+        os.environ,
+        HAMI_STATE_FILE=str(tmp_path / "state.json"),
+        HAMI_LOG_LEVEL="WARNING",
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="100",  # spans leave while it runs, not only at its stop
+    )
+    for k in ("HAMI_NATS_URL", "HAMI_TRACE_EXPORT", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        env.pop(k, None)
+    proc = subprocess.Popen(
+        [*HAMI, "up", "--sim-nodes", "2", "--sim-gpus", "T4:2", "--metrics-port", "0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "hami is up" in line:
+                break
+        else:
+            raise AssertionError(proc.stderr.read() if proc.stderr else "hami up ended")
+        r = run(env, "submit", "traced-up", "--mem-percent", "25", "--json")
+        assert r.returncode == 0, r.stderr
+        uid = json.loads(r.stdout)["uid"]
+        # The node agent prepares the slice on its own time: wait for its span.
+        spans = collector.wait_for(
+            lambda sp: any(x.name == "nodeagent.prepare" and x.attributes.get("hami.uid") == uid
+                           for x in sp)
+        )  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    spans = collector.spans()
+    check_trace(spans, uid, {"sim-node-0", "sim-node-1"})
+    decide = _named(spans, "placement.decide", uid)
+    prepare = _named(spans, "nodeagent.prepare", uid)
+    assert prepare.trace_id == decide.trace_id and prepare.parent_id == decide.span_id
+    services = {x.service for x in spans if x.trace_id == decide.trace_id}
+    assert services == {"hami-binder", "hami-placement", "hami-metrics", "hami-nodeagent"}
 
 
 def test_resume_without_an_exporter_still_passes_the_trace_on() -> None:
