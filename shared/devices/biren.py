@@ -1,0 +1,57 @@
+"""Biren: HAMi's ``pkg/device/biren`` (v2.10): whole cards by count only.
+
+``birentech.com/gpu: N`` asks for N cards; there is no memory or core resource, so the
+fit checks type, UUID, slots and the mutex policy only. The node registers
+``hami.io/node-biren-register`` (HAMi's ``DeviceInfo`` JSON); HAMi forces ``devcore`` to
+100 for its scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.devices.base import (
+    Allocated,
+    AllocateResponse,
+    Ask,
+    Card,
+    Family,
+    ResourceNames,
+    quantity,
+    whole,
+)
+
+
+@dataclass(frozen=True)
+class Biren(Family):
+    def generate(self, resources: Mapping[str, Any]) -> Ask | None:
+        raw = quantity(resources, self.resources.count)
+        if raw is None:
+            return None
+        n = whole(raw, self.resources.count)
+        return Ask(self.name, n, 0, 100, 0, whole=True) if n > 0 else None
+
+    def decode_register(self, value: str) -> list[Card]:
+        cards = super().decode_register(value)
+        for c in cards:
+            c.totalcore = 100
+        return cards
+
+    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
+        return {"BR_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}, [], []
+
+
+FAMILY = Biren(
+    name="Biren",
+    vendor="biren",
+    resources=ResourceNames("birentech.com/gpu"),
+    register_annotation="hami.io/node-biren-register",
+    handshake_annotation="hami.io/node-handshake-biren",
+    to_allocate_annotation="hami.io/Biren-devices-to-allocate",
+    allocated_annotation="hami.io/Biren-devices-allocated",
+    use_uuid_annotation="birentech.com/use-gpuuuid",
+    nouse_uuid_annotation="birentech.com/nouse-gpuuuid",
+    shares_memory=False,
+)

@@ -1,0 +1,88 @@
+"""Cambricon MLU (dynamic sMLU): HAMi's ``pkg/device/cambricon``.
+
+Memory is asked in 256 MiB units (``cambricon.com/mlu.smlu.vmemory: 4`` is 1024 MiB),
+cores default to 100 % when not given, and the cards are synthesised from node capacity
+(``vcore / 100`` cards, each ``vmemory * 256 * 100 / vcore`` MiB). HAMi writes the
+profile the Cambricon plugin creates the sMLU from: ``CAMBRICON_DSMLU_PROFILE`` =
+``<index>_<cores>_<memory in 256 MiB units>`` and ``CAMBRICON_DSMLU_ASSIGHED=false``
+(sic: the plugin's spelling, VENDORS.md §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.devices.base import (
+    Allocated,
+    AllocateResponse,
+    Card,
+    DeviceSpec,
+    Family,
+    Grant,
+    PodInfo,
+    ResourceNames,
+    capacity_int,
+    whole,
+)
+
+UNIT_MIB = 256
+PROFILE = "CAMBRICON_DSMLU_PROFILE"
+ASSIGNED = "CAMBRICON_DSMLU_ASSIGHED"
+NODE_LOCK = "cambricon.com/dsmlu.lock"
+
+
+@dataclass(frozen=True)
+class Cambricon(Family):
+    def memory_mib(self, value: Any) -> int:
+        return whole(value, self.resources.memory) * UNIT_MIB
+
+    def cards_from_capacity(self, node: str, capacity: Mapping[str, Any]) -> list[Card]:
+        cores = capacity_int(capacity, self.resources.cores)
+        mem = capacity_int(capacity, self.resources.memory)
+        n = (cores + 99) // 100
+        return [
+            Card(
+                id=f"{node}-cambricon-mlu-{i}",
+                index=i,
+                type=self.name,
+                count=100,
+                totalmem=mem * UNIT_MIB * 100 // cores,
+                totalcore=100,
+            )
+            for i in range(n)
+        ]
+
+    def pod_annotations(
+        self, pod: PodInfo, grants: Sequence[Sequence[Grant]], node: str = ""
+    ) -> dict[str, str]:
+        out = super().pod_annotations(pod, grants, node)
+        if out:
+            first = next(g for ctr in grants for g in ctr)
+            out[ASSIGNED] = "false"
+            out[PROFILE] = f"{first.idx}_{first.usedcores}_{first.usedmem // UNIT_MIB}"
+        return out
+
+    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
+        specs = [DeviceSpec("/dev/cambricon_ctl", "/dev/cambricon_ctl")]
+        for d in devices:
+            specs.append(DeviceSpec(f"/dev/cambricon_dev{d.index}", f"/dev/cambricon_dev{d.index}"))
+        env = {"CAMBRICON_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}
+        return env, specs, []
+
+
+FAMILY = Cambricon(
+    name="MLU",
+    vendor="cambricon",
+    resources=ResourceNames(
+        "cambricon.com/vmlu", "cambricon.com/mlu.smlu.vmemory", "", "cambricon.com/mlu.smlu.vcore"
+    ),
+    to_allocate_annotation="hami.io/cambricon-mlu-devices-to-allocate",
+    allocated_annotation="hami.io/cambricon-mlu-devices-allocated",
+    use_uuid_annotation="cambricon.com/use-gpuuuid",
+    nouse_uuid_annotation="cambricon.com/nouse-gpuuuid",
+    use_type_annotation="cambricon.com/use-mlutype",
+    nouse_type_annotation="cambricon.com/nouse-mlutype",
+    default_cores=100,
+)
