@@ -41,6 +41,9 @@ from shared.schemas import (
     LedgerAlloc,
     NodeStatus,
     PendingRequest,
+    QueuesReply,
+    QueuesRequest,
+    QueueStatus,
     ReleaseReply,
     ReleaseRequest,
     RunReply,
@@ -284,6 +287,7 @@ def build_submit(args: argparse.Namespace) -> SubmitRequest:
         # Ours, so that we can withdraw it whatever happens to the binder that takes it.
         uid=str(uuid.uuid4()),
         pod_priority=getattr(args, "priority", 0),
+        queue=getattr(args, "queue", None) or "",
     )
 
 
@@ -637,6 +641,50 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return OK
 
 
+def queue_json(q: QueueStatus, cap_mem: int, cap_cores: int) -> dict[str, Any]:
+    return {
+        "name": q.name, "parent": q.parent, "weight": q.weight,
+        "guarantee": {"mem_mib": q.guarantee_mem, "cores": q.guarantee_cores},
+        "limit": {"mem_mib": None if q.limit_mem < 0 else q.limit_mem,
+                  "cores": None if q.limit_cores < 0 else q.limit_cores},
+        "used": {"mem_mib": q.used_mem, "cores": q.used_cores},
+        "borrowed": {"mem_mib": q.borrowed_mem, "cores": q.borrowed_cores},
+        "pending": q.pending,
+        "share_of_cluster": round(max(q.used_mem / cap_mem if cap_mem else 0.0,
+                                      q.used_cores / cap_cores if cap_cores else 0.0), 4),
+    }
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    url = find_nats(args.nats_url)
+    got = asyncio.run(request(url, subjects.PLACEMENT_QUEUES, QueuesRequest(), QueuesReply, 10))
+    if isinstance(got, ErrorReply):
+        raise Fail(got.error, USAGE)
+    assert isinstance(got, QueuesReply)
+    rows = [queue_json(q, got.capacity_mem, got.capacity_cores) for q in got.queues]
+    lines: list[str] = []
+    if not rows:
+        lines.append("no queues configured: requests are tried in arrival order (docs/queues.md)")
+    else:
+        lines.append(f"{'QUEUE':<20} {'GUARANTEE':>18} {'USED':>18} {'BORROWED':>18} {'PENDING':>7}")
+        depth = {q.name: 0 for q in got.queues}
+        for q in got.queues:
+            if q.parent:
+                depth[q.name] = depth.get(q.parent, 0) + 1
+
+        def amount(mem: int, cores: int) -> str:
+            return f"{mem} MiB/{cores}%"
+
+        for q in got.queues:
+            name = "  " * depth[q.name] + q.name
+            lines.append(f"{name:<20} {amount(q.guarantee_mem, q.guarantee_cores):>18} "
+                         f"{amount(q.used_mem, q.used_cores):>18} "
+                         f"{amount(q.borrowed_mem, q.borrowed_cores):>18} {q.pending:>7}")
+    emit(args, {"queues": rows, "capacity": {"mem_mib": got.capacity_mem, "cores": got.capacity_cores}},
+         lines)
+    return OK
+
+
 # ------------------------------------------------------------------ self-contained
 
 
@@ -790,6 +838,9 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--priority", type=_int_in(-(1 << 31), (1 << 31) - 1), default=0, metavar="N",
                        help="scheduling priority, higher wins; with scheduler.preemption on, a slice "
                        "that fits nowhere may preempt lower ones (default: 0; docs/preemption.md)")
+        s.add_argument("--queue", default=None, metavar="NAME",
+                       help="the leaf queue to join (default: the namespace's default queue, else "
+                       "'default'; docs/queues.md)")
 
     s = command("submit", "ask for a slice")
     s.add_argument("name", help="the allocation's name")
@@ -822,6 +873,9 @@ def parser() -> argparse.ArgumentParser:
     de.add_argument("name", help="NAME or NAMESPACE/NAME")
     client(de)
 
+    qu = command("queues", "each queue's guarantee, use, borrowed and pending (docs/queues.md)")
+    client(qu)
+
     d = command("demo", "HAMi's website example, self-contained")
     d.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -830,7 +884,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 HANDLERS = {"up": cmd_up, "submit": cmd_submit, "run": cmd_run, "release": cmd_release, "status": cmd_status,
-            "list": cmd_list, "describe": cmd_describe, "demo": cmd_demo, "creds": creds.cmd_creds}
+            "list": cmd_list, "describe": cmd_describe, "demo": cmd_demo, "creds": creds.cmd_creds,
+            "queues": cmd_queues}
 
 
 def run(argv: list[str]) -> int:

@@ -466,6 +466,7 @@ class BinderService:
             uid=uid, name=req.name, namespace=req.namespace, containers=req.containers,
             constraints=req.constraints, priority=req.priority, pending=req.wait or bool(req.gang),
             source="cli", requested_at=now, deadline=w.deadline, pod_priority=req.pod_priority,
+            queue=req.queue,
             # a gang member waits for its gang (its reservation deadline bounds that)
             gang=req.gang, gang_size=req.gang_size, gang_timeout=req.gang_timeout,
             movable=req.movable,

@@ -511,7 +511,7 @@ class PlacementService:
     def _decide(self, req: AllocRequested, span: trace.Span) -> Placement | Failure:
         t0 = time.perf_counter()
         result = self.placer.decide(req)
-        if self.queues is not None and isinstance(result, Placement):
+        if self.queues is not None or req.queue:
             result = self._within_limits(req, result)
         self._trace_decision(span, req, result, time.perf_counter() - t0)
         return result
@@ -827,10 +827,19 @@ class PlacementService:
         assert self.queues is not None and self._queue_use is not None
         return self.queues, self._queue_use.get(self.cluster)
 
-    def _within_limits(self, req: AllocRequested, p: Placement) -> Placement | Failure:
-        """``p``, or a failure naming the queue limit it would break."""
-        tree, use = self._qstate()
-        why = fair.limit_problem(tree, use, req, p.containers)
+    def _within_limits(self, req: AllocRequested, p: Placement | Failure) -> Placement | Failure:
+        """``p``, or a failure naming the queue limit it would break or the unknown queue."""
+        if self.queues is None:
+            why: str | None = f"queue {req.queue!r} is not defined: no queues are configured"
+        else:
+            tree, use = self._qstate()
+            try:
+                tree.leaf_of(req.queue, req.namespace)
+                why = None
+            except fair.QueueError as exc:
+                why = str(exc)
+            if why is None and isinstance(p, Placement):
+                why = fair.limit_problem(tree, use, req, p.containers)
         if why is None:
             return p
         return Failure(reasons={fair.REASON_LIMIT: 1}, nodes_total=self.cluster.nodes_total(),
