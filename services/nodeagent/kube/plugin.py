@@ -39,10 +39,12 @@ from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from services.nodeagent.install import Installed, installed
 from services.nodeagent.kube.matching import Candidate, Matcher
 from services.nodeagent.slices import REGION_PATH, SliceWriter, core_policy
+from shared import tracing
 from shared.config import NodeSettings
 from shared.schemas import Device, LedgerAlloc
 
 log = logging.getLogger("hami.nodeagent.plugin")
+tracer = tracing.tracer("hami.nodeagent.plugin")
 
 RESOURCE = "nvidia.com/gpu"
 REPLICA_SEP = "::"
@@ -326,6 +328,7 @@ class GpuPlugin:
             return out
 
     async def _allocate_one(self, n: int) -> ContainerAllocation:
+        began = time.time_ns()
         try:
             await self.agent.refresh_ledger()
         except Exception as exc:  # the bus is down: match against what the watch has
@@ -363,4 +366,26 @@ class GpuPlugin:
         vis = self.slices.visible_devices([c.grant for c in cands], env["NVIDIA_VISIBLE_DEVICES"])
         env["NVIDIA_VISIBLE_DEVICES"] = vis
         present = await asyncio.to_thread(installed, self.host_root)
+        self._traced(cands, began)
         return ContainerAllocation(envs=env, mounts=mounts(self.opts, present))
+
+    def _traced(self, cands: list[Candidate], began: int) -> None:
+        """A ``nodeagent.allocate`` span in the trace of each pod this Allocate may have
+        served (its ledger entry's), so a pod's trace reaches its container's start."""
+        for c in cands:
+            alloc = self.matcher.allocs.get(c.uid)
+            if alloc is None or not alloc.traceparent:
+                continue
+            with tracing.resume(
+                tracer, "nodeagent.allocate", alloc.traceparent, start_time=began
+            ) as sp:
+                if sp.is_recording():
+                    sp.set_attributes(
+                        {
+                            "hami.uid": c.uid,
+                            "hami.node": self.agent.node,
+                            "hami.container": c.container,
+                            "hami.cards": list(c.uuids),
+                            "hami.allocate.candidates": len(cands),  # 1: matched exactly
+                        }
+                    )
