@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from importlib import metadata
@@ -30,9 +31,10 @@ import msgspec
 
 from hami import creds, state
 from shared import config, logs, subjects, tracing
-from shared.bus import Bus
+from shared.bus import Bus, decode_event
 from shared.hami.codec import NODE_POLICIES
 from shared.schemas import (
+    AllocPreempted,
     ClusterStatus,
     Constraints,
     ContainerAsk,
@@ -62,6 +64,7 @@ REFUSED = 1  # no placement, no such allocation
 USAGE = 2  # bad flags, configuration, input files
 UNREACHABLE = 3  # NATS or the hami services cannot be reached; no or stale state file
 CANNOT_START = 4  # hami up: a port in use, nats-server missing or failing
+PREEMPTED = 5  # hami run: the slice was preempted and the command stopped
 INTERRUPTED = 130  # Ctrl-C
 BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE, as a shell reports it)
 
@@ -449,13 +452,78 @@ async def give_back(url: str, req: SubmitRequest) -> bool:
     return False
 
 
-def supervise(child: subprocess.Popen[bytes]) -> int:
+class PreemptWatch:
+    """Follows, in a thread of its own (the supervising loop is synchronous), the
+    preemption events of one allocation's node, and notes the one naming its uid."""
+
+    def __init__(self, url: str, node: str, uid: str, name: str, namespace: str = "") -> None:
+        self.url, self.node, self.uid, self.name = url, node, uid, name
+        self.key = full_name(name, namespace)  # as status lists it
+        self.preempted = threading.Event()
+        self.by: AllocPreempted | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hami-run-preempt", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(CONNECT_TIMEOUT + 2)
+
+    def _run(self) -> None:
+        # Without the watch the command still runs; it is just not stopped on preemption.
+        with contextlib.suppress(Exception):
+            asyncio.run(self._follow())
+
+    async def _follow(self) -> None:
+        bus = await connect(self.url)
+        try:
+            async def seen(msg: Any) -> None:
+                with contextlib.suppress(Exception):
+                    ev = decode_event(msg.data)
+                    if isinstance(ev, AllocPreempted) and ev.uid == self.uid:
+                        self.by = ev
+                        self.preempted.set()
+
+            await bus.subscribe(subjects.alloc("preempted", self.node), seen)
+            # Preempted before the subscription took: the allocation is gone already.
+            st = await bus.request(subjects.API_STATUS, StatusRequest(), ClusterStatus, timeout=10)
+            if not any(self.key in n.allocations for n in st.nodes):
+                self.preempted.set()
+            await asyncio.to_thread(self._done.wait)
+        finally:
+            await bus.close()
+
+    def message(self) -> str:
+        by = self.by
+        if by is None:
+            return f"{self.name} on {self.node} is gone (preempted or released by someone else)"
+        who = full_name(by.by_name, by.by_namespace) or by.by_uid
+        return (f"{self.name} on {self.node} was preempted by {who} "
+                f"(priority {by.by_priority} over {by.priority})")
+
+
+def supervise(child: subprocess.Popen[bytes], watch: PreemptWatch | None = None,
+              grace: float = 10.0, quiet: bool = False) -> tuple[int, bool]:
     """Wait for the command; a signal sent to us by a process is passed on to it (a
-    terminal's Ctrl-C reached its whole process group, the command included, already)."""
+    terminal's Ctrl-C reached its whole process group, the command included, already).
+    When the slice is preempted, the command is sent SIGTERM, and SIGKILL ``grace``
+    seconds later. Returns its status and whether it was preempted."""
+    kill_at: float | None = None
     while True:
         rc = child.poll()
         if rc is not None:
-            return rc
+            return rc, kill_at is not None
+        if watch is not None and kill_at is None and watch.preempted.is_set():
+            print(f"hami run: {watch.message()}; stopping the command (SIGKILL in {grace:g}s)",
+                  file=sys.stderr, flush=True)
+            kill_at = time.monotonic() + grace
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+        elif kill_at is not None and time.monotonic() >= kill_at:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
         info = signal.sigtimedwait(RUN_SIGNALS, 0.2)
         if info is not None and info.si_code != SI_KERNEL:
             with contextlib.suppress(ProcessLookupError):
@@ -484,6 +552,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise Fail(f"{req.name}: {r.error}", REFUSED)
     node = r.decision.node
     me = os.getpid()
+    watch: PreemptWatch | None = None
     try:
         ready = asyncio.run(agent_run(url, node, RunRequest(uid=r.uid, container=req.name, pids=[me])))
         if not ready.ok:
@@ -505,9 +574,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Fail as exc:
             print(f"hami run: cannot register the command with {node}: {exc.message}",
                   file=sys.stderr, flush=True)
-        return exit_status(supervise(child))
+        watch = PreemptWatch(url, node, r.uid, req.name, req.namespace)
+        watch.start()
+        try:
+            rc, preempted = supervise(child, watch, args.grace)
+        finally:
+            watch.stop()
+        return PREEMPTED if preempted else exit_status(rc)
     finally:
-        if not asyncio.run(give_back(url, req)):
+        if watch is not None and watch.preempted.is_set():
+            pass  # placement released it already
+        elif not asyncio.run(give_back(url, req)):
             print(f"hami run: {req.name}: release not confirmed; its node agent reclaims it",
                   file=sys.stderr, flush=True)
 
@@ -854,6 +931,9 @@ def parser() -> argparse.ArgumentParser:
                     help="libvgpu.so to preload (default: $HAMI_LIMITER, the checkout's build, "
                          "/usr/local/vgpu/libvgpu.so)")
     ru.add_argument("-q", "--quiet", action="store_true", help="print nothing of our own but errors")
+    ru.add_argument("--grace", type=float, default=10.0, metavar="S",
+                    help="when the slice is preempted, seconds between SIGTERM and SIGKILL of "
+                         "the command (default: 10); hami run then exits 5")
     ru.add_argument("--nats-url", default=None,
                     help="NATS server (default: $HAMI_NATS_URL, else the state file of 'hami up')")
     ru.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",

@@ -290,6 +290,8 @@ def permissions(role: str) -> Permissions:
     elif kind == CLI:
         b.pub += [subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW, subjects.API_STATUS,
                   subjects.AGENT_RUN_ALL, subjects.PLACEMENT_QUEUES]
+        # 'hami run' stops its command when its slice is preempted.
+        b.sub.append(subjects.alloc_any("preempted"))
     elif kind == READER:
         # An ordered consumer of the event stream (nats-py or the nats CLI), and nothing
         # that writes: create and look up ephemeral consumers, answer flow control.

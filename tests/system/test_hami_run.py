@@ -4,8 +4,8 @@ The workload (tests/system/cuda_workload.py) allocates device memory through the
 CUDA library the limiter tests build; ``hami run`` preloads the built libvgpu.so with the
 slice's environment. Checked: the limiter holds the command to its slice, its output and
 exit status come through, its usage is in /metrics while it runs, the slice is released
-when it ends, a signal sent to ``hami run`` reaches it, and after a SIGKILL of
-``hami run`` the node agent reclaims the slice.
+when it ends, a signal sent to ``hami run`` reaches it, after a SIGKILL of
+``hami run`` the node agent reclaims the slice, and a preempted slice stops the command.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ CARDS = [sim_uuid(NODE, i) for i in range(2)]
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     subprocess.run(["make", "-s", "-C", str(NATIVE), "fakes"], check=True, timeout=240)
     tmp = tmp_path_factory.mktemp("run")
+    # Preemption on: only a request of higher priority than the others preempts, and
+    # only the preemption test makes one.
     env = dict(os.environ, HAMI_STATE_FILE=str(tmp / "state.json"), HAMI_LOG_LEVEL="WARNING",
-               HAMI__TELEMETRYINTERVAL="0.2")
+               HAMI__TELEMETRYINTERVAL="0.2", HAMI__SCHEDULER__PREEMPTION="true")
     env.pop("HAMI_NATS_URL", None)
     proc = subprocess.Popen(
         [*HAMI, "up", "--sim-nodes", "1", "--sim-gpus", "A100-80GB:2:81920", "--metrics-port", "0"],
@@ -286,3 +288,26 @@ def test_its_compute_use_reaches_the_container_and_host_series(up: dict[str, str
             p.kill()
             p.wait()
     assert eventually(lambda: "job-sm" not in allocations(up))
+
+
+def test_a_preempted_slice_stops_the_command(up: dict[str, str]) -> None:
+    # Both whole cards at priority 0; a whole card at priority 10 fits only by preempting.
+    p = subprocess.Popen([*HAMI, "run", "--name", "job-low", "--gpus", "2", "--mem-percent", "100",
+                          "--grace", "5", "--", sys.executable, str(WORKLOAD), "100"],
+                         env=up, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_until(p, "info")
+        (child,) = children(p.pid)
+        hi = hami(up, "submit", "job-high", "--mem-percent", "100", "--priority", "10", "--json")
+        assert hi.returncode == 0, hi.stdout + hi.stderr
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 5, err
+    assert "job-low on sim-node-0 was preempted by job-high (priority 10 over 0); stopping the command" in err, err
+    assert "release not confirmed" not in err
+    assert eventually(lambda: start_time(child) is None, 10), "the command outlived its slice"
+    assert allocations(up) == ["job-high"]
+    assert hami(up, "release", "job-high").returncode == 0
