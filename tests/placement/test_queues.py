@@ -297,3 +297,27 @@ def test_reclaim_never_takes_from_a_guarantee_and_always_makes_room(
         r, constraints=msgspec.structs.replace(r.constraints, nodes=[got.node])
     )
     assert isinstance(p.decide(only), Placement)
+
+
+def test_a_sibling_under_its_guarantee_reclaims_inside_the_parent() -> None:
+    # org (guarantee 40 000) = train (20 000) + infer (20 000); top-level other (0)
+    p = full_cluster()  # eight halves of 5 000 MiB, renamed below
+    t = tree(
+        qs("org", gmem=40_000),
+        qs("train", "org", gmem=20_000),
+        qs("infer", "org", gmem=20_000),
+        qs("other"),
+    )
+    for n in ("n1", "n2"):
+        for a in list(p.cluster.ledger(n).allocs.values()):
+            p.cluster.unreserve(n, a.uid)
+            p.cluster.reserve(n, msgspec.structs.replace(a, queue="train"))
+    # train holds all 40 000: 20 000 of it beyond its own guarantee, none beyond org's
+    levels = q.over_levels(t, q.allocations(p.cluster))
+    assert sorted(levels) == ["b5", "b6", "b7", "b8"] and set(levels.values()) == {1}
+    r = msgspec.structs.replace(req(DeviceAsk(nums=1, mem=10_000)), queue="infer")
+    got = q.choose_victims(p, t, r, lambda a: a.pod_priority)
+    assert got is not None and sorted(got.uids) == ["b7", "b8"]
+    # 'other' has no guarantee: org's side is within org's guarantee, nothing is lent
+    o = msgspec.structs.replace(r, queue="other", uid="o1")
+    assert q.choose_victims(p, t, o, lambda a: a.pod_priority) is None

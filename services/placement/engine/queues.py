@@ -389,27 +389,49 @@ def limit_problem(
 # ----------------------------------------------------------------------- reclaim
 
 
-def over_quota(tree: QueueTree, allocs: Iterable[LedgerAlloc]) -> set[str]:
-    """The uids of allocations beyond their queues' guarantees (module docstring)."""
-    by_leaf: dict[str, list[tuple[LedgerAlloc, Res]]] = {}
+def over_levels(tree: QueueTree, allocs: Iterable[LedgerAlloc]) -> dict[str, int]:
+    """Per allocation beyond a guarantee: the depth (0 = top) of the deepest queue on its
+    path whose guarantee it is beyond. Each queue's allocations (its own and those of
+    the queues below it), the most protected first (higher priority, then older), are
+    within its guarantee while their running sum is; the rest are beyond it."""
+    under: dict[str, list[tuple[tuple[int, float, str], LedgerAlloc, Res, int]]] = {}
     for a in allocs:
-        by_leaf.setdefault(alloc_leaf(tree, a), []).append((a, grant_use(a.containers)[0]))
-    kept = Usage(tree)  # what is in guarantee so far, per queue up the tree
-    out: set[str] = set()
-    # the most protected first, across leaves, so an ancestor's guarantee goes to them
-    every = [(leaf, a, r) for leaf, lst in by_leaf.items() for a, r in lst]
-    every.sort(key=lambda t: (-t[1].pod_priority, t[1].decided_at, t[1].uid))
-    for leaf, a, r in every:
-        if all((kept.of(q) + r).within(tree.specs[q].guarantee) for q in tree.path[leaf]):
-            kept.add(leaf, r, {})
-        else:
-            out.add(a.uid)
+        leaf = alloc_leaf(tree, a)
+        r = grant_use(a.containers)[0]
+        for depth, q in enumerate(tree.path[leaf]):
+            under.setdefault(q, []).append(((-a.pod_priority, a.decided_at, a.uid), a, r, depth))
+    out: dict[str, int] = {}
+    for q, lst in under.items():
+        lst.sort(key=lambda t: t[0])
+        total = Res()
+        g = tree.specs[q].guarantee
+        for _, a, r, depth in lst:
+            if (total + r).within(g):
+                total += r
+            else:
+                out[a.uid] = max(out.get(a.uid, -1), depth)
     return out
 
 
-def within_guarantee(tree: QueueTree, use: Usage, leaf: str, add: Res) -> bool:
-    """Whether ``leaf`` and every ancestor stay within their guarantees with ``add``."""
-    return all((use.of(q) + add).within(tree.specs[q].guarantee) for q in tree.path[leaf])
+def over_quota(tree: QueueTree, allocs: Iterable[LedgerAlloc]) -> set[str]:
+    """The uids of allocations beyond some queue's guarantee (module docstring)."""
+    return set(over_levels(tree, allocs))
+
+
+def within_guarantee(tree: QueueTree, use: Usage, leaf: str, add: Res, below: int = 0) -> bool:
+    """Whether ``leaf`` and its ancestors from depth ``below`` down stay within their
+    guarantees with ``add``."""
+    return all((use.of(q) + add).within(tree.specs[q].guarantee) for q in tree.path[leaf][below:])
+
+
+def _common(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    """How many queues two paths share from the top (the depth below their common parent)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def reclaim_victims(
@@ -418,26 +440,34 @@ def reclaim_victims(
     req: AllocRequested,
     priority_of: Callable[[LedgerAlloc], int | None],
     *,
-    reclaim: bool,
+    use: Usage,
+    add: Res | None,
 ) -> Callable[[LedgerAlloc], int | None]:
     """A ``priority_of`` for :func:`.preempt.choose` called with a priority above every
     allocation's: an allocation's priority when it may be a victim of ``req``, else None.
 
-    May be a victim: one of ``req``'s own queue of lower priority; one over quota in
-    another queue, of lower priority or (``reclaim``: ``req``'s queue stays within its
-    guarantee once placed) of any priority. ``priority_of`` says which allocations may
-    be preempted at all (None: never)."""
+    May be a victim: one of ``req``'s own queue of lower priority; one of another queue
+    that is beyond a guarantee of its side below the two queues' common parent, if it
+    has a lower priority or if ``req``'s side below that parent stays within its
+    guarantees with ``add`` (reclaim; None: no reclaim). ``priority_of`` says which
+    allocations may be preempted at all (None: never)."""
     allocs = list(allocs)
-    over = over_quota(tree, allocs)
+    over = over_levels(tree, allocs)
     leaf = tree.leaf_of(req.queue, req.namespace)
+    mine = tree.path[leaf]
+    may_reclaim = [
+        add is not None and within_guarantee(tree, use, leaf, add, d) for d in range(len(mine) + 1)
+    ]
 
     def victim(a: LedgerAlloc) -> int | None:
         p = priority_of(a)
         if p is None:
             return None
-        if alloc_leaf(tree, a) == leaf:
+        theirs = tree.path[alloc_leaf(tree, a)]
+        if theirs == mine:
             return p if p < req.pod_priority else None
-        if a.uid in over and (reclaim or p < req.pod_priority):
+        d = _common(mine, theirs)
+        if over.get(a.uid, -1) >= d and (p < req.pod_priority or may_reclaim[d]):
             return p
         return None
 
@@ -479,8 +509,9 @@ def choose_victims(
     except QueueError:
         return None
     by_uid = {a.uid: a for a in allocs}
-    for reclaim in (True, False):
-        victim = reclaim_victims(tree, allocs, req, priority_of, reclaim=reclaim)
+    mine = tree.path[leaf]
+    for add in (Res(), None):  # reclaim as the queues stand now, then priority only
+        victim = reclaim_victims(tree, allocs, req, priority_of, use=use, add=add)
         got = preempt.choose(placer, req, _ABOVE_ALL, priority_of=victim, budget=budget)
         if got is None:
             return None  # reclaiming allows more victims: without it there are fewer
@@ -491,10 +522,18 @@ def choose_victims(
             after.add(alloc_leaf(tree, a), r, types, sign=-1)
         if limit_problem(tree, after, req, got.placement.containers) is not None:
             return None
-        add = grant_use(got.placement.containers)[0]
-        if not reclaim or within_guarantee(tree, after, leaf, add):
+        placed = grant_use(got.placement.containers)[0]
+        # every victim taken by reclaim (not of lower priority): the request's side
+        # below the common parent stays within its guarantees once it is placed
+        if all(
+            (p := priority_of(by_uid[u])) is not None
+            and p < req.pod_priority
+            or within_guarantee(
+                tree, after, leaf, placed, _common(mine, tree.path[alloc_leaf(tree, by_uid[u])])
+            )
+            for u in got.uids
+        ):
             return got
-        # it would not be within its guarantee: only lower priorities, as without queues
     return None
 
 
