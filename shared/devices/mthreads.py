@@ -82,7 +82,7 @@ class Mthreads(Family):
         return ask.family in card.type and ask.family == self.name
 
     def custom_filter(self, card: Card, ask: Ask, pod: PodInfo, chosen: Sequence[Grant]) -> bool:
-        return all(g.uuid == card.id for ctr in pod.allocated.get(card.type, ()) for g in ctr)
+        return all(g.uuid == card.id for ctr in pod.allocated.get(ask.family, ()) for g in ctr)
 
     def cards_from_capacity(self, node: str, capacity: Mapping[str, Any]) -> list[Card]:
         cores = capacity_int(capacity, self.resources.cores)

@@ -29,6 +29,7 @@ from shared.devices import (
     vastai,
 )
 from shared.devices.base import Allocated, AllocateResponse, Ask, Family, RequestError, quantity
+from shared.schemas import DeviceAsk
 
 DEFAULT_FAMILIES: tuple[Family, ...] = (
     nvidia.FAMILY,
@@ -173,3 +174,14 @@ def allocate_response(family: Family | str, devices: Sequence[Allocated]) -> All
     message)."""
     fam = REGISTRY.family(family) if isinstance(family, str) else family
     return fam.allocate(devices)
+
+
+def to_device_ask(ask: Ask) -> DeviceAsk:
+    """A family's ask as the request schema carries it (``vendor`` = the family's type).
+
+    A percentage is carried only when no MiB are asked, as HAMi reads it; a family that
+    asks neither (Neuron: no memory isolation) carries 0 MiB and no percentage, which
+    placement reads as the family's fit does (the fit, not the numbers, decides).
+    """
+    pct = ask.mem_percent if ask.memreq == 0 and ask.mem_percent > 0 else None
+    return DeviceAsk(vendor=ask.family, nums=ask.nums, mem=ask.memreq, mem_percent=pct, cores=ask.coresreq)

@@ -35,6 +35,8 @@ from typing import Any
 
 from shared import limits
 from shared.config import NodeSettings, ResourceNames
+from shared.devices.base import RequestError
+from shared.devices.registry import REGISTRY, to_device_ask
 from shared.hami import annotations as ann
 from shared.hami.quantity import QuantityError, mib, milli, parse_quantity
 from shared.hami.resources import resolve_device_ask
@@ -129,8 +131,14 @@ def container_ask(
     settings: NodeSettings,
     names: ResourceNames,
     problems: list[str],
+    annotations: Mapping[str, str] | None = None,
 ) -> tuple[ContainerAsk, int | None]:
-    """One container's ask and its ``nvidia.com/priority`` (None when not given)."""
+    """One container's ask and its ``nvidia.com/priority`` (None when not given).
+
+    A container that names another vendor's resources asks that device family
+    (:mod:`shared.devices`, its rules and the pod's ``annotations``); one container
+    asks one family.
+    """
     cname = str(container.get("name") or "")
     where = f'container "{cname}"'
     res = container.get("resources") or {}
@@ -162,6 +170,7 @@ def container_ask(
         )
         if ask is not None:
             devices.append(ask)
+    _family_ask(container, where, devices, problems, annotations or {})
     cpu_milli = memory_mib = 0
     for key in ("cpu", "memory"):
         v = (res.get("requests") or {}).get(key)
@@ -181,6 +190,28 @@ def container_ask(
                      memory_mib=memory_mib),
         raw["priority"],
     )
+
+
+def _family_ask(
+    container: Mapping[str, Any], where: str, devices: list[DeviceAsk], problems: list[str],
+    annotations: Mapping[str, str],
+) -> None:
+    """Append the container's ask of a non-NVIDIA device family, if it names one."""
+    res = container.get("resources") or {}
+    if not any(not f.engine_native for f in REGISTRY.container_families(res)):
+        return  # NVIDIA only (or nothing): the path above, unchanged
+    try:
+        got = REGISTRY.container_ask(container, annotations)
+    except RequestError as exc:
+        problems.append(str(exc))
+        return
+    if got is None or got[0].engine_native:
+        return
+    if devices:
+        problems.append(f"{where} asks for {devices[0].vendor} and {got[0].name}: "
+                        "a container asks one device family; put each in its own container")
+        return
+    devices.append(to_device_ask(got[1]))
 
 
 def _list(value: str) -> list[str]:
@@ -316,7 +347,8 @@ def pod_request(
     containers: list[ContainerAsk] = []
     priority: int | None = None
     for container, init in pod_containers(pod):
-        ask, prio = container_ask(container, init, settings, names, problems)
+        ask, prio = container_ask(container, init, settings, names, problems,
+                                  meta.get("annotations") or {})
         containers.append(ask)
         if prio is not None:
             priority = prio if priority is None else min(priority, prio)

@@ -35,7 +35,7 @@ from shared.schemas import (
     card_usage,
 )
 
-from . import hami, mig
+from . import families, hami, mig
 from . import model as m
 from .frag import FRAG_POLICIES, VARIANTS, FragScorer, ShapeModel
 from .state import BOOL, I64, ClusterState, NodeRec
@@ -546,6 +546,8 @@ class Placer:
         checks: list[tuple[int, BOOL]] = [(m.CARD_SLOTS, uslot < tslot)]
         if parse_chain(cons.gpu_policy or self.scheduler.gpu_policy).mutex:
             checks.append((m.CARD_MUTEX, uslot == 0))
+        if families.foreign(a.vendor):
+            return checks  # memory and cores are the family's fit's (families.py)
         q = self.cluster.quotas.get(ns)
         if q is not None:
             used = st.ns_used.get(ns, [0, 0])
@@ -595,6 +597,9 @@ class Placer:
         tmem, tcore, ucore = st.c_tmem[pos], st.c_tcore[pos], st.c_ucore[pos]
         need = a.mem if a.pct is None else tmem * a.pct // 100
         ok = (uslot < tslot) & (st.c_umem[pos] + need <= tmem) & (ucore + a.cores <= tcore)
+        if families.foreign(a.vendor):
+            ok = (uslot < tslot) & (uslot == 0) if mutex else uslot < tslot
+            return ok  # memory and cores are the family's fit's (families.py)
         if mutex:
             ok &= uslot == 0
         elif a.cores >= 100:
@@ -780,6 +785,7 @@ class Placer:
         if mig.PodMig.needed(rec.inv.devices):
             pm = mig.PodMig((r.alloc for r in rec.allocs.values()), rec.inv.devices)
         memo: dict[str, object] = {}
+        memo["granted"] = grants  # what the pod's earlier containers got (families.py)
         last_app = max(
             (i for i, (c, r) in enumerate(zip(conts, asks, strict=True)) if r and not c.init),
             default=-1,
@@ -794,6 +800,7 @@ class Placer:
             devs: list[CardGrant] = []
             taken: set[int] = set()
             fresh = fast and pm is None and (c.init or not app_used)
+            fresh = fresh and not any(families.foreign(a.vendor) for a in row)  # their own fit
             visit: list[int] = []
             partial = False
             if fresh and len(row) == 1 and (c.init or ci == last_app):
@@ -986,7 +993,8 @@ class Placer:
                 ):
                     per[cards[p].numa] = per.get(cards[p].numa, 0) + 1
             order.sort(key=lambda p: -per.get(cards[p].numa, 0))
-        res = hami.fit(
+        granted = memo.get("granted") if memo is not None else None
+        res = families.fit(cards, order, req, f, granted) or hami.fit(
             cards, order, req, f, rec.links.tolist() if rec.links is not None else None, quota_ok,
             mig_rule,
         )  # fmt: skip
@@ -1379,7 +1387,8 @@ class Placer:
                     dataclasses.replace(c, mode="") if c.mode == mig.MIG_MODE else c for c in cards
                 ]  # fmt: skip
                 why = (
-                    hami.fit(one, visit, req, f, links, quota_ok, mig_rule).text or m.NODE_UNFIT_POD
+                    (families.fit(one, visit, req, f) or hami.fit(one, visit, req, f, links, quota_ok,
+                                                                  mig_rule)).text or m.NODE_UNFIT_POD
                 )
             out[r] = why or tried.get(r) or m.NODE_UNFIT_POD
         return out

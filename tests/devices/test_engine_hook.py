@@ -1,0 +1,118 @@
+"""Placement and the codec consult the registry: a card of another family is offered only
+to that family's asks, with that family's fit rules and reason codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.devices.registry import REGISTRY
+from shared.hami.codec import PodSpecError, pod_request
+from shared.schemas import ContainerAsk, Device, DeviceAsk, NodeInventory
+from tests.placement.util import cards_of, cluster, fail, place, placer, pod, req
+
+
+def xpu_node(name: str) -> NodeInventory:
+    return NodeInventory(
+        node=name,
+        devices=[
+            Device(
+                uuid=f"{name}-xpu-{i}", index=i, type="P800", vendor="XPU", count=4, devmem=98304
+            )
+            for i in range(8)
+        ],
+    )
+
+
+def mixed() -> Any:
+    return cluster(
+        NodeInventory(
+            node="gpu", devices=[Device(uuid="GPU-0", index=0, type="NVIDIA-A100", devmem=40960)]
+        ),
+        xpu_node("xpu"),
+        NodeInventory(
+            node="mt",
+            devices=[
+                Device(
+                    uuid="mt-0",
+                    index=0,
+                    type="Mthreads",
+                    vendor="Mthreads",
+                    count=100,
+                    devmem=49152,
+                    devcore=16,
+                ),
+                Device(
+                    uuid="mt-1",
+                    index=1,
+                    type="Mthreads",
+                    vendor="Mthreads",
+                    count=100,
+                    devmem=49152,
+                    devcore=16,
+                ),
+            ],
+        ),
+    )
+
+
+def test_each_family_lands_on_its_own_cards() -> None:
+    p = placer(mixed())
+    g = place(p, req(DeviceAsk(nums=1, mem=1000)))
+    assert g.node == "gpu"
+    x = place(p, req(DeviceAsk(vendor="XPU", nums=1, mem=24576, cores=25)))
+    assert x.node == "xpu" and x.containers[0].devices[0].vendor == "XPU"
+    m = place(p, req(DeviceAsk(vendor="Mthreads", nums=1, mem=8 * 512, cores=4)))
+    assert m.node == "mt"
+
+
+def test_one_vxpu_size_per_card() -> None:
+    p = placer(cluster(xpu_node("xpu")))
+    half = DeviceAsk(vendor="XPU", nums=1, mem=49152, cores=50)
+    quarter = DeviceAsk(vendor="XPU", nums=1, mem=24576, cores=25)
+    first = cards_of(place(p, req(half)))[0][0]
+    # the quarter goes elsewhere: the card holding a half takes halves only
+    assert cards_of(place(p, req(quarter)))[0][0] != first
+    assert cards_of(place(p, req(half)))[0][0] == first  # the second half joins the first
+
+
+def test_moore_threads_pod_stays_on_one_card_and_reason_is_hamis() -> None:
+    p = placer(mixed())
+    a = ContainerAsk(name="a", devices=[DeviceAsk(vendor="Mthreads", nums=1, mem=4096, cores=4)])
+    b = ContainerAsk(name="b", devices=[DeviceAsk(vendor="Mthreads", nums=1, mem=4096, cores=4)])
+    got = place(p, pod(a, b))
+    assert len({d.uuid for c in got.containers for d in c.devices}) == 1
+    f = fail(p, req(DeviceAsk(vendor="Mthreads", nums=1, mem=4096, cores=17)))
+    assert "CardInsufficientCore" in f.message
+
+
+def test_a_pod_asks_several_families_through_the_codec() -> None:
+    k8s: dict[str, Any] = {
+        "metadata": {"uid": "u1", "name": "p", "namespace": "ns", "annotations": {}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "gpu",
+                    "resources": {"limits": {"nvidia.com/gpu": 1, "nvidia.com/gpumem": 1000}},
+                },
+                {
+                    "name": "xpu",
+                    "resources": {
+                        "limits": {"kunlunxin.com/vxpu": 1, "kunlunxin.com/vxpu-memory": 20000}
+                    },
+                },
+            ]
+        },
+    }
+    r = pod_request(k8s)
+    assert [d.vendor for c in r.containers for d in c.devices] == ["NVIDIA", "XPU"]
+    assert r.containers[1].devices[0] == DeviceAsk(vendor="XPU", nums=1, mem=24576, cores=25)
+    got = placer(mixed()).decide(r)
+    assert not hasattr(got, "node")  # one node has no GPU and XPU together
+    k8s["spec"]["containers"][1]["resources"]["limits"]["nvidia.com/gpu"] = 1
+    try:
+        pod_request(k8s)
+    except PodSpecError as exc:
+        assert 'container "xpu" asks for NVIDIA and XPU' in str(exc)
+    else:
+        raise AssertionError("two families in one container must be refused")
+    assert REGISTRY.family("XPU").vendor == "kunlunxin"
