@@ -179,18 +179,18 @@ def emit(args: argparse.Namespace, obj: dict[str, Any], lines: list[str]) -> Non
 
 def cmd_up(args: argparse.Namespace) -> int:
     from hami.system import System
-    from services.nodeagent.backends.sim import SimSpecError, parse_gpu_spec
+    from services.nodeagent.backends.sim import SimSpecError, parse_gpu_specs
     from shared.natsserver import NatsServerError
 
     cfg = config.load(args.config)
     for spec in args.sim_gpus or []:
         try:
-            parse_gpu_spec(spec)
+            parse_gpu_specs([spec])
         except SimSpecError as exc:
             raise Fail(str(exc), USAGE) from None
     for spec in cfg.sim.gpus:
         try:
-            parse_gpu_spec(spec)
+            parse_gpu_specs([spec])
         except SimSpecError as exc:
             raise Fail(f"configuration sim.gpus: {exc}", USAGE) from None
     try:

@@ -25,7 +25,7 @@ from services.inventory.service import InventoryService
 from services.metrics.service import MetricsService
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.backends import Backend, nvml
-from services.nodeagent.backends.sim import GpuSpec, SimBackend, parse_gpu_spec
+from services.nodeagent.backends.sim import GpuSpec, SimBackend, parse_gpu_specs
 from services.nodeagent.standalone import StandaloneNode
 from services.placement.service import PlacementService
 from shared import subjects
@@ -72,7 +72,7 @@ class System:
         if use_nvml:
             node = self.cfg.node_name or socket.gethostname()
             return [(node, nvml.NvmlBackend())]
-        specs: list[GpuSpec] = [parse_gpu_spec(s) for s in (self.sim_gpus or self.cfg.sim.gpus)]
+        specs: list[GpuSpec] = parse_gpu_specs(self.sim_gpus or self.cfg.sim.gpus)
         n = self.sim_nodes if self.sim_nodes is not None else self.cfg.sim.nodes
         out: list[tuple[str, Backend]] = []
         for i in range(n):

@@ -42,6 +42,15 @@ class MigProfile(_Base, kw_only=True):
     placements: list[MigPlacement] = []
 
 
+class DeviceTemplate(_Base, kw_only=True):
+    """A fixed slice size a card offers (Ascend vNPU template, Enflame DRS profile,
+    Kunlunxin vXPU size): a request is rounded up to one of these."""
+
+    name: str = ""
+    memory_mib: int = 0
+    cores: int = 0  # the vendor's unit: Ascend AI cores, Enflame slices, ...
+
+
 class Device(_Base, kw_only=True):
     """One card as its node agent registers it (HAMi's registration semantics)."""
 
@@ -57,6 +66,10 @@ class Device(_Base, kw_only=True):
     health: bool = True
     physical_mem: int = 0  # MiB before scaling, for telemetry
     mig_profiles: list[MigProfile] = []  # mode "mig": the geometries the card offers
+    # Other vendors: HAMi's customInfo of the register annotation (Ascend NetworkID,
+    # AMD pciBDF, Vastai AIC/DeviceStrategy) and the card's fixed slice sizes.
+    custom_info: dict[str, str | int] = {}
+    templates: list[DeviceTemplate] = []
 
 
 class Taint(_Base, kw_only=True):
@@ -107,6 +120,9 @@ class DeviceUsage(_Base, kw_only=True):
     uuid: str
     memory_used_mib: int = 0
     utilization: float = 0.0  # 0..1
+    vendor: str = "NVIDIA"  # the card's Device.vendor (HAMi's device type key)
+    type: str = ""  # the card's Device.type, e.g. "Ascend910B3", "DCU-K100-AI"
+    memory_total_mib: int = 0  # 0 = not reported
 
 
 class ContainerUsage(_Base, kw_only=True):

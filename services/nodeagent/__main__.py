@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from services.nodeagent.backends import Backend, nvml
-from services.nodeagent.backends.sim import SimBackend, parse_gpu_spec
+from services.nodeagent.backends.sim import SimBackend, parse_gpu_specs
 from services.nodeagent.csi.v1 import PLUGINS_DIR
 from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from services.nodeagent.pluginregistration.v1 import REGISTRY_DIR
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"nodeagent --kube: NVML found no GPU on {node}; pass --sim-gpus to simulate"
             )
         else:
-            specs = [parse_gpu_spec(s) for s in (args.sim_gpus or cfg.sim.gpus)]
+            specs = parse_gpu_specs(args.sim_gpus or cfg.sim.gpus)
             backend = SimBackend(node, specs, cfg.sim.numa_nodes, args.topology or cfg.sim.nvlink)
         if not args.kube:
             # Slices in a temporary directory, telemetry, and the endpoint of 'hami run'.

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
 from services.nodeagent.backends import Backend
+from services.nodeagent.backends.vendors.registration import vendor_devices
 from services.nodeagent.registration import register
 from shared import subjects
 from shared.bus import Bus, decode
@@ -69,6 +70,8 @@ class NodeAgent:
     def build_inventory(self) -> NodeInventory:
         found = self.backend.discover()
         devices, links = register(found, self.cfg.node)
+        # other vendors' cards as their own plugins register them
+        devices = vendor_devices(found, devices, self.cfg.node)
         return NodeInventory(
             node=self.node,
             agent_id=self.agent_id,

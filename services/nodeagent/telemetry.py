@@ -103,7 +103,9 @@ def sample(
                         last_kernel_at=(dev.last_kernel_ns / 1e9) if dev else 0.0,
                     )
                 )
-                card = per_card.setdefault(grant.uuid, DeviceUsage(uuid=grant.uuid))
+                card = per_card.setdefault(
+                    grant.uuid, DeviceUsage(uuid=grant.uuid, vendor=grant.vendor, type=grant.type)
+                )
                 card.memory_used_mib += used // MIB
                 if dev is not None:
                     # The limiter samples the whole card too; any container's view will do.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from shared.schemas import MigProfile
+from shared.schemas import DeviceTemplate, MigProfile
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,12 @@ class PhysicalCard:
     healthy: bool = True
     # mode "mig": the profiles the card offers, with NVML's placements (HAMi's migProfiles)
     mig_profiles: tuple[MigProfile, ...] = ()
+    # Other vendors (backends/vendors): the type HAMi's plugin registers ("" = NVIDIA's
+    # "<vendor>-<model>"), devcore (0 = 100), customInfo and fixed slice sizes.
+    type: str = ""
+    cores: int = 0
+    custom_info: tuple[tuple[str, str | int], ...] = ()
+    templates: tuple[DeviceTemplate, ...] = ()
 
 
 @dataclass

@@ -3,6 +3,11 @@
 Used by ``hami up`` without GPUs, by the tests and by the benchmarks. UUIDs are stable
 for a (node, index) pair so a restarted simulated agent registers the same cards.
 
+A model of another vendor (``Ascend910B3:8``, ``MLU370:4``, ``MI300X:8``; the names are
+:mod:`services.nodeagent.backends.vendors`') simulates that vendor's cards, with its
+memory, cores, templates and topology; one ``--sim-gpus`` value may list several specs
+separated by commas (``Ascend910B3:8,MLU370:4,A100-40GB:2``).
+
 A spec ending in ``:mig`` (``A100-SXM4-40GB:2:mig``) simulates cards in MIG mode: they
 register ``mode: mig`` with the model's profile table (:mod:`shared.hami.mig`), and the
 backend creates and destroys MIG instances the way NVML does -- only at a placement the
@@ -12,12 +17,16 @@ runs without a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from services.nodeagent.backends import Discovery, MigError, MigInstance, PhysicalCard
+from services.nodeagent.backends.vendors import find_model
+from services.nodeagent.backends.vendors.sim import sim_cards, vendor_links
+from services.nodeagent.registration import vendor_type
 from shared.hami.mig import MIG_MODE, geometry, overlaps
 from shared.schemas import ContainerUsage, DeviceUsage, MigPlacement
 
@@ -44,6 +53,7 @@ class GpuSpec:
     count: int
     memory_mib: int
     mode: str = "hami-core"  # "mig": the cards are in MIG mode
+    vendor: str = "NVIDIA"  # another vendor's family key (backends/vendors) for its models
 
 
 def parse_gpu_spec(text: str) -> GpuSpec:
@@ -57,6 +67,19 @@ def parse_gpu_spec(text: str) -> GpuSpec:
     if len(parts) not in (2, 3) or not parts[0]:
         raise SimSpecError(f"--sim-gpus {text!r}: expected MODEL:COUNT[:MEMORY_MIB][:mig]")
     model = parts[0]
+    other = find_model(model)
+    if other is not None:
+        fam, vm = other
+        if mode == MIG_MODE:
+            raise SimSpecError(f"--sim-gpus {text!r}: {vm.name} ({fam.vendor}) has no MIG mode")
+        try:
+            count = int(parts[1])
+            mem = int(parts[2]) if len(parts) == 3 else vm.memory_mib
+        except ValueError as exc:
+            raise SimSpecError(f"--sim-gpus {text!r}: COUNT and MEMORY_MIB must be integers") from exc
+        if count < 0 or count > 64 or mem <= 0:
+            raise SimSpecError(f"--sim-gpus {text!r}: COUNT must be 0..64 and MEMORY_MIB positive")
+        return GpuSpec(model=vm.name, count=count, memory_mib=mem, vendor=fam.key)
     if mode == MIG_MODE and geometry(model) is None:
         raise SimSpecError(
             f"--sim-gpus {text!r}: no MIG geometry for {model!r} (A30, A100-SXM4-40GB, A100-SXM4-80GB, H100-SXM5-80GB)"
@@ -73,6 +96,17 @@ def parse_gpu_spec(text: str) -> GpuSpec:
     if count < 0 or count > 64 or mem <= 0:
         raise SimSpecError(f"--sim-gpus {text!r}: COUNT must be 0..64 and MEMORY_MIB positive")
     return GpuSpec(model=model, count=count, memory_mib=mem, mode=mode)
+
+
+def parse_gpu_specs(values: Iterable[str]) -> list[GpuSpec]:
+    """Every spec of some ``--sim-gpus`` values, each value one spec or a comma list."""
+    out: list[GpuSpec] = []
+    for value in values:
+        parts = [p.strip() for p in value.split(",")]
+        if any(not p for p in parts):
+            raise SimSpecError(f"--sim-gpus {value!r}: an empty entry in the comma list")
+        out.extend(parse_gpu_spec(p) for p in parts)
+    return out
 
 
 def sim_uuid(node: str, index: int) -> str:
@@ -139,14 +173,27 @@ class SimBackend:
         cards: list[PhysicalCard] = []
         total = sum(g.count for g in self.gpus)
         per_numa = max(1, -(-total // self.numa_nodes))
+        numa_of = [min(i // per_numa, self.numa_nodes - 1) for i in range(total * 4)]
         for spec in self.gpus:
+            if spec.vendor != "NVIDIA":
+                found = find_model(spec.model)
+                assert found is not None  # parse_gpu_spec only makes vendor specs of known models
+                # Each vendor numbers its own cards from 0 (they name its /dev nodes).
+                first = sum(1 for c in cards if c.vendor == spec.vendor)
+                made = sim_cards(self.node, spec.vendor, found[1], spec.count, first, numa_of,
+                                 spec.memory_mib, position=len(cards))
+                cards += [
+                    dataclasses.replace(c, healthy=False) if len(cards) + k in self.unhealthy else c
+                    for k, c in enumerate(made)
+                ]
+                continue
             profiles = tuple(geometry(spec.model) or ()) if spec.mode == MIG_MODE else ()
             for _ in range(spec.count):
                 i = len(cards)
                 cards.append(
                     PhysicalCard(
                         uuid=sim_uuid(self.node, i),
-                        index=i,
+                        index=sum(1 for c in cards if c.vendor == "NVIDIA"),  # = i on an NVIDIA-only node
                         model=spec.model,
                         memory_mib=spec.memory_mib,
                         numa=min(i // per_numa, self.numa_nodes - 1),
@@ -156,7 +203,7 @@ class SimBackend:
                     )
                 )
         links = link_matrix(len(cards), [c.numa for c in cards], self.topology)
-        return Discovery(cards=cards, links=links)
+        return Discovery(cards=cards, links=vendor_links(links, cards))
 
     def usage(self, containers: Sequence[ContainerUsage]) -> list[DeviceUsage]:
         """What NVML would report for each simulated card: a small driver baseline plus
@@ -173,7 +220,9 @@ class SimBackend:
             baseline = min(SIM_BASELINE_MAX_MIB, int(card.memory_mib * SIM_BASELINE_SHARE))
             used = min(card.memory_mib, baseline + mem.get(card.uuid, 0) // MIB)
             out.append(DeviceUsage(uuid=card.uuid, memory_used_mib=used,
-                                   utilization=min(1.0, util.get(card.uuid, 0.0))))
+                                   utilization=min(1.0, util.get(card.uuid, 0.0)), vendor=card.vendor,
+                                   type=card.type or vendor_type(card.vendor, card.model),
+                                   memory_total_mib=card.memory_mib))
         return out
 
     # ------------------------------------------------------------------ MIG lifecycle

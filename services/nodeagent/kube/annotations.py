@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.nodeagent.backends.vendors.annotations import vendor_annotations
 from shared import kube as k
 from shared.hami.annotations import (
     NODE_REGISTER,
     NODE_SCORE,
+    NVIDIA,
     encode_node_devices,
     encode_node_scores,
 )
@@ -27,10 +29,19 @@ log = logging.getLogger("hami.nodeagent.annotations")
 
 
 def node_annotations(inv: NodeInventory, scores: bool = True) -> dict[str, str]:
-    """The annotations a node's inventory is published as."""
-    out = {NODE_REGISTER: encode_node_devices(inv.devices)}
-    if scores and inv.links:
-        out[NODE_SCORE] = encode_node_scores(inv.devices, inv.links)
+    """The annotations a node's inventory is published as: NVIDIA's register and scores
+    for its NVIDIA cards, and each other vendor's register/handshake for its cards
+    (services/nodeagent/backends/vendors/annotations.py)."""
+    nvidia = [d for d in inv.devices if d.vendor == NVIDIA]
+    others = vendor_annotations(inv.devices, inv.published_at or None)
+    out = {} if others and not nvidia else {NODE_REGISTER: encode_node_devices(nvidia)}
+    if scores and inv.links and nvidia:
+        if len(nvidia) == len(inv.devices):
+            out[NODE_SCORE] = encode_node_scores(inv.devices, inv.links)
+        else:
+            pos = [i for i, d in enumerate(inv.devices) if d.vendor == NVIDIA]
+            out[NODE_SCORE] = encode_node_scores(nvidia, [[inv.links[i][j] for j in pos] for i in pos])
+    out.update(others)
     return out
 
 

@@ -1,0 +1,150 @@
+"""What every vendor module declares: its families, models, and how its CLI is run.
+
+A *family* is one of HAMi's device types (``pkg/device/<vendor>/`` of HAMi): the key a
+container's ask and a card's ``Device.vendor`` share (``"MLU"``, ``"DCU"``,
+``"Ascend910B3"``, ...), its Kubernetes resource names, the node annotations its HAMi
+plugin writes, and how cards of it are named and split. A *model* is one chip of a
+family with what a simulated card of it has (memory, cores, fixed slice sizes).
+
+The names HAMi's scheduler reads (device type, resource names, register and handshake
+annotations) come from the shared device registry (:mod:`shared.devices`), so the node
+agent registers exactly what the webhook and placement look up; what only the node side
+needs (models, slot rules, /dev nodes, PCI IDs, the annotation's encoding) is here.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.devices.registry import REGISTRY
+
+# Run one command, return its stdout; raise CommandError when it cannot run or fails.
+Runner = Callable[[Sequence[str]], str]
+
+
+class CommandError(RuntimeError):
+    """A vendor CLI that is missing, failed, or printed what we cannot read."""
+
+
+class VendorSpecError(ValueError):
+    """A simulated-vendor spec that does not parse or names an unknown model."""
+
+
+def run_command(argv: Sequence[str], timeout: float = 10.0) -> str:
+    """The real runner: the CLI's stdout; a missing binary or non-zero exit is an error."""
+    try:
+        out = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CommandError(f"{argv[0]}: {exc}") from exc
+    if out.returncode != 0:
+        raise CommandError(f"{' '.join(argv)}: exit {out.returncode}: {out.stderr.strip()[:200]}")
+    return out.stdout
+
+
+@dataclass(frozen=True)
+class Template:
+    """A fixed slice size: Ascend vNPU template, Enflame DRS profile, Kunlunxin vXPU."""
+
+    name: str
+    memory_mib: int
+    cores: int = 0
+
+
+@dataclass(frozen=True)
+class Model:
+    """One chip: what a simulated card of it has and how HAMi's plugin registers it."""
+
+    name: str  # as written in a --sim-gpus spec (matched case-insensitively)
+    type: str  # Device.type as the vendor's HAMi plugin writes it
+    memory_mib: int  # registered devmem
+    cores: int = 100  # registered devcore (AMD: CU count; Neuron: NeuronCores)
+    templates: tuple[Template, ...] = ()
+    aliases: tuple[str, ...] = ()
+    topology: str = ""  # "" none; "ring", "torus4x4", "mesh", "pairs", "network8"
+    dies: int = 1  # Vastai: dies per card (each die registers as a device)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HAMi device type."""
+
+    key: str  # Device.vendor / DeviceAsk.vendor: HAMi's device type ("MLU", "Ascend910B3")
+    vendor: str  # the company, for labels ("Huawei", "Cambricon")
+    resources: tuple[str, ...]  # count, memory, cores resource names ("" = none)
+    # How HAMi's scheduler learns the cards: "json" (DeviceInfo list in register_annotation),
+    # "colon" (the legacy colon list), "metax" / "enflame" (the vendor's own JSON),
+    # "capacity" (node extended resources only: no annotation).
+    register: str
+    register_annotation: str = ""
+    handshake_annotation: str = ""
+    handshake_style: str = "space"  # "space": "Reported <t>"; "underscore": "Reported_<t>"
+    device_vendor: str = ""  # DeviceInfo.deviceVendor written in the annotation ("" = omitted)
+    split: int = 0  # slots per card the vendor's plugin registers; 0 = deviceSplitCount
+    uuid_prefix: str = ""
+    memory_unit_mib: int = 1  # request memory granularity (REFERENCE §8)
+    models: tuple[Model, ...] = ()
+    dev_globs: tuple[str, ...] = ()  # /dev nodes whose presence says the vendor is here
+    pci_vendors: tuple[str, ...] = ()  # sysfs PCI vendor IDs ("0x1d94")
+    extra: dict[str, str] = field(default_factory=dict)  # other annotation names
+
+
+def hami_names(device_type: str) -> dict[str, Any]:
+    """Family fields named by the shared registry's entry for ``device_type``."""
+    fam = REGISTRY.family(device_type)
+    r = fam.resources
+    return {
+        "key": fam.name,
+        "vendor": fam.vendor,
+        "resources": (r.count, r.memory, r.cores),
+        "register_annotation": fam.register_annotation,
+        "handshake_annotation": fam.handshake_annotation,
+    }
+
+
+def sim_serial(node: str, key: str, index: int, width: int = 16) -> str:
+    """A stable hex serial for a simulated card of ``key`` at ``index`` on ``node``."""
+    return hashlib.sha1(f"{node}/{key}/{index}".encode()).hexdigest()[:width]
+
+
+@dataclass
+class Granted:
+    """One card of a container's grant as the vendor's Allocate needs it."""
+
+    uuid: str
+    index: int  # the card's index on the node (the /dev node number)
+    mem: int  # MiB granted
+    cores: int  # share granted: percent, or (percent False) in the card's core unit
+    memory_mib: int = 0  # the card's whole memory (0 = unknown)
+    total_cores: int = 100  # the card's devcore (AMD: CUs, Neuron: NeuronCores)
+    template: str = ""  # a fixed slice's name (Ascend vNPU template, Enflame profile)
+    instance: str = ""  # an instance the agent created for it (Enflame DRS UUID)
+    percent: bool = True  # False: ``cores`` counts the card's cores (AWS Neuron)
+
+    @property
+    def whole(self) -> bool:
+        full = 100 if self.percent else self.total_cores
+        return (self.memory_mib == 0 or self.mem >= self.memory_mib) and self.cores >= full
+
+
+@dataclass
+class VendorAllocation:
+    """A vendor's Allocate answer for one container, before it becomes protobuf."""
+
+    envs: dict[str, str] = field(default_factory=dict)
+    devices: list[tuple[str, str, str]] = field(default_factory=list)  # (container, host, perms)
+    mounts: list[tuple[str, str, bool]] = field(
+        default_factory=list
+    )  # (container, host, read-only)
+    files: dict[str, str] = field(default_factory=dict)  # host path -> content, written first
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def dev(path: str, container: str | None = None) -> tuple[str, str, str]:
+    return (container or path, path, "rw")
