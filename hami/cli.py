@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from hami import creds, state
+from hami import defrag as defrag_cmd
 from shared import config, logs, subjects, tracing
 from shared.bus import Bus, decode_event
 from shared.hami.codec import NODE_POLICIES
@@ -290,6 +291,10 @@ def build_submit(args: argparse.Namespace) -> SubmitRequest:
         # Ours, so that we can withdraw it whatever happens to the binder that takes it.
         uid=str(uuid.uuid4()),
         pod_priority=getattr(args, "priority", 0),
+        gang=getattr(args, "gang", None) or "",
+        gang_size=getattr(args, "gang_size", None) or 0,
+        gang_timeout=getattr(args, "gang_timeout", None) or 0.0,
+        movable=getattr(args, "movable", False),
         queue=getattr(args, "queue", None) or "",
     )
 
@@ -922,6 +927,14 @@ def parser() -> argparse.ArgumentParser:
     s = command("submit", "ask for a slice")
     s.add_argument("name", help="the allocation's name")
     slice_flags(s)
+    s.add_argument("--gang", default=None, metavar="NAME",
+                   help="a member of gang NAME: placed only together with the rest (docs/gangs.md)")
+    s.add_argument("--gang-size", type=_int_in(1, 10000), default=None, metavar="N",
+                   help="members the gang needs placed together (with --gang)")
+    s.add_argument("--gang-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="how long a partial gang may hold its reservations (default: 60)")
+    s.add_argument("--movable", action="store_true",
+                   help="hami defrag may move it to other cards (docs/defrag.md)")
     client(s)
 
     ru = command("run", "run a command on a slice, with the limiter preloaded; release it when it ends")
@@ -957,6 +970,10 @@ def parser() -> argparse.ArgumentParser:
     client(qu)
 
     d = command("demo", "HAMi's website example, self-contained")
+    dg = command("defrag", "moves of movable allocations that free whole cards or make a slice fit")
+    defrag_cmd.add_arguments(dg)
+    client(dg)
+
     d.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     sub.add_parser("replay", help="replay an openb trace (see hami replay --help)", add_help=False)
@@ -966,6 +983,7 @@ def parser() -> argparse.ArgumentParser:
 HANDLERS = {"up": cmd_up, "submit": cmd_submit, "run": cmd_run, "release": cmd_release, "status": cmd_status,
             "list": cmd_list, "describe": cmd_describe, "demo": cmd_demo, "creds": creds.cmd_creds,
             "queues": cmd_queues}
+HANDLERS["defrag"] = defrag_cmd.cmd_defrag
 
 
 def run(argv: list[str]) -> int:

@@ -394,6 +394,12 @@ _API: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         ("QueuesReply", "ErrorReply"),
         "Each queue's guarantee, use, borrowed share and pending requests (hami queues).",
     ),
+    (
+        subjects.PLACEMENT_MOVE,
+        "MoveRequest",
+        ("MoveReply", "ErrorReply"),
+        "Consolidation (hami defrag --apply) re-places one movable allocation on the cards named.",
+    ),
 )
 _KV: tuple[tuple[str, str, str, str], ...] = (
     (
@@ -447,6 +453,8 @@ _MESSAGES: dict[str, tuple[type[msgspec.Struct] | None, str]] = {
     "WithdrawReply": (schemas.WithdrawReply, ""),
     "PreemptRequest": (schemas.PreemptRequest, "CoreHeaders"),
     "PreemptReply": (schemas.PreemptReply, ""),
+    "MoveRequest": (schemas.MoveRequest, "CoreHeaders"),
+    "MoveReply": (schemas.MoveReply, ""),
     "StatusRequest": (schemas.StatusRequest, "CoreHeaders"),
     "ClusterStatus": (schemas.ClusterStatus, ""),
     "ErrorReply": (schemas.ErrorReply, ""),

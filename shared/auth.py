@@ -213,7 +213,8 @@ def permissions(role: str) -> Permissions:
         b.pub += [subjects.alloc_any("released"), subjects.alloc_any("preempted")]
         b.stream(subjects.DLQ_STREAM, owner=True)
         b.pub.append(subjects.dlq(PLACEMENT))
-        b.service("hami-placement", (subjects.PLACEMENT_PREEMPT, subjects.PLACEMENT_QUEUES))
+        b.service("hami-placement", (subjects.PLACEMENT_PREEMPT, subjects.PLACEMENT_QUEUES,
+                                      subjects.PLACEMENT_MOVE))
         b.durable(subjects.PLACEMENT_CONSUMER)
     elif kind == BINDER:
         b.stream(EVENTS, owner=True)
@@ -289,7 +290,7 @@ def permissions(role: str) -> Permissions:
         b.responds = True
     elif kind == CLI:
         b.pub += [subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW, subjects.API_STATUS,
-                  subjects.AGENT_RUN_ALL, subjects.PLACEMENT_QUEUES]
+                  subjects.AGENT_RUN_ALL, subjects.PLACEMENT_QUEUES, subjects.PLACEMENT_MOVE]
         # 'hami run' stops its command when its slice is preempted.
         b.sub.append(subjects.alloc_any("preempted"))
     elif kind == READER:

@@ -670,6 +670,23 @@ class ErrorReply(_Base, kw_only=True):
     detail: Any = None
 
 
+
+class MoveRequest(_Base, kw_only=True):
+    """``hami.placement.move`` (``hami defrag --apply``): re-place a movable allocation on
+    other cards, one per card it holds, in the order of its grants."""
+
+    uid: str
+    to_node: str
+    to_cards: list[str] = []
+
+
+class MoveReply(_Base, kw_only=True):
+    ok: bool
+    uid: str = ""
+    node: str = ""  # where it is now
+    cards: list[str] = []
+    error: str = ""
+
 EVENT_TYPES: tuple[type[msgspec.Struct], ...] = (
     AllocRequested,
     AllocDecided,

@@ -44,6 +44,8 @@ EXTENDER_FILTER = f"{PREFIX}.binder.extender.filter"
 EXTENDER_BIND = f"{PREFIX}.binder.extender.bind"
 # Extender mode: the binder asks placement which pods to evict for a pod (preempt verb).
 PLACEMENT_PREEMPT = f"{PREFIX}.placement.preempt"
+# Consolidation (hami defrag --apply): re-place one movable allocation on given cards.
+PLACEMENT_MOVE = f"{PREFIX}.placement.move"
 # Each queue's guarantee, use, borrowed and pending (hami queues).
 PLACEMENT_QUEUES = f"{PREFIX}.placement.queues"
 # key: allocation uid -> RequestOutcome of a direct client's request (answered or

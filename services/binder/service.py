@@ -216,6 +216,8 @@ class BinderService:
             return
         now = set(led.allocs)
         for uid in self.ledger_uids.get(led.node, set()) - now:
+            if any(uid in held for n, held in self.ledger_uids.items() if n != led.node):
+                continue  # moved to another node (hami defrag --apply): still held
             ev = self.gone.pop(uid, None)
             if ev is not None:
                 ev.set()

@@ -46,7 +46,7 @@ import numpy as np
 from nats.aio.msg import Msg
 from opentelemetry import context, trace
 
-from services.placement.engine import ClusterState, Failure, Placement, Placer, preempt
+from services.placement.engine import ClusterState, Failure, Placement, Placer, defrag, preempt
 from services.placement.engine import gang as gangs
 from services.placement.engine import queues as fair
 from services.placement.engine.model import NODE_UNFIT_POD
@@ -72,6 +72,8 @@ from shared.schemas import (
     AllocReleased,
     AllocRequested,
     LedgerAlloc,
+    MoveReply,
+    MoveRequest,
     NodeHealth,
     NodeInventory,
     NodeLedger,
@@ -107,6 +109,7 @@ WITHDRAWING = ("withdrawn", "orphaned")
 REASON_INVALID = "invalid"
 REASON_INTERNAL = "internal-error"
 REASON_PREEMPTED = "preempted"  # a victim's ``released``
+REASON_MOVED = "moved"  # consolidation moved it (its ``released`` on the old node)
 DECISION_FILTERS = [
     subjects.alloc("requested"),
     subjects.alloc("released"),
@@ -139,6 +142,7 @@ def _alloc_of(p: Placement, req: AllocRequested) -> LedgerAlloc:
         p.to_alloc(req, time.time()),
         pod_priority=req.pod_priority,
         traceparent=tracing.traceparent(),
+        movable=req.movable,  # consolidation may move it (hami defrag)
     )
 
 
@@ -761,6 +765,107 @@ class PlacementService:
                 log.exception("gang sweep failed; trying again")
             await asyncio.sleep(GANG_SWEEP_S)
 
+    # --------------------------------------------------------------- consolidation
+
+    def _planner_view(self) -> tuple[list[defrag.Card], list[defrag.Holding]]:
+        st = self.cluster.status()
+        for n in st.nodes:
+            n.held = list(self.cluster.ledger(n.node).allocs.values())
+        return defrag.from_status(st)
+
+    async def move_endpoint(self, data: bytes) -> MoveReply:
+        """``hami.placement.move``: re-place one movable allocation on the cards named
+        (``hami defrag --apply``), if they have room now; refused otherwise."""
+        ask = decode(data, MoveRequest)
+        acks: list[asyncio.Future[int]] = []
+        try:
+            async with self.lock:
+                return await self._move(ask, acks)
+        finally:
+            if acks:
+                await asyncio.gather(*acks)
+
+    async def _move(self, ask: MoveRequest, acks: list[asyncio.Future[int]]) -> MoveReply:
+        def no(why: str) -> MoveReply:
+            return MoveReply(ok=False, uid=ask.uid, error=why)
+
+        for _ in range(CAS_ATTEMPTS):
+            node = self.owner.get(ask.uid, "")
+            alloc = self.cluster.ledger(node).allocs.get(ask.uid) if node else None
+            if alloc is None:
+                return no(f"{ask.uid}: no such allocation")
+            if not alloc.movable:
+                return no(f"{alloc.name}: not movable (submit it with --movable)")
+            if alloc.source == "kube":
+                return no(f"{alloc.name}: a pod moves by eviction, not through placement")
+            if alloc.gang_expires > 0:
+                return no(f"{alloc.name}: reserved for its gang, not yet placed")
+            rec = self.cluster.nodes.get(ask.to_node)
+            if rec is None:
+                return no(f"{ask.to_node}: no such node")
+            cards, holdings = self._planner_view()
+            h = next(x for x in holdings if x.uid == ask.uid)
+            mv = defrag.Move(uid=h.uid, name=h.name, namespace=h.namespace, from_node=node,
+                             to_node=ask.to_node, from_cards=tuple(g.uuid for g in h.grants),
+                             to_cards=tuple(ask.to_cards))
+            try:
+                defrag.check(cards, holdings, [mv])
+            except (defrag.PlanError, ValueError) as exc:
+                return no(str(exc))
+            devs = {d.uuid: d for d in rec.inv.devices}
+            to = dict(zip(mv.from_cards, mv.to_cards, strict=True))
+            moved = msgspec.structs.replace(alloc, decided_at=time.time(), containers=[
+                msgspec.structs.replace(c, devices=[
+                    msgspec.structs.replace(g, uuid=to[g.uuid], index=devs[to[g.uuid]].index,
+                                            type=devs[to[g.uuid]].type)
+                    for g in c.devices])
+                for c in alloc.containers])
+            dst = self.cluster.ledger(ask.to_node)
+            led = NodeLedger(node=ask.to_node, allocs={**dst.allocs, ask.uid: moved})
+            try:
+                # Onto the new cards first: until the old ones are released it holds both
+                # (never neither), so nobody else can take the room it is moving into.
+                rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, ask.to_node, led,
+                                            self.revs.get(ask.to_node, 0))
+            except Conflict:
+                self.conflicts += 1
+                await self._refresh(ask.to_node)
+                continue
+            self._adopt(led, rev)
+            if node != ask.to_node:
+                await self._drop(node, ask.uid)
+            self.owner[ask.uid] = ask.to_node
+            log.info("moved %s from %s %s to %s %s", alloc.name, node, list(mv.from_cards),
+                     ask.to_node, list(mv.to_cards))
+            now = time.time()
+            acks.append(await self.bus.publish_event_nowait(
+                subjects.alloc("released", node),
+                AllocReleased(uid=ask.uid, name=alloc.name, namespace=alloc.namespace, node=node,
+                              reason=REASON_MOVED, at=now),
+                msg_id=f"released:{ask.uid}:{REASON_MOVED}:{moved.decided_at}"))
+            req = AllocRequested(uid=ask.uid, name=alloc.name, namespace=alloc.namespace,
+                                 source=alloc.source, requested_at=now)
+            acks.append(await self._publish_decided(req, ask.to_node, moved, rev))
+            self.capacity_changed.set()
+            return MoveReply(ok=True, uid=ask.uid, node=ask.to_node, cards=list(mv.to_cards))
+        return no(f"{ask.uid}: the ledgers kept changing; try again")
+
+    async def _drop(self, node: str, uid: str) -> None:
+        for _ in range(CAS_ATTEMPTS):
+            cur = self.cluster.ledger(node)
+            if uid not in cur.allocs:
+                return
+            led = NodeLedger(node=node, allocs={k: v for k, v in cur.allocs.items() if k != uid})
+            try:
+                rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, led, self.revs.get(node, 0))
+            except Conflict:
+                self.conflicts += 1
+                await self._refresh(node)
+                continue
+            self._adopt(led, rev)
+            return
+        raise RuntimeError(f"{uid}: ledger of {node} kept changing while it moved")
+
     # ----------------------------------------------------------------- preemption
 
     def _may_preempt(self, req: AllocRequested) -> bool:
@@ -1152,6 +1257,8 @@ class PlacementService:
                     context.detach(token)
 
     async def handle_release(self, ev: AllocReleased) -> None:
+        if ev.reason == REASON_MOVED:
+            return  # placement's own note that it moved: the allocation lives on elsewhere
         self.pending.pop(ev.uid, None)
         node = self.owner.get(ev.uid) or ev.node
         if not node or ev.reason in WITHDRAWING:
@@ -1429,7 +1536,8 @@ class PlacementService:
         self._api = await add_service(
             self.bus, "hami-placement",
             {subjects.PLACEMENT_PREEMPT: self.preempt_endpoint,
-             subjects.PLACEMENT_QUEUES: self.queues_endpoint},
+             subjects.PLACEMENT_QUEUES: self.queues_endpoint,
+             subjects.PLACEMENT_MOVE: self.move_endpoint},
         )
         log.info("%s ready: %d nodes", self.replica, len(list(self.cluster.nodes)))
 
