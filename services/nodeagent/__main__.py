@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         default=5.0,
         help="seconds between telemetry samples (0: off)",
     )
+    p.add_argument("--vendors", default=None, metavar="auto|NAME,...",
+                   help="discover other vendors' cards (ascend, hygon, amd, ...; auto: probe /dev and PCI)")
     args = p.parse_args(argv)
 
     async def make(bus: Bus, cfg: Config) -> Any:
@@ -92,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         backend: Backend
         if args.sim_gpus is None and nvml.available():
             backend = nvml.NvmlBackend()
+        elif args.vendors and not args.kube:
+            # Other vendors' real cards (standalone only: the kubelet plugin is NVIDIA's)
+            from services.nodeagent.backends.vendors.real import PROBES, VendorBackend, probe
+
+            asked = probe() if args.vendors == "auto" else args.vendors.split(",")
+            unknown = sorted(set(asked) - set(PROBES))
+            if unknown:
+                raise SystemExit(f"nodeagent --vendors: unknown {', '.join(unknown)}; one of {', '.join(PROBES)}")
+            backend = VendorBackend(vendors=asked)
         elif args.kube and args.sim_gpus is None:
             # A GPU node whose NVML is missing must not advertise simulated cards to
             # its kubelet; simulation in Kubernetes mode is asked for explicitly.

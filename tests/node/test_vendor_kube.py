@@ -277,3 +277,38 @@ def test_allocate_refuses_what_it_cannot_answer(cfg: Config) -> None:
     ghost = [CardGrant(uuid="MLU-none", vendor="MLU", mem=1, cores=1)]
     with pytest.raises(VendorAllocateError, match="not registered"):
         answer(inv, "MLU", ghost)
+
+
+async def test_handshake_is_reported_again_after_the_scheduler_asks(cfg: Config) -> None:
+    async with FakeKube() as fk:
+        fk.add_node("n1")
+        client = await kube.Kube.connect(host=fk.url)
+        ann = NodeAnnotator(client, "n1", retry_initial=0.05, handshake_every=0.1)
+        ann.start()
+        try:
+            await ann.on_inventory(node("K100-AI:1", cfg))  # published_at: a past time
+            async with asyncio.timeout(5):
+                await ann.wait_synced()
+            first = ann.written["hami.io/node-handshake-dcu"]
+            # HAMi's scheduler marks the node as asked ...
+            await client.patch(
+                kube.path("nodes", name="n1"),
+                {
+                    "metadata": {
+                        "annotations": {
+                            "hami.io/node-handshake-dcu": "Requesting_2026.05.28 20:27:00"
+                        }
+                    }
+                },
+            )
+            # ... and the annotator reports again with the current time, unprompted
+            async with asyncio.timeout(5):
+                while ann.written["hami.io/node-handshake-dcu"] == first:
+                    await asyncio.sleep(0.05)
+                await ann.wait_synced()
+            got = fk.get("nodes", None, "n1")["metadata"]["annotations"]  # type: ignore[index]
+            assert got["hami.io/node-handshake-dcu"].startswith("Reported ")
+            assert got["hami.io/node-handshake-dcu"] != first
+        finally:
+            await ann.stop()
+            await client.close()

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+
+import msgspec
 
 from services.nodeagent.backends.vendors.annotations import vendor_annotations
 from shared import kube as k
@@ -56,12 +59,17 @@ class NodeAnnotator:
         scores: bool = True,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
+        handshake_every: float | None = 30.0,
     ) -> None:
         self.kube = kube
         self.node = node
         self.scores = scores
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        # Other vendors' plugins re-report their handshake (``Reported <time>``) this
+        # often, which HAMi's scheduler expects after it writes ``Requesting_<time>``.
+        self.handshake_every = handshake_every
+        self._inv: NodeInventory | None = None
         self.written: dict[str, str] = {}
         self.writes = 0
         self._want: dict[str, str] | None = None
@@ -71,6 +79,7 @@ class NodeAnnotator:
 
     async def on_inventory(self, inv: NodeInventory) -> None:
         """Agent hook: remember the new value; the writer task does the API call."""
+        self._inv = inv
         want = node_annotations(inv, self.scores)
         if want != self.written:
             self._want = want
@@ -79,6 +88,20 @@ class NodeAnnotator:
 
     def start(self) -> None:
         self._bg.spawn(self._run(), f"annotate-{self.node}")
+        if self.handshake_every:
+            self._bg.spawn(self._handshakes(self.handshake_every), f"handshake-{self.node}")
+
+    async def _handshakes(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            inv = self._inv
+            if inv is None or not any(d.vendor != NVIDIA for d in inv.devices):
+                continue  # NVIDIA's register carries no handshake here
+            want = node_annotations(msgspec.structs.replace(inv, published_at=time.time()), self.scores)
+            if want != self.written:
+                self._want = want
+                self._synced.clear()
+                self._dirty.set()
 
     async def stop(self) -> None:
         await self._bg.stop()
