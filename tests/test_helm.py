@@ -684,6 +684,8 @@ CALL_SITES: dict[tuple[str, str, str, str], tuple[str, tuple[str, ...]]] = {
     ("binder", "", "events", "create"): ("services/binder/kube.py", ("EventSender(self.kube.post)", 'self.events.emit(path("events"')),
     ("binder", "", "resourcequotas", "list"): ("services/binder/kube.py", ('list_all(self.kube, path("resourcequotas"))',)),
     ("binder", "", "resourcequotas", "watch"): ("services/binder/kube.py", ("self.kube.watch(", 'path("resourcequotas"), self._relist_quotas')),
+    ("binder", "hami.io", "queues", "list"): ("services/binder/queues.py", ("list_all(self.kube, path(PLURAL, group=GROUP",)),
+    ("binder", "hami.io", "queues", "watch"): ("services/binder/queues.py", ("self.watch = ListWatch(", "path(PLURAL, group=GROUP")),
     ("binder", "coordination.k8s.io", "leases", "get"): ("shared/leader.py", ('path("leases"', "self.kube.get(self._path())")),
     ("binder", "coordination.k8s.io", "leases", "create"): ("shared/leader.py", ('path("leases"', "self.kube.post(self._path(named=False)")),
     ("binder", "coordination.k8s.io", "leases", "update"): ("shared/leader.py", ('path("leases"', 'self.kube.request("PUT", self._path()')),

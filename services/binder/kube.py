@@ -452,6 +452,9 @@ class KubeBinder(BinderService):
             kube, path("resourcequotas"), self._relist_quotas, self._on_quota,
             timeout_s=watch_timeout_s, name="resourcequotas",
         )
+        from services.binder.queues import QueueSync  # it builds on this module's ListWatch
+
+        self.queue_sync = QueueSync(kube, bus, timeout_s=watch_timeout_s)
         self._retries: set[asyncio.Task[None]] = set()
         self._kube_tasks: list[asyncio.Task[None]] = []
         self.leader: LeaderElector | None = None
@@ -768,6 +771,8 @@ class KubeBinder(BinderService):
         self._kube_tasks = [
             asyncio.create_task(self.pod_watch.run(), name="binder-pods"),
             asyncio.create_task(self.quota_watch.run(), name="binder-quotas"),
+            # the Queue resources (docs/queues.md); not waited for: the CRD may be absent
+            asyncio.create_task(self.queue_sync.watch.run(), name="binder-queues"),
         ]
         await asyncio.wait_for(
             asyncio.gather(self.pod_watch.synced.wait(), self.quota_watch.synced.wait()), 30

@@ -1521,10 +1521,11 @@ class PlacementService:
     # --------------------------------------------------------------------- life
 
     async def start(self) -> None:
-        ready = [asyncio.Event() for _ in range(5)]
+        ready = [asyncio.Event() for _ in range(6)]
         await self.outcomes.ensure()
         self._bg.add(await self.bus.watch_kv(subjects.OUTCOMES_BUCKET, self._on_outcome, ready[4]))
         self._bg.add(await self.bus.watch_kv(subjects.QUOTA_BUCKET, self._on_quota, ready[3]))
+        self._bg.add(await self.bus.watch_kv(subjects.QUEUES_BUCKET, self._on_queue_def, ready[5]))
         self._bg.add(await self.bus.watch_kv(subjects.NODES_BUCKET, self._on_node, ready[0]))
         self._bg.add(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[1]))
         self._bg.add(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[2]))

@@ -367,6 +367,8 @@ def pod_request(
         requested_at=now,
         # the pod's scheduling priority (admission resolves priorityClassName into it)
         pod_priority=prio if isinstance(prio := (pod.get("spec") or {}).get("priority"), int) else 0,
+        # its queue (docs/queues.md); none: its namespace's default queue
+        queue=str((meta.get("labels") or {}).get("hami.io/queue") or ""),
     )
     # Absurd amounts (2**63 MiB, 10,000 cards) are refused here, with the bound named,
     # rather than reaching placement's arithmetic.

@@ -155,6 +155,8 @@ RESOURCES: tuple[Resource, ...] = (
     ),
     Resource("resourcequotas", "ResourceQuota", namespaced=True, subresources=STATUS),
     Resource("leases", "Lease", namespaced=True, group="coordination.k8s.io"),
+    # the chart's CRD (helm/hami-bus/crds/queues.yaml), served as the API server serves it
+    Resource("queues", "Queue", namespaced=True, group="hami.io", version="v1alpha1", generation=True),
     Resource("secrets", "Secret", namespaced=True),
     Resource(
         "mutatingwebhookconfigurations",
