@@ -424,8 +424,11 @@ def fit_node(
     f: Filters = Filters(),
     links: Sequence[Sequence[int]] | None = None,
 ) -> FitResult:
-    """``fitInDevices`` for a one-ask container: the node-level card count, then the
-    fit over the cards in the policy's visit order."""
-    if req.nums > len(cards):
+    """``fitInDevices`` for a one-ask container: the node-level card count (skipped for
+    an NVIDIA ask on a node with a card in MIG mode, whose cards may each give several
+    instances: HAMi's ``isMIGRequest``), then the fit over the cards in the policy's
+    visit order."""
+    mig_ok = req.vendor == "NVIDIA" and (f.vgpu_mode is None or "mig" in f.vgpu_mode)
+    if req.nums > len(cards) and not (mig_ok and any(c.mode == "mig" for c in cards)):
         return FitResult(ok=False, node_reason=NODE_INSUFFICIENT_DEVICE)
     return fit(cards, device_order(policy, cards, [req]), req, f, links)

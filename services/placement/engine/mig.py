@@ -42,6 +42,7 @@ __all__ = [
     "choose",
     "fits",
     "instances",
+    "mig_request",
     "overlaps",
 ]
 
@@ -103,6 +104,16 @@ def choose(
         if got is not None:
             return Choice(prof, got)
     return None
+
+
+def mig_request(vendor: str, vgpu_mode: str | None, modes: Iterable[str]) -> bool:
+    """HAMi's ``isMIGRequest``: an NVIDIA ask, of a pod whose ``nvidia.com/vgpu-mode``
+    (when set) names ``mig``, on a node with a card in MIG mode (``modes``: the node's
+    NVIDIA cards' modes). Such an ask may take more instances than the node has cards,
+    so HAMi skips its ``NodeInsufficientDevice`` check for it."""
+    if vendor != "NVIDIA" or (vgpu_mode is not None and MIG_MODE not in vgpu_mode):
+        return False
+    return any(md == MIG_MODE for md in modes)
 
 
 NO_LIMIT = 2**62  # the capacity of a card outside MIG mode: no MIG constraint

@@ -373,7 +373,20 @@ class Placer:
                 d_ok = s_ok & self._dynamic_mask(a, cons, req.namespace)
                 cnt = np.bincount(cnode[d_ok], minlength=nn)
             static[a], dyn[a] = s_ok, d_ok
-            node_ok &= cnt >= a.nums
+            fits = cnt >= a.nums
+            mig_nodes = self._mig_nodes(a, cons) if a.nums > 1 else None
+            if mig_nodes is not None:
+                # HAMi revisits a MIG card: it may give one ask several instances, up
+                # to its free slots (the exact fit says how many its geometry holds)
+                w = np.where(st.c_migcap[:nc] != mig.NO_LIMIT, st.c_tslot[:nc] - st.c_uslot[:nc], 1)
+                inst = np.bincount(cnode[d_ok], weights=w[d_ok], minlength=nn)
+                fits |= mig_nodes & (inst >= a.nums)
+            node_ok &= fits
+        app = [a for c, row in zip(conts, asks, strict=True) if not c.init for a in row]
+        # several app asks: a node is checked for room for all of them before its exact
+        # fit (one node's cards, not the cluster's: usually one node is fitted)
+        multi = len(app) > 1
+        room_cut: list[int] = []  # nodes only the pod's sum refused
         policy = (cons.node_policy or self.scheduler.node_policy).lower()
         if policy not in NODE_POLICIES and policy not in VARIANTS:
             # the sender's mistake, said as such: placing by some other policy hides it
@@ -400,6 +413,9 @@ class Placer:
                 if fkey is not None and fkey in self._fail_cache:
                     tried[row] = self._fail_cache[fkey]
                     continue
+                if multi and not self._room_for_all(rec, app, dyn):
+                    room_cut.append(row)
+                    continue
                 try:
                     grants = self._fit_node(
                         rec, conts, asks, dyn, cons, chain, weights, req.namespace
@@ -414,6 +430,18 @@ class Placer:
                 return m.Placement(node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem)
         if not explain:
             return m.Failure(nodes_total=st.nodes_total(), message="no node fits")
+        if room_cut:
+            # their text is the exact fit's (which container found no card, and why),
+            # as when the exact stage tried them; the fit stays the judge
+            for row in room_cut:
+                rec = st.rows[row]
+                assert rec is not None
+                try:
+                    grants = self._fit_node(rec, conts, asks, dyn, cons, chain, weights, req.namespace)
+                except _Fail as f:
+                    tried[row] = f.reason
+                    continue
+                return m.Placement(node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem)
         reasons = self._explain(cons, cpu, mem, flat, static, req.namespace, tried)
         total = st.nodes_total()
         return m.Failure(
@@ -608,6 +636,44 @@ class Placer:
             ok &= (ucore != tcore) | (tcore == 0)
         ok &= need <= st.c_migcap[pos]  # MIG cards: a free placement of a large-enough profile
         return ok
+
+    def _mig_nodes(self, a: Ask, cons: Constraints) -> BOOL | None:
+        """Per node row, whether ``a`` is a MIG request there (:func:`.mig.mig_request`:
+        the node has a card in MIG mode); None when it is one on no node."""
+        if a.vendor != "NVIDIA" or (cons.vgpu_mode is not None and mig.MIG_MODE not in cons.vgpu_mode):
+            return None
+        st = self.cluster
+        is_mig = (st.c_migcap[: st.nc] != mig.NO_LIMIT) & st.c_live[: st.nc]
+        if not is_mig.any():
+            return None
+        return np.bincount(st.c_node[: st.nc][is_mig], minlength=st.nn) > 0
+
+    def _room_for_all(self, rec: NodeRec, app: list[Ask], dyn: dict[Ask, BOOL]) -> bool:
+        """Whether ``rec``'s cards could hold all of the app containers' asks together:
+        they run at once, so each share or instance takes a slot and its memory on some
+        card. Each ask's own count is checked against the cards that fit it; this checks
+        the pod's sum (per vendor) against the cards that fit any of its asks, so a node
+        where one card fits each ask but not all of them (two 7g.40gb asks, one MIG card)
+        is not passed to the exact fit. An upper bound, never tighter than the fit: a
+        percentage ask counts no memory, and a MIG instance books its profile's memory,
+        at least the ask's, and a card's instances never hold more than its memory."""
+        st = self.cluster
+        s, n = rec.start, rec.n
+        for vendor in dict.fromkeys(a.vendor for a in app):
+            mine = [a for a in app if a.vendor == vendor]
+            if len(mine) < 2:
+                continue
+            fit: BOOL | None = None
+            for a in dict.fromkeys(mine):
+                ok = dyn[a][s : s + n]
+                fit = ok if fit is None else fit | ok
+            slots = st.c_tslot[s : s + n] - st.c_uslot[s : s + n]
+            if int(slots[fit].sum()) < sum(a.nums for a in mine):
+                return False
+            want = sum(a.nums * a.mem for a in mine if a.pct is None)
+            if want and int((st.c_tmem[s : s + n] - st.c_umem[s : s + n])[fit].sum()) < want:
+                return False
+        return True
 
     def _cached_mask(self, a: Ask, cons: Constraints, s_ok: BOOL) -> _MaskEntry:
         """Static & dynamic card mask of ``a`` and its per-node count, refreshed only
@@ -954,7 +1020,7 @@ class Placer:
         ``visit`` order, ``mig_rule`` its custom filter); raises _Fail with HAMi's
         reason text for the node."""
         st = self.cluster
-        if rec.n < a.nums:
+        if rec.n < a.nums and not self._mig_request(rec, a, cons):
             raise _Fail(m.NODE_INSUFFICIENT_DEVICE)
         # ``memo`` (one per node fit): the node's cards and the filters are built once,
         # then only the cards' use is brought up to date
@@ -1231,7 +1297,11 @@ class Placer:
         for a in dict.fromkeys(flat):
             # HAMi: more cards asked than the node has (of any vendor) is a node-level
             # reason; the card codes (a pass over every card) only if a node is left
-            assign(st.n_ncards[:nn] < a.nums, m.NODE_INSUFFICIENT_DEVICE)
+            short_cards = st.n_ncards[:nn] < a.nums
+            mig_nodes = self._mig_nodes(a, cons)
+            if mig_nodes is not None:  # HAMi skips the count for a MIG request
+                short_cards &= ~mig_nodes
+            assign(short_cards, m.NODE_INSUFFICIENT_DEVICE)
             if not (live & (rid == 0)).any():
                 break
             code = self._card_codes(a, cons, ns)
@@ -1239,6 +1309,10 @@ class Placer:
             mat = np.bincount(cnode * m.N_CARD_CODES + code, minlength=nn * m.N_CARD_CODES)
             mat = mat.reshape(nn, m.N_CARD_CODES)
             short = live & (rid == 0) & (mat[:, 0] < a.nums)
+            if mig_nodes is not None and tried:
+                # a MIG node the card counts passed (its cards' instances): the exact
+                # fit's text, below, says why it failed
+                short[list(tried)] = False
             if not short.any():
                 continue
             # a NUMA-bound ask's text depends on the walk; a quota's on the cards the
@@ -1262,6 +1336,11 @@ class Placer:
                 rid[row] = len(names) - 1
         assign(live, m.NODE_UNFIT_POD)
         return _Reasons(rid, names, counts)
+
+    @staticmethod
+    def _mig_request(rec: NodeRec, a: Ask, cons: Constraints) -> bool:
+        modes = (d.mode for d in rec.inv.devices if d.vendor == a.vendor)
+        return mig.mig_request(a.vendor, cons.vgpu_mode, modes)
 
     def _ask_text(self, rec: NodeRec, a: Ask, cons: Constraints, ns: str) -> str:
         """HAMi's text for one ask on ``rec`` as it is, from the exact fit."""
@@ -1359,7 +1438,7 @@ class Placer:
             for a in dict.fromkeys(flat):
                 if why is not None:
                     break
-                if rec.n < a.nums:
+                if rec.n < a.nums and not self._mig_request(rec, a, cons):
                     why = m.NODE_INSUFFICIENT_DEVICE
                     break
                 req = _request(a)
@@ -1376,14 +1455,12 @@ class Placer:
                 if fits >= a.nums:
                     continue
                 links = rec.links.tolist() if rec.links is not None else None
-                visit = (
-                    hami.device_order(usage, cards, [req])
-                    if f.numa_bind and a.nums > 1
-                    else list(range(n))
-                )
-                # one instance per card, as the card matrix counts, unless the exact fit
-                # gives the text (NUMA binding), which may revisit a MIG card as HAMi does
-                one = cards if f.numa_bind and a.nums > 1 else [
+                # the exact fit gives the text of a NUMA-bound or quota-bound ask (its
+                # walk's order matters), which may revisit a MIG card as HAMi does
+                walk = (f.numa_bind or q is not None) and a.nums > 1
+                visit = hami.device_order(usage, cards, [req]) if walk else list(range(n))
+                # else one instance per card, as the card matrix counts
+                one = cards if walk else [
                     dataclasses.replace(c, mode="") if c.mode == mig.MIG_MODE else c for c in cards
                 ]  # fmt: skip
                 why = (
