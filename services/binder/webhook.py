@@ -73,6 +73,8 @@ from typing import Any
 from aiohttp import web
 
 from shared.config import Config, NodeSettings, ResourceNames
+from shared.devices.base import RequestError
+from shared.devices.registry import REGISTRY
 from shared.hami import annotations as ann
 from shared.hami.codec import PodSpecError, pod_request, quota_from_resource_quotas
 from shared.hami.quantity import QuantityError, parse_quantity
@@ -227,6 +229,39 @@ def _mutate_container(c: Obj, pod_spec: Obj, s: WebhookSettings) -> bool:
     return has
 
 
+def _foreign(vendor: str) -> bool:
+    """A device family other than NVIDIA's (shared.devices): no HAMi-core slice for it."""
+    fam = REGISTRY.get(vendor)
+    return fam is not None and not fam.engine_native
+
+
+def _mutate_family(c: Obj, pod: Obj) -> bool:
+    """Another family's ``MutateAdmission`` (:mod:`shared.devices`) on one container: its
+    rounding and defaults written into the container's resources, its pod annotations
+    set (MetaX's QoS policy); whether the container asks for such a family."""
+    res = c.get("resources") or {}
+    fams = [f for f in REGISTRY.container_families(res) if not f.engine_native]
+    if len(fams) != 1 or not fams[0].asks_for(res):
+        return bool(fams)  # two families, or no count: pod_request names the problem
+    meta = pod.setdefault("metadata", {})
+    annos = meta.get("annotations") or {}
+    try:
+        adm = fams[0].admit(res, annos)
+    except RequestError as exc:
+        raise Refused(f'invalid HAMi request: container "{c.get("name") or ""}": {exc}') from None
+    if adm.resources is not res:
+        out: Obj = {}
+        for key in ("limits", "requests"):
+            was, now = res.get(key) or {}, adm.resources.get(key) or {}
+            if now or key in res:
+                out[key] = {k: (v if k in was and was[k] == v else str(v)) for k, v in now.items()}
+        c["resources"] = {**res, **out}
+    new = {k: v for k, v in adm.annotations.items() if k not in annos}
+    if new:
+        meta["annotations"] = {**annos, **new}
+    return True
+
+
 def _privileged(spec: Obj) -> str | None:
     for group in ("initContainers", "containers"):
         for c in spec.get(group) or []:
@@ -241,6 +276,8 @@ def quota_request(req: AllocRequested) -> tuple[int, int]:
     mem = cores = 0
     for c in req.containers:
         for d in c.devices:
+            if _foreign(d.vendor):
+                continue  # HAMi's quota names NVIDIA's resources
             mem += d.mem * d.nums
             cores += d.cores * d.nums
     return mem, cores
@@ -276,7 +313,7 @@ def mutate_pod(pod: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None
     ours: list[Obj] = []
     for group in ("initContainers", "containers"):
         for c in ospec.get(group) or []:
-            if _mutate_container(c, ospec, s):
+            if _mutate_container(c, ospec, s) or _mutate_family(c, out):
                 ours.append(c)
     if ours and privileged is not None:
         raise Refused(f"container {privileged} is privileged")
@@ -292,7 +329,8 @@ def mutate_pod(pod: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None
         mem, cores = quota_request(req)
         if quota is not None and (mem or cores) and not quota.fits(mem, cores):
             raise Refused(QUOTA_EXCEEDED)
-        _wire_slices(ospec, ours, {c.name for c in req.containers if c.devices})
+        _wire_slices(ospec, ours, {c.name for c in req.containers
+                                   if any(not _foreign(d.vendor) for d in c.devices)})
     return None if out == pod else out
 
 

@@ -116,3 +116,36 @@ def test_a_pod_asks_several_families_through_the_codec() -> None:
     else:
         raise AssertionError("two families in one container must be refused")
     assert REGISTRY.family("XPU").vendor == "kunlunxin"
+
+
+def _k8s_pod(limits: dict[str, Any], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p", "namespace": "ns", "annotations": dict(annotations or {})},
+        "spec": {"containers": [{"name": "main", "resources": {"limits": limits}}]},
+    }
+
+
+def test_webhook_runs_the_familys_admission() -> None:
+    from services.binder.webhook import Refused, WebhookSettings, mutate_pod
+
+    s = WebhookSettings()
+    out = mutate_pod(_k8s_pod({"mthreads.com/vgpu": 1}), s)
+    assert out is not None and out["spec"]["schedulerName"] == "hami-scheduler"
+    lim = out["spec"]["containers"][0]["resources"]["limits"]
+    assert lim == {
+        "mthreads.com/vgpu": 1,
+        "mthreads.com/sgpu-core": "16",
+        "mthreads.com/sgpu-memory": "96",
+    }
+    assert "volumes" not in out["spec"]  # no HAMi-core slice for another vendor's card
+    out = mutate_pod(_k8s_pod({"metax-tech.com/sgpu": 1}), s)
+    assert out is not None and out["metadata"]["annotations"] == {
+        "metax-tech.com/sgpu-qos-policy": "best-effort"
+    }
+    try:
+        mutate_pod(_k8s_pod({"mthreads.com/vgpu": 1, "mthreads.com/sgpu-memory": 3}), s)
+    except Refused as exc:
+        assert 'container "main": mthreads.com/sgpu-memory must be one of 2, 4, 8' in str(exc)
+    else:
+        raise AssertionError("an illegal Moore Threads size must be refused")
+    assert mutate_pod(_k8s_pod({"cpu": 1}), s) is None
