@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 from typing import Any
 
 from services.placement.engine import defrag
@@ -57,6 +58,10 @@ def cmd_defrag(args: argparse.Namespace) -> int:
         raise cli.Fail(f"--max-moves must be at least 0, not {args.max_moves}", cli.USAGE)
     st = cli.fetch_status(args, detail=True)
     cards, holdings = defrag.from_status(st)
+    if args.apply:
+        # Placement moves what direct clients hold; a pod moves by eviction (not built yet).
+        kube = {a.uid for n in st.nodes for a in n.held if a.source == "kube"}
+        holdings = [dataclasses.replace(h, movable=False) if h.uid in kube else h for h in holdings]
     try:
         p = defrag.plan(cards, holdings, max_moves=args.max_moves, need=args.need)
     except defrag.PlanError as exc:

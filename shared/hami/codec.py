@@ -369,6 +369,8 @@ def pod_request(
         pod_priority=prio if isinstance(prio := (pod.get("spec") or {}).get("priority"), int) else 0,
         # its queue (docs/queues.md); none: its namespace's default queue
         queue=str((meta.get("labels") or {}).get("hami.io/queue") or ""),
+        # consolidation may move it (hami defrag; docs/defrag.md)
+        movable=str((meta.get("annotations") or {}).get("hami.io/movable") or "").lower() == "true",
     )
     # Absurd amounts (2**63 MiB, 10,000 cards) are refused here, with the bound named,
     # rather than reaching placement's arithmetic.

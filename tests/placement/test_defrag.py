@@ -202,3 +202,15 @@ def test_from_status_reads_cards_and_movable_holdings() -> None:
     cards, holdings = d.from_status(st)
     assert [(c.uuid, c.usable) for c in cards] == [("c0", True), ("c1", False)]
     assert holdings == [d.Holding(uid="u", node="n", grants=(d.Grant("c0", 10, 0),), movable=True, name="job")]
+
+
+def test_a_pod_is_movable_only_with_the_annotation() -> None:
+    from shared.hami.codec import pod_request
+
+    def pod(annotations: dict[str, str]) -> dict[str, object]:
+        return {"metadata": {"uid": "u1", "name": "p", "namespace": "ns", "annotations": annotations},
+                "spec": {"containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
+
+    assert pod_request(pod({"hami.io/movable": "true"})).movable
+    assert not pod_request(pod({})).movable
+    assert not pod_request(pod({"hami.io/movable": "yes"})).movable
