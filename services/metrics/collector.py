@@ -3,7 +3,9 @@
 Pure: :class:`AllocationCollector` renders gauges from the inventory, ledger and node
 telemetry it is given at scrape time, with HAMi's names, labels and values (REFERENCE
 §7: memory in bytes; HAMi's core "ratios" are percents, 100 = whole card). The scheduler
-side carries HAMi's registry-level ``zone="vGPU"`` label; with ``legacy`` on, the
+side carries HAMi's registry-level ``zone="vGPU"`` label; MIG instances the node agents
+realised (:class:`MigIdentities`, from the ``prepared`` events) are HAMi's
+``hami_node_gpu_mig_instance_info`` and, per container, ``hami_mig_device_info``; with ``legacy`` on, the
 pre-v2.9 names and labels are emitted too (HAMi's ``--legacy-metrics``).
 
 Per-container series name the pod and its namespace; an allocation made without
@@ -23,7 +25,16 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shared.schemas import NodeHealth, NodeInventory, NodeLedger, Telemetry, card_usage
+from shared.schemas import (
+    AllocPrepared,
+    CardGrant,
+    MigSlice,
+    NodeHealth,
+    NodeInventory,
+    NodeLedger,
+    Telemetry,
+    card_usage,
+)
 
 MIB = 1024 * 1024
 ZONE = "vGPU"  # HAMi's scheduler wraps its registry with zone="vGPU"
@@ -47,6 +58,43 @@ class _Families:
         fam.add_metric(values + ([ZONE] if z else []), v)
 
 
+def _complete(m: MigSlice | None) -> bool:
+    """A realised instance: HAMi exports only allocations with their whole runtime
+    identity (MIG UUID, GPU- and compute-instance ids)."""
+    return m is not None and bool(m.uuid) and m.gpu_instance >= 0 and m.compute_instance >= 0
+
+
+class MigIdentities:
+    """The MIG instances the node agents created, from their ``prepared`` events:
+    allocation uid -> container name -> the grants with the instance's identity. The
+    ledger holds the decision (profile and placement); this adds what NVML gave."""
+
+    def __init__(self) -> None:
+        self.by_uid: dict[str, dict[str, list[CardGrant]]] = {}
+
+    def observe(self, ev: AllocPrepared) -> None:
+        got = [d for d in ev.devices if _complete(d.mig)]
+        if got:
+            self.by_uid.setdefault(ev.uid, {})[ev.container] = got
+        elif ev.uid in self.by_uid:
+            self.by_uid[ev.uid].pop(ev.container, None)
+
+    def keep(self, held: set[str]) -> None:
+        """Forget the allocations no ledger holds any more (released)."""
+        for uid in [u for u in self.by_uid if u not in held]:
+            del self.by_uid[uid]
+
+    def realised(self, uid: str, container: str, grant: CardGrant) -> MigSlice | None:
+        """The identity of ``grant``'s instance (same card and placement), if created."""
+        if grant.mig is None:
+            return None
+        for d in self.by_uid.get(uid, {}).get(container, []):
+            m = d.mig
+            if d.uuid == grant.uuid and m is not None and (m.start, m.size) == (grant.mig.start, grant.mig.size):
+                return m
+        return None
+
+
 class AllocationCollector(Collector):
     def __init__(
         self,
@@ -56,7 +104,9 @@ class AllocationCollector(Collector):
         legacy: bool = False,
         telemetry: Callable[[], dict[str, Telemetry]] | None = None,
         clock: Callable[[], float] = time.time,
+        mig: MigIdentities | None = None,
     ) -> None:
+        self.mig = mig
         self.snapshot = snapshot
         self.version = version
         self.legacy = legacy
@@ -129,6 +179,10 @@ class AllocationCollector(Collector):
                                   old, labels, g.mem * MIB)
                             f.add("vGPUCoreAllocated", "vGPU core allocated from a container",
                                   old, labels, g.cores)
+            if self.mig is not None and ledger is not None:
+                self._mig_instances(f, name, inv, ledger, self.mig)
+        if self.mig is not None:
+            self.mig.keep({uid for led in ledgers.values() for uid in led.allocs})
         self._node_side(f, nodes, ledgers)
         yield from (fam for fam, _ in f.fams.values())
         info = GaugeMetricFamily(
@@ -137,6 +191,42 @@ class AllocationCollector(Collector):
         info.add_metric([self.version, "", "", "", platform.python_implementation().lower(),
                          f"{platform.system().lower()}/{platform.machine()}"], 1)
         yield info
+
+    def _mig_instances(
+        self, f: _Families, node: str, inv: NodeInventory, ledger: NodeLedger, ids: MigIdentities
+    ) -> None:
+        """HAMi's series of realised MIG instances: the scheduler's
+        ``hami_node_gpu_mig_instance_info`` (legacy ``nodeGPUMigInstance``, ``migname``
+        ``<profile>-<GPU instance id>``) and the vGPU monitor's ``hami_mig_device_info``
+        (legacy ``MigInfo``), one per container's instance, value 1."""
+        index = {d.uuid: d.index for d in inv.devices if d.mode == "mig"}
+        for a in ledger.allocs.values():
+            for cont in a.containers:
+                cname = cont.name or a.name
+                nv = [g for g in cont.devices if g.vendor == "NVIDIA"]
+                for di, g in enumerate(nv):
+                    m = ids.realised(a.uid, cont.name, g)
+                    if m is None or g.uuid not in index:
+                        continue
+                    card = [node, g.uuid, str(index[g.uuid])]
+                    gi, ci = str(m.gpu_instance), str(m.compute_instance)
+                    f.add("hami_node_gpu_mig_instance_info",
+                          "Realized MIG instance identity and scheduler placement",
+                          ["node", "device_uuid", "device_index", "mig_uuid", "profile", "gpu_instance_id",
+                           "compute_instance_id", "placement_start", "placement_size"],
+                          [*card, m.uuid, m.profile, gi, ci, str(m.start), str(m.size)], 1)
+                    pod = [a.namespace or STANDALONE_NAMESPACE, a.name, cname, str(di), g.uuid]
+                    f.add("hami_mig_device_info", "MIG runtime identity for a container allocation",
+                          ["namespace", "pod", "container", "vdevice_index", "device_uuid", "mig_uuid",
+                           "profile", "gpu_instance_id", "compute_instance_id"],
+                          [*pod, m.uuid, m.profile, gi, ci], 1, zoned=False)
+                    if self.legacy:
+                        f.add("nodeGPUMigInstance", "GPU Sharing mode. 0 for hami-core, 1 for mig, 2 for mps",
+                              ["nodeid", "deviceuuid", "deviceidx", "migname"],
+                              [*card, f"{m.profile}-{gi}"], 1)
+                        f.add("MigInfo", "Mig device information for container",
+                              ["podnamespace", "podname", "ctrname", "vdeviceid", "deviceuuid", "instanceid"],
+                              [*pod, gi], 1, zoned=False)
 
     def _node_side(self, f: _Families, nodes: dict[str, NodeInventory],
                    ledgers: dict[str, NodeLedger]) -> None:

@@ -16,7 +16,7 @@ from aiohttp import web
 from nats.aio.msg import Msg
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from services.metrics.collector import AllocationCollector, LatencyMetrics, Snapshot
+from services.metrics.collector import AllocationCollector, LatencyMetrics, MigIdentities, Snapshot
 from services.metrics.fleet import Fleet, FleetCollector
 from services.metrics.live import Live
 from shared import subjects
@@ -27,6 +27,7 @@ from shared.schemas import (
     AllocBound,
     AllocDecided,
     AllocFailed,
+    AllocPrepared,
     NodeHealth,
     NodeInventory,
     NodeLedger,
@@ -54,8 +55,9 @@ class MetricsService:
             legacy_metrics = cfg.metrics.legacy_metrics or os.environ.get(
                 "HAMI_LEGACY_METRICS", "") in ("1", "true", "True")
         self.legacy_metrics = legacy_metrics
+        self.mig = MigIdentities()  # realised MIG instances, from the prepared events
         self.registry.register(AllocationCollector(
-            self.snapshot, legacy=legacy_metrics, telemetry=lambda: self.telemetry))
+            self.snapshot, legacy=legacy_metrics, telemetry=lambda: self.telemetry, mig=self.mig))
         self.latency = LatencyMetrics(self.registry)
         self.fleet = Fleet()
         self.registry.register(FleetCollector(self.fleet, self.snapshot))
@@ -109,6 +111,8 @@ class MetricsService:
         elif isinstance(ev, AllocFailed):
             if ev.requested_at and ev.failed_at:
                 self.latency.decision.labels("failed").observe(max(0.0, ev.failed_at - ev.requested_at))
+        elif isinstance(ev, AllocPrepared):
+            self.mig.observe(ev)
         elif isinstance(ev, AllocBound):
             t = self._decided_at.pop(ev.uid, None)
             if t:
@@ -135,7 +139,7 @@ class MetricsService:
         self._bg.add(await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger, ready[1]))
         self._bg.add(await self.bus.watch_kv(subjects.HEALTH_BUCKET, self._on_health, ready[2]))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 15)
-        for verb in ("decided", "bound"):
+        for verb in ("decided", "bound", "prepared"):
             self._bg.add_sub(await self.bus.subscribe(subjects.alloc_any(verb), self._on_event))
         self._bg.add_sub(await self.bus.subscribe(subjects.alloc("failed"), self._on_event))
         self._bg.add_sub(await self.bus.subscribe(subjects.TELEMETRY_ALL, self._on_telemetry))
