@@ -153,8 +153,9 @@ def _alloc_of_request(req: AllocRequested) -> LedgerAlloc:
 
 
 def _standalone_priority(alloc: LedgerAlloc) -> int | None:
-    """A direct client's allocation may be preempted; a pod's only by kube-scheduler."""
-    return None if alloc.source == "kube" else alloc.pod_priority
+    """A direct client's allocation may be preempted; a pod's only by kube-scheduler, and
+    a gang's reservation only by an older gang (its rollback requeues the whole gang)."""
+    return None if alloc.source == "kube" or alloc.gang_expires > 0 else alloc.pod_priority
 
 
 def request_attributes(req: AllocRequested, scheduler: SchedulerSettings) -> dict[str, Any]:

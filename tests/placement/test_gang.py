@@ -78,3 +78,10 @@ def test_bad_gang_fields_are_named() -> None:
     assert any("gang_size" in p for p in gang.problems(AllocRequested(uid="u", name="n", gang="g")))
     assert gang.problems(AllocRequested(uid="u", name="n", gang="a/b", gang_size=1))
     assert gang.problems(AllocRequested(uid="u", name="n", gang="g", gang_size=2)) == []
+
+
+def test_standalone_preemption_never_takes_a_partial_gangs_reservation() -> None:
+    from services.placement.service import _standalone_priority
+
+    assert _standalone_priority(res("a0", "/a", 2, 10.0)) is None  # reserved: the gang would be left short
+    assert _standalone_priority(res("a0", "/a", 2, 0.0)) == 0  # committed: an allocation like any other
