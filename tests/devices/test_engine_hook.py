@@ -149,3 +149,28 @@ def test_webhook_runs_the_familys_admission() -> None:
     else:
         raise AssertionError("an illegal Moore Threads size must be refused")
     assert mutate_pod(_k8s_pod({"cpu": 1}), s) is None
+
+
+def test_a_family_books_cores_in_its_cards_unit() -> None:
+    amd = NodeInventory(
+        node="amd",
+        devices=[
+            Device(
+                uuid="amd-0",
+                index=0,
+                type="AMD Instinct MI300X VF",
+                vendor="AMDGPU",
+                count=10,
+                devmem=196288,
+                devcore=304,
+            )
+        ],
+    )
+    p = placer(cluster(amd))
+    half = DeviceAsk(vendor="AMDGPU", nums=1, mem=4096, cores=50)
+    assert cards_of(place(p, req(half))) == [("amd-0", 4096, 152)]  # 50 % of 304 compute units
+    assert cards_of(place(p, req(half))) == [("amd-0", 4096, 152)]
+    assert (
+        "CardInsufficientCore"
+        in fail(p, req(DeviceAsk(vendor="AMDGPU", nums=1, mem=4096, cores=1))).message
+    )

@@ -13,6 +13,7 @@ Adding a vendor is a registry entry; nothing here or in the placer changes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from shared.devices import base as dev
 from shared.devices.registry import family_of
@@ -20,6 +21,28 @@ from shared.schemas import ContainerGrant
 
 from . import hami
 from .model import CARD_CORDONED, CARD_REASONS
+
+
+@dataclass(slots=True)
+class FamilyFit(hami.FitResult):
+    """A family's answer: also the cores each picked card books, in the card's own unit
+    (AMD's compute units, Neuron's core bits), which the placer books instead of the ask's."""
+
+    cores: list[int] = field(default_factory=list)
+
+
+def booked(memo: dict[str, object] | None, pos: int, default: int) -> int:
+    """The cores a family's fit booked on card ``pos`` (see :func:`keep_cores`), else ``default``."""
+    got = memo.get("family_cores") if memo is not None else None
+    if isinstance(got, dict) and pos in got:
+        return int(got.pop(pos))
+    return default
+
+
+def keep_cores(memo: dict[str, object] | None, res: hami.FitResult) -> None:
+    """Remember a family fit's per-card cores for the placer's booking (:func:`booked`)."""
+    if memo is not None and isinstance(res, FamilyFit):
+        memo["family_cores"] = dict(zip(res.picked, res.cores, strict=True))
 
 
 def foreign(vendor: str) -> bool:
@@ -44,7 +67,7 @@ def fit(
     if fam is None or fam.engine_native:
         return None
     mine = [p for p in visit if cards[p].vendor == req.vendor]
-    res = hami.FitResult(ok=False, cards=len(mine))
+    res = FamilyFit(ok=False, cards=len(mine))
     cordoned = [p for p in mine if cards[p].cordoned]
     if cordoned:
         res.reasons[CARD_REASONS[CARD_CORDONED]] = len(cordoned)
@@ -94,4 +117,5 @@ def fit(
         res.ok, res.reasons = True, {}
         res.picked = [by_uuid[g.uuid] for g in got.grants]
         res.mems = [g.usedmem for g in got.grants]
+        res.cores = [g.usedcores for g in got.grants]
     return res

@@ -896,7 +896,7 @@ class Placer:
                     )  # fmt: skip
                 for i, need in picks:
                     d = rec.inv.devices[i]
-                    cores, ch = a.cores, pm.take(i, need) if pm is not None else None
+                    cores, ch = families.booked(memo, i, a.cores), pm.take(i, need) if pm is not None else None
                     if ch is not None:  # HAMi books the MIG profile's memory and compute
                         need, cores = ch.profile.memory_mb, ch.profile.core
                     elif d.mode == mig.MIG_MODE:
@@ -1064,6 +1064,7 @@ class Placer:
             cards, order, req, f, rec.links.tolist() if rec.links is not None else None, quota_ok,
             mig_rule,
         )  # fmt: skip
+        families.keep_cores(memo, res)  # a family books cores in its cards' own unit
         if not res.ok:
             raise _Fail(res.text or m.NODE_UNFIT_POD)
         return list(zip(res.picked, res.mems, strict=True))
