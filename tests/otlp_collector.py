@@ -65,6 +65,7 @@ class Span:
     attributes: dict[str, Any]
     links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id)
     duration_ns: int = 0
+    error: str | None = None  # the status message of a span whose status is ERROR
 
 
 class _Service(trace_service_pb2_grpc.TraceServiceServicer):
@@ -181,6 +182,9 @@ class Collector:
                                 attributes=attrs(sp.attributes),
                                 links=[(ln.trace_id.hex(), ln.span_id.hex()) for ln in sp.links],
                                 duration_ns=sp.end_time_unix_nano - sp.start_time_unix_nano,
+                                error=sp.status.message
+                                if sp.status.code == sp.status.STATUS_CODE_ERROR
+                                else None,
                             )
                         )
         return out

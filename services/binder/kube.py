@@ -95,7 +95,8 @@ import msgspec
 from services.binder.events import EventSender, filtering_failed_messages
 from services.binder.extender import Extender, ExtenderServer
 from services.binder.service import Backend, BindError, BinderService
-from shared import subjects
+from services.binder.webhook import TRACE_ANNOTATION
+from shared import subjects, tracing
 from shared.bus import BadMessage, Bus, decode, decode_event
 from shared.config import Config
 from shared.hami import annotations as ann
@@ -115,6 +116,7 @@ from shared.schemas import (
 )
 
 log = logging.getLogger("hami.binder.kube")
+tracer = tracing.tracer("hami.binder")
 
 COMPONENT = "hami-scheduler"
 TERMINAL = ("Succeeded", "Failed")
@@ -495,7 +497,16 @@ class KubeBinder(BinderService):
         if req is None:
             self.requested.add(str(_meta(pod).get("uid")))  # do not re-parse every MODIFIED
             return
-        await self.publish_requested(req, msg_id or f"requested:{req.uid}")
+        # The webhook's trace of this pod (its annotation, while tracing is on) goes on
+        # here: placement's decision, the bind and the node's work are all in it.
+        meta = _meta(pod)
+        tp = str((meta.get("annotations") or {}).get(TRACE_ANNOTATION) or "")
+        with tracing.resume(tracer, "binder.pod", tp) as span:
+            if span.is_recording():
+                span.set_attributes({"hami.uid": req.uid,
+                                     "k8s.namespace.name": str(meta.get("namespace") or ""),
+                                     "k8s.pod.name": str(meta.get("name") or "")})
+            await self.publish_requested(req, msg_id or f"requested:{req.uid}")
 
     # --------------------------------------------------------------- pod events
 

@@ -54,6 +54,12 @@ are resolved when the pod is scheduled, by the same codec, as in HAMi.
 :func:`review` is pure (AdmissionReview dict and the namespace's quota in, dict out);
 :class:`WebhookServer` is the aiohttp + ssl wiring, and reads the quota from the API
 server when given a :class:`~shared.kube.Kube`.
+
+Tracing: each review is a ``webhook.admit`` span, the root of its pod's trace (the pod,
+the answer, the HAMi resources asked). While tracing is on, a pod given cards also gets
+the annotation ``hami.io/trace-context`` (the span's traceparent), which the binder
+continues when it asks for the pod's placement, so the pod's trace runs from admission
+through the decision and the bind to the node. With tracing off nothing is added.
 """
 
 from __future__ import annotations
@@ -71,7 +77,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 
+from shared import tracing
 from shared.config import Config, NodeSettings, ResourceNames
 from shared.devices.base import RequestError
 from shared.devices.registry import REGISTRY
@@ -82,6 +92,12 @@ from shared.kube import Kube, path
 from shared.schemas import AllocRequested, Quota
 
 log = logging.getLogger("hami.binder.webhook")
+tracer = tracing.tracer("hami.binder.webhook")
+
+# The W3C traceparent of the webhook's span, on a pod we mutate while tracing is on: the
+# binder continues that trace when it asks for the pod's placement (our extension; with
+# tracing off the patch is exactly HAMi's).
+TRACE_ANNOTATION = "hami.io/trace-context"
 
 DEFAULT_SCHEDULER = "default-scheduler"
 SLICE_VOLUME_PREFIX = "hami-slice-"  # + the container's position among the wired ones
@@ -425,8 +441,54 @@ def json_patch(before: Obj, after: Obj) -> list[Obj]:
     return ops
 
 
-def review(body: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None) -> Obj:
-    """Answer one AdmissionReview v1 request (``quota``: the pod's namespace's)."""
+def _gets_devices(pod: Obj, s: WebhookSettings) -> bool:
+    """Whether the (mutated) pod's request has cards for placement to find."""
+    try:
+        req = pod_request(pod, s.node, s.names)
+    except PodSpecError:
+        return False
+    return any(c.devices for c in req.containers)
+
+
+def annotation_op(before: Obj, after: Obj, key: str, value: str) -> Obj:
+    """The JSON Patch op, applied after ``json_patch(before, after)``'s, that sets one
+    annotation. A pod with no annotation map gets ``after``'s with it (so the op keeps
+    whatever annotations the mutation added, whether or not an earlier op wrote them)."""
+    annos = ((after.get("metadata") or {}).get("annotations") or {}) | {key: value}
+    meta = before.get("metadata")
+    if not isinstance(meta, dict):
+        return {"op": "add", "path": "/metadata", "value": {"annotations": annos}}
+    if not isinstance(meta.get("annotations"), dict):
+        return {"op": "add", "path": "/metadata/annotations", "value": annos}
+    token = key.replace("~", "~0").replace("/", "~1")  # RFC 6901
+    return {"op": "add", "path": f"/metadata/annotations/{token}", "value": value}
+
+
+def asked_resources(pod: Obj, names: ResourceNames) -> list[str]:
+    """The HAMi resources the pod's containers name, as ``"<container> <name>=<value>"``
+    (limits, else requests, as HAMi reads them): what a trace shows was asked."""
+    keys = (names.count, names.memory, names.memory_percentage, names.cores, names.priority)
+    out: list[str] = []
+    spec = pod.get("spec") or {}
+    for group in ("initContainers", "containers"):
+        for c in spec.get(group) or []:
+            limits, requests = _lists(c)
+            for k in keys:
+                for lst in (limits, requests):
+                    if k and k in lst:
+                        out.append(f"{c.get('name') or ''} {k}={lst[k]}")
+                        break
+    return out
+
+
+def review(
+    body: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None, *, trace_context: str = ""
+) -> Obj:
+    """Answer one AdmissionReview v1 request (``quota``: the pod's namespace's).
+
+    ``trace_context`` (a W3C traceparent, "" when tracing is off): written to a pod we
+    give cards as :data:`TRACE_ANNOTATION`, for the binder to continue the trace.
+    """
     req = body.get("request") or {}
     resp: Obj = {"uid": req.get("uid", ""), "allowed": True}
     out = {"apiVersion": body.get("apiVersion") or "admission.k8s.io/v1",
@@ -454,6 +516,8 @@ def review(body: Obj, s: WebhookSettings, quota: NamespaceQuota | None = None) -
         resp["status"]["message"] = OTHER_SCHEDULER
     if mutated is not None:
         ops = json_patch(pod, mutated)
+        if trace_context and _gets_devices(mutated, s):
+            ops.append(annotation_op(pod, mutated, TRACE_ANNOTATION, trace_context))
         if ops:
             resp["patchType"] = "JSONPatch"
             resp["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
@@ -472,6 +536,30 @@ async def namespace_quota(
     pods = await kube.get(path("pods", namespace))
     mem, cores = held_by_pods(list((pods or {}).get("items") or []))
     return NamespaceQuota(limit=limit, used_mem=mem, used_cores=cores)
+
+
+def _admit_attributes(span: trace.Span, body: Obj, out: Obj, names: ResourceNames) -> None:
+    """What the ``webhook.admit`` span says: which pod, what it asked, the answer."""
+    req = body.get("request") or {}
+    resp = out.get("response") or {}
+    obj = req.get("object")
+    pod: Obj = obj if isinstance(obj, dict) else {}
+    meta = pod.get("metadata") or {}
+    status = resp.get("status") or {}
+    span.set_attributes({
+        "k8s.namespace.name": str(req.get("namespace") or meta.get("namespace") or ""),
+        "k8s.pod.name": str(req.get("name") or meta.get("name") or meta.get("generateName") or ""),
+        "hami.admission.uid": str(req.get("uid") or ""),
+        "hami.admission.operation": str(req.get("operation") or ""),
+        "hami.admission.allowed": bool(resp.get("allowed")),
+        "hami.admission.patched": "patch" in resp,
+        "hami.resources": asked_resources(pod, names),
+    })
+    if "code" in status:
+        span.set_attribute("hami.admission.code", int(status["code"]))
+    if not resp.get("allowed"):
+        # A refused pod is never created: its trace ends here, in error.
+        span.set_status(StatusCode.ERROR, str(status.get("message") or "refused"))
 
 
 class WebhookServer:
@@ -545,13 +633,37 @@ class WebhookServer:
             self.reload_if_changed()
 
     async def _mutate(self, request: web.Request) -> web.Response:
+        # Each review is the root of its pod's trace (the AdmissionReview carries no trace
+        # context); an API server that traces its own requests and sends a sampled
+        # traceparent header makes it the child of that request's span instead. An
+        # unsampled one is not followed: it would silence every pod's trace.
+        token = None
+        if tracing.recording() and "traceparent" in request.headers:
+            ctx = tracing.extract({"traceparent": request.headers["traceparent"]})
+            sc = trace.get_current_span(ctx).get_span_context()
+            if sc.is_valid and sc.trace_flags.sampled:
+                token = otel_context.attach(ctx)
+        try:
+            with tracing.span(tracer, "webhook.admit", kind=SpanKind.SERVER) as span:
+                return await self._admit(request, span)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    async def _admit(self, request: web.Request, span: trace.Span) -> web.Response:
         try:
             body = await request.json()
         except ValueError:
+            span.set_status(StatusCode.ERROR, "the body is not JSON")
             return web.json_response({"error": "the body must be an AdmissionReview JSON"}, status=400)
         if not isinstance(body, dict):
+            span.set_status(StatusCode.ERROR, "the body is not an object")
             return web.json_response({"error": "the body must be an AdmissionReview object"}, status=400)
-        return web.json_response(review(body, self.settings, await self._quota_for(body)))
+        out = review(body, self.settings, await self._quota_for(body),
+                     trace_context=tracing.traceparent())
+        if span.is_recording():
+            _admit_attributes(span, body, out, self.settings.names)
+        return web.json_response(out)
 
     async def _quota_for(self, body: Obj) -> NamespaceQuota | None:
         req = body.get("request") or {}
