@@ -214,3 +214,17 @@ def test_a_pod_is_movable_only_with_the_annotation() -> None:
     assert pod_request(pod({"hami.io/movable": "true"})).movable
     assert not pod_request(pod({})).movable
     assert not pod_request(pod({"hami.io/movable": "yes"})).movable
+
+
+def test_on_a_large_cluster_the_plan_stays_valid_and_uses_its_moves() -> None:
+    rng = random.Random(7)
+    cards = [d.Card(node=f"n{n}", uuid=f"n{n}c{i}", type="A", mem=100, cores=100, slots=10)
+             for n in range(20) for i in range(8)]
+    holdings = []
+    for c in cards:  # every card a third full with one movable slice: each move can free one
+        holdings.append(d.Holding(uid=f"h-{c.uuid}", node=c.node, grants=(d.Grant(c.uuid, 30, 30),), movable=True))
+    rng.shuffle(holdings)
+    p = d.plan(cards, holdings, max_moves=6)
+    assert d.check(cards, holdings, p.moves) == p.free_after
+    assert (p.free_before, p.free_after, len(p.moves)) == (0, 6, 6)
+    assert len(cards) * len(holdings) > d.SMALL  # the large-cluster search was the one used

@@ -21,9 +21,13 @@ Two goals, each within a budget of moves:
 The search is a depth-first walk over move sequences (each allocation moved at most
 once) with a bound: the cards that could still be emptied with the moves left. Targets
 of a move are the cards with room, fullest first (best fit), where empty cards of one
-node, model and size count as one. The walk is exact (within those rules) while it has
-visited fewer than ``budget`` states; past that it returns the best plan found so far
-and says it is not proven best (``exact`` False).
+node, model and size count as one. On a small cluster (movable allocations x cards up to ``SMALL``) every movable
+allocation is tried at each step; on a larger one only the holders of the cheapest
+cards to empty (or of the cards nearest to fitting the slice). The walk starts from a
+greedy plan (empty the cheapest cards one by one) and is exact, within those rules,
+while it has visited fewer than ``budget`` states (by default about ``WORK`` units of
+work); past that it returns the best plan found and says it is not proven best
+(``exact`` False).
 """
 
 from __future__ import annotations
@@ -83,6 +87,14 @@ class Plan:
     freed: list[str] = field(default_factory=list)  # cards emptied by the plan
     fits: bool | None = None  # with a slice asked for: whether it fits after the moves
     exact: bool = True  # False: the search budget ran out; a good plan, not proven best
+
+
+# Up to this many (movable allocations x cards) every allocation is tried at each step.
+SMALL = 4096
+# The search's default budget: about this much work (states x (cards + allocations)),
+# and at least this many states.
+WORK = 2_000_000
+STATES_MIN = 200
 
 
 class PlanError(ValueError):
@@ -197,13 +209,87 @@ def _fits(st: _State, mem: int, cores: int) -> bool:
     return any(c.usable and st.room(u, mem, cores) for u, c in st.cards.items())
 
 
+def _greedy(st: _State, max_moves: int, branch: int) -> list[Move]:
+    """A quick plan to start the search from: empty the cheapest cards one at a time (all
+    holders movable, fewest holders first), each holder onto the fullest card with room
+    that is neither free nor being emptied; a card that cannot be emptied whole is left
+    as it was. ``st`` is left as it was found."""
+    seq: list[Move] = []
+    emptied: set[str] = set()
+    moved: set[str] = set()
+    progress = True
+    while progress and len(seq) < max_moves:
+        progress = False
+        for _, u in _candidates(st, moved):
+            if u in emptied:
+                continue
+            on = sorted(st.on[u])
+            if len(seq) + len(on) > max_moves:
+                continue
+            done: list[tuple[Holding, tuple[str, ...]]] = []
+            for uid in on:
+                h = st.hold[uid]
+                to = next((o for _, o in _targets(st, h, branch)
+                           if not set(o) & emptied and u not in o and not any(st.empty(x) for x in o)), None)
+                if to is None:
+                    break
+                done.append((h, st._remove(h)))
+                st._add(h, to)
+            if len(done) < len(on):
+                for h, was in reversed(done):
+                    st._remove(h)
+                    st._add(h, was)
+                continue
+            for h, was in done:
+                seq.append(Move(uid=h.uid, name=h.name, namespace=h.namespace, from_node=h.node,
+                                to_node=st.cards[st.where[h.uid][0]].node, from_cards=was,
+                                to_cards=st.where[h.uid]))
+                moved.add(h.uid)
+            emptied.add(u)
+            progress = True
+            break
+    for mv in reversed(seq):  # put the state back
+        h = st.hold[mv.uid]
+        st._remove(h)
+        st._add(h, mv.from_cards)
+    return seq
+
+
+def _candidates(st: _State, moved: set[str]) -> list[tuple[float, str]]:
+    """Used cards that moves could empty (every holder movable, none moved yet), cheapest
+    first: a holder on k cards costs 1/k on each."""
+    out: list[tuple[float, str]] = []
+    for u in st.cards:
+        on = st.on[u]
+        if on and all(st.hold[x].movable and x not in moved for x in on):
+            out.append((sum(1.0 / len(st.where[x]) for x in on), u))
+    out.sort()
+    return out
+
+
+def _focus(st: _State, moved: set[str], need: tuple[int, int] | None, branch: int) -> list[str]:
+    """The holders worth moving next on a large cluster: those of the ``branch`` cheapest
+    cards to empty, or with a slice to fit, of the cards with the most room for it."""
+    if need is None:
+        cards = [u for _, u in _candidates(st, moved)[:branch]]
+    else:
+        ok = [u for u, c in st.cards.items() if c.usable and st.on[u]]
+        ok.sort(key=lambda u: (max(0, need[0] - (st.cards[u].mem - st.mem[u]))
+                               + max(0, need[1] - (st.cards[u].cores - st.cores[u])) * 1000, u))
+        cards = ok[:branch]
+    out: list[str] = []
+    for u in cards:
+        out.extend(x for x in sorted(st.on[u]) if st.hold[x].movable and x not in moved and x not in out)
+    return out
+
+
 def plan(
     cards: Sequence[Card],
     holdings: Sequence[Holding],
     *,
     max_moves: int,
     need: tuple[int, int] | None = None,
-    budget: int = 20000,
+    budget: int | None = None,
     branch: int = 8,
 ) -> Plan:
     """The best plan of at most ``max_moves`` moves: the most whole cards freed, or with
@@ -212,6 +298,8 @@ def plan(
         raise PlanError(f"max_moves must be at least 0, not {max_moves}")
     if need is not None and (need[0] < 0 or need[1] < 0 or need[1] > 100):
         raise PlanError(f"a slice of {need[0]} MiB and {need[1]} % cores cannot be asked for")
+    if budget is None:  # states to visit: each costs about (cards + allocations)
+        budget = max(STATES_MIN, WORK // max(1, len(cards) + len(holdings)))
     st = _State(cards, holdings)
     if st.over():
         raise PlanError(f"cards already over capacity: {', '.join(sorted(st.over()))}")
@@ -219,6 +307,16 @@ def plan(
     movable = sorted(u for u, h in st.hold.items() if h.movable)
     best: list[Move] = []
     best_free = start
+    if need is None and max_moves:
+        seed = _greedy(st, max_moves, branch)
+        after_seed = _State(cards, holdings)
+        apply_moves(after_seed, seed)
+        if after_seed.free_cards() > start:
+            best, best_free = seed, after_seed.free_cards()
+    # Small clusters: every movable allocation is tried at each step (exact). Large ones:
+    # only the holders of the cheapest cards to empty (and, for a slice, of the cards
+    # nearest to fitting it), or the walk would not get past the first few levels.
+    small = len(movable) * len(st.cards) <= SMALL
     best_fits = need is not None and _fits(st, *need)
     visited = 0
     exhausted = False
@@ -227,17 +325,11 @@ def plan(
 
     def potential() -> int:
         """Cards that could be free with the moves left: the free ones, and the cheapest
-        used ones whose every holder is movable and not yet moved. A holder on k cards
-        costs 1/k on each, so the bound never undercounts what a set of cards frees."""
+        used ones whose every holder is movable and not yet moved (a holder on k cards
+        costs 1/k on each, so the bound never undercounts what a set of cards frees)."""
         left: float = max_moves - len(seq)
-        cost: list[float] = []
-        for u in st.cards:
-            on = st.on[u]
-            if on and all(st.hold[x].movable and x not in moved for x in on):
-                cost.append(sum(1.0 / len(st.where[x]) for x in on))
-        cost.sort()
         n = 0
-        for c in cost:
+        for c, _ in _candidates(st, moved):
             if c > left + 1e-9:
                 break
             left -= c
@@ -266,7 +358,7 @@ def plan(
                 return
         if len(seq) >= max_moves:
             return
-        for uid in movable:
+        for uid in movable if small else _focus(st, moved, need, branch):
             if uid in moved:
                 continue
             h = st.hold[uid]
