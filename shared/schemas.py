@@ -494,7 +494,6 @@ class SubmitRequest(_Base, kw_only=True):
     gang_size: int = 0
     gang_timeout: float = 0.0
     movable: bool = False
-    queue: str = ""  # the leaf queue to join (``AllocRequested.queue``)
 
 
 class PreemptRequest(_Base, kw_only=True):
