@@ -358,6 +358,10 @@ class FragScorer:
         self.cpu_weight = 0.5  # CPU left's weight in best-fit ties (adaptive: by CPU scarcity)
         self.cache_best = True  # False: score every candidate afresh (the reference path)
         self.group_min = _GROUP_MIN  # stale nodes from which equal states are scored once
+        self._cfm: _F64 = np.zeros(0)
+        self._cfc: _F64 = np.zeros(0)
+        self._cw: _F64 = np.zeros(0)
+        self._cfit: BOOL = np.zeros((0, 0), dtype=bool)
         self._sid: _I64 = np.zeros(0, dtype=np.int64)  # per node: its state's id
         self._sid_of: dict[bytes, int] = {}
         self._sid_key: tuple[int, int] = (-1, -1)
@@ -563,6 +567,13 @@ class FragScorer:
             self.small = np.zeros((nn, ng))  # per group: idle share of the cards unable to
             self.idle = np.zeros(nn)
             self.fb = np.zeros(nn)
+            # per card, as of its node's refresh: free memory and cores, idle share, and
+            # which groups it can host; every score of the card reads them instead of
+            # computing them again (a node's refresh always comes first)
+            self._cfm = np.zeros(st.nc)
+            self._cfc = np.zeros(st.nc)
+            self._cw = np.zeros(st.nc)
+            self._cfit = np.zeros((st.nc, ng), dtype=bool)
         stale = np.flatnonzero(self._ver != st.n_ver[:nn])
         if len(stale) == 0:
             return type_ok
@@ -575,6 +586,13 @@ class FragScorer:
             self._refresh_rows(st, todo[lo : lo + _CHUNK_NODES], type_ok, ng)
         if inv is not None:
             src = todo[inv]
+            # the cards at the same offsets in their representative
+            pos, owner = st.card_positions(stale)
+            rpos = pos + (st.n_start[src] - st.n_start[stale])[owner]
+            self._cfm[pos] = self._cfm[rpos]
+            self._cfc[pos] = self._cfc[rpos]
+            self._cw[pos] = self._cw[rpos]
+            self._cfit[pos] = self._cfit[rpos]
             self.cnt[stale] = self.cnt[src]
             self.small[stale] = self.small[src]
             self.idle[stale] = self.idle[src]
@@ -659,6 +677,7 @@ class FragScorer:
         owner = np.repeat(np.arange(len(stale)), counts)
         fm, fc, w = self._card_free(st, pos)
         fit = self._fits(st, pos, fm, fc, st.c_uslot[pos], self._static(st, pos, type_ok))
+        self._cfm[pos], self._cfc[pos], self._cw[pos], self._cfit[pos] = fm, fc, w, fit
         cnt = np.zeros((len(stale), ng))
         small = np.zeros((len(stale), ng))
         np.add.at(cnt, owner, fit.astype(np.float64))
@@ -731,7 +750,7 @@ class FragScorer:
         cnt, small, idle = self.cnt[rows], self.small[rows], self.idle[rows]
         if k:
             assert ask is not None
-            fm, fc, w = self._card_free(st, pos)
+            fm, fc, w = self._cfm[pos], self._cfc[pos], self._cw[pos]
             tm = np.maximum(st.c_tmem[pos], 1)
             need_m = (ask.pct / 100.0) if ask.pct is not None else ask.mem / tm  # type: ignore[attr-defined]
             fm2 = fm - need_m
@@ -740,7 +759,7 @@ class FragScorer:
             w2 = np.where(usable, (fm2 + fc2) / 2 if self.two_d else np.minimum(fm2, fc2), 0.0)
             slots = st.c_uslot[pos]
             static = self._static(st, pos, type_ok)
-            f_before = self._fits(st, pos, fm, fc, slots, static)
+            f_before = self._cfit[pos]
             f_after = self._fits(st, pos, fm2, fc2, slots + 1, static)
             cnt2 = cnt + k * (f_after.astype(np.float64) - f_before)
             small2 = small + k * (
