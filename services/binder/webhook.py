@@ -427,17 +427,26 @@ def _strip_slice_volumes(spec: Obj) -> None:
 
 
 def json_patch(before: Obj, after: Obj) -> list[Obj]:
-    """JSON Patch ops that turn ``before`` into ``after`` (top-level spec fields replaced)."""
+    """JSON Patch ops that turn ``before`` into ``after``: top-level spec fields
+    replaced, then the annotations the mutation set (another vendor's admission sets
+    some, e.g. MetaX's default QoS policy; NVIDIA's sets none)."""
     ops: list[Obj] = []
     b, a = before.get("spec") or {}, after.get("spec") or {}
     if "spec" not in before:
-        return [{"op": "add", "path": "/spec", "value": a}]
-    for key in sorted(set(a) | set(b)):
-        if key not in a:
-            ops.append({"op": "remove", "path": f"/spec/{key}"})
-        elif a[key] != b.get(key):
-            # "add" on an existing member replaces it (RFC 6902), and creates it otherwise.
-            ops.append({"op": "add", "path": f"/spec/{key}", "value": a[key]})
+        ops.append({"op": "add", "path": "/spec", "value": a})
+    else:
+        for key in sorted(set(a) | set(b)):
+            if key not in a:
+                ops.append({"op": "remove", "path": f"/spec/{key}"})
+            elif a[key] != b.get(key):
+                # "add" on an existing member replaces it (RFC 6902), and creates it otherwise.
+                ops.append({"op": "add", "path": f"/spec/{key}", "value": a[key]})
+    old = (before.get("metadata") or {}).get("annotations") or {}
+    new = (after.get("metadata") or {}).get("annotations") or {}
+    for key in sorted(k for k in new if old.get(k) != new[k]):
+        ops.append(annotation_op(before, after, key, new[key]))
+        if not isinstance(old, dict) or not isinstance((before.get("metadata") or {}).get("annotations"), dict):
+            break  # that op wrote the whole map
     return ops
 
 

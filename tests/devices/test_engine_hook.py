@@ -174,3 +174,31 @@ def test_a_family_books_cores_in_its_cards_unit() -> None:
         "CardInsufficientCore"
         in fail(p, req(DeviceAsk(vendor="AMDGPU", nums=1, mem=4096, cores=1))).message
     )
+
+
+def test_the_familys_annotations_reach_the_admission_patch() -> None:
+    """What a family's admission sets on the pod (MetaX's default QoS policy) is in the
+    patch the API server applies, not only in our copy of the pod."""
+    import base64
+    import json
+
+    from services.binder.webhook import WebhookSettings, review
+    from tests.fakekube.patch import apply_patch
+
+    def patched(pod: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": "CREATE", "object": pod}}
+        resp = review(body, WebhookSettings())["response"]
+        assert resp["allowed"], resp
+        ops = json.loads(base64.b64decode(resp["patch"]))
+        out: dict[str, Any] = apply_patch("application/json-patch+json", pod, ops)
+        return out
+
+    with_map = patched(_k8s_pod({"metax-tech.com/sgpu": 1}, {"team": "a"}))
+    assert with_map["metadata"]["annotations"] == {"team": "a", "metax-tech.com/sgpu-qos-policy": "best-effort"}
+    without = _k8s_pod({"metax-tech.com/sgpu": 1})
+    del without["metadata"]["annotations"]
+    assert patched(without)["metadata"]["annotations"] == {"metax-tech.com/sgpu-qos-policy": "best-effort"}
+    # A policy the pod names is kept, and no op touches it.
+    kept = patched(_k8s_pod({"metax-tech.com/sgpu": 1}, {"metax-tech.com/sgpu-qos-policy": "fixed-share"}))
+    assert kept["metadata"]["annotations"] == {"metax-tech.com/sgpu-qos-policy": "fixed-share"}
