@@ -321,3 +321,43 @@ def test_a_sibling_under_its_guarantee_reclaims_inside_the_parent() -> None:
     # 'other' has no guarantee: org's side is within org's guarantee, nothing is lent
     o = msgspec.structs.replace(r, queue="other", uid="o1")
     assert q.choose_victims(p, t, o, lambda a: a.pod_priority) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["place", "release", "remove", "add"]),
+            st.integers(0, 3),
+            st.sampled_from(["a", "b", ""]),
+            st.sampled_from([2_500, 5_000]),
+        ),
+        max_size=30,
+    )
+)
+def test_the_use_cache_follows_every_change(steps: list[tuple[str, int, str, int]]) -> None:
+    # node by node it must equal counting every allocation afresh
+    p = placer(cluster(node("n0", 2), node("n1", 2), node("n2", 1)))
+    t = tree(qs("a", gmem=10_000), qs("b", namespaces=["ns-b"]))
+    cache = q.UseCache(t)
+    for i, (op, k, queue, mem) in enumerate(steps):
+        cl = p.cluster
+        names = sorted(cl.nodes)
+        if op == "place":
+            r = msgspec.structs.replace(req(DeviceAsk(nums=1, mem=mem), ns="ns-b"), queue=queue)
+            got = p.decide(r)
+            if isinstance(got, Placement):
+                cl.reserve(got.node, got.to_alloc(r, float(i)))
+        elif op == "release" and names:
+            n = names[k % len(names)]
+            held_here = sorted(cl.ledger(n).allocs)
+            if held_here:
+                cl.unreserve(n, held_here[0])
+        elif op == "remove" and names:
+            cl.remove_node(names[k % len(names)])
+        elif op == "add":
+            cl.upsert_node(node(f"m{k}", 2))
+        got_use = cache.get(cl)
+        want = q.usage(t, q.allocations(cl))
+        for name in t.specs:
+            assert got_use.of(name) == want.of(name), (op, name)

@@ -42,12 +42,14 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from shared.config import QueueAmount, QueueSettings
 from shared.schemas import AllocRequested, ContainerGrant, LedgerAlloc
 
 from . import preempt
 from .placer import Placer
-from .state import ClusterState
+from .state import ClusterState, NodeRec
 
 DEFAULT_QUEUE = "default"
 REASON_LIMIT = "QueueLimitExceeded"  # a placement refused because of a queue limit
@@ -538,17 +540,43 @@ def choose_victims(
 
 
 class UseCache:
-    """The queues' use, recomputed only when the cluster's reservations changed."""
+    """The queues' use as the cluster holds it, kept up to date node by node: only the
+    nodes whose reservations changed since the last call are counted again (all of
+    them when nodes were removed or the arrays compacted)."""
 
     def __init__(self, tree: QueueTree) -> None:
         self.tree = tree
         self._at = -1
+        self._layout = -1
         self._use = Usage(tree)
+        # node -> its allocations' (leaf, use, use by card type), as last counted
+        self._per: dict[str, list[tuple[str, Res, dict[str, Res]]]] = {}
+
+    def _count(self, rec: NodeRec) -> list[tuple[str, Res, dict[str, Res]]]:
+        out = []
+        for res in rec.allocs.values():
+            use, types = grant_use(res.alloc.containers)
+            out.append((alloc_leaf(self.tree, res.alloc), use, types))
+        return out
 
     def get(self, cluster: ClusterState) -> Usage:
-        if cluster._ver != self._at:  # bumped by every reserve, release and ledger
-            self._use = usage(self.tree, allocations(cluster))
-            self._at = cluster._ver
+        if cluster._ver == self._at:  # bumped by every reserve, release and ledger
+            return self._use
+        if cluster.layout != self._layout:
+            self._use = Usage(self.tree)
+            self._per = {}
+            changed = [r for r in cluster.rows if r is not None]
+        else:
+            rows = np.flatnonzero(cluster.n_ver[: cluster.nn] > self._at)
+            changed = [r for i in rows.tolist() if (r := cluster.rows[i]) is not None]
+        for rec in changed:
+            for leaf, use, types in self._per.get(rec.name, ()):
+                self._use.add(leaf, use, types, sign=-1)
+            now = self._count(rec)
+            for leaf, use, types in now:
+                self._use.add(leaf, use, types)
+            self._per[rec.name] = now
+        self._at, self._layout = cluster._ver, cluster.layout
         return self._use
 
 
