@@ -8,6 +8,16 @@ realised (:class:`MigIdentities`, from the ``prepared`` events) are HAMi's
 ``hami_node_gpu_mig_instance_info`` and, per container, ``hami_mig_device_info``; with ``legacy`` on, the
 pre-v2.9 names and labels are emitted too (HAMi's ``--legacy-metrics``).
 
+Every vendor's cards are in the same series (issue 16): each ``hami_*`` per-card and
+per-container series carries a ``vendor`` label, the card's HAMi device type (``NVIDIA``,
+``MLU``, ``Ascend910B3``, ...), beside HAMi's ``device_type`` (the model), so one panel
+shows an Ascend card beside an A100. HAMi's own scheduler metrics have no vendor label
+(its DeviceInfo carries ``deviceVendor`` but no series exports it); the legacy names keep
+exactly HAMi's labels. Units are HAMi's whatever the vendor counts in: memory in bytes,
+utilisation 0-100 from the telemetry's 0..1, and a card's cores as a percent of the card
+(HAMi's ``normalizeCoreMetrics``) for families whose cards register cores in their own
+unit (Ascend AI cores, AMD compute units, Neuron cores); NVIDIA's figures are unchanged.
+
 Per-container series name the pod and its namespace; an allocation made without
 Kubernetes (``hami submit``, ``hami run``) has neither, so its request name stands for the
 pod and the container and :data:`STANDALONE_NAMESPACE` for the namespace (a dashboard's
@@ -17,6 +27,7 @@ namespace selector then lists it, instead of an empty value it cannot select).
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +39,7 @@ from prometheus_client.registry import Collector
 from shared.schemas import (
     AllocPrepared,
     CardGrant,
+    Device,
     MigSlice,
     NodeHealth,
     NodeInventory,
@@ -41,6 +53,20 @@ ZONE = "vGPU"  # HAMi's scheduler wraps its registry with zone="vGPU"
 STANDALONE_NAMESPACE = "standalone"
 
 Snapshot = tuple[dict[str, NodeInventory], dict[str, NodeLedger], dict[str, NodeHealth]]
+
+
+def core_ratios(d: Device, used: int) -> tuple[float, float]:
+    """A card's core limit and what is allocated of it, as HAMi's ratios (percents).
+
+    NVIDIA's cards register 100 x deviceCoreScaling and are exported as they register
+    (as before). Other families count cores in their own unit (``devcore`` 20 AI cores,
+    304 compute units, 2 NeuronCores): the limit is then 100 and the allocation its share
+    rounded up, as HAMi's ``normalizeCoreMetrics`` does, so cards of every vendor compare."""
+    if d.vendor == "NVIDIA":
+        return float(d.devcore), float(used)
+    if d.devcore <= 0:
+        return 0.0, 0.0
+    return 100.0, float(math.ceil(used * 100 / d.devcore))
 
 
 class _Families:
@@ -129,24 +155,29 @@ class AllocationCollector(Collector):
                 m, c, s = used.get(d.uuid, (0, 0, 0))
                 idx = str(d.index)
                 card = [name, d.uuid, idx]
+                climit, cused = core_ratios(d, c)
+                vnd = ["vendor"]
                 f.add("hami_gpu_memory_limit_bytes", "Device memory limit for a certain GPU",
-                      ["node", "device_uuid", "device_index", "device_type"], [*card, d.type], d.devmem * MIB)
+                      ["node", "device_uuid", "device_index", "device_type", *vnd], [*card, d.type, d.vendor],
+                      d.devmem * MIB)
                 f.add("hami_gpu_core_limit_ratio", "Device core limit for a certain GPU",
-                      ["node", "device_uuid", "device_index", "device_type"], [*card, d.type], d.devcore)
+                      ["node", "device_uuid", "device_index", "device_type", *vnd], [*card, d.type, d.vendor],
+                      climit)
                 f.add("hami_gpu_memory_allocated_bytes", "Device memory allocated for a certain GPU",
-                      ["node", "device_uuid", "device_index", "device_cores", "device_type"],
-                      [*card, str(d.devcore), d.type], m * MIB)
+                      ["node", "device_uuid", "device_index", "device_cores", "device_type", *vnd],
+                      [*card, str(d.devcore), d.type, d.vendor], m * MIB)
                 f.add("hami_gpu_shared_count", "Number of containers sharing this GPU",
-                      ["node", "device_uuid", "device_index", "device_type"], [*card, d.type], s)
+                      ["node", "device_uuid", "device_index", "device_type", *vnd], [*card, d.type, d.vendor], s)
                 f.add("hami_gpu_core_allocated_ratio", "Device core allocated for a certain GPU",
-                      ["node", "device_uuid", "device_index", "device_type"], [*card, d.type], c)
+                      ["node", "device_uuid", "device_index", "device_type", *vnd], [*card, d.type, d.vendor],
+                      cused)
                 f.add("hami_node_gpu_overview", "GPU overview on a certain node",
-                      ["node", "device_uuid", "device_index", "device_cores", "device_memory_limit", "device_type"],
-                      [*card, str(d.devcore), str(d.devmem), d.type], m * MIB)
+                      ["node", "device_uuid", "device_index", "device_cores", "device_memory_limit", "device_type",
+                       *vnd], [*card, str(d.devcore), str(d.devmem), d.type, d.vendor], m * MIB)
                 if d.devmem > 0:
                     f.add("hami_node_gpu_memory_allocated_ratio",
                           "GPU Memory Allocated Percentage on a certain GPU",
-                          ["node", "device_uuid", "device_index"], card, m / d.devmem)
+                          ["node", "device_uuid", "device_index", *vnd], [*card, d.vendor], m / d.devmem)
                 if leg:
                     old = ["nodeid", "deviceuuid", "deviceidx"]
                     f.add("GPUDeviceMemoryLimit", "Device memory limit for a certain GPU",
@@ -165,14 +196,18 @@ class AllocationCollector(Collector):
                     if d.devmem > 0:
                         f.add("nodeGPUMemoryPercentage", "GPU Memory Allocated Percentage on a certain GPU",
                               old, card, m / d.devmem)
+            by_uuid = {d.uuid: d for d in inv.devices}
             for a in (ledger.allocs.values() if ledger else []):
                 for ci, cont in enumerate(a.containers):
                     for g in cont.devices:
                         labels = [a.namespace or STANDALONE_NAMESPACE, name, a.name, str(ci), g.uuid]
+                        ctr = ["namespace", "node", "pod", "container_index", "device_uuid", "vendor"]
+                        dev = by_uuid.get(g.uuid)
+                        gcores = core_ratios(dev, g.cores)[1] if dev is not None else g.cores
                         f.add("hami_vgpu_memory_allocated_bytes", "vGPU memory allocated from a container",
-                              ["namespace", "node", "pod", "container_index", "device_uuid"], labels, g.mem * MIB)
+                              ctr, [*labels, g.vendor], g.mem * MIB)
                         f.add("hami_vgpu_core_allocated_ratio", "vGPU core allocated from a container",
-                              ["namespace", "node", "pod", "container_index", "device_uuid"], labels, g.cores)
+                              ctr, [*labels, g.vendor], gcores)
                         if leg:
                             old = ["podnamespace", "nodename", "podname", "containeridx", "deviceuuid"]
                             f.add("vGPUMemoryAllocated", "vGPU memory allocated from a container",
@@ -243,11 +278,12 @@ class AllocationCollector(Collector):
                 if d is None:
                     continue
                 labels = [node, str(d.index), d.uuid, d.type]
-                host = ["node", "device_index", "device_uuid", "device_type"]
-                f.add("hami_host_gpu_memory_used_bytes", "GPU device memory usage in bytes", host, labels,
-                      du.memory_used_mib * MIB, zoned=False)
-                f.add("hami_host_gpu_utilization_ratio", "GPU core utilization ratio (0-100)", host, labels,
-                      du.utilization * 100, zoned=False)
+                host = ["node", "device_index", "device_uuid", "device_type", "vendor"]
+                f.add("hami_host_gpu_memory_used_bytes", "GPU device memory usage in bytes", host,
+                      [*labels, d.vendor], du.memory_used_mib * MIB, zoned=False)
+                # The telemetry's 0..1 whatever the vendor's tool reports; HAMi's 0-100 here.
+                f.add("hami_host_gpu_utilization_ratio", "GPU core utilization ratio (0-100)", host,
+                      [*labels, d.vendor], du.utilization * 100, zoned=False)
                 if leg:
                     old = ["nodeid", "deviceidx", "deviceuuid", "devicetype"]
                     f.add("HostGPUMemoryUsage", "GPU device memory usage", old, labels,
@@ -266,18 +302,22 @@ class AllocationCollector(Collector):
                 labels = [a.namespace or STANDALONE_NAMESPACE, a.name, cu.container or a.name, vidx,
                           cu.uuid]
                 ctr = ["namespace", "pod", "container", "vdevice_index", "device_uuid"]
+                card_of = cards.get(cu.uuid)
+                vendor = card_of.vendor if card_of is not None else next(
+                    (g.vendor for g in (grant.devices if grant else []) if g.uuid == cu.uuid), "NVIDIA")
+                nctr, nlabels = [*ctr, "vendor"], [*labels, vendor]
                 util = cu.utilization * 100
-                f.add("hami_vgpu_memory_used_bytes", "vGPU device memory usage in bytes", ctr, labels,
+                f.add("hami_vgpu_memory_used_bytes", "vGPU device memory usage in bytes", nctr, nlabels,
                       cu.memory_used_bytes, zoned=False)
-                f.add("hami_vgpu_memory_limit_bytes", "vGPU device memory limit in bytes", ctr, labels,
+                f.add("hami_vgpu_memory_limit_bytes", "vGPU device memory limit in bytes", nctr, nlabels,
                       cu.memory_limit_bytes, zoned=False)
-                f.add("hami_container_device_memory_bytes", "Container device memory usage in bytes", ctr,
-                      labels, cu.memory_used_bytes, zoned=False)
+                f.add("hami_container_device_memory_bytes", "Container device memory usage in bytes", nctr,
+                      nlabels, cu.memory_used_bytes, zoned=False)
                 f.add("hami_container_device_utilization_ratio", "Container device SM utilization ratio",
-                      ctr, labels, util, zoned=False)
+                      nctr, nlabels, util, zoned=False)
                 elapsed = max(0.0, now - cu.last_kernel_at) if cu.last_kernel_at else 0.0
                 f.add("hami_container_last_kernel_elapsed_seconds",
-                      "Seconds since last kernel execution in container", ctr, labels, elapsed, zoned=False)
+                      "Seconds since last kernel execution in container", nctr, nlabels, elapsed, zoned=False)
                 if leg:
                     old = ["podnamespace", "podname", "ctrname", "vdeviceid", "deviceuuid"]
                     f.add("vGPU_device_memory_usage_in_bytes", "vGPU device usage", old, labels,

@@ -99,7 +99,7 @@ async def test_every_node_side_series_has_data_in_standalone_mode(system: System
     # The allocation, from the moment it is bound: its limit, zero use, standalone labels.
     (lb, limit), = got["hami_vgpu_memory_limit_bytes"]
     assert lb == {"namespace": "standalone", "pod": "job-a", "container": "job-a", "vdevice_index": "0",
-                  "device_uuid": card}
+                  "device_uuid": card, "vendor": "NVIDIA"}  # vendor: ours, beside HAMi's labels
     assert limit == 3000 * MIB
     assert [v for _, v in got["hami_vgpu_memory_used_bytes"]] == [0.0]
     assert [v for _, v in got["hami_container_device_utilization_ratio"]] == [0.0]
