@@ -162,6 +162,9 @@ class ContainerAsk(_Base, kw_only=True):
     devices: list[DeviceAsk] = []
     cpu_milli: int = 0
     memory_mib: int = 0
+    # an init container with restartPolicy: Always (a sidecar): it keeps running beside
+    # the app containers, so its use is added to theirs (card_usage)
+    sidecar: bool = False
 
 
 class SelectorRequirement(_Base, kw_only=True):
@@ -278,6 +281,7 @@ class ContainerGrant(_Base, kw_only=True):
     name: str = ""
     init: bool = False
     devices: list[CardGrant] = []
+    sidecar: bool = False  # an init container that keeps running (ContainerAsk.sidecar)
 
 
 class AllocDecided(_Base, kw_only=True, omit_defaults=False, tag="decided", tag_field="kind"):
@@ -436,33 +440,36 @@ class NodeLedger(_Base, kw_only=True, omit_defaults=False):
 
 
 def card_usage(containers: list[ContainerGrant]) -> dict[str, tuple[int, int, int]]:
-    """A pod's usage per card: (mem, cores, slots).
+    """A pod's usage per card: (mem, cores, slots), as HAMi's ``CollapseInitContainerUsage``.
 
     Init containers run one after another before the app containers, so a card carries
-    the larger of the init peak and the sum over app containers (REFERENCE §3). A card
-    used by any container of the pod takes one slot per app container using it (at
-    least one).
+    the larger of the init peak and the sum over app containers (REFERENCE §3). A sidecar
+    (an init container that keeps running) joins the running set for good: its use is
+    under every later init container's and added to the app containers'. Each running
+    container using a card takes a slot there (at least one for a card the pod uses).
     """
-    init_peak: dict[str, list[int]] = {}
-    app_sum: dict[str, list[int]] = {}
+    # per card: [sidecars' mem, cores, slots, peak mem, cores, slots, app mem, cores, slots]
+    st: dict[str, list[int]] = {}
     for c in containers:
         for d in c.devices:
-            if c.init:
-                cur = init_peak.setdefault(d.uuid, [0, 0, 0])
-                cur[0] = max(cur[0], d.mem)
-                cur[1] = max(cur[1], d.cores)
-                cur[2] = max(cur[2], 1)
+            u = st.setdefault(d.uuid, [0] * 9)
+            if c.init and c.sidecar:
+                u[0] += d.mem
+                u[1] += d.cores
+                u[2] += 1
+                u[3], u[4], u[5] = max(u[3], u[0]), max(u[4], u[1]), max(u[5], u[2])
+            elif c.init:
+                u[3] = max(u[3], u[0] + d.mem)
+                u[4] = max(u[4], u[1] + d.cores)
+                u[5] = max(u[5], u[2] + 1)
             else:
-                cur = app_sum.setdefault(d.uuid, [0, 0, 0])
-                cur[0] += d.mem
-                cur[1] += d.cores
-                cur[2] += 1
-    out: dict[str, tuple[int, int, int]] = {}
-    for uuid in init_peak.keys() | app_sum.keys():
-        a = init_peak.get(uuid, [0, 0, 0])
-        b = app_sum.get(uuid, [0, 0, 0])
-        out[uuid] = (max(a[0], b[0]), max(a[1], b[1]), max(a[2], b[2]))
-    return out
+                u[6] += d.mem
+                u[7] += d.cores
+                u[8] += 1
+    return {
+        uuid: (max(u[3], u[0] + u[6]), max(u[4], u[1] + u[7]), max(u[5], u[2] + u[8], 1))
+        for uuid, u in st.items()
+    }
 
 
 # ------------------------------------------------------------------------ request/reply

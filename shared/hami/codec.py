@@ -187,7 +187,9 @@ def container_ask(
             problems.append(f"{where}: {key} {v!r} is not a quantity (examples: 500m, 2Gi)")
     return (
         ContainerAsk(name=cname, init=init, devices=devices, cpu_milli=cpu_milli,
-                     memory_mib=memory_mib),
+                     memory_mib=memory_mib,
+                     # a sidecar (HAMi's IsSidecarContainer): it runs beside the app
+                     sidecar=init and container.get("restartPolicy") == "Always"),
         raw["priority"],
     )
 

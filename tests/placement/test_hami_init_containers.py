@@ -10,8 +10,12 @@ with that container's reason text. Cases built from those rules on one- and two-
 
 from __future__ import annotations
 
+import pytest
+
 from services.placement.engine import Placement
-from shared.schemas import ContainerAsk, DeviceAsk
+from shared.config import Config
+from shared.hami.codec import pod_request
+from shared.schemas import CardGrant, ContainerAsk, ContainerGrant, DeviceAsk, card_usage
 
 from .util import cards_of, cluster, fail, node, place, placer, pod
 
@@ -76,3 +80,61 @@ def test_the_app_container_picks_as_if_no_init_container_ran() -> None:
 
     got = fresh()
     assert cards_of(got) == [("GPU-a-0", 8000, 10), ("GPU-a-0", 8000, 10)]
+
+
+# -------------------------------------------------- the booking: CollapseInitContainerUsage
+
+
+def g(mem: int, cores: int, uuid: str = "GPU-0") -> list[CardGrant]:
+    return [CardGrant(uuid=uuid, mem=mem, cores=cores)]
+
+
+@pytest.mark.parametrize(
+    ("containers", "want"),
+    [
+        # init peak against the app sum, each dimension on its own; a slot per app container
+        ([ContainerGrant(init=True, devices=g(8000, 80)), ContainerGrant(devices=g(3000, 30)),
+          ContainerGrant(devices=g(4000, 30))], (8000, 80, 2)),
+        # init containers only: their peak and one slot
+        ([ContainerGrant(init=True, devices=g(1000, 10)), ContainerGrant(init=True, devices=g(2000, 5))],
+         (2000, 10, 1)),
+        # a sidecar keeps running: under the later init container and beside the app one
+        ([ContainerGrant(init=True, sidecar=True, devices=g(2000, 10)),
+          ContainerGrant(init=True, devices=g(7000, 50)), ContainerGrant(devices=g(3000, 20))],
+         (9000, 60, 2)),
+        ([ContainerGrant(init=True, sidecar=True, devices=g(2000, 10)), ContainerGrant(devices=g(3000, 20))],
+         (5000, 30, 2)),
+        # an init container before the sidecar does not see it
+        ([ContainerGrant(init=True, devices=g(7000, 50)),
+          ContainerGrant(init=True, sidecar=True, devices=g(2000, 10)), ContainerGrant(devices=g(3000, 20))],
+         (7000, 50, 2)),
+    ],
+)
+def test_card_usage_as_collapse_init_container_usage(
+    containers: list[ContainerGrant], want: tuple[int, int, int]
+) -> None:
+    assert card_usage(containers) == {"GPU-0": want}
+
+
+def test_a_restart_always_init_container_is_a_sidecar() -> None:
+    cfg = Config()
+    lim = {"limits": {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}}
+    spec = {
+        "initContainers": [
+            {"name": "side", "restartPolicy": "Always", "resources": lim},
+            {"name": "setup", "resources": lim},
+        ],
+        "containers": [{"name": "main", "resources": lim}],
+    }
+    got = pod_request({"metadata": {"name": "p", "uid": "u"}, "spec": spec}, cfg.node, cfg.resources, now=0.0)
+    assert [(c.name, c.init, c.sidecar) for c in got.containers] == [
+        ("side", True, True),
+        ("setup", True, False),
+        ("main", False, False),
+    ]
+    # and the grant carries it, so the ledger books it beside the app container
+    p = placer(cluster(node("a", 1)))
+    pl = place(p, got)
+    assert [(c.name, c.sidecar) for c in pl.containers] == [("side", True), ("setup", False), ("main", False)]
+    card = p.cluster.status().nodes[0].cards[0]
+    assert (card.used_mem, card.used_slots) == (2000, 2)

@@ -918,7 +918,7 @@ class Placer:
                     taken.add(i)
                     pod_mem += need
                     pod_core += cores
-            grants.append(ContainerGrant(name=c.name, init=c.init, devices=devs))
+            grants.append(ContainerGrant(name=c.name, init=c.init, devices=devs, sidecar=c.sidecar))
             app_used = app_used or (not c.init and bool(devs))
         q = st.quotas.get(ns)
         if q is not None and any(g.devices for g in grants):
@@ -1136,7 +1136,7 @@ class Placer:
                             cores=rowasks[0].cores,
                         )
                     )
-            grants.append(ContainerGrant(name=c.name, init=c.init, devices=devs))
+            grants.append(ContainerGrant(name=c.name, init=c.init, devices=devs, sidecar=c.sidecar))
         return m.Placement(
             node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem, score=score
         )
