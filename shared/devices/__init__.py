@@ -9,8 +9,10 @@ answer; :mod:`.registry` looks them up. Pure logic, no I/O.
 from __future__ import annotations
 
 from shared.devices.base import (
+    AllocateContext,
     Allocated,
     AllocateResponse,
+    Allocation,
     Ask,
     Card,
     DeviceSpec,
@@ -24,7 +26,9 @@ from shared.devices.base import (
 )
 
 __all__ = [
+    "AllocateContext",
     "Allocated",
+    "Allocation",
     "AllocateResponse",
     "Ask",
     "Card",

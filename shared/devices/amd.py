@@ -15,19 +15,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.devices.base import (
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Card,
-    DeviceSpec,
     Family,
     Mount,
     ResourceNames,
+    dev,
     quantity,
     whole,
 )
 
 HOOK = "/usr/local/vgpu/libamvgpu.so"
+
+
+def cu_mask(local: int, d: Allocated) -> str:
+    """``HSA_CU_MASK`` entry of one card: its container-local index and its CUs (the
+    grant's cores are CUs; none or all of them: every CU of the card)."""
+    total = d.card_cores or d.cores
+    n = d.cores if 0 < d.cores < total else total
+    return f"{local}:0-{max(n, 1) - 1}"
 
 
 @dataclass(frozen=True)
@@ -61,24 +70,27 @@ class Amd(Family):
     def exclusive(self, card: Card, cores: int) -> bool:
         return cores == 100
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        specs = [DeviceSpec("/dev/kfd", "/dev/kfd")]
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """amd-device-plugin's answer: ``/dev/kfd`` and the cards' DRM nodes; the cards'
+        ROCr IDs in ``ROCR_VISIBLE_DEVICES`` and their container-local indexes in
+        ``HIP_VISIBLE_DEVICES``; ``HSA_CU_MASK`` with each card's granted CUs (all of a
+        whole card); a partial grant adds the LD_AUDIT memory limiter with the first
+        card's memory. The limiter library is always mounted."""
+        ctx = ctx or AllocateContext()
+        out = Allocation(devices=[dev("/dev/kfd")])
         for d in devices:
-            specs.append(DeviceSpec(f"/dev/dri/card{d.index}", f"/dev/dri/card{d.index}"))
-            specs.append(
-                DeviceSpec(f"/dev/dri/renderD{128 + d.index}", f"/dev/dri/renderD{128 + d.index}")
-            )
-        env = {"ROCR_VISIBLE_DEVICES": ",".join(d.uuid for d in devices)}
-        mounts: list[Mount] = []
-        sliced = False
-        for i, d in enumerate(devices):
-            if d.mem:
-                env[f"HIP_DEVICE_MEMORY_LIMIT_{i}"] = f"{d.mem}m"
-                sliced = True
-        if sliced:
-            env["LD_AUDIT"] = HOOK
-            mounts.append(Mount("/usr/local/vgpu", "/usr/local/vgpu"))
-        return env, specs, mounts
+            out.devices += [dev(f"/dev/dri/card{d.index}"), dev(f"/dev/dri/renderD{128 + d.index}")]
+        if devices:
+            out.envs["HSA_CU_MASK"] = ";".join(cu_mask(i, d) for i, d in enumerate(devices))
+            out.envs["ROCR_VISIBLE_DEVICES"] = ",".join(d.local_id or d.uuid for d in devices)
+            out.envs["HIP_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(devices)))
+            if not all(d.whole for d in devices):
+                out.envs["HIP_DEVICE_MEMORY_LIMIT"] = f"{devices[0].mem}m"
+                out.envs["LD_AUDIT"] = HOOK
+        out.mounts.append(Mount(f"{ctx.hook_path or '/usr/local'}/vgpu/libamvgpu.so", HOOK))
+        return out
 
 
 FAMILY = Amd(

@@ -16,11 +16,13 @@ from typing import Any
 
 from shared.devices.base import (
     Admitted,
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Family,
     Grant,
+    Mount,
     PodInfo,
     RequestError,
     ResourceNames,
@@ -128,12 +130,47 @@ class Ascend(Family):
             out[f"huawei.com/{self.name}"] = go_json(info)
         return out
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        env = {"ASCEND_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}
-        templates = {d.template for d in devices if d.template}
-        if templates:
-            env["ASCEND_VNPU_SPECS"] = ",".join(sorted(templates))
-        return env, [], []
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """ascend-device-plugin's answer: ``ASCEND_VISIBLE_DEVICES`` (the physical IDs);
+        one partial card in hard mode gets its vNPU template in ``ASCEND_VNPU_SPECS``
+        (the Ascend runtime creates the vNPU); soft mode (``huawei.com/vnpu-mode:
+        hami-core``) mounts the hami-vnpu-core limiter and sets its quotas instead."""
+        ctx = ctx or AllocateContext()
+        out = Allocation(envs={"ASCEND_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)})
+        if ctx.annotations.get(VNPU_MODE) == HAMI_CORE and devices:
+            d = devices[0]
+            hook = ctx.hook_path or "/usr/local/hami"
+            out.envs.update(
+                {
+                    "NPU_MEM_QUOTA": str(d.mem),
+                    "NPU_PRIORITY": str(d.cores),
+                    "NPU_GLOBAL_SHM_PATH": f"/hami-shared-region/{d.index}_global_registry",
+                    "NPU_LOCAL_SHM_PATH": "/hami-vnpu-shmem/vnpu_local_shmem",
+                }
+            )
+            driver = "/usr/local/Ascend/driver"
+            out.mounts = [
+                Mount("/usr/local/bin/npu-smi", "/usr/local/bin/npu-smi"),
+                Mount("/etc/ascend_install.info", "/etc/ascend_install.info"),
+                Mount(f"{driver}/lib64", f"{driver}/lib64"),
+                Mount(f"{driver}/version.info", f"{driver}/version.info"),
+                Mount("/usr/local/hami-vnpu-core", "/hami-vnpu-core"),
+                Mount("/usr/local/hami-vnpu-core/ld.so.preload", "/etc/ld.so.preload"),
+                Mount("/usr/local/hami-shared-region", "/hami-shared-region", read_only=False),
+                Mount(
+                    f"{hook}/containers/{ctx.pod_uid}_{ctx.container}",
+                    "/hami-vnpu-shmem",
+                    read_only=False,
+                ),
+            ]
+            return out
+        if len(devices) == 1 and not devices[0].whole:
+            name = devices[0].template or self.trim(devices[0].mem)[1]
+            if name:
+                out.envs["ASCEND_VNPU_SPECS"] = name
+        return out
 
 
 def family(

@@ -23,11 +23,11 @@ from shared.devices.base import (
     EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT,
     NUMA_NOT_FIT,
     Admitted,
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Card,
-    DeviceSpec,
     Family,
     FitResult,
     Grant,
@@ -35,6 +35,7 @@ from shared.devices.base import (
     RequestError,
     ResourceNames,
     capacity_int,
+    dev,
     encode_pod_single_device,
     quantity,
     whole,
@@ -194,15 +195,21 @@ class Neuron(Family):
                 out[PREDICATE_NODE] = node
         return out
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        specs = [DeviceSpec(f"/dev/neuron{d.index}", f"/dev/neuron{d.index}") for d in devices]
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """``/dev/neuron<N>`` of each device and ``NEURON_RT_VISIBLE_CORES``: the node-wide
+        index of every core whose bit the grant holds (0: every core of the device)."""
+        per = self.cores_per_device
+        out = Allocation(devices=[dev(f"/dev/neuron{d.index}") for d in devices])
         cores = [
-            str(self.cores_per_device * d.index + b)
+            str(per * d.index + b)
             for d in devices
-            for b in range(self.cores_per_device)
-            if d.cores & (1 << b)
+            for b in range(per)
+            if d.cores == 0 or d.cores & (1 << b)
         ]
-        return {"NEURON_RT_VISIBLE_CORES": ",".join(cores)}, specs, []
+        out.envs["NEURON_RT_VISIBLE_CORES"] = ",".join(cores)
+        return out
 
 
 def free_bits(used: int, need: int, width: int) -> int:

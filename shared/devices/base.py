@@ -161,9 +161,51 @@ class Allocated:
     mem: int = 0  # MiB granted
     cores: int = 0  # in the family's core unit
     template: str = ""  # a named profile/template when the family has one (Ascend vNPU)
+    card_mem: int = 0  # the card's registered memory (0: unknown, the grant is whole)
+    card_cores: int = 0  # the card's registered cores in the same unit (0: 100)
+    instance: str = ""  # an instance the node made for the grant (Enflame DRS UUID)
+    local_id: str = ""  # the node runtime's own ID of the card ("": the uuid; AMD ROCr UUID)
+    bus_id: str = ""  # the card's PCI bus ID, where a vendor file names it (Hygon vdev)
+
+    @property
+    def whole(self) -> bool:
+        """The grant takes the whole card: all its memory and all its cores."""
+        full = self.card_cores or 100
+        return (self.card_mem == 0 or self.mem >= self.card_mem) and self.cores >= full
 
 
-AllocateResponse = tuple[dict[str, str], list[DeviceSpec], list[Mount]]
+@dataclass(frozen=True, slots=True)
+class AllocateContext:
+    """What an ``Allocate`` answer may need beyond the cards: whose container it is
+    (per-container host paths), the pod's annotations (a mode a vendor reads there,
+    Ascend's ``huawei.com/vnpu-mode``) and host paths a node overrides."""
+
+    pod_uid: str = ""
+    container: str = ""
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    hook_path: str = ""  # "": the family's default host hook directory
+    driver_path: str = ""  # "": the family's default driver directory (Hygon)
+
+
+@dataclass(slots=True)
+class Allocation:
+    """A family's ``Allocate`` answer for one container, as data (the node agent turns
+    it into the kubelet's message). ``files``: host path -> content the node writes
+    before answering (Hygon's vdev config); ``annotations``: the response's own."""
+
+    envs: dict[str, str] = field(default_factory=dict)
+    devices: list[DeviceSpec] = field(default_factory=list)
+    mounts: list[Mount] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def dev(host: str, container: str | None = None) -> DeviceSpec:
+    """A device node, at the same path in the container unless ``container`` says."""
+    return DeviceSpec(host, container or host)
+
+
+AllocateResponse = Allocation  # the name the registry's callers know
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,9 +508,12 @@ class Family:
 
     # --------------------------------------------------------------------- allocate
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        """The env, device nodes and mounts the node agent answers ``Allocate`` with."""
-        return {}, [], []
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """The env, device nodes, mounts (and files) the node agent answers ``Allocate``
+        with for one container's cards of this family, in grant order."""
+        return Allocation()
 
 
 def decode_device_info(value: str, where: str) -> list[Card]:

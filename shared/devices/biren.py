@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.devices.base import (
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Card,
     Family,
     ResourceNames,
+    dev,
     quantity,
     whole,
 )
@@ -39,8 +41,15 @@ class Biren(Family):
             c.totalcore = 100
         return cards
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        return {"BR_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}, [], []
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """biren-device-plugin's answer (runc): ``/dev/biren/<card ID>`` of each card and
+        ``BR_PHY_CARDS`` listing the card IDs."""
+        return Allocation(
+            envs={"BR_PHY_CARDS": ",".join(d.uuid for d in devices)},
+            devices=[dev(f"/dev/biren/{d.uuid}") for d in devices],
+        )
 
 
 FAMILY = Biren(

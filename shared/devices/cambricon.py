@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.devices.base import (
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Card,
-    DeviceSpec,
     Family,
     Grant,
     PodInfo,
     ResourceNames,
     capacity_int,
+    dev,
     whole,
 )
 
@@ -64,12 +65,24 @@ class Cambricon(Family):
             out[PROFILE] = f"{first.idx}_{first.usedcores}_{first.usedmem // UNIT_MIB}"
         return out
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        specs = [DeviceSpec("/dev/cambricon_ctl", "/dev/cambricon_ctl")]
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """The device nodes of each card (``/dev/cambricon_devN``, ``/dev/cambricon_ipcmN``),
+        the sMLU capability node of a partial card's instance, the shared control node;
+        ``CAMBRICON_VISIBLE_DEVICES`` lists the slots for runtimes that read it."""
+        out = Allocation(
+            envs={"CAMBRICON_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}
+        )
         for d in devices:
-            specs.append(DeviceSpec(f"/dev/cambricon_dev{d.index}", f"/dev/cambricon_dev{d.index}"))
-        env = {"CAMBRICON_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}
-        return env, specs, []
+            out.devices += [
+                dev(f"/dev/cambricon_dev{d.index}"),
+                dev(f"/dev/cambricon_ipcm{d.index}"),
+            ]
+            if not d.whole:
+                out.devices.append(dev(f"/dev/cambricon-caps/cap_dev{d.index}_mi{d.instance or 0}"))
+        out.devices.append(dev("/dev/cambricon_ctl"))
+        return out
 
 
 FAMILY = Cambricon(

@@ -18,8 +18,9 @@ from shared.devices.base import (
     CARD_TYPE_MISMATCH,
     EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT,
     Admitted,
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Card,
     Family,
@@ -38,6 +39,14 @@ SHARED = "enflame.com/shared-gcu"
 COUNT_NO_SHARED = "enflame.com/gcu-count"
 ASSIGNED = "enflame.com/gcu-assigned"
 ASSIGNED_ID = "enflame.com/gcu-assigned-id"
+
+
+def enflame_allocation(devices: Sequence[Allocated]) -> Allocation:
+    out = Allocation(envs={"ENFLAME_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)})
+    drs = [f"DRS-{d.instance}" for d in devices if d.instance]
+    if drs:
+        out.envs["TOPS_VISIBLE_DEVICES"] = ",".join(drs)
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,8 +122,12 @@ class EnflameVGCU(Family):
                 out[ASSIGNED_ID] = ",".join(str(g.idx) for g in first)
         return out
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        return {"ENFLAME_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}, [], []
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """gcushare's answer: ``ENFLAME_VISIBLE_DEVICES`` = the cards, and for a DRS slice
+        ``TOPS_VISIBLE_DEVICES`` = ``DRS-<instance UUID>``."""
+        return enflame_allocation(devices)
 
 
 @dataclass(frozen=True)
@@ -156,8 +169,12 @@ class EnflameGCU(Family):
             for i in range(n)
         ]
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        return {"ENFLAME_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}, [], []
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """gcushare's answer: ``ENFLAME_VISIBLE_DEVICES`` = the cards, and for a DRS slice
+        ``TOPS_VISIBLE_DEVICES`` = ``DRS-<instance UUID>``."""
+        return enflame_allocation(devices)
 
 
 VGCU = EnflameVGCU(

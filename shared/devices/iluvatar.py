@@ -14,12 +14,13 @@ from typing import Any
 
 from shared.devices.base import (
     Admitted,
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Card,
-    DeviceSpec,
     Family,
     ResourceNames,
+    dev,
     quantity,
     whole,
     with_limits,
@@ -48,14 +49,17 @@ class Iluvatar(Family):
     def decode_register(self, value: str) -> list[Card]:
         return cards_from_register(value, self.name)
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        specs = [DeviceSpec("/dev/itrctl", "/dev/itrctl")]
-        specs += [
-            DeviceSpec(f"/dev/iluvatar{d.index}", f"/dev/iluvatar{i}")
-            for i, d in enumerate(devices)
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """ix-device-plugin's answer: ``IX_VISIBLE_DEVICES`` (host minors), the cards as
+        ``/dev/iluvatar<k>`` renumbered from 0 in the container, and ``/dev/itrctl``."""
+        out = Allocation(envs={"IX_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)})
+        out.devices = [
+            dev(f"/dev/iluvatar{d.index}", f"/dev/iluvatar{k}") for k, d in enumerate(devices)
         ]
-        env = {"IX_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}
-        return env, specs, []
+        out.devices.append(dev("/dev/itrctl"))
+        return out
 
 
 def family(chip: str) -> Iluvatar:

@@ -17,16 +17,17 @@ from typing import Any
 from shared.devices.base import (
     NUMA_NOT_FIT,
     Admitted,
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Card,
-    DeviceSpec,
     Family,
     FitResult,
     Grant,
     PodInfo,
     ResourceNames,
+    dev,
     quantity,
     whole,
     with_limits,
@@ -112,10 +113,16 @@ class Kunlun(Family):
             len(cards),
         )
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        specs = [DeviceSpec("/dev/xpuctrl", "/dev/xpuctrl")]
-        specs += [DeviceSpec(f"/dev/xpu{d.index}", f"/dev/xpu{d.index}") for d in devices]
-        return {"XPU_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}, specs, []
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """``/dev/xpu<N>`` of each card and ``/dev/xpuctrl``; ``XPU_VISIBLE_DEVICES`` the
+        host indexes, as HAMi's ``BAIDU_COM_DEVICE_IDX`` names them (the vXPU plugin's
+        own answer is not public)."""
+        out = Allocation(envs={"XPU_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)})
+        out.devices = [dev(f"/dev/xpu{d.index}") for d in devices]
+        out.devices.append(dev("/dev/xpuctrl"))
+        return out
 
 
 FAMILY = Kunlun(

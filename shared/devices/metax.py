@@ -26,8 +26,9 @@ from shared.devices.base import (
     CARD_UUID_MISMATCH,
     EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT,
     Admitted,
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Card,
     Family,
@@ -220,8 +221,12 @@ class Metax(Family):
             out[ALLOCATED_SDEVICES] = go_json([[one(g) for g in ctr] for ctr in grants])
         return out
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        return {"METAX_VISIBLE_DEVICES": ",".join(d.uuid for d in devices)}, [], []
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """The vendor's operator answers itself (its response is not public); the env name
+        seen in deployments is ``METAX_VISIBLE_DEVICES`` with card indexes."""
+        return Allocation(envs={"METAX_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)})
 
 
 def prioritize_exclusive(cand: list[Card], need: int) -> list[Card]:

@@ -15,8 +15,9 @@ from typing import Any
 
 from shared.devices.base import (
     Admitted,
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Card,
     Family,
@@ -113,8 +114,17 @@ class Mthreads(Family):
                 out[PREDICATE_NODE] = node
         return out
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        return {"MTHREADS_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}, [], []
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """The MT container runtime's contract: ``MTHREADS_VISIBLE_DEVICES`` (device nodes
+        come from that runtime, sGPU limits from the vendor's closed plugin)."""
+        return Allocation(
+            envs={
+                "MTHREADS_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices),
+                "MTHREADS_DRIVER_CAPABILITIES": "compute,utility",
+            }
+        )
 
 
 FAMILY = Mthreads(

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.devices.base import (
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Card,
     Family,
@@ -66,13 +67,15 @@ class Nvidia(Family):
     def decode_register(self, value: str) -> list[Card]:
         return cards_from_register(value, self.name)
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
         env = {"NVIDIA_VISIBLE_DEVICES": ",".join(d.uuid for d in devices)}
         for i, d in enumerate(devices):
             env[f"CUDA_DEVICE_MEMORY_LIMIT_{i}"] = f"{d.mem}m"
         if devices:
             env["CUDA_DEVICE_SM_LIMIT"] = str(devices[0].cores)
-        return env, [], []
+        return Allocation(envs=env)
 
 
 FAMILY = Nvidia(

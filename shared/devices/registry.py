@@ -28,7 +28,15 @@ from shared.devices import (
     nvidia,
     vastai,
 )
-from shared.devices.base import Allocated, AllocateResponse, Ask, Family, RequestError, quantity
+from shared.devices.base import (
+    AllocateContext,
+    Allocated,
+    Allocation,
+    Ask,
+    Family,
+    RequestError,
+    quantity,
+)
 from shared.schemas import DeviceAsk
 
 DEFAULT_FAMILIES: tuple[Family, ...] = (
@@ -168,12 +176,14 @@ def family_of(name: str) -> Family | None:
     return REGISTRY.get(name)
 
 
-def allocate_response(family: Family | str, devices: Sequence[Allocated]) -> AllocateResponse:
+def allocate_response(
+    family: Family | str, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+) -> Allocation:
     """What a node agent's ``Allocate`` answers for one container's cards of ``family``:
-    ``(envs, device_specs, mounts)``, data only (the backend turns it into the kubelet
-    message)."""
+    env, device nodes, mounts, host files (data only: the node agent turns it into the
+    kubelet message). The one answer per vendor: the node side asks only this."""
     fam = REGISTRY.family(family) if isinstance(family, str) else family
-    return fam.allocate(devices)
+    return fam.allocate(devices, ctx)
 
 
 def to_device_ask(ask: Ask) -> DeviceAsk:
@@ -184,4 +194,6 @@ def to_device_ask(ask: Ask) -> DeviceAsk:
     placement reads as the family's fit does (the fit, not the numbers, decides).
     """
     pct = ask.mem_percent if ask.memreq == 0 and ask.mem_percent > 0 else None
-    return DeviceAsk(vendor=ask.family, nums=ask.nums, mem=ask.memreq, mem_percent=pct, cores=ask.coresreq)
+    return DeviceAsk(
+        vendor=ask.family, nums=ask.nums, mem=ask.memreq, mem_percent=pct, cores=ask.coresreq
+    )

@@ -20,8 +20,9 @@ from shared.devices.base import (
     CARD_TYPE_MISMATCH,
     CARD_UUID_MISMATCH,
     EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT,
+    AllocateContext,
     Allocated,
-    AllocateResponse,
+    Allocation,
     Ask,
     Card,
     Family,
@@ -107,8 +108,12 @@ class Vastai(Family):
             c.totalcore = 100
         return cards
 
-    def allocate(self, devices: Sequence[Allocated]) -> AllocateResponse:
-        return {"VASTAI_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)}, [], []
+    def allocate(
+        self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
+    ) -> Allocation:
+        """``VASTAI_VISIBLE_DEVICES`` with the dies' indexes (the vendor plugin's answer is
+        not public: device nodes come from its runtime)."""
+        return Allocation(envs={"VASTAI_VISIBLE_DEVICES": ",".join(str(d.index) for d in devices)})
 
 
 def best_combination(need: int, dies: list[Grant]) -> list[Grant]:

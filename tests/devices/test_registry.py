@@ -106,18 +106,59 @@ def test_not_a_whole_number() -> None:
 
 
 def test_allocate_response_shape() -> None:
-    envs, specs, mounts = allocate_response("XPU", [Allocated("xpu-3", 3, 24576, 25)])
-    assert envs == {"XPU_VISIBLE_DEVICES": "3"}
-    assert DeviceSpec("/dev/xpu3", "/dev/xpu3") in specs and mounts == []
-    envs, _, _ = allocate_response(
+    a = allocate_response("XPU", [Allocated("xpu-3", 3, 24576, 25)])
+    assert a.envs == {"XPU_VISIBLE_DEVICES": "3"}
+    assert a.devices == [
+        DeviceSpec("/dev/xpu3", "/dev/xpu3"),
+        DeviceSpec("/dev/xpuctrl", "/dev/xpuctrl"),
+    ]
+    assert a.mounts == [] and a.files == {}
+    a = allocate_response(
         REGISTRY.family("Ascend910B3"), [Allocated("die", 5, 16384, 0, template="vir05_1c_16g")]
     )
-    assert envs == {"ASCEND_VISIBLE_DEVICES": "5", "ASCEND_VNPU_SPECS": "vir05_1c_16g"}
-    envs, specs, mounts = allocate_response(
-        "AMDGPU", [Allocated("u0", 0, 4096, 76), Allocated("u1", 1, 0, 0)]
+    assert a.envs == {"ASCEND_VISIBLE_DEVICES": "5", "ASCEND_VNPU_SPECS": "vir05_1c_16g"}
+    # the template from the chip's table when the grant names none
+    a = allocate_response("Ascend910B3", [Allocated("die", 5, 10000, 25, card_mem=65536)])
+    assert a.envs["ASCEND_VNPU_SPECS"] == "vir05_1c_16g"
+    a = allocate_response("Ascend910B3", [Allocated("d", 0, 65536, 100, card_mem=65536)] * 2)
+    assert a.envs == {"ASCEND_VISIBLE_DEVICES": "0,0"}  # whole cards: no vNPU
+
+
+def test_amd_answer_as_hamis_plugin_gives_it() -> None:
+    """ROCr IDs, container-local HIP indexes, a CU mask per card (all CUs of a whole
+    one), the memory limiter only for a slice, the limiter library always mounted."""
+    whole = [
+        Allocated("u0", 0, 196608, 304, card_mem=196608, card_cores=304, local_id="GPU-a"),
+        Allocated("u1", 1, 196608, 304, card_mem=196608, card_cores=304),
+    ]
+    a = allocate_response("AMDGPU", whole)
+    assert a.envs == {
+        "ROCR_VISIBLE_DEVICES": "GPU-a,u1",
+        "HIP_VISIBLE_DEVICES": "0,1",
+        "HSA_CU_MASK": "0:0-303;1:0-303",
+    }
+    assert [d.host_path for d in a.devices] == [
+        "/dev/kfd", "/dev/dri/card0", "/dev/dri/renderD128", "/dev/dri/card1", "/dev/dri/renderD129"
+    ]  # fmt: skip
+    assert [m.container_path for m in a.mounts] == ["/usr/local/vgpu/libamvgpu.so"]
+    part = allocate_response(
+        "AMDGPU", [Allocated("u0", 0, 65536, 152, card_mem=196608, card_cores=304)]
     )
-    assert envs["ROCR_VISIBLE_DEVICES"] == "u0,u1" and envs["HIP_DEVICE_MEMORY_LIMIT_0"] == "4096m"
-    assert "HIP_DEVICE_MEMORY_LIMIT_1" not in envs and envs["LD_AUDIT"].endswith("libamvgpu.so")
-    assert DeviceSpec("/dev/kfd", "/dev/kfd") in specs and len(mounts) == 1
-    envs, _, _ = allocate_response("AWSNeuron", [Allocated("n-AWSNeuron-1", 1, 0, 2)])
-    assert envs == {"NEURON_RT_VISIBLE_CORES": "3"}
+    assert (
+        part.envs["HSA_CU_MASK"] == "0:0-151" and part.envs["HIP_DEVICE_MEMORY_LIMIT"] == "65536m"
+    )
+    assert part.envs["LD_AUDIT"] == "/usr/local/vgpu/libamvgpu.so"
+
+
+def test_neuron_cores_are_the_grants_bits() -> None:
+    a = allocate_response("AWSNeuron", [Allocated("n-AWSNeuron-1", 1, 0, 2)])
+    assert a.envs == {"NEURON_RT_VISIBLE_CORES": "3"}
+    assert a.devices == [DeviceSpec("/dev/neuron1", "/dev/neuron1")]
+    a = allocate_response("AWSNeuron", [Allocated("n-AWSNeuron-1", 1, 0, 0)])
+    assert a.envs == {"NEURON_RT_VISIBLE_CORES": "2,3"}  # no bits: the whole device
+
+
+def test_biren_answer_names_the_cards() -> None:
+    a = allocate_response("Biren", [Allocated("br-7", 0), Allocated("br-9", 1)])
+    assert a.envs == {"BR_PHY_CARDS": "br-7,br-9"}
+    assert [d.host_path for d in a.devices] == ["/dev/biren/br-7", "/dev/biren/br-9"]

@@ -11,19 +11,19 @@ import re
 import pytest
 
 from services.nodeagent.backends.sim import SimBackend, parse_gpu_specs
-from services.nodeagent.backends.vendors import FAMILIES, hygon
+from services.nodeagent.backends.vendors import FAMILIES
 from services.nodeagent.backends.vendors.allocate import (
     VendorAllocateError,
     to_container_allocation,
     vendor_allocation,
 )
 from services.nodeagent.backends.vendors.annotations import capacity, handshake, vendor_annotations
-from services.nodeagent.backends.vendors.base import Granted
 from services.nodeagent.backends.vendors.registration import vendor_devices
 from services.nodeagent.kube.annotations import NodeAnnotator, node_annotations
 from services.nodeagent.registration import register
 from shared import kube
 from shared.config import Config
+from shared.devices.base import AllocateContext, Allocation, Mount
 from shared.hami.annotations import NODE_REGISTER, decode_node_devices, decode_node_devices_colon
 from shared.schemas import CardGrant, Device, NodeInventory
 from tests.fakekube import FakeKube
@@ -177,8 +177,14 @@ def grants(
     ]
 
 
-def answer(inv: NodeInventory, vendor: str, g: list[CardGrant], **kw: object):  # type: ignore[no-untyped-def]
-    return vendor_allocation(vendor, g, {d.uuid: d for d in inv.devices}, **kw)
+def answer(
+    inv: NodeInventory, vendor: str, g: list[CardGrant], ctx: AllocateContext | None = None
+) -> Allocation:
+    return vendor_allocation(vendor, g, {d.uuid: d for d in inv.devices}, ctx)
+
+
+def hosts(a: Allocation) -> list[str]:
+    return [d.host_path for d in a.devices]
 
 
 def test_ascend_whole_cards_template_slice_and_soft_mode(cfg: Config) -> None:
@@ -191,46 +197,48 @@ def test_ascend_whole_cards_template_slice_and_soft_mode(cfg: Config) -> None:
         inv,
         "Ascend910B3",
         grants(inv, "Ascend910B3", 1, mem=10000, cores=30),
-        hami_core=True,
-        pod_uid="u1",
-        container="c",
+        AllocateContext("u1", "c", {"huawei.com/vnpu-mode": "hami-core"}),
     )
     assert (soft.envs["NPU_MEM_QUOTA"], soft.envs["NPU_PRIORITY"]) == ("10000", "30")
-    assert ("/hami-vnpu-shmem", "/usr/local/hami/containers/u1_c", False) in soft.mounts
-    assert ("/etc/ld.so.preload", "/usr/local/hami-vnpu-core/ld.so.preload", True) in soft.mounts
+    assert Mount("/usr/local/hami/containers/u1_c", "/hami-vnpu-shmem", False) in soft.mounts
+    assert Mount("/usr/local/hami-vnpu-core/ld.so.preload", "/etc/ld.so.preload") in soft.mounts
 
 
 def test_hygon_devices_mounts_and_vdev_file(cfg: Config) -> None:
     inv = node("K100-AI:2", cfg)
-    a = answer(inv, "DCU", grants(inv, "DCU", 2)[1:], pod_uid="u", container="c")
-    hosts = [h for _, h, _ in a.devices]
-    assert (
-        hosts == ["/dev/kfd", "/dev/mkfd", "/dev/dri/card1", "/dev/dri/renderD129"] and not a.files
-    )
-    assert not any(k.endswith("VISIBLE_DEVICES") for k in a.envs)
-    part = answer(inv, "DCU", grants(inv, "DCU", 1, mem=8192, cores=25), pod_uid="u", container="c")
+    ctx = AllocateContext("u", "c")
+    a = answer(inv, "DCU", grants(inv, "DCU", 2)[1:], ctx)
+    assert hosts(a) == ["/dev/kfd", "/dev/mkfd", "/dev/dri/card1", "/dev/dri/renderD129"]
+    assert not a.files and not any(k.endswith("VISIBLE_DEVICES") for k in a.envs)
+    part = answer(inv, "DCU", grants(inv, "DCU", 1, mem=8192, cores=25), ctx)
     ((path, text),) = part.files.items()
     assert path == "/etc/vdev/docker/u_c/vdev0.conf"
     assert "mem: 8192 MiB" in text and "cu_count: 30" in text and "enable: 1" in text
-    assert hygon.vdev_config(Granted("x", 0, 1, 100, 1), "b", 120, 0).count("cu_mask:") == 2
+    assert Mount("/etc/vdev/docker/u_c", "/etc/vdev/docker") in part.mounts
+    assert text.count("cu_mask:") == 2
 
 
 def test_amd_cu_mask_and_memory_limiter(cfg: Config) -> None:
     inv = node("MI300X:2", cfg)
-    whole = answer(inv, "AMDGPU", grants(inv, "AMDGPU", 2))
-    assert whole.envs == {"ROCR_VISIBLE_DEVICES": "0,1"}
-    assert [h for _, h, _ in whole.devices] == [
+    whole = answer(inv, "AMDGPU", grants(inv, "AMDGPU", 2, cores=304))
+    uuids = [d.uuid for d in of(inv, "AMDGPU")]
+    assert whole.envs == {
+        "ROCR_VISIBLE_DEVICES": ",".join(uuids),
+        "HIP_VISIBLE_DEVICES": "0,1",
+        "HSA_CU_MASK": "0:0-303;1:0-303",
+    }
+    assert hosts(whole) == [
         "/dev/kfd",
         "/dev/dri/card0",
         "/dev/dri/renderD128",
         "/dev/dri/card1",
         "/dev/dri/renderD129",
     ]
-    part = answer(inv, "AMDGPU", grants(inv, "AMDGPU", 1, mem=65536, cores=50))
-    assert part.envs["HSA_CU_MASK"] == "0:0-151"  # half of 304 CUs
-    assert part.envs["HIP_DEVICE_MEMORY_LIMIT"] == "65536m" and part.envs["LD_AUDIT"].endswith(
-        "libamvgpu.so"
-    )
+    # placement books an AMD slice's cores as CUs (half of 304)
+    part = answer(inv, "AMDGPU", grants(inv, "AMDGPU", 1, mem=65536, cores=152))
+    assert part.envs["HSA_CU_MASK"] == "0:0-151"
+    assert part.envs["HIP_DEVICE_MEMORY_LIMIT"] == "65536m"
+    assert part.envs["LD_AUDIT"].endswith("libamvgpu.so")
 
 
 @pytest.mark.parametrize("specs,vendor,env,devices", [
@@ -238,7 +246,6 @@ def test_amd_cu_mask_and_memory_limiter(cfg: Config) -> None:
      ["/dev/cambricon_dev0", "/dev/cambricon_ipcm0", "/dev/cambricon_dev1", "/dev/cambricon_ipcm1", "/dev/cambricon_ctl"]),
     ("BI-V150:2", "BI-V150", {"IX_VISIBLE_DEVICES": "0,1"}, ["/dev/iluvatar0", "/dev/iluvatar1", "/dev/itrctl"]),
     ("P800:2", "XPU", {"XPU_VISIBLE_DEVICES": "0,1"}, ["/dev/xpu0", "/dev/xpu1", "/dev/xpuctrl"]),
-    ("inf2:2", "AWSNeuron", {"NEURON_RT_VISIBLE_CORES": "0,1,2,3"}, ["/dev/neuron0", "/dev/neuron1"]),
     ("MTT-S4000:2", "Mthreads", {"MTHREADS_VISIBLE_DEVICES": "0,1", "MTHREADS_DRIVER_CAPABILITIES": "compute,utility"}, []),
     ("S60:2", "GCU", {"ENFLAME_VISIBLE_DEVICES": "0,1"}, []),
     ("C500:1", "Metax-SGPU", {"METAX_VISIBLE_DEVICES": "0"}, []),
@@ -249,23 +256,20 @@ def test_whole_card_answers(
     inv = node(specs, cfg)
     n = len(of(inv, vendor))
     a = answer(inv, vendor, grants(inv, vendor, n, cores=of(inv, vendor)[0].devcore))
-    assert a.envs == env and [h for _, h, _ in a.devices] == devices
+    assert a.envs == env and hosts(a) == devices
     pb = to_container_allocation(a)
-    assert pb.envs == env and len(pb.devices) == len(devices)
+    assert pb.envs == env and [h for _, h, _ in pb.devices] == devices
 
 
-def test_partial_answers_cambricon_neuron_enflame(cfg: Config) -> None:
+def test_partial_answers_cambricon_neuron(cfg: Config) -> None:
     inv = node("MLU370:1,trn1:2", cfg)
-    mlu = answer(inv, "MLU", grants(inv, "MLU", 1, mem=4096, cores=20), instance=3)
-    assert "/dev/cambricon-caps/cap_dev0_mi3" in [h for _, h, _ in mlu.devices]
+    mlu = answer(inv, "MLU", grants(inv, "MLU", 1, mem=4096, cores=20))
+    assert "/dev/cambricon-caps/cap_dev0_mi0" in hosts(mlu)
+    # Neuron grants carry core bits: bit 0 of device 1 is the node's core 2
     nc = answer(inv, "AWSNeuron", [grants(inv, "AWSNeuron", 2, cores=1)[1]])
-    assert nc.envs["NEURON_RT_VISIBLE_CORES"] == "2"  # the first core of device 1
-    from services.nodeagent.backends.vendors import enflame
-
-    drs = enflame.allocate(
-        [Granted("g", 1, 8192, 1, 49152, 6, template="1g.8gb", instance="5e1d-77")]
-    )
-    assert drs.envs == {"ENFLAME_VISIBLE_DEVICES": "1", "TOPS_VISIBLE_DEVICES": "DRS-5e1d-77"}
+    assert nc.envs["NEURON_RT_VISIBLE_CORES"] == "2" and hosts(nc) == ["/dev/neuron1"]
+    both = answer(inv, "AWSNeuron", grants(inv, "AWSNeuron", 2, cores=0))
+    assert both.envs["NEURON_RT_VISIBLE_CORES"] == "0,1,2,3"
 
 
 def test_allocate_refuses_what_it_cannot_answer(cfg: Config) -> None:

@@ -13,18 +13,14 @@ Discovery: the ``amdsmi`` Python binding when it is installed (imported only the
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from services.nodeagent.backends import PhysicalCard
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
-    Granted,
     Model,
     Runner,
-    VendorAllocation,
-    dev,
     hami_names,
 )
 
@@ -47,7 +43,6 @@ FAMILY = Family(
         "cu_allocated": "hami.io/amd-cu-allocated",
     },
 )
-LD_AUDIT = "/usr/local/vgpu/libamvgpu.so"
 
 
 def _num(v: Any) -> int | None:
@@ -149,25 +144,3 @@ def discover_amdsmi(amdsmi: Any) -> list[PhysicalCard]:
         return cards
     finally:
         amdsmi.amdsmi_shut_down()
-
-
-def cu_mask(local: int, c: Granted, first_cu: int = 0) -> str:
-    """``HSA_CU_MASK`` entry of one card: its container-local index and the CU range."""
-    n = c.total_cores if c.cores >= 100 else max(1, c.total_cores * c.cores // 100)
-    return f"{local}:{first_cu}-{first_cu + n - 1}"
-
-
-def allocate(cards: Sequence[Granted], *, hook_path: str = "/usr/local/vgpu") -> VendorAllocation:
-    """amd-device-plugin's answer: ``/dev/kfd`` and the cards' DRM nodes;
-    ``ROCR_VISIBLE_DEVICES``; a partial card adds CU masking and the LD_AUDIT memory
-    limiter (``HIP_DEVICE_MEMORY_LIMIT``)."""
-    out = VendorAllocation(devices=[dev("/dev/kfd")])
-    for c in cards:
-        out.devices += [dev(f"/dev/dri/card{c.index}"), dev(f"/dev/dri/renderD{128 + c.index}")]
-    out.envs["ROCR_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(cards)))
-    if any(not c.whole for c in cards):
-        out.envs["HSA_CU_MASK"] = ";".join(cu_mask(i, c) for i, c in enumerate(cards))
-        out.envs["HIP_DEVICE_MEMORY_LIMIT"] = f"{min(c.mem for c in cards)}m"
-        out.envs["LD_AUDIT"] = LD_AUDIT
-        out.mounts.append(("/usr/local/vgpu", hook_path, True))
-    return out

@@ -15,17 +15,14 @@ Discovery: ``npu-smi`` has no JSON; ``npu-smi info -m`` (the NPU/chip mapping ta
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 from services.nodeagent.backends import PhysicalCard
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
-    Granted,
     Model,
     Runner,
     Template,
-    VendorAllocation,
     hami_names,
 )
 
@@ -176,49 +173,3 @@ def discover(run: Runner) -> list[PhysicalCard]:
 
 
 # ---------------------------------------------------------------------- Allocate
-
-
-def allocate(
-    cards: Sequence[Granted],
-    *,
-    hami_core: bool = False,
-    model: Model | None = None,
-    pod_uid: str = "",
-    container: str = "",
-    hook_path: str = "/usr/local/hami",
-) -> VendorAllocation:
-    """ascend-device-plugin's answer: ``ASCEND_VISIBLE_DEVICES`` (physical IDs); a
-    partial card in hard mode gets its vNPU template in ``ASCEND_VNPU_SPECS`` (the
-    Ascend runtime creates the vNPU); soft mode (``huawei.com/vnpu-mode: hami-core``)
-    mounts the hami-vnpu-core limiter and sets its quotas instead."""
-    out = VendorAllocation(envs={"ASCEND_VISIBLE_DEVICES": ",".join(str(c.index) for c in cards)})
-    if hami_core:
-        c = cards[0]
-        out.envs.update(
-            {
-                "NPU_MEM_QUOTA": str(c.mem),
-                "NPU_PRIORITY": str(c.cores),
-                "NPU_GLOBAL_SHM_PATH": f"/hami-shared-region/{c.index}_global_registry",
-                "NPU_LOCAL_SHM_PATH": "/hami-vnpu-shmem/vnpu_local_shmem",
-            }
-        )
-        out.mounts += [
-            ("/usr/local/bin/npu-smi", "/usr/local/bin/npu-smi", True),
-            ("/etc/ascend_install.info", "/etc/ascend_install.info", True),
-            ("/usr/local/Ascend/driver/lib64", "/usr/local/Ascend/driver/lib64", True),
-            (
-                "/usr/local/Ascend/driver/version.info",
-                "/usr/local/Ascend/driver/version.info",
-                True,
-            ),
-            ("/hami-vnpu-core", "/usr/local/hami-vnpu-core", True),
-            ("/etc/ld.so.preload", "/usr/local/hami-vnpu-core/ld.so.preload", True),
-            ("/hami-shared-region", "/usr/local/hami-shared-region", False),
-            ("/hami-vnpu-shmem", f"{hook_path}/containers/{pod_uid}_{container}", False),
-        ]
-        return out
-    if len(cards) == 1 and not cards[0].whole:
-        name = cards[0].template or (trim_memory(model, cards[0].mem)[1] if model else "")
-        if name:
-            out.envs["ASCEND_VNPU_SPECS"] = name
-    return out

@@ -8,13 +8,9 @@ whole-card slots only (HAMi sets devcore 100 and asks 100 % memory). Register
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from services.nodeagent.backends.vendors.base import (
     Family,
-    Granted,
     Model,
-    VendorAllocation,
     hami_names,
 )
 
@@ -29,9 +25,3 @@ FAMILY = Family(
     models=tuple(MODELS.values()),
     extra={"to_allocate": "hami.io/Biren-devices-to-allocate"},
 )
-
-
-def allocate(cards: Sequence[Granted]) -> VendorAllocation:
-    """No documented env or device nodes (the vendor's runtime injects them): the
-    answer carries the granted card IDs as an annotation for that runtime."""
-    return VendorAllocation(annotations={"hami.io/biren-devices": ",".join(c.uuid for c in cards)})

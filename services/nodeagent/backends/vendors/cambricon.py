@@ -9,14 +9,9 @@ and answers with the card's device nodes plus the instance's capability node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from services.nodeagent.backends.vendors.base import (
     Family,
-    Granted,
     Model,
-    VendorAllocation,
-    dev,
     hami_names,
 )
 
@@ -39,18 +34,3 @@ FAMILY = Family(
         "lock": "cambricon.com/dsmlu.lock",
     },
 )
-
-
-def allocate(cards: Sequence[Granted], *, instance: int = 0) -> VendorAllocation:
-    """Device nodes of each card (``/dev/cambricon_devN``, ``/dev/cambricon_ipcmN``),
-    the shared control node, and for a partial card the sMLU capability node of its
-    instance; ``CAMBRICON_VISIBLE_DEVICES`` lists the slots for runtimes that read it."""
-    out = VendorAllocation(
-        envs={"CAMBRICON_VISIBLE_DEVICES": ",".join(str(c.index) for c in cards)}
-    )
-    for c in cards:
-        out.devices += [dev(f"/dev/cambricon_dev{c.index}"), dev(f"/dev/cambricon_ipcm{c.index}")]
-        if not c.whole:
-            out.devices.append(dev(f"/dev/cambricon-caps/cap_dev{c.index}_mi{instance}"))
-    out.devices.append(dev("/dev/cambricon_ctl"))
-    return out

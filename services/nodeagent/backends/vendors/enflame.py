@@ -13,10 +13,8 @@ from collections.abc import Sequence
 
 from services.nodeagent.backends.vendors.base import (
     Family,
-    Granted,
     Model,
     Template,
-    VendorAllocation,
     hami_names,
 )
 from shared.schemas import Device
@@ -51,13 +49,3 @@ def encode_register(devices: Sequence[Device]) -> str:
         "profiles": profiles,
     }
     return json.dumps(body, separators=(",", ":"))
-
-
-def allocate(cards: Sequence[Granted]) -> VendorAllocation:
-    """gcushare's answer: ``ENFLAME_VISIBLE_DEVICES`` = the card, and for a DRS slice
-    ``TOPS_VISIBLE_DEVICES`` = ``DRS-<instance UUID>``."""
-    out = VendorAllocation(envs={"ENFLAME_VISIBLE_DEVICES": ",".join(str(c.index) for c in cards)})
-    drs = [f"DRS-{c.instance}" for c in cards if c.instance]
-    if drs:
-        out.envs["TOPS_VISIBLE_DEVICES"] = ",".join(drs)
-    return out

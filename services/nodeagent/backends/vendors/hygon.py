@@ -11,18 +11,14 @@ Discovery: ``hy-smi ... --json`` (ROCm-derived, keys per card ``card<N>``).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from services.nodeagent.backends import PhysicalCard
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
-    Granted,
     Model,
     Runner,
-    VendorAllocation,
-    dev,
     hami_names,
 )
 
@@ -79,39 +75,3 @@ def discover(run: Runner) -> list[PhysicalCard]:
             )
         )
     return cards
-
-
-def vdev_config(c: Granted, bus_id: str, cu_total: int, vdev_id: int) -> str:
-    """The vDCU file the driver reads: a CU mask over the granted share of the CUs and
-    the memory cap (fields as the plugin writes them)."""
-    n = max(1, cu_total * c.cores // 100)
-    mask = (1 << n) - 1
-    lo, hi = mask & 0xFFFFFFFFFFFFFFFF, mask >> 64
-    return (
-        f"PciBusId: {bus_id}\ncu_mask: 0x{lo:x}\ncu_mask: 0x{hi:x}\ncu_count: {n}\n"
-        f"mem: {c.mem} MiB\ndevice_id: {c.index}\nvdev_id: {vdev_id}\npipe_id: 0\nenable: 1\n"
-    )
-
-
-def allocate(
-    cards: Sequence[Granted],
-    *,
-    driver_path: str = "/opt/hygondriver",
-    cu_total: int = 120,
-    bus_ids: dict[str, str] | None = None,
-    pod_uid: str = "",
-    container: str = "",
-) -> VendorAllocation:
-    """The plugin's answer: ``/dev/kfd``, ``/dev/mkfd`` and the cards' DRM nodes, the
-    driver mounts, and for a partial card a vdev file (no *_VISIBLE_DEVICES env)."""
-    out = VendorAllocation(devices=[dev("/dev/kfd"), dev("/dev/mkfd")])
-    for c in cards:
-        out.devices += [dev(f"/dev/dri/card{c.index}"), dev(f"/dev/dri/renderD{128 + c.index}")]
-    out.mounts += [("/opt/hygondriver", driver_path, True), ("/opt/hyhal", "/opt/hyhal", True)]
-    partial = [c for c in cards if not c.whole]
-    for k, c in enumerate(partial):
-        host = f"/etc/vdev/docker/{pod_uid}_{container}/vdev{k}.conf"
-        out.files[host] = vdev_config(c, (bus_ids or {}).get(c.uuid, ""), cu_total, k)
-    if partial:
-        out.mounts.append(("/etc/vdev/docker", f"/etc/vdev/docker/{pod_uid}_{container}", True))
-    return out

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
 
 from services.nodeagent.backends import PhysicalCard
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
-    Granted,
     Model,
     Runner,
-    VendorAllocation,
-    dev,
     hami_names,
 )
 from services.nodeagent.backends.vendors.mthreads import mib
@@ -76,14 +72,3 @@ def discover(run: Runner) -> list[PhysicalCard]:
             )
         )
     return cards
-
-
-def allocate(cards: Sequence[Granted]) -> VendorAllocation:
-    """ix-device-plugin's answer: ``IX_VISIBLE_DEVICES`` (host minors), the cards as
-    ``/dev/iluvatar<k>`` renumbered from 0 in the container, and ``/dev/itrctl``."""
-    out = VendorAllocation(envs={"IX_VISIBLE_DEVICES": ",".join(str(c.index) for c in cards)})
-    out.devices += [
-        dev(f"/dev/iluvatar{c.index}", f"/dev/iluvatar{k}") for k, c in enumerate(cards)
-    ]
-    out.devices.append(dev("/dev/itrctl"))
-    return out

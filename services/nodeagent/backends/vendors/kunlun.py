@@ -11,18 +11,13 @@ same binary name belongs to Intel's XPU Manager, so the vendor is told by ``/dev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from services.nodeagent.backends import PhysicalCard
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
-    Granted,
     Model,
     Runner,
     Template,
-    VendorAllocation,
-    dev,
     hami_names,
 )
 
@@ -67,14 +62,3 @@ def discover(run: Runner) -> list[PhysicalCard]:
             )
         )
     return cards
-
-
-def allocate(cards: Sequence[Granted]) -> VendorAllocation:
-    """``/dev/xpu<N>`` of each card and ``/dev/xpuctrl``; ``XPU_VISIBLE_DEVICES``
-    [unverified at plugin level: the vXPU plugin's source is not public]."""
-    out = VendorAllocation(
-        envs={"XPU_VISIBLE_DEVICES": ",".join(str(k) for k in range(len(cards)))}
-    )
-    out.devices += [dev(f"/dev/xpu{c.index}", f"/dev/xpu{k}") for k, c in enumerate(cards)]
-    out.devices.append(dev("/dev/xpuctrl"))
-    return out

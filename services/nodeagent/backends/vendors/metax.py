@@ -14,9 +14,7 @@ from collections.abc import Sequence
 
 from services.nodeagent.backends.vendors.base import (
     Family,
-    Granted,
     Model,
-    VendorAllocation,
     hami_names,
 )
 from shared.schemas import Device
@@ -53,9 +51,3 @@ def encode_register(
             "qosPolicy": str(ci.get("qosPolicy", "best-effort")), "linkZone": int(ci.get("linkZone", 0)),
         })  # fmt: skip
     return json.dumps(out, separators=(",", ":"))
-
-
-def allocate(cards: Sequence[Granted]) -> VendorAllocation:
-    """The operator's plugin answers itself; the env name seen in deployments is
-    ``METAX_VISIBLE_DEVICES`` [third-party]."""
-    return VendorAllocation(envs={"METAX_VISIBLE_DEVICES": ",".join(str(c.index) for c in cards)})

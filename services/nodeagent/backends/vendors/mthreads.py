@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from services.nodeagent.backends import PhysicalCard
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
-    Granted,
     Model,
     Runner,
-    VendorAllocation,
     hami_names,
 )
 
@@ -117,14 +114,3 @@ def discover_pymtml(pymtml: Any) -> list[PhysicalCard]:
         return cards
     finally:
         pymtml.mtmlLibraryShutDown()
-
-
-def allocate(cards: Sequence[Granted]) -> VendorAllocation:
-    """The runtime's contract: ``MTHREADS_VISIBLE_DEVICES`` (device nodes come from the
-    MT container runtime, sGPU limits from the vendor's closed plugin)."""
-    return VendorAllocation(
-        envs={
-            "MTHREADS_VISIBLE_DEVICES": ",".join(str(c.index) for c in cards),
-            "MTHREADS_DRIVER_CAPABILITIES": "compute,utility",
-        }
-    )

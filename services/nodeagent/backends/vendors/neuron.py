@@ -12,17 +12,13 @@ known to be stable, the others are read when present).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 from services.nodeagent.backends import PhysicalCard
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
-    Granted,
     Model,
     Runner,
-    VendorAllocation,
-    dev,
     hami_names,
 )
 
@@ -86,19 +82,4 @@ def connected(raw: list[dict[str, object]]) -> dict[int, list[int]]:
         peers = d.get("connected_to")
         if isinstance(peers, list):
             out[int(str(d.get("neuron_device", 0)))] = [int(p) for p in peers if isinstance(p, int)]
-    return out
-
-
-def allocate(cards: Sequence[Granted]) -> VendorAllocation:
-    """What AWS's plugin injects [unverified: its source is not in the store]: the
-    devices' ``/dev/neuron<N>`` and ``NEURON_RT_VISIBLE_CORES``. A card granted a share
-    of its cores gets the first ``cores`` of them (HAMi assigns core indexes in
-    ``AWS_NEURON_IDS``)."""
-    out = VendorAllocation()
-    core_ids: list[int] = []
-    for c in cards:
-        out.devices.append(dev(f"/dev/neuron{c.index}"))
-        n = c.total_cores if c.whole or c.cores <= 0 else c.cores
-        core_ids += [c.index * c.total_cores + k for k in range(n)]
-    out.envs["NEURON_RT_VISIBLE_CORES"] = ",".join(str(k) for k in core_ids)
     return out

@@ -8,13 +8,9 @@ one card for a multi-die request. No public plugin source: Allocate lists the di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from services.nodeagent.backends.vendors.base import (
     Family,
-    Granted,
     Model,
-    VendorAllocation,
     hami_names,
 )
 
@@ -29,8 +25,3 @@ FAMILY = Family(
     models=tuple(MODELS.values()),
     extra={"to_allocate": "hami.io/Vastai-devices-to-allocate"},
 )
-
-
-def allocate(cards: Sequence[Granted]) -> VendorAllocation:
-    """No documented env or device nodes: the granted die IDs, as an annotation."""
-    return VendorAllocation(annotations={"hami.io/vastai-devices": ",".join(c.uuid for c in cards)})
