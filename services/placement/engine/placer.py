@@ -326,6 +326,8 @@ class Placer:
         self._score: _F64 = np.zeros(0)
         self._score_ver: I64 = np.zeros(0, dtype=np.int64)
         self._fail_cache: dict[tuple[object, ...], str] = {}
+        # the last failure's per-node reasons, by its ``tried`` dict (the same object)
+        self._last_reasons: tuple[dict[int, str], _Reasons] | None = None
         self.use_cache = True  # False: recompute everything (tests compare both paths)
 
     @staticmethod
@@ -1159,6 +1161,7 @@ class Placer:
         each reason of the per-node texts); the reasons come sorted by name.
         """
         rs = self._reason_ids(cons, cpu, mem, flat, static, ns, tried)
+        self._last_reasons = (tried, rs)  # for reason_nodes on the same failure
         live = self.cluster.n_live[: self.cluster.nn]
         out: dict[str, int] = {}
         ids, counts = np.unique(rs.rid[live], return_counts=True)
@@ -1207,9 +1210,13 @@ class Placer:
         if not flat:
             return {}
         cons = req.constraints
-        cpu, mem = m.pod_node_resources(conts)
-        static = {a: self._static_mask(a, cons) for a in dict.fromkeys(flat)}
-        rs = self._reason_ids(cons, cpu, mem, flat, static, req.namespace, failure.tried)
+        last = self._last_reasons
+        if last is not None and last[0] is failure.tried and len(last[1].rid) == self.cluster.nn:
+            rs = last[1]  # the decision that failed computed them a moment ago
+        else:
+            cpu, mem = m.pod_node_resources(conts)
+            static = {a: self._static_mask(a, cons) for a in dict.fromkeys(flat)}
+            rs = self._reason_ids(cons, cpu, mem, flat, static, req.namespace, failure.tried)
         st = self.cluster
         live = st.n_live[: st.nn]
         rows: dict[str, list[int]] = {}
