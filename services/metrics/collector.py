@@ -64,9 +64,12 @@ def core_ratios(d: Device, used: int) -> tuple[float, float]:
     rounded up, as HAMi's ``normalizeCoreMetrics`` does, so cards of every vendor compare."""
     if d.vendor == "NVIDIA":
         return float(d.devcore), float(used)
-    if d.devcore <= 0:
+    total = d.devcore
+    if d.vendor == "AWSNeuron":  # a mask of NeuronCores: count its bits, used ones too
+        total, used = total.bit_count(), used.bit_count()
+    if total <= 0:
         return 0.0, 0.0
-    return 100.0, float(math.ceil(used * 100 / d.devcore))
+    return 100.0, float(math.ceil(used * 100 / total))
 
 
 class _Families:

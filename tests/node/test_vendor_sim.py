@@ -96,7 +96,8 @@ def test_every_vendor_registers_its_own_type_slots_memory_and_cores(cfg: Config)
     assert (by["GCU"][0].count, by["GCU"][0].devcore) == (6, 6)
     assert [t.memory_mib for t in by["XPU"][0].templates] == [24576, 49152, 98304]
     assert (by["AMDGPU"][0].devcore, by["AMDGPU"][0].type) == (304, "AMD Instinct MI300X")
-    assert {d.devcore for d in by["AWSNeuron"]} == {2} and len(
+    # Neuron: a mask of the device's 2 NeuronCores, a slot per core (HAMi's card)
+    assert {(d.devcore, d.count) for d in by["AWSNeuron"]} == {(0b11, 2)} and len(
         by["Vastai"]
     ) == 4  # 2 cards x 2 dies
     assert by["Mthreads"][0].devmem == 96 * 512

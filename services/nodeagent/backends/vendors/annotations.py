@@ -89,7 +89,6 @@ def capacity(devices: Sequence[Device]) -> dict[str, int]:
         count, _, cores = fam.resources
         out[count] = out.get(count, 0) + 1
         if cores:
-            out[cores] = out.get(cores, 0) + (
-                d.devcore if fam.key in ("AWSNeuron", "Mthreads") else 100
-            )
+            per = d.devcore.bit_count() if fam.key == "AWSNeuron" else d.devcore  # a core mask
+            out[cores] = out.get(cores, 0) + (per if fam.key in ("AWSNeuron", "Mthreads") else 100)
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
-from services.nodeagent.backends import Discovery
+from services.nodeagent.backends import Discovery, PhysicalCard
 from services.nodeagent.backends.vendors import FAMILIES, ascend, find_model
 from shared.config import NodeSettings
 from shared.schemas import Device
@@ -29,6 +29,19 @@ def _slots(key: str, model_name: str, settings: NodeSettings) -> int:
     return fam.split or settings.device_split_count
 
 
+# HAMi derives these families' cards from the node's capacity and types each card with
+# the device type itself (Type: "Mthreads", "AWSNeuron"); their fits match the ask's
+# family against the card's type, so a model name there ("MTT S4000") would fit nothing.
+TYPED_BY_FAMILY = frozenset({"Mthreads", "AWSNeuron"})
+
+
+def fam_type(card: PhysicalCard) -> str:
+    """The Device.type a card of another vendor registers with."""
+    if card.vendor in TYPED_BY_FAMILY:
+        return card.vendor
+    return card.type or card.model
+
+
 def vendor_devices(found: Discovery, devices: list[Device], settings: NodeSettings) -> list[Device]:
     """``devices`` (from register()) with every non-NVIDIA card as its vendor registers it."""
     cards = {c.uuid: c for c in found.cards}
@@ -38,13 +51,16 @@ def vendor_devices(found: Discovery, devices: list[Device], settings: NodeSettin
         if card is None or card.vendor not in FAMILIES:
             out.append(d)
             continue
+        neuron = card.vendor == "AWSNeuron" and card.cores > 0
         out.append(
             msgspec.structs.replace(
                 d,
-                type=card.type or card.model,
-                count=_slots(card.vendor, card.model, settings),
+                type=fam_type(card),
+                count=card.cores if neuron else _slots(card.vendor, card.model, settings),
                 devmem=card.memory_mib,
-                devcore=card.cores or 100,
+                # Neuron: HAMi's card is a bitmask of its NeuronCores (totalcore 0b11 on an
+                # inf2 device) that its fit counts bits of, one container per core at most.
+                devcore=((1 << card.cores) - 1) if neuron else (card.cores or 100),
                 mode="",
                 custom_info=dict(card.custom_info),
                 templates=list(card.templates),
