@@ -637,8 +637,9 @@ class FragScorer:
         """Per node row, an id of its state (see :meth:`_node_groups`), brought up to
         date for the rows changed since the last call."""
         nn = st.nn
-        if self._sid_key != (st.layout, nn) or len(self._sid_of) > 4 * nn + 64:
-            # new positions, or ids of states long gone piling up: start again
+        if self._sid_key != (st.layout, nn) or len(self._sid_of) > nn + nn // 4 + 64:
+            # new positions, or ids of states long gone piling up (a few hundred bytes
+            # each; all nodes may be in states of their own, hence above nn): start again
             self._sid_key = (st.layout, nn)
             self._sid_of.clear()
             self._sid = np.zeros(nn, dtype=np.int64)
@@ -648,6 +649,13 @@ class FragScorer:
         if len(todo) == 0:
             return self._sid
         self._sid_synced = int(nver.max(initial=-1))
+        # in slices of nodes: the first call sees every node, and the keys of 20,000
+        # nodes at once were tens of MB at peak
+        for lo in range(0, len(todo), _CHUNK_NODES):
+            self._state_ids_of(st, todo[lo : lo + _CHUNK_NODES])
+        return self._sid
+
+    def _state_ids_of(self, st: ClusterState, todo: _I64) -> None:
         ncards = st.n_ncards[todo]
         width = int(ncards.max(initial=0))
         off = np.arange(width, dtype=np.int64)
@@ -655,19 +663,24 @@ class FragScorer:
         pos = np.where(has, st.n_start[todo][:, None] + off[None, :], 0)
         usable = st.c_live[pos] & st.c_health[pos] & ~st.c_cordon[pos]
         fields = [st.c_tmem, st.c_tcore, st.c_umem, st.c_ucore, st.c_uslot, st.c_tslot, st.c_type]
-        # card-major: a node's key is the prefix of its row up to its own card count
+        # card-major: a node's key is the prefix of its row up to its own card count;
+        # card fields in 4 bytes where they fit (the head says which, so keys of the two
+        # widths never compare equal)
         per_card = np.stack([f[pos] for f in fields] + [usable.astype(np.int64)], axis=2)
-        head = np.stack([ncards, st.n_cpu_tot[todo], st.n_cpu_used[todo]], axis=1)
-        sig = np.concatenate([head, per_card.reshape(len(todo), -1)], axis=1)
-        ends = (3 + per_card.shape[2] * ncards).tolist()
+        small = bool(per_card.size == 0 or np.abs(per_card).max() < 1 << 31)
+        cw = 4 if small else 8
+        head = np.stack(
+            [ncards, st.n_cpu_tot[todo], st.n_cpu_used[todo], np.full(len(todo), cw)], axis=1
+        )
+        body = per_card.reshape(len(todo), -1).astype(np.int32 if small else np.int64)
+        hb, bb = head.tobytes(), body.tobytes()
+        hs, bs = head.shape[1] * 8, body.shape[1] * cw
+        ends = (per_card.shape[2] * cw * ncards).tolist()
         ids = self._sid_of
-        raw = sig.tobytes()
-        stride = sig.shape[1] * 8
         self._sid[todo] = [
-            ids.setdefault(raw[i * stride : i * stride + e * 8], len(ids))
+            ids.setdefault(hb[i * hs : (i + 1) * hs] + bb[i * bs : i * bs + e], len(ids))
             for i, e in enumerate(ends)
         ]
-        return self._sid
 
     def _refresh_rows(self, st: ClusterState, stale: _I64, type_ok: BOOL, ng: int) -> None:
         counts = st.n_ncards[stale]
