@@ -127,6 +127,24 @@ def candidates_of(alloc: LedgerAlloc) -> list[Candidate]:
     ]
 
 
+def of_vendor(allocs: Mapping[str, LedgerAlloc], vendor: str) -> dict[str, LedgerAlloc]:
+    """The ledger as the plugin of one vendor's resource sees it: each container with
+    only its cards of ``vendor`` (the kubelet calls each resource's plugin for that
+    resource's devices alone, so a container asking for none is no call of its own).
+    An entry all of whose cards are the vendor's is passed through as it is."""
+    out: dict[str, LedgerAlloc] = {}
+    for uid, a in allocs.items():
+        if all(d.vendor == vendor for c in a.containers for d in c.devices):
+            out[uid] = a
+            continue
+        containers = [
+            msgspec.structs.replace(c, devices=[d for d in c.devices if d.vendor == vendor])
+            for c in a.containers
+        ]
+        out[uid] = msgspec.structs.replace(a, containers=containers)
+    return out
+
+
 def word_of(alloc: LedgerAlloc) -> Word:
     return tuple(len(c.devices) for _, c in device_containers(alloc))
 
@@ -169,9 +187,7 @@ class Matcher:
             del self.groups[gid]
         self.order = [self.order[i] for i in keep]
         self.slot = {g: i for i, g in enumerate(self.order)}
-        self.configs = {
-            Config(tuple(c.counts[i] for i in keep), c.cur) for c in self.configs
-        }
+        self.configs = {Config(tuple(c.counts[i] for i in keep), c.cur) for c in self.configs}
 
     # ------------------------------------------------------------------ the ledger
 

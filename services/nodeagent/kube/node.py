@@ -11,7 +11,9 @@ Order matters on start: the limiter and its ``ld.so.preload`` are installed on t
 slice directory is reconciled with it (a restarted agent removes what was released
 while it was down and writes what is missing), then the CSI node plugin serves and
 registers (services/nodeagent/csi/server.py), then the device plugin loads its saved matcher
-state and registers with the kubelet, so the first Allocate already sees the ledger.
+state and registers with the kubelet, so the first Allocate already sees the ledger, and
+so does one plugin per other vendor whose cards the node registered
+(services/nodeagent/kube/vendors.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from services.nodeagent.install import install
 from services.nodeagent.kube.annotations import NodeAnnotator
 from services.nodeagent.kube.plugin import EnvOptions, GpuPlugin
+from services.nodeagent.kube.vendors import VendorPlugins
 from services.nodeagent.slices import SliceWriter
 from services.nodeagent.telemetry import TelemetryPublisher
 from shared import kube as k
@@ -64,6 +67,7 @@ class KubeNode:
     agent: NodeAgent = field(init=False)
     slices: SliceWriter = field(init=False)
     plugin: GpuPlugin = field(init=False)
+    vendors: VendorPlugins = field(init=False)  # the other vendors' resources
     annotator: NodeAnnotator | None = field(init=False, default=None)
     telemetry: TelemetryPublisher | None = field(init=False, default=None)
     csi: SlicePlugin | None = field(init=False, default=None)
@@ -72,7 +76,9 @@ class KubeNode:
         self.host_root = Path(self.host_root)
         self.plugin_dir = Path(self.plugin_dir)
         self.agent = NodeAgent(self.bus, self.node, self.backend, self.cfg, **self.agent_kwargs)  # type: ignore[arg-type]
-        self.slices = SliceWriter(self.host_root, self.node, self.cfg.node, self.bus, mig=self.backend)
+        self.slices = SliceWriter(
+            self.host_root, self.node, self.cfg.node, self.bus, mig=self.backend
+        )
         state = self.state_path or self.host_root / STATE_FILE.format(node=self.node)
         self.plugin = GpuPlugin(
             self.agent,
@@ -83,6 +89,13 @@ class KubeNode:
             poll_interval=self.poll_interval,
             env=self.env,
             host_root=self.host_root,
+        )
+        self.vendors = VendorPlugins(
+            self.agent,
+            plugin_dir=self.plugin_dir,
+            host_root=self.host_root,
+            wait_timeout=self.wait_timeout,
+            poll_interval=self.poll_interval,
         )
         if self.csi_plugins_dir is not None and self.csi_registry_dir is not None:
             self.csi = SlicePlugin(
@@ -119,6 +132,7 @@ class KubeNode:
         if self.csi is not None:
             await self.csi.start()
         await self.plugin.start()
+        await self.vendors.start()  # one plugin per other vendor registered here
         if self.telemetry is not None:
             self.telemetry.start()
 
@@ -128,6 +142,7 @@ class KubeNode:
     async def stop(self) -> None:
         if self.telemetry is not None:
             await self.telemetry.stop()
+        await self.vendors.stop()
         await self.plugin.stop()
         if self.csi is not None:
             await self.csi.stop()

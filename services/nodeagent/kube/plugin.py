@@ -37,7 +37,7 @@ from services.nodeagent.deviceplugin.server import (
 )
 from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from services.nodeagent.install import Installed, installed
-from services.nodeagent.kube.matching import Candidate, Matcher
+from services.nodeagent.kube.matching import Candidate, Matcher, of_vendor
 from services.nodeagent.slices import REGION_PATH, SliceWriter, core_policy
 from shared import tracing
 from shared.config import NodeSettings
@@ -47,6 +47,9 @@ log = logging.getLogger("hami.nodeagent.plugin")
 tracer = tracing.tracer("hami.nodeagent.plugin")
 
 RESOURCE = "nvidia.com/gpu"
+VENDOR = (
+    "NVIDIA"  # the cards this plugin serves (other vendors': services/nodeagent/kube/vendors.py)
+)
 REPLICA_SEP = "::"
 
 LIB_PATH = "/usr/local/vgpu/libvgpu.so"
@@ -258,11 +261,11 @@ class GpuPlugin:
     def _load(self) -> Matcher:
         if self.state_path is not None:
             try:
-                return Matcher.loads(self.state_path.read_text(), self.agent.allocs)
+                return Matcher.loads(self.state_path.read_text(), self.mine(self.agent.allocs))
             except FileNotFoundError:
                 pass
         m = Matcher()
-        m.update(self.agent.allocs)
+        m.update(self.mine(self.agent.allocs))
         return m
 
     def _write_state(self, text: str) -> None:
@@ -291,20 +294,27 @@ class GpuPlugin:
 
     # ------------------------------------------------------------------ agent hooks
 
+    @staticmethod
+    def mine(allocs: Mapping[str, LedgerAlloc]) -> dict[str, LedgerAlloc]:
+        """The ledger's NVIDIA cards (a pod may ask other vendors in other containers)."""
+        return of_vendor(allocs, VENDOR)
+
+    def cards(self) -> list[Device]:
+        inv = self.agent.inventory
+        return [d for d in inv.devices if d.vendor == VENDOR] if inv else []
+
     async def on_ledger(self, allocs: Mapping[str, LedgerAlloc]) -> None:
-        self.matcher.update(allocs)
+        self.matcher.update(self.mine(allocs))
         self._save()
 
     async def on_inventory(self, inv: object) -> None:
-        devs = self.agent.inventory.devices if self.agent.inventory else []
-        health = tuple((d.uuid, d.health, d.count) for d in devs)
+        health = tuple((d.uuid, d.health, d.count) for d in self.cards())
         if health != self._health:  # only a real change reaches the kubelet
             self._health = health
             self.plugin.update_devices()
 
     def devices(self) -> list[DeviceState]:
-        inv = self.agent.inventory
-        return replicas(inv.devices) if inv else []
+        return replicas(self.cards())
 
     # ------------------------------------------------------------------ kubelet calls
 
