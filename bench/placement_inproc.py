@@ -6,6 +6,10 @@ realistic mix of requests, then times ``Placer.decide`` + ``ClusterState.reserve
 JSON: decisions/s, p50/p99 latency in ms, peak RSS. No NATS involved.
 
     .venv/bin/python bench/placement_inproc.py [--nodes 5000] [--cards 8] [--policy default|binpack|...]
+
+``--fill 0 --no-release`` is the start of ``bench/placement.py``'s run over NATS: an
+empty cluster, a placer that has seen no request yet (its shape model moves most then),
+every placement kept.
 """
 
 from __future__ import annotations
@@ -148,6 +152,9 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--gpu-policy", default="spread")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--no-release", action="store_true", help="keep every placement (no release per decision)"
+    )
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
@@ -194,7 +201,7 @@ def main(argv: list[str]) -> int:
             live.append((got.node, req.uid))
         else:
             failed += 1
-        if live:  # keep the fill steady: release a random earlier allocation
+        if live and not args.no_release:  # keep the fill steady: release a random earlier one
             j = int(rng.integers(len(live)))
             live[j], live[-1] = live[-1], live[j]
             node, uid = live.pop()
@@ -209,6 +216,7 @@ def main(argv: list[str]) -> int:
         "gpu_policy": args.gpu_policy,
         "fill_gpu_mem": round(float(cl.n_dmem_used[: cl.nn].sum()) / total_mem, 3),
         "decisions": args.decisions,
+        "released": not args.no_release,
         "placed": placed,
         "failed": failed,
         "decisions_per_s": round(args.decisions / lat.sum(), 1),
