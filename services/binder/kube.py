@@ -99,6 +99,7 @@ from services.binder.webhook import TRACE_ANNOTATION
 from shared import subjects, tracing
 from shared.bus import BadMessage, Bus, decode, decode_event
 from shared.config import Config
+from shared.devices.registry import decision_annotations
 from shared.hami import annotations as ann
 from shared.hami.codec import PodSpecError, pod_request, quota_from_resource_quotas
 from shared.hami.mig import MIG_ALLOCATIONS, encode_mig_allocations
@@ -153,6 +154,8 @@ def pod_annotations(d: AllocDecided, bind_time: float) -> dict[str, str]:
     mig = encode_mig_allocations(d.containers)  # HAMi's MIG reservations, when any
     if mig is not None:
         out[MIG_ALLOCATIONS] = mig
+    # Other vendors' cards: each family's own annotations, which its plugin reads
+    out.update(decision_annotations(d.containers, d.node))
     return out
 
 

@@ -34,10 +34,12 @@ from shared.devices.base import (
     Allocation,
     Ask,
     Family,
+    Grant,
+    PodInfo,
     RequestError,
     quantity,
 )
-from shared.schemas import DeviceAsk
+from shared.schemas import ContainerGrant, DeviceAsk
 
 DEFAULT_FAMILIES: tuple[Family, ...] = (
     nvidia.FAMILY,
@@ -184,6 +186,35 @@ def allocate_response(
     kubelet message). The one answer per vendor: the node side asks only this."""
     fam = REGISTRY.family(family) if isinstance(family, str) else family
     return fam.allocate(devices, ctx)
+
+
+def decision_annotations(
+    containers: Sequence[ContainerGrant],
+    node: str,
+    annotations: Mapping[str, str] | None = None,
+    registry: Registry = REGISTRY,
+) -> dict[str, str]:
+    """The pod annotations of every family but NVIDIA for a decision's grants (HAMi's
+    ``PatchAnnotations`` of each device type the pod got cards of), ``{}`` when it got
+    none. NVIDIA's are the codec's (shared/hami/annotations.py). ``containers`` are in
+    pod order; each family sees one grant list per container (empty where the container
+    got none of its cards), as HAMi's ``PodDevices`` holds them."""
+    names = {g.vendor for c in containers for g in c.devices}
+    out: dict[str, str] = {}
+    pod = PodInfo(annotations=annotations or {})
+    for fam in registry.families:
+        if fam.name not in names or fam.engine_native:
+            continue
+        grants = [
+            [
+                Grant(g.index, g.uuid, fam.name, g.mem, g.cores)
+                for g in c.devices
+                if g.vendor == fam.name
+            ]
+            for c in containers
+        ]
+        out.update(fam.pod_annotations(pod, grants, node))
+    return out
 
 
 def to_device_ask(ask: Ask) -> DeviceAsk:

@@ -1,0 +1,183 @@
+"""Nodes served by HAMi's own vendor device plugins: their cards, from the Node object.
+
+A node whose accelerators are run by a vendor's HAMi plugin (ascend-device-plugin,
+dcu-vgpu-device-plugin, amd-device-plugin, ...) rather than by our node agent tells
+the scheduler its cards the way HAMi's scheduler reads them: the vendor's register
+annotation on the Node (``hami.io/node-register-Ascend910B3``, ``hami.io/node-dcu-
+register``, ...) or, for the families HAMi builds from capacity (Cambricon, Kunlunxin
+whole cards, AWS Neuron, ...), the Node's extended resources. :func:`node_devices`
+decodes every family's with the device-family registry's ``node_cards`` (HAMi's
+``GetNodeDevices``), and :class:`NodeRegisterWatcher` turns each such Node into a
+:class:`NodeInventory` in the inventory bucket, with a heartbeat while the Node exists,
+so placement sees its cards like any other node's (heartbeats every
+``heartbeat_interval`` seconds, as a node agent's).
+
+A node that has its own node agent is left to it: the watcher writes and removes only
+entries it wrote itself (``agent_id`` :data:`KUBE_AGENT`), so an agent's inventory is
+never overwritten, and an entry of ours is replaced as soon as an agent registers.
+NVIDIA cards come only from node agents (HAMi's NVIDIA plugin is ours). The Nodes are
+listed every ``interval`` seconds (a register annotation changes every 30 s at most).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from shared import subjects
+from shared.bus import Bus
+from shared.devices.base import RequestError, capacity_int
+from shared.devices.registry import REGISTRY, Registry
+from shared.kube import Kube, KubeError, path
+from shared.schemas import Device, Heartbeat, NodeInventory
+
+log = logging.getLogger("hami.inventory.kube_nodes")
+
+KUBE_AGENT = "kube-register"  # agent_id of an inventory decoded from a Node object
+
+
+def _capacity_says(capacity: Mapping[str, Any], names: tuple[str, ...]) -> bool:
+    try:
+        return any(capacity_int(capacity, n) > 0 for n in names)
+    except RequestError:
+        return False
+
+
+def node_devices(
+    node: Mapping[str, Any], registry: Registry = REGISTRY
+) -> tuple[list[Device], list[str]]:
+    """Every non-NVIDIA family's cards on a Node object, and what could not be read
+    (one line per family: a register annotation that does not decode)."""
+    meta = node.get("metadata") or {}
+    name = str(meta.get("name") or "")
+    annotations: Mapping[str, str] = meta.get("annotations") or {}
+    capacity: Mapping[str, Any] = (node.get("status") or {}).get("capacity") or {}
+    devices: list[Device] = []
+    problems: list[str] = []
+    for fam in registry.families:
+        if fam.engine_native:
+            continue
+        if fam.register_annotation:
+            if fam.register_annotation not in annotations:
+                continue
+        elif not _capacity_says(capacity, fam.resources.all()):
+            continue
+        try:
+            cards = fam.node_cards(name, annotations, capacity)
+        except (RequestError, NotImplementedError, ZeroDivisionError) as exc:
+            where = fam.register_annotation or "capacity"
+            problems.append(f"{fam.name} ({where}): {exc}")
+            continue
+        devices += [
+            Device(
+                uuid=c.id,
+                index=c.index,
+                type=c.type or fam.name,
+                vendor=fam.name,
+                count=c.count,
+                devmem=c.totalmem,
+                devcore=c.totalcore,
+                numa=c.numa,
+                mode="",
+                health=c.health,
+                custom_info={k: v for k, v in c.custom.items() if isinstance(v, str | int)},
+            )
+            for c in cards
+        ]
+    return devices, problems
+
+
+def node_inventory(node: Mapping[str, Any], now: float) -> NodeInventory | None:
+    """The inventory of a Node its vendor plugins registered cards on (None: none)."""
+    devices, problems = node_devices(node)
+    meta = node.get("metadata") or {}
+    for p in problems:
+        log.warning("node %s: %s", meta.get("name"), p)
+    if not devices:
+        return None
+    return NodeInventory(
+        node=str(meta.get("name") or ""),
+        agent_id=KUBE_AGENT,
+        devices=devices,
+        labels=dict(meta.get("labels") or {}),
+        published_at=now,
+    )
+
+
+class NodeRegisterWatcher:
+    """Keeps the inventory bucket's entries of vendor-plugin nodes (see the module doc)."""
+
+    def __init__(
+        self, bus: Bus, kube: Kube, interval: float = 5.0, heartbeat_interval: float = 2.0
+    ) -> None:
+        self.bus = bus
+        self.kube = kube
+        self.interval = interval
+        self.heartbeat_interval = heartbeat_interval
+        self.written: dict[str, NodeInventory] = {}  # node -> what we last wrote
+        self._seq = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _loop(self) -> None:
+        next_list = 0.0
+        while True:
+            if time.monotonic() >= next_list:
+                next_list = time.monotonic() + self.interval
+                try:
+                    await self.sync_once()
+                except (KubeError, OSError) as exc:  # the API server is away: try again
+                    log.warning("listing nodes: %s", exc)
+            await self.beat()
+            await asyncio.sleep(min(self.interval, self.heartbeat_interval))
+
+    async def beat(self) -> None:
+        """A heartbeat for every node we keep (the Node exists; its plugin registered)."""
+        now = time.time()
+        for node in self.written:
+            self._seq += 1
+            await self.bus.publish(
+                subjects.heartbeat(node),
+                Heartbeat(node=node, agent_id=KUBE_AGENT, seq=self._seq, at=now),
+            )
+
+    async def _ours(self, node: str) -> bool:
+        """No entry, or one this watcher wrote: an agent's entry is never touched."""
+        cur, _ = await self.bus.kv_get(subjects.NODES_BUCKET, node, NodeInventory)
+        return cur is None or cur.agent_id == KUBE_AGENT
+
+    async def sync_once(self) -> None:
+        """One pass over the Nodes: write changed entries, drop those of gone Nodes."""
+        listed = await self.kube.get(path("nodes"))
+        now = time.time()
+        seen: set[str] = set()
+        for obj in listed.get("items") or []:
+            inv = node_inventory(obj, now)
+            if inv is None or not inv.node:
+                continue
+            seen.add(inv.node)
+            if not await self._ours(inv.node):
+                self.written.pop(inv.node, None)  # an agent serves it now
+                continue
+            old = self.written.get(inv.node)
+            if old is None or (old.devices, old.labels) != (inv.devices, inv.labels):
+                await self.bus.kv_put(subjects.NODES_BUCKET, inv.node, inv)
+                self.written[inv.node] = inv
+        for gone in [n for n in self.written if n not in seen]:
+            del self.written[gone]
+            if await self._ours(gone):
+                await self.bus.kv_delete(subjects.NODES_BUCKET, gone)
