@@ -92,8 +92,9 @@ async def test_vendor_plugin_node_is_placed_on_and_gets_the_familys_annotations(
     kc: KubeCluster, fake: FakeKube, watcher: NodeRegisterWatcher
 ) -> None:
     assert kc.bus is not None and kc.placement is not None
+    placement = kc.placement
     add_npu_node(fake, "npu-node", npu_register(2))
-    await kc.wait_for(lambda: "npu-node" in kc.placement.cluster.nodes, desc="npu-node placed on")
+    await kc.wait_for(lambda: "npu-node" in placement.cluster.nodes, desc="npu-node placed on")
     inv, _ = await kc.bus.kv_get(subjects.NODES_BUCKET, "npu-node", NodeInventory)
     assert inv is not None and inv.agent_id == KUBE_AGENT
     pod = {
