@@ -184,7 +184,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from shared.natsserver import NatsServerError
 
     cfg = config.load(args.config)
-    for spec in args.sim_gpus or []:
+    if args.sim_node and (args.sim_gpus or args.sim_nodes is not None):
+        raise Fail("--sim-node gives each node its cards: not with --sim-nodes or --sim-gpus", USAGE)
+    for spec in (args.sim_gpus or []) + (args.sim_node or []):
         try:
             parse_gpu_specs([spec])
         except SimSpecError as exc:
@@ -220,6 +222,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             await (await connect(args.nats_url)).close()
         system = System(cfg, nats_url=args.nats_url, sim_nodes=args.sim_nodes,
                         sim_gpus=args.sim_gpus, metrics_port=args.metrics_port,
+                        sim_node_gpus=[[n] for n in args.sim_node] if args.sim_node else None,
                         nats_dies_with_parent=True,
                         auth=creds.up_store(args.no_auth, bool(args.nats_url)))
         starting = asyncio.create_task(system.start())
@@ -282,6 +285,13 @@ def build_submit(args: argparse.Namespace) -> SubmitRequest:
     )
     if args.mem is None and args.mem_percent is None and args.cores is None:
         ask.cores = 100  # a bare --gpus N asks for N whole, exclusive cards (REFERENCE §1)
+    if getattr(args, "vendor", None):
+        from hami.vendorask import vendor_ask
+
+        try:  # another family's ask, as its resources on a pod's container would make it
+            ask = vendor_ask(args.vendor, args.gpus, args.mem, args.mem_percent, args.cores)
+        except ValueError as exc:
+            raise Fail(str(exc), USAGE) from None
     return SubmitRequest(
         name=args.name,
         containers=[ContainerAsk(name=args.name, devices=[ask])],
@@ -335,7 +345,7 @@ def placement_json(r: SubmitReply) -> dict[str, Any]:
         d = r.decision
         out["node"] = d.node
         out["devices"] = [
-            {"container": c.name, "uuid": g.uuid, "index": g.index, "type": g.type,
+            {"container": c.name, "uuid": g.uuid, "index": g.index, "type": g.type, "vendor": g.vendor,
              "mem_mib": g.mem, "cores": g.cores,
              # a MIG instance: its profile and memory slices
              **({"mig": {"profile": g.mig.profile, "start": g.mig.start, "size": g.mig.size}} if g.mig else {})}
@@ -771,8 +781,12 @@ def cmd_queues(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hami.demo import run_demo
+    from hami.demo import mixed_lines, run_demo, run_mixed
 
+    if getattr(args, "mixed", False):
+        mixed = asyncio.run(run_mixed())
+        emit(args, mixed, mixed_lines(mixed))
+        return OK if mixed["placed"] == mixed["total"] else REFUSED
     out = asyncio.run(run_demo())
     lines: list[str] = []
     for phase in ("whole_gpu", "sliced"):
@@ -891,6 +905,9 @@ def parser() -> argparse.ArgumentParser:
                     help="simulated nodes (default: sim.nodes of the configuration, 1)")
     up.add_argument("--sim-gpus", action="append", default=None, metavar="MODEL:COUNT[:MEMORY_MIB][:mig]",
                     help="cards of each simulated node, repeatable (default: sim.gpus, A100-80GB:4:81920)")
+    up.add_argument("--sim-node", action="append", default=None, metavar="MODEL:COUNT[,...]",
+                    help="one simulated node with these cards, repeatable (a mixed cluster: "
+                    "--sim-node Ascend910B3:8 --sim-node A100-40GB:2); not with --sim-nodes/--sim-gpus")
     up.add_argument("--nats-url", default=None,
                     help="use this NATS server (default: start an embedded nats-server)")
     up.add_argument("--metrics-port", type=_int_in(0, 65535), default=None,
@@ -935,6 +952,10 @@ def parser() -> argparse.ArgumentParser:
                    help="how long a partial gang may hold its reservations (default: 60)")
     s.add_argument("--movable", action="store_true",
                    help="hami defrag may move it to other cards (docs/defrag.md)")
+    s.add_argument("--vendor", default=None, metavar="FAMILY",
+                   help="ask another vendor's cards: a device type (MLU, Ascend910B3, DCU, ...) or "
+                   "one of its resource names; --gpus/--mem/--mem-percent/--cores become its "
+                   "resources, in their units as a pod gives them (default: NVIDIA)")
     client(s)
 
     ru = command("run", "run a command on a slice, with the limiter preloaded; release it when it ends")
@@ -975,6 +996,8 @@ def parser() -> argparse.ArgumentParser:
     client(dg)
 
     d.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    d.add_argument("--mixed", action="store_true",
+                   help="a pod per vendor on a cluster of one simulated node per vendor: who got what")
 
     sub.add_parser("replay", help="replay an openb trace (see hami replay --help)", add_help=False)
     return p

@@ -42,6 +42,9 @@ class System:
     nats_url: str | None = None
     sim_nodes: int | None = None
     sim_gpus: list[str] | None = None
+    # One simulated node per entry, each with its own cards (a mixed cluster:
+    # [["Ascend910B3:8"], ["MLU370-X4:4"], ["A100-40GB:2"]]); instead of sim_nodes x sim_gpus.
+    sim_node_gpus: list[list[str]] | None = None
     metrics_port: int | None = None
     data_dir: Path | None = None
     use_nvml: bool | None = None  # None: use NVML when it finds cards and no sim flag
@@ -67,11 +70,17 @@ class System:
         return bus
 
     def backends(self) -> list[tuple[str, Backend]]:
-        sim_asked = self.sim_nodes is not None or self.sim_gpus is not None
+        sim_asked = self.sim_nodes is not None or self.sim_gpus is not None or self.sim_node_gpus is not None
         use_nvml = self.use_nvml if self.use_nvml is not None else (not sim_asked and nvml.available())
         if use_nvml:
             node = self.cfg.node_name or socket.gethostname()
             return [(node, nvml.NvmlBackend())]
+        if self.sim_node_gpus is not None:
+            return [
+                (f"sim-node-{i}", SimBackend(f"sim-node-{i}", parse_gpu_specs(g), self.cfg.sim.numa_nodes,
+                                             self.cfg.sim.nvlink))
+                for i, g in enumerate(self.sim_node_gpus)
+            ]
         specs: list[GpuSpec] = parse_gpu_specs(self.sim_gpus or self.cfg.sim.gpus)
         n = self.sim_nodes if self.sim_nodes is not None else self.cfg.sim.nodes
         out: list[tuple[str, Backend]] = []
