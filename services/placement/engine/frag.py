@@ -724,7 +724,7 @@ class FragScorer:
         return np.sort(ps[first])
 
     def _candidates(
-        self, st: ClusterState, k: int, feasible: BOOL | None, node_ok: BOOL, rows_all: _I64
+        self, st: ClusterState, k: int, feasible: BOOL | None, rows_all: _I64
     ) -> tuple[_I64, _I64]:
         """(rows, card positions) to score: per node one card per distinct state.
 
@@ -733,7 +733,16 @@ class FragScorer:
         """
         if k == 0 or feasible is None:
             return rows_all, np.full(len(rows_all), -1, dtype=np.int64)
-        pos = np.flatnonzero(feasible & node_ok[st.c_node[: st.nc]])
+        if 8 * len(rows_all) < st.nn:
+            # a few nodes (those changed since a kind's last use): their own cards, not a
+            # pass over every card of the cluster; sorted, as the pass gives them (dead
+            # positions are never feasible)
+            allpos, _ = st.card_positions(rows_all)
+            pos = np.sort(allpos[feasible[allpos]])
+        else:
+            node_ok = np.zeros(st.nn, dtype=bool)
+            node_ok[rows_all] = True
+            pos = np.flatnonzero(feasible & node_ok[st.c_node[: st.nc]])
         if k > 1:
             first = np.ones(len(pos), dtype=bool)
             first[1:] = st.c_node[pos[1:]] != st.c_node[pos[:-1]]
@@ -889,9 +898,7 @@ class FragScorer:
         rng: np.random.Generator,
     ) -> tuple[int, int, float] | None:
         """Score every candidate card of the cluster (the reference, uncached path)."""
-        node_ok = np.zeros(st.nn, dtype=bool)
-        node_ok[cands] = True
-        rows, pos = self._candidates(st, k, feasible, node_ok, cands)
+        rows, pos = self._candidates(st, k, feasible, cands)
         if len(rows) == 0:
             return None
         score, left, cleft = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
@@ -954,9 +961,7 @@ class FragScorer:
         ent.score[todo] = -np.inf
         for lo in range(0, len(todo), _CHUNK_NODES):  # in slices: see _refresh
             stale = todo[lo : lo + _CHUNK_NODES]
-            node_ok = np.zeros(nn, dtype=bool)
-            node_ok[stale] = True
-            rows, pos = self._candidates(st, k, feasible, node_ok, stale)
+            rows, pos = self._candidates(st, k, feasible, stale)
             if len(rows):
                 score, left, cleft = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
                 # per node the best card: highest score, least left, lowest position
