@@ -206,6 +206,10 @@ class Constraints(_Base, kw_only=True):
     # Candidate nodes: decide among these only (kube-scheduler's feasible nodes, in
     # extender mode); empty = every node.
     nodes: list[str] = []
+    # Other vendors' own card filters as the pod names them (hygon.com/use-dcutype,
+    # hami.io/use-Ascend910B3-uuid, ...: the use/nouse type and UUID annotations each
+    # device family declares); the family's fit reads them.
+    family_annotations: dict[str, str] = {}
 
 
 class Quota(_Base, kw_only=True):

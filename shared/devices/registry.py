@@ -217,6 +217,27 @@ def decision_annotations(
     return out
 
 
+def family_filter_annotations(
+    annotations: Mapping[str, str], registry: Registry = REGISTRY
+) -> dict[str, str]:
+    """The pod annotations that are some family's card filter (its use/nouse type and
+    UUID annotations), for families other than NVIDIA (whose filters the request carries
+    in its own fields)."""
+    names = {
+        n
+        for f in registry.families
+        if not f.engine_native
+        for n in (
+            f.use_type_annotation,
+            f.nouse_type_annotation,
+            f.use_uuid_annotation,
+            f.nouse_uuid_annotation,
+        )
+        if n
+    }
+    return {k: str(v) for k, v in annotations.items() if k in names}
+
+
 def to_device_ask(ask: Ask) -> DeviceAsk:
     """A family's ask as the request schema carries it (``vendor`` = the family's type).
 

@@ -36,7 +36,7 @@ from typing import Any
 from shared import limits
 from shared.config import NodeSettings, ResourceNames
 from shared.devices.base import RequestError
-from shared.devices.registry import REGISTRY, to_device_ask
+from shared.devices.registry import REGISTRY, family_filter_annotations, to_device_ask
 from shared.hami import annotations as ann
 from shared.hami.quantity import QuantityError, mib, milli, parse_quantity
 from shared.hami.resources import resolve_device_ask
@@ -313,6 +313,7 @@ def constraints(pod: Mapping[str, Any], problems: list[str]) -> Constraints:
     c.nouse_types = _list(a.get(ann.NOUSE_GPUTYPE, ""))
     c.use_uuids = _list(a.get(ann.USE_GPUUUID, ""))
     c.nouse_uuids = _list(a.get(ann.NOUSE_GPUUUID, ""))
+    c.family_annotations = family_filter_annotations(a)  # other vendors' card filters
     # Go's strconv.ParseBool, exactly; anything else is ignored (not bound), as in HAMi.
     c.numa_bind = a.get(ann.NUMA_BIND) in _TRUE
     if ann.VGPU_MODE in a:

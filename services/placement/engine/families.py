@@ -106,9 +106,10 @@ def fit(
             if isinstance(c, ContainerGrant)
         ]
         allocated[req.vendor] = [g for g in per if g]
-    pod = dev.PodInfo(
-        annotations={dev.GPU_SCHEDULER_POLICY: "mutex"} if f.mutex else {}, allocated=allocated
-    )
+    annotations = dict(f.family_annotations)  # the family's use/nouse type and UUID lists
+    if f.mutex:
+        annotations[dev.GPU_SCHEDULER_POLICY] = "mutex"
+    pod = dev.PodInfo(annotations=annotations, allocated=allocated)
     got = fam.fit(view, ask, pod)
     for reason, n in got.reasons.items():
         res.reasons[reason] = res.reasons.get(reason, 0) + n

@@ -82,6 +82,8 @@ class Filters:
     numa_bind: bool = False
     mutex: bool = False
     topology: bool = False
+    # other vendors' card filters (Constraints.family_annotations), as (name, value) pairs
+    family_annotations: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)

@@ -233,6 +233,7 @@ def _filters(cons: Constraints, chain: Chain) -> hami.Filters:
         numa_bind=cons.numa_bind,
         mutex=chain.mutex,
         topology=chain.topology,
+        family_annotations=tuple(sorted(cons.family_annotations.items())),
     )
 
 
@@ -340,6 +341,7 @@ class Placer:
             cons.gpu_policy, (w.slot, w.core, w.memory) if (w := cons.weights) else None,
             cons.numa_bind, cons.vgpu_mode,
             tuple(cons.use_types), tuple(cons.nouse_types), tuple(cons.use_uuids), tuple(cons.nouse_uuids),
+            tuple(sorted(cons.family_annotations.items())),  # other vendors' card filters
         )  # fmt: skip
 
     # ---------------------------------------------------------------- public API
