@@ -10,6 +10,7 @@ follows the plugin: KFD and DRM nodes, ``ROCR_VISIBLE_DEVICES``, per-card
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,19 +25,57 @@ from shared.devices.base import (
     Mount,
     ResourceNames,
     dev,
+    go_json,
     quantity,
     whole,
 )
 
 HOOK = "/usr/local/vgpu/libamvgpu.so"
+CU_ALLOCATED = "hami.io/amd-cu-allocated"  # the CUs each card's grant holds (JSON)
 
 
-def cu_mask(local: int, d: Allocated) -> str:
-    """``HSA_CU_MASK`` entry of one card: its container-local index and its CUs (the
-    grant's cores are CUs; none or all of them: every CU of the card)."""
+def pick_cus(d: Allocated, busy: frozenset[int] = frozenset()) -> list[int]:
+    """The CUs a grant gets on its card: the lowest ones no other container holds (the
+    grant's cores are CUs; none or all of them: every CU of the card). Fewer than asked
+    only when the card's free CUs are fewer (placement booked them, so a restarted
+    agent that lost what it handed out is the one way there)."""
     total = d.card_cores or d.cores
-    n = d.cores if 0 < d.cores < total else total
-    return f"{local}:0-{max(n, 1) - 1}"
+    if not 0 < d.cores < total:
+        return list(range(max(total, 1)))
+    free = [c for c in range(total) if c not in busy]
+    return free[: d.cores] if len(free) >= d.cores else list(range(d.cores))
+
+
+def id_list(cus: list[int]) -> str:
+    """CU IDs as ``HSA_CU_MASK`` writes them: ranges ``a-b`` and single IDs, by commas."""
+    out: list[str] = []
+    start = prev = -2
+    for c in sorted(cus):
+        if c != prev + 1:
+            if start >= 0:
+                out.append(f"{start}-{prev}" if prev > start else str(start))
+            start = c
+        prev = c
+    if start >= 0:
+        out.append(f"{start}-{prev}" if prev > start else str(start))
+    return ",".join(out)
+
+
+def parse_id_list(text: str) -> frozenset[int]:
+    """The CU IDs of an :func:`id_list` text; ValueError on anything else."""
+    out: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(out)
+
+
+def cus_held(annotations: Mapping[str, str]) -> dict[str, frozenset[int]]:
+    """Card uuid -> CUs, from an answer's ``hami.io/amd-cu-allocated`` ({} without one)."""
+    raw = annotations.get(CU_ALLOCATED)
+    if not raw:
+        return {}
+    return {str(u): parse_id_list(str(v)) for u, v in json.loads(raw).items()}
 
 
 @dataclass(frozen=True)
@@ -76,14 +115,20 @@ class Amd(Family):
         """amd-device-plugin's answer: ``/dev/kfd`` and the cards' DRM nodes; the cards'
         ROCr IDs in ``ROCR_VISIBLE_DEVICES`` and their container-local indexes in
         ``HIP_VISIBLE_DEVICES``; ``HSA_CU_MASK`` with each card's granted CUs (all of a
-        whole card); a partial grant adds the LD_AUDIT memory limiter with the first
-        card's memory. The limiter library is always mounted."""
+        whole card; a slice gets the lowest CUs ``ctx.busy_cus`` leaves free, and the
+        response's ``hami.io/amd-cu-allocated`` says which, as HAMi's pod annotation
+        does); a partial grant adds the LD_AUDIT memory limiter with the first card's
+        memory. The limiter library is always mounted."""
         ctx = ctx or AllocateContext()
         out = Allocation(devices=[dev("/dev/kfd")])
         for d in devices:
             out.devices += [dev(f"/dev/dri/card{d.index}"), dev(f"/dev/dri/renderD{128 + d.index}")]
         if devices:
-            out.envs["HSA_CU_MASK"] = ";".join(cu_mask(i, d) for i, d in enumerate(devices))
+            picked = [pick_cus(d, ctx.busy_cus.get(d.uuid, frozenset())) for d in devices]
+            out.annotations[CU_ALLOCATED] = go_json(
+                {d.uuid: id_list(cus) for d, cus in zip(devices, picked, strict=True)}
+            )
+            out.envs["HSA_CU_MASK"] = ";".join(f"{i}:{id_list(c)}" for i, c in enumerate(picked))
             out.envs["ROCR_VISIBLE_DEVICES"] = ",".join(d.local_id or d.uuid for d in devices)
             out.envs["HIP_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(devices)))
             if not all(d.whole for d in devices):

@@ -185,6 +185,9 @@ class AllocateContext:
     annotations: Mapping[str, str] = field(default_factory=dict)
     hook_path: str = ""  # "": the family's default host hook directory
     driver_path: str = ""  # "": the family's default driver directory (Hygon)
+    # card uuid -> the compute units other containers hold there (AMD's CU masks must
+    # not overlap: HAMi's plugin rebuilds them from the pods' amd-cu-allocated)
+    busy_cus: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ sockets, a real nats-server; the ledger written as placement writes it."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -168,5 +169,36 @@ async def test_hygon_slice_writes_its_vdev_file_before_answering(
             (m.container_path, m.host_path) for m in r[res].mounts
         ]
         assert not any(k.endswith("VISIBLE_DEVICES") for k in r[res].envs)
+    finally:
+        await node.stop()
+
+
+async def test_amd_slices_sharing_a_card_get_disjoint_compute_units(
+    bus: Bus, cfg: Config, dirs: tuple[Path, Path], kubelet: FakeKubelet
+) -> None:
+    node = await make_node(bus, cfg, dirs, "MI300X:1")
+    res = "amd.com/gpu"
+    try:
+        (gpu,) = of(node, "AMDGPU")
+        await kubelet.wait_devices(res, lambda d: len(d) == gpu.count)
+        # placement books an AMD slice's cores as compute units of the card
+        a = kube_pod("a", grant("x", [gpu], mem=65536, cores=100), at=1.0)
+        b = kube_pod("b", grant("y", [gpu], mem=65536, cores=100), at=2.0)
+        await put_ledger(bus, a, b)
+        [ra] = await kubelet.admit_pod("a", [{res: 1}])
+        [rb] = await kubelet.admit_pod("b", [{res: 1}])
+        assert ra[res].envs["HSA_CU_MASK"] == "0:0-99"
+        assert rb[res].envs["HSA_CU_MASK"] == "0:100-199"
+        assert rb[res].envs["ROCR_VISIBLE_DEVICES"] == gpu.uuid
+        assert rb[res].envs["HIP_DEVICE_MEMORY_LIMIT"] == "65536m"
+        # a released pod's units are free for the next one
+        c = kube_pod("c", grant("z", [gpu], mem=65536, cores=50), at=3.0)
+        await put_ledger(bus, b, c)
+        plugin = node.vendors.plugins["AMDGPU"]
+        while ("a", "x") in plugin.cus:  # noqa: ASYNC110 - the ledger watch is a callback
+            await asyncio.sleep(0.02)
+        kubelet.release("a")
+        [rc] = await kubelet.admit_pod("c", [{res: 1}])
+        assert rc[res].envs["HSA_CU_MASK"] == "0:0-49"
     finally:
         await node.stop()

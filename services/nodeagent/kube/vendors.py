@@ -14,8 +14,9 @@ calls each resource's plugin for that resource's containers only), and answers
 (:func:`services.nodeagent.backends.vendors.allocate.vendor_allocation`: the registry's
 one answer per vendor) for the container the call is for. These vendors have no slice
 file to narrow a union of cards afterwards, so when a call may be for containers on
-different cards it answers the one decided first, as HAMi's vendor plugins take the
-oldest pending pod; the ambiguity is counted. Host files the answer needs (Hygon's vdev
+different cards it answers the one decided first that it has not answered yet, as
+HAMi's vendor plugins take the oldest pending pod; the ambiguity is counted. AMD slices
+sharing a card get disjoint compute units: the plugin remembers which it handed out. Host files the answer needs (Hygon's vdev
 config) are written under the host root before the answer leaves.
 """
 
@@ -44,6 +45,7 @@ from services.nodeagent.deviceplugin.server import (
 from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from services.nodeagent.kube.matching import Candidate, Matcher, of_vendor
 from services.nodeagent.kube.plugin import prefer, replicas, same_slice
+from shared.devices.amd import cus_held
 from shared.devices.base import AllocateContext
 from shared.devices.registry import REGISTRY
 from shared.schemas import Device, LedgerAlloc
@@ -85,6 +87,11 @@ class VendorPlugin:
         self.ambiguous = 0
         self._lock = asyncio.Lock()
         self._health: tuple[tuple[str, bool, int], ...] = ()
+        # (pod uid, container) -> card -> the compute units its answer gave it (AMD), so
+        # the next slice on that card gets others (kept in memory: a restarted agent
+        # starts from none, where HAMi rebuilds them from the pods' annotations)
+        self.cus: dict[tuple[str, str], dict[str, frozenset[int]]] = {}
+        self.answered: set[tuple[str, str]] = set()  # containers already answered
         self.plugin = DevicePlugin(
             self.resource,
             self.devices,
@@ -118,6 +125,17 @@ class VendorPlugin:
 
     async def on_ledger(self, allocs: Mapping[str, LedgerAlloc]) -> None:
         self.matcher.update(of_vendor(allocs, self.family))
+        for key in [k for k in self.cus if k[0] not in allocs]:
+            del self.cus[key]  # released: its compute units are free again
+        self.answered = {k for k in self.answered if k[0] in allocs}
+
+    def _busy(self, mine: tuple[str, str]) -> dict[str, frozenset[int]]:
+        out: dict[str, frozenset[int]] = {}
+        for key, held in self.cus.items():
+            if key != mine:
+                for card, cus in held.items():
+                    out[card] = out.get(card, frozenset()) | cus
+        return out
 
     async def on_inventory(self, inv: object) -> None:
         health = tuple((d.uuid, d.health, d.count) for d in self.cards())
@@ -170,14 +188,21 @@ class VendorPlugin:
                 n,
                 len(cands),
             )
-        c = min(cands, key=self._order)
+        # Pods of the same shape are one group to the matcher, which cannot tell which
+        # of them the kubelet started: take the first decided not answered yet
+        fresh = [c for c in cands if (c.uid, c.container) not in self.answered]
+        c = min(fresh or cands, key=self._order)
         known = {d.uuid: d for d in self.cards()}
         try:
-            answer = vendor_allocation(
-                self.family, c.grant.devices, known, AllocateContext(c.uid, c.container)
-            )
+            key = (c.uid, c.container)
+            ctx = AllocateContext(c.uid, c.container, busy_cus=self._busy(key))
+            answer = vendor_allocation(self.family, c.grant.devices, known, ctx)
         except VendorAllocateError as exc:
             raise AllocationError(f"node {self.agent.node}: {exc}") from None
+        self.answered.add(key)
+        held = cus_held(answer.annotations)
+        if held:
+            self.cus[key] = held
         if answer.files:
             await asyncio.to_thread(self._write_files, answer.files)
         out = to_container_allocation(answer)
