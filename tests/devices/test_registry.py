@@ -168,13 +168,11 @@ def test_amd_slices_on_one_card_get_disjoint_cus() -> None:
     from shared.devices.amd import CU_ALLOCATED, cus_held, id_list, parse_id_list
     from shared.devices.base import AllocateContext
 
-    card = {"card_mem": 196608, "card_cores": 304}
-    first = allocate_response("AMDGPU", [Allocated("u0", 0, 65536, 100, **card)])
+    slice_ = Allocated("u0", 0, 65536, 100, card_mem=196608, card_cores=304)
+    first = allocate_response("AMDGPU", [slice_])
     held = cus_held(first.annotations)
     assert held == {"u0": frozenset(range(100))} and first.envs["HSA_CU_MASK"] == "0:0-99"
-    second = allocate_response(
-        "AMDGPU", [Allocated("u0", 0, 65536, 100, **card)], AllocateContext(busy_cus=held)
-    )
+    second = allocate_response("AMDGPU", [slice_], AllocateContext(busy_cus=held))
     assert second.envs["HSA_CU_MASK"] == "0:100-199"
     assert second.annotations[CU_ALLOCATED] == '{"u0":"100-199"}'
     assert id_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
