@@ -343,6 +343,7 @@ def test_grouped_scoring_decides_as_the_reference(policy: str) -> None:
     for p, gmin in ((grouped, 0), (plain, 1 << 30)):
         p._frag[policy] = FragScorer(policy)
         p._frag[policy].group_min = gmin
+        p._frag[policy].group_share = 0.0
     ref.use_cache = False
     scorer = grouped._frag[policy]
     merged: list[int] = []  # per grouping: how many rows another row stood for
