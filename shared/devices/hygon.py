@@ -29,7 +29,8 @@ CU_TOTAL = 120  # compute units of a DCU, which a vdev CU mask shares out
 def vdev_config(d: Allocated, cu_total: int, vdev_id: int) -> str:
     """The vDCU file the driver reads: a CU mask over the granted share of the CUs and
     the memory cap (the fields the plugin writes)."""
-    n = max(1, cu_total * d.cores // 100)
+    # no share asked (0) limits no CUs, as a core limit of 0 means none elsewhere
+    n = cu_total if not 0 < d.cores < 100 else max(1, cu_total * d.cores // 100)
     mask = (1 << n) - 1
     lo, hi = mask & 0xFFFFFFFFFFFFFFFF, mask >> 64
     return (

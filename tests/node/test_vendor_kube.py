@@ -316,3 +316,10 @@ async def test_handshake_is_reported_again_after_the_scheduler_asks(cfg: Config)
         finally:
             await ann.stop()
             await client.close()
+
+
+def test_hygon_memory_slice_without_cores_keeps_every_cu(cfg: Config) -> None:
+    inv = node("K100-AI:1", cfg)
+    a = answer(inv, "DCU", grants(inv, "DCU", 1, mem=4096, cores=0), AllocateContext("u", "c"))
+    ((_, text),) = a.files.items()
+    assert "cu_count: 120" in text and "mem: 4096 MiB" in text
