@@ -29,6 +29,7 @@ request), with the exports the sink received.
 
     .venv/bin/python bench/placement.py [--nodes 5000] [--cards 8] [--requests 20000] [--rate 1000]
     .venv/bin/python bench/placement.py --skip-inprocess --rate 0 --trace-sampling off,0.01,1
+    .venv/bin/python bench/placement.py --mixed 0.1   # a tenth of nodes and requests other vendors'
 
 The default rate is the issue's target (1,000 decisions/s sustained), so the latency
 figures are those of that load; ``--rate 0`` publishes everything at once (a burst).
@@ -60,19 +61,17 @@ import placement_inproc  # noqa: E402
 from shared import subjects  # noqa: E402
 from shared.bus import Bus, decode_event  # noqa: E402
 from shared.natsserver import EmbeddedNats  # noqa: E402
-from shared.schemas import AllocDecided, AllocFailed, Device, NodeInventory  # noqa: E402
+from shared.schemas import AllocDecided, AllocFailed, NodeInventory  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q)) if values else float("nan")
 
 
-def inventories(nodes: int, cards: int) -> list[NodeInventory]:
+def inventories(nodes: int, cards: int, mixed: float = 0.0) -> list[NodeInventory]:
     out = []
     for n in range(nodes):
-        model, mem = placement_inproc.MODELS[n % len(placement_inproc.MODELS)]
-        devs = [Device(uuid=f"GPU-{n:05d}-{i}", index=i, type=model, devmem=mem, numa=i * 2 // cards)
-                for i in range(cards)]
+        devs = placement_inproc.node_devices(n, cards, mixed)  # --mixed: other vendors' nodes too
         out.append(NodeInventory(node=f"node-{n:05d}", devices=devs, cpu_milli=128000,
                                  memory_mib=1 << 20, max_pods=110,
                                  labels={"zone": f"z{n % 4}", "pool": "gpu"}))
@@ -187,7 +186,7 @@ def trace_env(setting: str, sink: OtlpSink | None) -> dict[str, str]:
 
 async def over_nats(
     nodes: int, cards: int, requests: int, rate: float, seed: int,
-    trace: dict[str, str] | None = None,
+    trace: dict[str, str] | None = None, mixed: float = 0.0,
 ) -> dict[str, object]:
     server = EmbeddedNats()
     url = await server.astart()
@@ -195,7 +194,7 @@ async def over_nats(
     proc: subprocess.Popen[bytes] | None = None
     echo: subprocess.Popen[bytes] | None = None
     try:
-        for i, inv in enumerate(inventories(nodes, cards)):
+        for i, inv in enumerate(inventories(nodes, cards, mixed)):
             await bus.kv_put(subjects.NODES_BUCKET, inv.node, inv)
             if i % 500 == 0:
                 await asyncio.sleep(0)
@@ -243,7 +242,7 @@ async def over_nats(
             raise RuntimeError("placement service did not answer")
         reqs = []
         for i in range(requests):
-            r = placement_inproc.make_request(rng, i)
+            r = placement_inproc.make_request(rng, i, mixed)
             r.uid = f"b{i}"
             r.name = r.uid
             r.pending = False
@@ -289,7 +288,7 @@ async def over_nats(
         after = [answers[u] - decided_at[u] for u in sent if u in decided_at]
         return {
             "nodes": nodes, "cards": nodes * cards, "requests": requests,
-            "target_rate_per_s": rate,
+            "target_rate_per_s": rate, "mixed": mixed,
             "decisions_per_s": round(requests / (end - start), 1),
             "decided": sum(1 for u in sent if outcome[u] == "decided"),
             "failed": sum(1 for u in sent if outcome[u] == "failed"),
@@ -330,17 +329,20 @@ def main() -> int:
     ap.add_argument("--trace-sampling", default=None, metavar="off,0.01,1",
                     help="run the NATS part once per setting: off, or a sampling ratio "
                          "with OTLP export to an in-process sink; prints the ratios to off")
+    ap.add_argument("--mixed", type=float, default=0.0, metavar="FRACTION",
+                    help="this share of the nodes, and of the requests, of other vendors (0.1: a tenth)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="with --trace-sampling: runs per setting, interleaved")
     args = ap.parse_args()
     out: dict[str, object] = {}
     if not args.skip_inprocess:
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "placement_inproc.py"),
-                            "--nodes", str(args.nodes), "--cards", str(args.cards)],
+                            "--nodes", str(args.nodes), "--cards", str(args.cards), "--mixed", str(args.mixed)],
                            capture_output=True, text=True, cwd=ROOT)
         out["inprocess"] = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-2000:]}
     if args.trace_sampling is None:
-        out["nats"] = asyncio.run(over_nats(args.nodes, args.cards, args.requests, args.rate, args.seed))
+        out["nats"] = asyncio.run(over_nats(args.nodes, args.cards, args.requests, args.rate, args.seed,
+                                            mixed=args.mixed))
     else:
         out.update(traced(args))
     print(json.dumps(out, indent=2))
@@ -359,7 +361,7 @@ def traced(args: argparse.Namespace) -> dict[str, object]:
             for s in settings:
                 before = sink.counts()
                 r = asyncio.run(over_nats(args.nodes, args.cards, args.requests, args.rate,
-                                          args.seed, trace_env(s, sink)))
+                                          args.seed, trace_env(s, sink), args.mixed))
                 after = sink.counts()
                 r["otlp_exports"], r["otlp_bytes"] = after[0] - before[0], after[1] - before[1]
                 runs[s].append(r)

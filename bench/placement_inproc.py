@@ -7,6 +7,11 @@ JSON: decisions/s, p50/p99 latency in ms, peak RSS. No NATS involved.
 
     .venv/bin/python bench/placement_inproc.py [--nodes 5000] [--cards 8] [--policy default|binpack|...]
 
+``--mixed 0.1`` makes a tenth of the nodes other vendors' (Cambricon MLU370-X4, Ascend
+910B3, Hygon Z100, AMD MI300X in turn, registered as their node agents register them) and
+sends a tenth of the requests to one of those families (one card, the family's own
+resources parsed by its rules), so the NVIDIA-only run and the mixed one compare.
+
 ``--fill 0 --no-release`` is the start of ``bench/placement.py``'s run over NATS: an
 empty cluster, a placer that has seen no request yet (its shape model moves most then),
 every placement kept.
@@ -21,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,19 +51,61 @@ MODELS = [
 ]
 
 
-def build(nodes: int, cards: int) -> ClusterState:
+# --mixed: (sim model, the family's resources for one card) of the other vendors' nodes
+VENDOR_MIX = [
+    (
+        "MLU370-X4",
+        {
+            "cambricon.com/vmlu": "1",
+            "cambricon.com/mlu.smlu.vmemory": "16",
+            "cambricon.com/mlu.smlu.vcore": "25",
+        },
+    ),
+    ("Ascend910B3", {"huawei.com/Ascend910B3": "1", "huawei.com/Ascend910B3-memory": "16384"}),
+    ("Z100", {"hygon.com/dcunum": "1", "hygon.com/dcumem": "8192", "hygon.com/dcucores": "30"}),
+    ("MI300X", {"amd.com/gpu": "1", "amd.com/gpumem": "32768", "amd.com/gpucores": "25"}),
+]
+
+
+def vendor_cards(model: str, cards: int) -> list[Device]:
+    """``cards`` of a vendor model as its simulated node agent registers them."""
+    from services.nodeagent.backends.sim import SimBackend, parse_gpu_specs
+    from services.nodeagent.backends.vendors.registration import vendor_devices
+    from services.nodeagent.registration import register
+
+    found = SimBackend("bench", parse_gpu_specs([f"{model}:{cards}"]), 2, "pcie").discover()
+    return vendor_devices(found, register(found, NodeSettings())[0], NodeSettings())
+
+
+def is_vendor_node(n: int, mixed: float) -> int | None:
+    """Which of VENDOR_MIX node ``n`` is (None: NVIDIA): ``mixed`` of the nodes, spread
+    evenly, the families in turn."""
+    if mixed <= 0 or int((n + 1) * mixed) == int(n * mixed):
+        return None
+    return int(n * mixed) % len(VENDOR_MIX)
+
+
+def node_devices(n: int, cards: int, mixed: float = 0.0) -> list[Device]:
+    v = is_vendor_node(n, mixed)
+    if v is not None:
+        return [
+            msgspec.structs.replace(d, uuid=f"{d.vendor}-{n:05d}-{d.index}")
+            for d in vendor_cards(VENDOR_MIX[v][0], cards)
+        ]
+    model, mem = MODELS[n % len(MODELS)]
+    return [
+        Device(uuid=f"GPU-{n:05d}-{i}", index=i, type=model, devmem=mem, numa=i * 2 // cards)
+        for i in range(cards)
+    ]
+
+
+def build(nodes: int, cards: int, mixed: float = 0.0) -> ClusterState:
     cl = ClusterState()
     for n in range(nodes):
-        model, mem = MODELS[n % len(MODELS)]
-        name = f"node-{n:05d}"
-        devs = [
-            Device(uuid=f"GPU-{n:05d}-{i}", index=i, type=model, devmem=mem, numa=i * 2 // cards)
-            for i in range(cards)
-        ]
         cl.upsert_node(
             NodeInventory(
-                node=name,
-                devices=devs,
+                node=f"node-{n:05d}",
+                devices=node_devices(n, cards, mixed),
                 cpu_milli=128000,
                 memory_mib=1 << 20,
                 max_pods=110,
@@ -67,8 +115,26 @@ def build(nodes: int, cards: int) -> ClusterState:
     return cl
 
 
-def make_request(rng: np.random.Generator, i: int) -> AllocRequested:
-    """A realistic mix: mostly one shared card, some whole cards, a few complex pods."""
+def vendor_request(rng: np.random.Generator, i: int) -> AllocRequested:
+    """One card of one of VENDOR_MIX's families, as a pod's container asks it."""
+    from shared.devices.registry import REGISTRY, to_device_ask
+
+    limits = VENDOR_MIX[int(rng.integers(len(VENDOR_MIX)))][1]
+    fam = REGISTRY.for_resource(next(iter(limits)))
+    assert fam is not None
+    ask = fam.parse({"limits": limits}, {})
+    assert ask is not None
+    conts = [
+        ContainerAsk(name="main", devices=[to_device_ask(ask)], cpu_milli=2000, memory_mib=8192)
+    ]
+    return AllocRequested(uid=f"u{i}", name=f"p{i}", namespace="bench", containers=conts)
+
+
+def make_request(rng: np.random.Generator, i: int, mixed: float = 0.0) -> AllocRequested:
+    """A realistic mix: mostly one shared card, some whole cards, a few complex pods;
+    with ``mixed``, that share of them asks another vendor's card (:func:`vendor_request`)."""
+    if mixed > 0 and rng.random() < mixed:
+        return vendor_request(rng, i)
     r = rng.random()
     cons = Constraints()
     cpu, mem = int(rng.choice([1000, 2000, 4000, 8000])), int(rng.choice([2048, 8192, 16384]))
@@ -155,10 +221,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument(
         "--no-release", action="store_true", help="keep every placement (no release per decision)"
     )
+    ap.add_argument(
+        "--mixed",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="this share of the nodes, and of the requests, of other vendors (0.1: a tenth)",
+    )
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    cl = build(args.nodes, args.cards)
+    cl = build(args.nodes, args.cards, args.mixed)
     build_s = time.perf_counter() - t0
     policy = PRODUCT_DEFAULT if args.policy == "default" else args.policy
     # an unknown name stops here (ValueError), before the cluster is filled
@@ -175,7 +248,7 @@ def main(argv: list[str]) -> int:
     while (
         cl.n_dmem_used[: cl.nn].sum() < args.fill * total_mem and i < 20 * args.nodes * args.cards
     ):
-        req = make_request(rng, i)
+        req = make_request(rng, i, args.mixed)
         placer.observe(req)
         got = placer.decide(req)
         if isinstance(got, Placement):
@@ -188,7 +261,7 @@ def main(argv: list[str]) -> int:
     t_all = time.perf_counter()
     cpu0 = time.process_time()
     for k in range(args.decisions):
-        req = make_request(rng, i)
+        req = make_request(rng, i, args.mixed)
         i += 1
         s = time.perf_counter()
         placer.observe(req)
@@ -214,6 +287,7 @@ def main(argv: list[str]) -> int:
         "cards": args.nodes * args.cards,
         "policy": policy,
         "gpu_policy": args.gpu_policy,
+        "mixed": args.mixed,
         "fill_gpu_mem": round(float(cl.n_dmem_used[: cl.nn].sum()) / total_mem, 3),
         "decisions": args.decisions,
         "released": not args.no_release,
