@@ -135,12 +135,24 @@ class ContainerUsage(_Base, kw_only=True):
     last_kernel_at: float = 0.0
 
 
+class MigUsage(_Base, kw_only=True):
+    """A MIG instance the node agent holds for an allocation's container (telemetry)."""
+
+    uid: str
+    container: str
+    uuid: str  # the card's GPU- UUID
+    mig: MigSlice  # profile, placement and the instance's identity (MIG UUID, GI, CI)
+
+
 class Telemetry(_Base, kw_only=True, omit_defaults=False):
     v: int = SCHEMA_VERSION
     node: str
     at: float
     devices: list[DeviceUsage] = []
     containers: list[ContainerUsage] = []
+    # The node's live MIG instances, every sample: a reader that starts late (the
+    # metrics service) learns them without the prepared events it missed.
+    mig: list[MigUsage] = []
 
 
 # ---------------------------------------------------------------------------- requests
@@ -288,6 +300,24 @@ class ContainerGrant(_Base, kw_only=True):
     sidecar: bool = False  # an init container that keeps running (ContainerAsk.sidecar)
 
 
+class FitNode(_Base, kw_only=True):
+    node: str
+    score: float  # HAMi's node score before the pod (ComputeDefaultScore)
+
+
+class FilterSummary(_Base, kw_only=True):
+    """The filter's outcome as HAMi's FilteringSucceed event gives it: how many nodes were
+    offered, how many fit, and the fitting nodes with their scores in HAMi's order (the
+    chosen node last), the best :data:`FIT_NODES_MAX` of them when more fit."""
+
+    offered: int = 0
+    fits: int = 0
+    nodes: list[FitNode] = []
+
+
+FIT_NODES_MAX = 256
+
+
 class AllocDecided(_Base, kw_only=True, omit_defaults=False, tag="decided", tag_field="kind"):
     v: int = SCHEMA_VERSION
     uid: str
@@ -304,6 +334,8 @@ class AllocDecided(_Base, kw_only=True, omit_defaults=False, tag="decided", tag_
     # The deciding replica's ledger writes lost to another writer so far (a counter that
     # restarts with the replica); the metrics service exports it per replica.
     conflicts: int = 0
+    # Kubernetes pods: what HAMi's FilteringSucceed event says (None for other sources)
+    filtered: FilterSummary | None = None
 
 
 class AllocFailed(_Base, kw_only=True, omit_defaults=False, tag="failed", tag_field="kind"):

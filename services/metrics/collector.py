@@ -4,7 +4,7 @@ Pure: :class:`AllocationCollector` renders gauges from the inventory, ledger and
 telemetry it is given at scrape time, with HAMi's names, labels and values (REFERENCE
 §7: memory in bytes; HAMi's core "ratios" are percents, 100 = whole card). The scheduler
 side carries HAMi's registry-level ``zone="vGPU"`` label; MIG instances the node agents
-realised (:class:`MigIdentities`, from the ``prepared`` events) are HAMi's
+realised (:class:`MigIdentities`, from the ``prepared`` events and the telemetry) are HAMi's
 ``hami_node_gpu_mig_instance_info`` and, per container, ``hami_mig_device_info``; with ``legacy`` on, the
 pre-v2.9 names and labels are emitted too (HAMi's ``--legacy-metrics``).
 
@@ -94,19 +94,38 @@ def _complete(m: MigSlice | None) -> bool:
 
 
 class MigIdentities:
-    """The MIG instances the node agents created, from their ``prepared`` events:
-    allocation uid -> container name -> the grants with the instance's identity. The
+    """The MIG instances the node agents created: allocation uid -> container name ->
+    the instances (card UUID, :class:`MigSlice` with its identity), each container's
+    from the newest report of it. Reports are the ``prepared`` events (at once) and the
+    node agents' telemetry, which names every live instance in each sample, so a metrics
+    service started after the events learns them within one telemetry interval. The
     ledger holds the decision (profile and placement); this adds what NVML gave."""
 
     def __init__(self) -> None:
-        self.by_uid: dict[str, dict[str, list[CardGrant]]] = {}
+        self.by_uid: dict[str, dict[str, tuple[float, list[tuple[str, MigSlice]]]]] = {}
+
+    def _put(self, uid: str, container: str, at: float, got: list[tuple[str, MigSlice]]) -> None:
+        conts = self.by_uid.get(uid)
+        prev = conts.get(container) if conts is not None else None
+        if prev is not None and prev[0] > at:
+            return  # a late, older report loses
+        if got:
+            self.by_uid.setdefault(uid, {})[container] = (at, got)
+        elif conts is not None:
+            conts.pop(container, None)
 
     def observe(self, ev: AllocPrepared) -> None:
-        got = [d for d in ev.devices if _complete(d.mig)]
-        if got:
-            self.by_uid.setdefault(ev.uid, {})[ev.container] = got
-        elif ev.uid in self.by_uid:
-            self.by_uid[ev.uid].pop(ev.container, None)
+        got = [(d.uuid, d.mig) for d in ev.devices if d.mig is not None and _complete(d.mig)]
+        self._put(ev.uid, ev.container, ev.at, got)
+
+    def observe_telemetry(self, tel: Telemetry) -> None:
+        """The instances a node agent holds now (``Telemetry.mig``)."""
+        rows: dict[tuple[str, str], list[tuple[str, MigSlice]]] = {}
+        for r in tel.mig:
+            if _complete(r.mig):
+                rows.setdefault((r.uid, r.container), []).append((r.uuid, r.mig))
+        for (uid, container), got in rows.items():
+            self._put(uid, container, tel.at, got)
 
     def keep(self, held: set[str]) -> None:
         """Forget the allocations no ledger holds any more (released)."""
@@ -117,9 +136,9 @@ class MigIdentities:
         """The identity of ``grant``'s instance (same card and placement), if created."""
         if grant.mig is None:
             return None
-        for d in self.by_uid.get(uid, {}).get(container, []):
-            m = d.mig
-            if d.uuid == grant.uuid and m is not None and (m.start, m.size) == (grant.mig.start, grant.mig.size):
+        got = self.by_uid.get(uid, {}).get(container)
+        for card, m in got[1] if got is not None else []:
+            if card == grant.uuid and (m.start, m.size) == (grant.mig.start, grant.mig.size):
                 return m
         return None
 

@@ -55,7 +55,7 @@ class MetricsService:
             legacy_metrics = cfg.metrics.legacy_metrics or os.environ.get(
                 "HAMI_LEGACY_METRICS", "") in ("1", "true", "True")
         self.legacy_metrics = legacy_metrics
-        self.mig = MigIdentities()  # realised MIG instances, from the prepared events
+        self.mig = MigIdentities()  # realised MIG instances: prepared events and telemetry
         self.registry.register(AllocationCollector(
             self.snapshot, legacy=legacy_metrics, telemetry=lambda: self.telemetry, mig=self.mig))
         self.latency = LatencyMetrics(self.registry)
@@ -96,6 +96,7 @@ class MetricsService:
         prev = self.telemetry.get(tel.node)
         if prev is None or tel.at >= prev.at:  # a late, older sample loses
             self.telemetry[tel.node] = tel
+            self.mig.observe_telemetry(tel)  # its MIG instances, also those prepared before we started
 
     async def _on_event(self, msg: Msg) -> None:
         try:

@@ -16,6 +16,10 @@ Device rows (HAMi's host series) come from the backend's :class:`UsageSource` wh
 one: NVML's own figures for real cards, the simulator's usage model (a baseline plus what
 the slices report) for simulated ones; every card of the node then has a row, used or
 not. Without one, the rows sum the containers per card.
+
+Each sample also names the MIG instances the node's slices hold (``Telemetry.mig``:
+profile, placement, MIG UUID, GPU- and compute-instance ids), so a reader that starts
+after the ``prepared`` events (the metrics service) still learns them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.lifecycle import Background
 from shared.region import DeviceState, RegionError, RegionSnapshot, read_region
-from shared.schemas import ContainerUsage, DeviceUsage, LedgerAlloc, Telemetry
+from shared.schemas import ContainerUsage, DeviceUsage, LedgerAlloc, MigUsage, Telemetry
 
 log = logging.getLogger("hami.nodeagent.telemetry")
 
@@ -76,9 +80,16 @@ def sample(
 ) -> Telemetry:
     """One telemetry sample of the node (blocking file reads: run it in a thread)."""
     containers: list[ContainerUsage] = []
+    migs: list[MigUsage] = []
     per_card: dict[str, DeviceUsage] = {}
     for alloc in allocs.values():
         for s in pod_slices(alloc):
+            for grant in s.grant.devices:
+                got = slices.realised(grant).mig if grant.mig is not None else None
+                if got is not None and got.uuid:  # created: its identity, every sample
+                    migs.append(
+                        MigUsage(uid=alloc.uid, container=s.container, uuid=grant.uuid, mig=got)
+                    )
             region: RegionSnapshot | None = None
             path = slices.path(alloc.uid, s.container) / REGION_FILE
             try:
@@ -121,6 +132,7 @@ def sample(
         at=time.time() if now is None else now,
         devices=sorted(devices, key=lambda d: d.uuid),
         containers=containers,
+        mig=migs,
     )
 
 
