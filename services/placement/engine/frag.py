@@ -805,7 +805,7 @@ class FragScorer:
         if k and self.variant.model_aware == "delta":
             # GPU taken from a model that model-constrained shapes depend on counts as
             # growth: that capacity is, in expectation, theirs
-            delta = delta + self.pressure[rows] * k * np.maximum(need_m, ask.cores / 100.0)  # type: ignore[attr-defined]
+            delta = delta + self.pressure[rows] * k * np.maximum(need_m, ask.cores / 100.0)  # type: ignore[union-attr]
         v = self.variant
         # ties by least GPU left on the node (best fit), then node name, card index
         left = idle2 if k else idle
@@ -837,7 +837,7 @@ class FragScorer:
             score = np.trunc(
                 100.0 / (1.0 + np.exp(delta / v.tau))
             )  # 100·sigmoid(−Δ), whole numbers
-        return score, np.round(left, 9), card_left
+        return score, np.round(left, 9), np.asarray(card_left, dtype=np.float64)  # exact widening
 
     def choose(
         self,
@@ -889,7 +889,7 @@ class FragScorer:
         if k <= 1:
             return row, ([first] if k else []), sc
         # the node's first k feasible (idle) cards, by index
-        allpos = np.flatnonzero(feasible & (st.c_node[: st.nc] == row))  # type: ignore[operator]
+        allpos = np.flatnonzero(feasible & (st.c_node[: st.nc] == row))
         order_idx = np.argsort(st.c_index[allpos], kind="stable")
         return row, [int(x) for x in allpos[order_idx][:k]], sc
 
