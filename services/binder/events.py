@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
+
+from shared.schemas import FilterSummary
 
 log = logging.getLogger("hami.binder.events")
 
@@ -35,6 +38,29 @@ def filtering_failed_messages(reason_nodes: Mapping[str, Sequence[str]], offered
     ]
     out.append(f"no available node, {offered} nodes do not meet")
     return out
+
+
+def filtering_succeed_message(node: str, filtered: FilterSummary | None) -> str:
+    """The message of HAMi's ``FilteringSucceed`` event: ``"find fit node(<node>), <n>
+    nodes not fit, <m> nodes fit(<node>:<score>,...)"``, the fitting nodes in the order
+    HAMi sorts them (the chosen one last), each with its node score to two decimals and
+    joined by commas; "not fit" is the offered nodes less the fitting ones. Without the
+    filter's facts (a decision made outside the ranking: a move, a preemption) only the
+    chosen node is named."""
+    if filtered is None:
+        return f"find fit node({node}), 1 nodes fit({node})"
+    listed = ",".join(f"{n.node}:{_go_2f(n.score)}" for n in filtered.nodes)
+    not_fit = filtered.offered - filtered.fits
+    return f"find fit node({node}), {not_fit} nodes not fit, {filtered.fits} nodes fit({listed})"
+
+
+def _go_2f(x: float) -> str:
+    """Go's ``%.2f``: as Python's, but infinities and NaN spelled as Go spells them."""
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    return f"{x:.2f}"
 
 
 Post = Callable[[str, dict[str, Any]], Awaitable[Any]]  # (collection path, body)

@@ -92,7 +92,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from services.binder.events import EventSender, filtering_failed_messages
+from services.binder.events import EventSender, filtering_failed_messages, filtering_succeed_message
 from services.binder.extender import Extender, ExtenderServer
 from services.binder.service import Backend, BindError, BinderService
 from services.binder.webhook import TRACE_ANNOTATION
@@ -377,7 +377,7 @@ class KubeBackend(Backend):
             raise BindError(f"pod {ns}/{d.name} is already assigned to node {current}")
         if meta.get("deletionTimestamp"):
             raise BindError(f"pod {ns}/{d.name} is being deleted")
-        self.event(pod, FILTERING_SUCCEED, f"find fit node({d.node}), 1 nodes fit({d.node})")
+        self.event(pod, FILTERING_SUCCEED, filtering_succeed_message(d.node, d.filtered))
         try:
             # REFERENCE §4's annotations travel in the Binding: the pod is never seen
             # bound without them, nor annotated for a bind that did not happen.

@@ -71,6 +71,8 @@ from shared.schemas import (
     AllocPreempted,
     AllocReleased,
     AllocRequested,
+    FilterSummary,
+    FitNode,
     LedgerAlloc,
     MoveReply,
     MoveRequest,
@@ -276,6 +278,8 @@ class PlacementService:
         self._stopping = False
         self.decisions = 0
         self.conflicts = 0
+        # Kubernetes pods decided and not yet announced: HAMi's FilteringSucceed facts
+        self._filtered: dict[str, FilterSummary] = {}
         self.preemptions = 0  # allocations released to make room (scheduler.preemption)
         self._api: ApiService | None = None  # hami.placement.preempt (the extender's)
         # Nodes set aside because their inventory or ledger entry is garbage (KV key ->
@@ -518,6 +522,12 @@ class PlacementService:
         result = self.placer.decide(req)
         if self.queues is not None or req.queue:
             result = self._within_limits(req, result)
+        if isinstance(result, Placement) and result.fits is not None:
+            if len(self._filtered) >= 10_000:  # decided but never announced (a failed write)
+                self._filtered.clear()
+            offered = len(req.constraints.nodes) or self.cluster.nodes_total()
+            nodes = [FitNode(node=n, score=s) for n, s in result.fits]
+            self._filtered[req.uid] = FilterSummary(offered=offered, fits=result.fit_count, nodes=nodes)
         self._trace_decision(span, req, result, time.perf_counter() - t0)
         return result
 
@@ -568,6 +578,7 @@ class PlacementService:
             replica=self.replica,
             deadline=req.deadline,
             conflicts=self.conflicts,
+            filtered=self._filtered.pop(req.uid, None),
         )
 
     async def _publish_decided(

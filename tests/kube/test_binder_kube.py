@@ -84,6 +84,9 @@ async def test_pod_gets_hami_annotations_binding_and_events(kc: KubeCluster, fak
     ev = kc.events("train", "FilteringSucceed")
     assert ev and ev[0]["type"] == "Normal" and ev[0]["involvedObject"]["uid"] == uid
     assert ev[0]["source"]["component"] == "hami-scheduler"
+    # HAMi's genSuccessMsg: both empty nodes fit with score 0; the chosen one is last
+    other = next(n for n in NODES if n != node)
+    assert ev[0]["message"] == f"find fit node({node}), 0 nodes not fit, 2 nodes fit({other}:0.00,{node}:0.00)"
 
 
 async def test_binding_status_body_needs_raw_response(kc: KubeCluster, fake: FakeKube) -> None:

@@ -109,6 +109,10 @@ class Placement:
     cpu_milli: int = 0
     memory_mib: int = 0
     score: float = 0.0  # the node policy's score (for traces and tests)
+    # Kubernetes pods: HAMi's fitting nodes for its FilteringSucceed event, as (node,
+    # HAMi node score) in HAMi's order (the chosen node last), and how many fit in all
+    fits: list[tuple[str, float]] | None = None
+    fit_count: int = 0
 
     def to_alloc(self, req: AllocRequested, decided_at: float = 0.0) -> LedgerAlloc:
         """The ledger entry that reserves this placement for ``req``."""

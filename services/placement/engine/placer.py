@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import numpy.typing as npt
 
 from shared.config import NodeSettings, SchedulerSettings
 from shared.schemas import (
+    FIT_NODES_MAX,
     AllocRequested,
     CardGrant,
     Constraints,
@@ -42,6 +44,7 @@ from .state import BOOL, I64, ClusterState, NodeRec
 
 NODE_POLICIES = ("binpack", "spread", "random", "bestfit", *FRAG_POLICIES)
 _F64 = npt.NDArray[np.float64]
+_NAME = operator.attrgetter("name")
 
 
 @dataclass(slots=True, frozen=True)
@@ -406,6 +409,8 @@ class Placer:
             if policy in VARIANTS and self._frag_eligible(asks, cons, chain, req.namespace):
                 got = self._decide_frag(policy, req, conts, asks, cpu, mem, cands, dyn, flat)
                 if got is not None:
+                    if explain and req.source == "kube":
+                        self._add_fits(got, policy, cands, set())
                     return got
             # a node that refused this shape of pod and has not changed since refuses it
             # again: kept per (node, version, shape), the exact stage is skipped then
@@ -431,7 +436,10 @@ class Placer:
                             self._fail_cache.clear()
                         self._fail_cache[fkey] = f.reason
                     continue
-                return m.Placement(node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem)
+                got = m.Placement(node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem)
+                if explain and req.source == "kube":  # HAMi's FilteringSucceed text
+                    self._add_fits(got, policy, cands, {*tried, *room_cut}, row)
+                return got
         if not explain:
             return m.Failure(nodes_total=st.nodes_total(), message="no node fits")
         if room_cut:
@@ -445,7 +453,10 @@ class Placer:
                 except _Fail as f:
                     tried[row] = f.reason
                     continue
-                return m.Placement(node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem)
+                got = m.Placement(node=rec.name, containers=grants, cpu_milli=cpu, memory_mib=mem)
+                if req.source == "kube":
+                    self._add_fits(got, policy, cands, {*tried, *room_cut} - {row}, row)
+                return got
         reasons = self._explain(cons, cpu, mem, flat, static, req.namespace, tried)
         total = st.nodes_total()
         return m.Failure(
@@ -806,6 +817,50 @@ class Placer:
         for i in order:
             if i != best:
                 yield int(cands[i])
+
+    def _add_fits(
+        self,
+        got: m.Placement,
+        policy: str,
+        cands: npt.NDArray[np.int64],
+        refused: set[int],
+        chosen: int | None = None,
+    ) -> None:
+        """HAMi's fitting nodes for its ``FilteringSucceed`` event, on ``got``.
+
+        HAMi fits every node kube-scheduler offered and lists those that fit with their
+        node score (``ComputeDefaultScore``, before the pod), sorted as its node policy
+        sorts them (binpack ascending, spread descending) so the chosen node is last.
+        Here the candidates of the vectorised stage are the fitting nodes, less those
+        the exact stage refused; only the chosen node got the exact fit. Equal scores
+        come in the reverse of the ranking's name order, so the chosen node stays last.
+        At most :data:`FIT_NODES_MAX` are listed (the best); ``fit_count`` counts all.
+        """
+        st = self.cluster
+        if chosen is None:
+            chosen = st.nodes[got.node].row
+        rows = cands
+        if refused:
+            rows = cands[~np.isin(cands, np.fromiter(refused, np.int64, len(refused)))]
+        score = self.node_scores(rows)
+        key = -score if policy == "spread" else score  # HAMi's ascending sort key
+        best = rows
+        if len(rows) > FIT_NODES_MAX:  # only the listed ones are sorted (ties kept whole)
+            kth = np.partition(key, len(key) - FIT_NODES_MAX)[len(key) - FIT_NODES_MAX]
+            keep = np.flatnonzero(key >= kth)
+            best, score, key = rows[keep], score[keep], key[keep]
+        pos = np.lexsort((-st.n_rank[best], key))
+        if best[pos[-1]] != chosen:  # another policy chose: the chosen node goes last
+            pos = pos[best[pos] != chosen]
+            if chosen not in best:  # below the listed ones by HAMi's score
+                one = np.array([chosen], dtype=np.int64)
+                best, score = np.append(best, one), np.append(score, self.node_scores(one))
+            pos = np.append(pos, np.flatnonzero(best == chosen))
+        top = pos[-FIT_NODES_MAX:]
+        # map() keeps the per-node work in C: this runs for every Kubernetes pod
+        names = map(_NAME, map(st.rows.__getitem__, best[top].tolist()))
+        got.fits = list(zip(names, score[top].tolist(), strict=True))
+        got.fit_count = len(rows)
 
     # ------------------------------------------------------------- exact stage
 
