@@ -1,21 +1,112 @@
-"""``python -m services.inventory``: run the inventory service alone against a NATS server."""
+"""``python -m services.inventory``: run the inventory service alone against a NATS server.
+
+Kubernetes mode (``--kube``): the service also keeps the inventory entries of the Nodes
+whose cards are run by HAMi's vendor device plugins rather than by our node agent (see
+:mod:`services.inventory.kube_nodes`), listing the Nodes every ``--kube-interval``
+seconds. The API server is found as the binder finds it: ``--kube-host URL`` (no auth;
+tests), ``--in-cluster`` (service account), ``--kubeconfig PATH`` (or ``$KUBECONFIG``,
+or ``~/.kube/config``), else in-cluster. It needs only to list Nodes.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.inventory.service import InventoryService
 from shared import runner
 from shared.bus import Bus
 from shared.config import Config
 
+if TYPE_CHECKING:  # imported when started: standalone, the Kubernetes client stays unloaded
+    from services.inventory.kube_nodes import NodeRegisterWatcher
+    from shared.kube import Kube
 
-async def make(bus: Bus, cfg: Config) -> InventoryService:
-    return InventoryService(bus, cfg)
+
+def default_kubeconfig(given: str | None) -> str | None:
+    if given or os.environ.get("KUBECONFIG"):
+        return given or os.environ["KUBECONFIG"]
+    home = Path("~/.kube/config").expanduser()
+    return str(home) if home.exists() else None
+
+
+class KubeInventory:
+    """The inventory service and the vendor-node watcher, started and stopped as one."""
+
+    def __init__(self, bus: Bus, cfg: Config, args: argparse.Namespace) -> None:
+        self.bus, self.cfg, self.args = bus, cfg, args
+        self.service = InventoryService(bus, cfg)
+        self.kube: Kube | None = None
+        self.watcher: NodeRegisterWatcher | None = None
+
+    async def start(self) -> None:
+        from services.inventory.kube_nodes import NodeRegisterWatcher
+        from shared.kube import Kube
+
+        a = self.args
+        # The service first: it watches the nodes bucket the watcher writes to.
+        await self.service.start()
+        kubeconfig = default_kubeconfig(a.kubeconfig)
+        try:
+            if a.kube_host:
+                kube = await Kube.connect(host=a.kube_host)
+            elif a.in_cluster or not kubeconfig:
+                kube = await Kube.connect(in_cluster=True)
+            else:
+                kube = await Kube.connect(kubeconfig=kubeconfig, context=a.context)
+        except Exception as exc:  # no token mounted, a bad kubeconfig: say which
+            await self.service.stop()
+            raise SystemExit(f"inventory: --kube: cannot reach the API server: {exc}") from None
+        self.kube = kube
+        watcher = NodeRegisterWatcher(self.bus, kube, interval=a.kube_interval,
+                                      heartbeat_interval=self.cfg.heartbeat_interval)
+        watcher.start()
+        self.watcher = watcher
+
+    async def stop(self) -> None:
+        # The watcher first, so it writes nothing after the service stopped listening.
+        if self.watcher is not None:
+            await self.watcher.stop()
+            self.watcher = None
+        if self.kube is not None:
+            await self.kube.close()
+            self.kube = None
+        await self.service.stop()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = runner.common_args("python -m services.inventory")
+    k = p.add_argument_group("Kubernetes mode (the Nodes of HAMi's vendor device plugins)")
+    k.add_argument("--kube", action="store_true",
+                   help="also turn Nodes whose vendor plugin registered cards into inventory")
+    k.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG, ~/.kube/config)")
+    k.add_argument("--context", default=None, help="kubeconfig context")
+    k.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
+    k.add_argument("--kube-host", default=None, help="API server URL without auth (tests)")
+    k.add_argument("--kube-interval", type=positive, default=5.0,
+                   help="seconds between two lists of the Nodes (default 5)")
+    return p
+
+
+def positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = runner.common_args("python -m services.inventory").parse_args(argv)
+    args = parser().parse_args(argv)
+
+    async def make(bus: Bus, cfg: Config) -> InventoryService | KubeInventory:
+        return KubeInventory(bus, cfg, args) if args.kube else InventoryService(bus, cfg)
+
     return runner.run("inventory", args, make)
 
 

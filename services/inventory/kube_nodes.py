@@ -17,6 +17,13 @@ entries it wrote itself (``agent_id`` :data:`KUBE_AGENT`), so an agent's invento
 never overwritten, and an entry of ours is replaced as soon as an agent registers.
 NVIDIA cards come only from node agents (HAMi's NVIDIA plugin is ours). The Nodes are
 listed every ``interval`` seconds (a register annotation changes every 30 s at most).
+
+A vendor whose plugin stopped answering loses its cards as in HAMi's scheduler
+(``CheckHealth`` of ``pkg/device``): its handshake annotation reads ``Requesting_<time>``
+(the scheduler asked, the plugin never replaced it with ``Reported ...``) and that time
+is more than :data:`HANDSHAKE_TIMEOUT` seconds old, unless the Node still advertises
+the vendor's count resource as allocatable (the plugin is alive, only slow to report).
+A ``Requesting`` without a readable time keeps the cards, as HAMi does.
 """
 
 from __future__ import annotations
@@ -25,18 +32,47 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
-from shared import subjects
+from shared import logs, subjects
 from shared.bus import Bus
-from shared.devices.base import RequestError, capacity_int
+from shared.devices.base import Family, RequestError, capacity_int
 from shared.devices.registry import REGISTRY, Registry
 from shared.kube import Kube, KubeError, path
 from shared.schemas import Device, Heartbeat, NodeInventory
 
 log = logging.getLogger("hami.inventory.kube_nodes")
+noisy = logs.RateLimited(log)
 
 KUBE_AGENT = "kube-register"  # agent_id of an inventory decoded from a Node object
+# Seconds a vendor plugin has to answer the scheduler's "Requesting_<time>" (HAMi: 60).
+HANDSHAKE_TIMEOUT = 60.0
+# How HAMi's scheduler writes that time: Go's time.DateTime, in its local time zone.
+HANDSHAKE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def handshake_expired(
+    fam: Family, annotations: Mapping[str, str], allocatable: Mapping[str, Any], now: float
+) -> bool:
+    """True when ``fam``'s plugin left the scheduler's handshake request unanswered for
+    longer than :data:`HANDSHAKE_TIMEOUT` and the Node no longer advertises its cards."""
+    if not fam.handshake_annotation:
+        return False
+    value = annotations.get(fam.handshake_annotation, "")
+    if "Requesting" not in value:
+        return False  # Reported (the plugin answered), Deleted, or never asked
+    _, sep, stamp = value.partition("_")
+    if not sep:
+        return False
+    try:
+        asked = datetime.strptime(stamp, HANDSHAKE_TIME_FORMAT).timestamp()  # naive: local
+    except ValueError:
+        return False  # HAMi keeps a vendor whose request time it cannot read
+    if now < asked + HANDSHAKE_TIMEOUT:
+        return False
+    # HAMi skips the clean-up while the kubelet still lists the plugin's resource.
+    return not _capacity_says(allocatable, (fam.resources.count,))
 
 
 def _capacity_says(capacity: Mapping[str, Any], names: tuple[str, ...]) -> bool:
@@ -47,14 +83,18 @@ def _capacity_says(capacity: Mapping[str, Any], names: tuple[str, ...]) -> bool:
 
 
 def node_devices(
-    node: Mapping[str, Any], registry: Registry = REGISTRY
+    node: Mapping[str, Any], registry: Registry = REGISTRY, now: float | None = None
 ) -> tuple[list[Device], list[str]]:
-    """Every non-NVIDIA family's cards on a Node object, and what could not be read
-    (one line per family: a register annotation that does not decode)."""
+    """Every non-NVIDIA family's cards on a Node object, and what was left out (one
+    line per family: a register annotation that does not decode, or an expired
+    handshake, see :func:`handshake_expired`; ``now`` defaults to the clock)."""
     meta = node.get("metadata") or {}
     name = str(meta.get("name") or "")
     annotations: Mapping[str, str] = meta.get("annotations") or {}
-    capacity: Mapping[str, Any] = (node.get("status") or {}).get("capacity") or {}
+    status: Mapping[str, Any] = node.get("status") or {}
+    capacity: Mapping[str, Any] = status.get("capacity") or {}
+    allocatable: Mapping[str, Any] = status.get("allocatable") or {}
+    now = time.time() if now is None else now
     devices: list[Device] = []
     problems: list[str] = []
     for fam in registry.families:
@@ -64,6 +104,13 @@ def node_devices(
             if fam.register_annotation not in annotations:
                 continue
         elif not _capacity_says(capacity, fam.resources.all()):
+            continue
+        if handshake_expired(fam, annotations, allocatable, now):
+            problems.append(
+                f"{fam.name}: handshake {fam.handshake_annotation}="
+                f"{annotations[fam.handshake_annotation]!r} unanswered for over "
+                f"{HANDSHAKE_TIMEOUT:.0f} s: its device plugin is gone, its cards left out"
+            )
             continue
         try:
             cards = fam.node_cards(name, annotations, capacity)
@@ -92,10 +139,11 @@ def node_devices(
 
 def node_inventory(node: Mapping[str, Any], now: float) -> NodeInventory | None:
     """The inventory of a Node its vendor plugins registered cards on (None: none)."""
-    devices, problems = node_devices(node)
+    devices, problems = node_devices(node, now=now)
     meta = node.get("metadata") or {}
-    for p in problems:
-        log.warning("node %s: %s", meta.get("name"), p)
+    for p in problems:  # the Nodes are listed every few seconds: once a minute is enough
+        noisy.warning(f"node:{meta.get('name')}:{p.split(':', 1)[0]}", "node %s: %s",
+                      meta.get("name"), p)
     if not devices:
         return None
     return NodeInventory(
