@@ -255,6 +255,14 @@ def permissions(role: str) -> Permissions:
         b.kv_read(subjects.NODES_BUCKET)
         b.kv_read(subjects.LEDGER_BUCKET)
         b.kv_write(subjects.HEALTH_BUCKET)
+        # Kubernetes mode (services.inventory.kube_nodes): the inventory writes the
+        # entries of Nodes served by HAMi's vendor device plugins (no node agent there)
+        # and beats for them. Which Nodes those are is only known at run time, so the
+        # grant is the whole bucket and every node's heartbeat subject (the inventory
+        # is the one that judges heartbeats: it gains no say it did not have). Node
+        # agents keep their one key each.
+        b.kv_write(subjects.NODES_BUCKET)
+        b.pub.append(subjects.HEARTBEAT_ALL)
         b.pub.append(f"{evt}.node.*.*")
         b.sub += [
             subjects.HEARTBEAT_ALL,
