@@ -567,7 +567,7 @@ def test_single_replicas_get_neither() -> None:
     assert dep["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {}}
 
 
-def test_only_binder_and_nodeagent_mount_a_token() -> None:
+def test_only_the_services_that_call_the_api_mount_a_token() -> None:
     objs = render("defaults")
     for w in workloads(objs):
         pod = w["spec"]["template"]["spec"]
@@ -575,7 +575,8 @@ def test_only_binder_and_nodeagent_mount_a_token() -> None:
         sa = pod.get("serviceAccountName")
         if sa:
             mounts = mounts and one(objs, "ServiceAccount", sa).get("automountServiceAccountToken", True)
-        wants = w["metadata"]["name"] in (component_name("binder"), component_name("nodeagent"))
+        wants = w["metadata"]["name"] in (component_name("binder"), component_name("nodeagent"),
+                                          component_name("inventory"))
         assert mounts == wants, w["metadata"]["name"]
 
 
@@ -695,6 +696,7 @@ CALL_SITES: dict[tuple[str, str, str, str], tuple[str, tuple[str, ...]]] = {
     ("binder", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "get"): ("services/binder/certs.py", ('"mutatingwebhookconfigurations"', ".get(")),
     ("binder", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "patch"): ("services/binder/certs.py", ('"mutatingwebhookconfigurations"', ".patch(")),
     ("nodeagent", "", "nodes", "patch"): ("services/nodeagent/kube/annotations.py", ("self.kube.patch(", 'k.path("nodes", name=self.node)')),
+    ("inventory", "", "nodes", "list"): ("services/inventory/kube_nodes.py", ('self.kube.get(path("nodes"))',)),
 }
 
 
@@ -721,7 +723,8 @@ def granted_rules() -> set[tuple[str, str, str, str]]:
 def test_rbac_every_grant_has_a_call_site() -> None:
     granted = granted_rules()
     assert not [g for g in granted if "*" in g], "no wildcards"
-    assert {g[0] for g in granted} == {"binder", "nodeagent"}  # the others only talk to NATS
+    # the others only talk to NATS
+    assert {g[0] for g in granted} == {"binder", "nodeagent", "inventory"}
     assert not granted - set(CALL_SITES), f"grants nothing uses: {sorted(granted - set(CALL_SITES))}"
     assert not set(CALL_SITES) - granted, f"stale entries: {sorted(set(CALL_SITES) - granted)}"
     for rule, (module, needles) in CALL_SITES.items():

@@ -1,7 +1,9 @@
 {{/*
-A Deployment of a service that talks only to NATS (inventory, placement, metrics): no
-API-server token, non-root, read-only root filesystem.
-Input: (dict "ctx" $ "component" "placement" "values" .Values.placement "port" 0)
+A Deployment of a service that talks to NATS (inventory, placement, metrics): non-root,
+read-only root filesystem, and no API-server token unless "kube" is true (the inventory,
+which lists Nodes; its grants are in rbac.yaml).
+Input: (dict "ctx" $ "component" "placement" "values" .Values.placement "port" 0
+             "args" (list ...) "kube" false)
 With more than one replica it comes with a PodDisruptionBudget.
 */}}
 {{- define "hami-bus.busDeployment" -}}
@@ -24,7 +26,11 @@ spec:
       {{- include "hami-bus.podMetadata" . | nindent 6 }}
     spec:
       serviceAccountName: {{ include "hami-bus.componentName" . }}
+      {{- if .kube }}
+      automountServiceAccountToken: true    # reads the Kubernetes API (rbac.yaml)
+      {{- else }}
       automountServiceAccountToken: false   # NATS only; no Kubernetes API access
+      {{- end }}
       {{- with $ctx.Values.imagePullSecrets }}
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
