@@ -5,7 +5,8 @@ whose cards are run by HAMi's vendor device plugins rather than by our node agen
 :mod:`services.inventory.kube_nodes`), listing the Nodes every ``--kube-interval``
 seconds. The API server is found as the binder finds it: ``--kube-host URL`` (no auth;
 tests), ``--in-cluster`` (service account), ``--kubeconfig PATH`` (or ``$KUBECONFIG``,
-or ``~/.kube/config``), else in-cluster. It needs only to list Nodes.
+or ``~/.kube/config``), else in-cluster. It lists Nodes and, unless
+``--no-kube-handshake``, patches the handshake annotations of the Nodes it serves.
 """
 
 from __future__ import annotations
@@ -61,8 +62,13 @@ class KubeInventory:
             await self.service.stop()
             raise SystemExit(f"inventory: --kube: cannot reach the API server: {exc}") from None
         self.kube = kube
-        watcher = NodeRegisterWatcher(self.bus, kube, interval=a.kube_interval,
-                                      heartbeat_interval=self.cfg.heartbeat_interval)
+        watcher = NodeRegisterWatcher(
+            self.bus,
+            kube,
+            interval=a.kube_interval,
+            heartbeat_interval=self.cfg.heartbeat_interval,
+            request_handshakes=a.kube_handshake,
+        )
         watcher.start()
         self.watcher = watcher
 
@@ -80,14 +86,30 @@ class KubeInventory:
 def parser() -> argparse.ArgumentParser:
     p = runner.common_args("python -m services.inventory")
     k = p.add_argument_group("Kubernetes mode (the Nodes of HAMi's vendor device plugins)")
-    k.add_argument("--kube", action="store_true",
-                   help="also turn Nodes whose vendor plugin registered cards into inventory")
-    k.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG, ~/.kube/config)")
+    k.add_argument(
+        "--kube",
+        action="store_true",
+        help="also turn Nodes whose vendor plugin registered cards into inventory",
+    )
+    k.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG, ~/.kube/config)"
+    )
     k.add_argument("--context", default=None, help="kubeconfig context")
     k.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
     k.add_argument("--kube-host", default=None, help="API server URL without auth (tests)")
-    k.add_argument("--kube-interval", type=positive, default=5.0,
-                   help="seconds between two lists of the Nodes (default 5)")
+    k.add_argument(
+        "--kube-handshake",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask vendor plugins to report (Requesting_<time>, as HAMi's scheduler): "
+        "patches Nodes; --no-kube-handshake only reads (default on)",
+    )
+    k.add_argument(
+        "--kube-interval",
+        type=positive,
+        default=5.0,
+        help="seconds between two lists of the Nodes (default 5)",
+    )
     return p
 
 

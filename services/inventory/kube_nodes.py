@@ -23,7 +23,11 @@ A vendor whose plugin stopped answering loses its cards as in HAMi's scheduler
 (the scheduler asked, the plugin never replaced it with ``Reported ...``) and that time
 is more than :data:`HANDSHAKE_TIMEOUT` seconds old, unless the Node still advertises
 the vendor's count resource as allocatable (the plugin is alive, only slow to report).
-A ``Requesting`` without a readable time keeps the cards, as HAMi does.
+A ``Requesting`` without a readable time keeps the cards, as HAMi does. The asking is
+ours too, as it is HAMi's scheduler's: on a Node the watcher serves, a handshake that
+does not read ``Requesting`` (the plugin reported, or never did) is patched to
+``Requesting_<now>`` (``request_handshakes``; the plugin answers every 30 s or so), so
+a plugin that stops is noticed without HAMi's scheduler in the cluster.
 """
 
 from __future__ import annotations
@@ -80,6 +84,24 @@ def _capacity_says(capacity: Mapping[str, Any], names: tuple[str, ...]) -> bool:
         return any(capacity_int(capacity, n) > 0 for n in names)
     except RequestError:
         return False
+
+
+def handshake_requests(
+    node: Mapping[str, Any], now: float, registry: Registry = REGISTRY
+) -> dict[str, str]:
+    """The handshake annotations to set to ``Requesting_<now>`` on a Node: those of the
+    families that registered there and whose handshake is not a request already."""
+    meta = node.get("metadata") or {}
+    annotations: Mapping[str, str] = meta.get("annotations") or {}
+    asked = "Requesting_" + time.strftime(HANDSHAKE_TIME_FORMAT, time.localtime(now))
+    return {
+        fam.handshake_annotation: asked
+        for fam in registry.families
+        if not fam.engine_native
+        and fam.handshake_annotation
+        and fam.register_annotation in annotations
+        and "Requesting" not in annotations.get(fam.handshake_annotation, "")
+    }
 
 
 def node_devices(
@@ -159,10 +181,16 @@ class NodeRegisterWatcher:
     """Keeps the inventory bucket's entries of vendor-plugin nodes (see the module doc)."""
 
     def __init__(
-        self, bus: Bus, kube: Kube, interval: float = 5.0, heartbeat_interval: float = 2.0
+        self,
+        bus: Bus,
+        kube: Kube,
+        interval: float = 5.0,
+        heartbeat_interval: float = 2.0,
+        request_handshakes: bool = True,
     ) -> None:
         self.bus = bus
         self.kube = kube
+        self.request_handshakes = request_handshakes
         self.interval = interval
         self.heartbeat_interval = heartbeat_interval
         self.written: dict[str, NodeInventory] = {}  # node -> what we last wrote
@@ -208,6 +236,15 @@ class NodeRegisterWatcher:
         cur, _ = await self.bus.kv_get(subjects.NODES_BUCKET, node, NodeInventory)
         return cur is None or cur.agent_id == KUBE_AGENT
 
+    async def _ask(self, node: str, requests: dict[str, str]) -> None:
+        """Patch the handshake requests onto the Node (a failure waits for the next pass)."""
+        if not requests:
+            return
+        try:
+            await self.kube.patch(path("nodes", name=node), {"metadata": {"annotations": requests}})
+        except (KubeError, OSError) as exc:
+            noisy.warning(f"handshake:{node}", "node %s: cannot request handshakes: %s", node, exc)
+
     async def sync_once(self) -> None:
         """One pass over the Nodes: write changed entries, drop those of gone Nodes."""
         listed = await self.kube.get(path("nodes"))
@@ -221,6 +258,8 @@ class NodeRegisterWatcher:
             if not await self._ours(inv.node):
                 self.written.pop(inv.node, None)  # an agent serves it now
                 continue
+            if self.request_handshakes:
+                await self._ask(inv.node, handshake_requests(obj, now))
             old = self.written.get(inv.node)
             if old is None or (old.devices, old.labels) != (inv.devices, inv.labels):
                 await self.bus.kv_put(subjects.NODES_BUCKET, inv.node, inv)

@@ -3,8 +3,8 @@ identity on a nats-server with auth on, against the fake API server.
 
 A Node whose Ascend plugin registered cards (and that has no node agent, nor even a
 node agent's identity) becomes inventory; placement, under its own identity, decides a
-submit onto it; when the plugin leaves HAMi's handshake request unanswered past HAMi's
-timeout, its cards leave. The process stops cleanly on SIGTERM.
+submit onto it; the inventory asks the plugin to report (HAMi's ``Requesting_<time>``
+handshake) and, when that request stays unanswered past HAMi's timeout, its cards leave. The process stops cleanly on SIGTERM.
 """
 
 from __future__ import annotations
@@ -156,6 +156,19 @@ async def test_kube_mode_process_puts_a_vendor_plugin_node_in_placement(
         inv, _ = await admin.kv_get(subjects.NODES_BUCKET, "npu-node", NodeInventory)
         assert inv is not None and inv.agent_id == KUBE_AGENT
         assert sorted(d.uuid for d in inv.devices) == ["npu-0", "npu-1"]
+        # the watcher asks the plugin to report, as HAMi's scheduler does ...
+        def handshake() -> str:
+            obj = fake.get("nodes", None, "npu-node")
+            assert obj is not None
+            return str(obj["metadata"]["annotations"][HANDSHAKE])
+
+        await wait_for(lambda: handshake().startswith("Requesting_"), "a handshake request")
+        fam = next(f for f in REGISTRY.families if f.name == CHIP)
+        assert not handshake_expired(fam, {HANDSHAKE: handshake()}, {}, time.time())
+        # ... and again once it has
+        fake.patch("nodes", None, "npu-node",
+                   {"metadata": {"annotations": {HANDSHAKE: "Reported_2026.01.02 03:04:05"}}})  # fmt: skip
+        await wait_for(lambda: handshake().startswith("Requesting_"), "a second request")
         # ... kept healthy by the watcher's heartbeats (no agent beats for it)
         st = await wait_for(status, "a status")
         (node,) = [n for n in st.nodes if n.node == "npu-node"]
