@@ -697,6 +697,7 @@ CALL_SITES: dict[tuple[str, str, str, str], tuple[str, tuple[str, ...]]] = {
     ("binder", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "patch"): ("services/binder/certs.py", ('"mutatingwebhookconfigurations"', ".patch(")),
     ("nodeagent", "", "nodes", "patch"): ("services/nodeagent/kube/annotations.py", ("self.kube.patch(", 'k.path("nodes", name=self.node)')),
     ("inventory", "", "nodes", "list"): ("services/inventory/kube_nodes.py", ('self.kube.get(path("nodes"))',)),
+    ("inventory", "", "nodes", "patch"): ("services/inventory/kube_nodes.py", ('self.kube.patch(path("nodes", name=node)',)),
 }
 
 
