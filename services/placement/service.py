@@ -562,7 +562,8 @@ class PlacementService:
             self.cluster.reserve(node, alloc)
             self.owner[req.uid] = node
             return result, alloc, rev
-        raise RuntimeError(f"{req.uid}: ledger of {result.node} kept changing; will retry")
+        where = result.node if isinstance(result, Placement) else "its node"
+        raise RuntimeError(f"{req.uid}: ledger of {where} kept changing; will retry")
 
     def _decided_event(self, req: AllocRequested, node: str, alloc: LedgerAlloc, rev: int) -> AllocDecided:
         return AllocDecided(
@@ -1378,8 +1379,8 @@ class PlacementService:
             # A node never written before has no revision, and the refresh cannot tell
             # which of its holders were tentative: what the ledger lacks is not owned.
             for _, ev in batch:
-                node = self.owner.get(ev.uid) if isinstance(ev, AllocRequested) else None
-                if node is not None and ev.uid not in self.cluster.ledger(node).allocs:
+                held = self.owner.get(ev.uid) if isinstance(ev, AllocRequested) else None
+                if held is not None and ev.uid not in self.cluster.ledger(held).allocs:
                     del self.owner[ev.uid]
 
     async def _failed_alone(
