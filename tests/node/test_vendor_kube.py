@@ -307,7 +307,7 @@ async def test_handshake_is_reported_again_after_the_scheduler_asks(cfg: Config)
             )
             # ... and the annotator reports again with the current time, unprompted
             async with asyncio.timeout(5):
-                while ann.written["hami.io/node-handshake-dcu"] == first:
+                while ann.written["hami.io/node-handshake-dcu"] == first:  # noqa: ASYNC110 - polled state
                     await asyncio.sleep(0.05)
                 await ann.wait_synced()
             got = fk.get("nodes", None, "n1")["metadata"]["annotations"]  # type: ignore[index]
