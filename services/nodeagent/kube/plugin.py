@@ -191,6 +191,36 @@ def prefer(
     return chosen
 
 
+async def candidates_for(
+    agent: NodeAgent, matcher: Matcher, n: int, wait_timeout: float, what: str
+) -> list[Candidate]:
+    """The candidates an Allocate of ``n`` IDs may be for, from the ledger as fresh as
+    it can be read; AllocationError naming ``what`` is asked when none came in time."""
+    try:
+        await agent.refresh_ledger()
+    except Exception as exc:  # the bus is down: match against what the watch has
+        log.warning("%s: ledger refresh failed: %s", agent.node, exc)
+    deadline = time.monotonic() + wait_timeout
+    # The decision may not have reached the node yet (the watch lags a binding only
+    # when NATS is slow); wait for it briefly, never for minutes. (An allocate that
+    # finds no candidate changes nothing, so it doubles as the check.)
+    while not (cands := matcher.allocate(n)):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AllocationError(f"node {agent.node}: no pod placed here asks for {n} {what}")
+        agent.allocs_changed.clear()
+        try:
+            async with asyncio.timeout(min(left, 0.5)):
+                await agent.allocs_changed.wait()
+        except TimeoutError:
+            pass
+        try:
+            await agent.refresh_ledger()
+        except Exception:
+            pass
+    return cands
+
+
 class GpuPlugin:
     """The ``nvidia.com/gpu`` device plugin of one node agent (see the module doc).
 
@@ -339,30 +369,7 @@ class GpuPlugin:
 
     async def _allocate_one(self, n: int) -> ContainerAllocation:
         began = time.time_ns()
-        try:
-            await self.agent.refresh_ledger()
-        except Exception as exc:  # the bus is down: match against what the watch has
-            log.warning("%s: ledger refresh failed: %s", self.agent.node, exc)
-        deadline = time.monotonic() + self.wait_timeout
-        # The decision may not have reached the node yet (the watch lags a binding only
-        # when NATS is slow); wait for it briefly, never for minutes. (An allocate that
-        # finds no candidate changes nothing, so it doubles as the check.)
-        while not (cands := self.matcher.allocate(n)):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AllocationError(
-                    f"node {self.agent.node}: no pod placed here asks for {n} card(s)"
-                )
-            self.agent.allocs_changed.clear()
-            try:
-                async with asyncio.timeout(min(left, 0.5)):
-                    await self.agent.allocs_changed.wait()
-            except TimeoutError:
-                pass
-            try:
-                await self.agent.refresh_ledger()
-            except Exception:
-                pass
+        cands = await candidates_for(self.agent, self.matcher, n, self.wait_timeout, "card(s)")
         # Every candidate's slice is on disk before the container can start: the
         # ledger listeners (the slice writer among them) have run for the revision
         # refresh_ledger saw, since it waits for them.

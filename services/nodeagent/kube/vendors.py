@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from services.nodeagent.deviceplugin.server import (
 )
 from services.nodeagent.deviceplugin.v1beta1 import DEVICE_PLUGIN_PATH
 from services.nodeagent.kube.matching import Candidate, Matcher, of_vendor
-from services.nodeagent.kube.plugin import prefer, replicas, same_slice
+from services.nodeagent.kube.plugin import candidates_for, prefer, replicas, same_slice
 from shared.devices.amd import cus_held
 from shared.devices.base import AllocateContext
 from shared.devices.registry import REGISTRY
@@ -156,27 +155,7 @@ class VendorPlugin:
 
     async def _allocate_one(self, ids: list[str]) -> ContainerAllocation:
         n = len(ids)
-        try:
-            await self.agent.refresh_ledger()
-        except Exception as exc:  # the bus is down: match against what the watch has
-            log.warning("%s: ledger refresh failed: %s", self.agent.node, exc)
-        deadline = time.monotonic() + self.wait_timeout
-        while not (cands := self.matcher.allocate(n)):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AllocationError(
-                    f"node {self.agent.node}: no pod placed here asks for {n} {self.resource}"
-                )
-            self.agent.allocs_changed.clear()
-            try:
-                async with asyncio.timeout(min(left, 0.5)):
-                    await self.agent.allocs_changed.wait()
-            except TimeoutError:
-                pass
-            try:
-                await self.agent.refresh_ledger()
-            except Exception:
-                pass
+        cands = await candidates_for(self.agent, self.matcher, n, self.wait_timeout, self.resource)
         if same_slice(cands):
             self.exact += 1
         else:
