@@ -412,6 +412,19 @@ class PlacementService:
         if before - set(led.allocs):
             self.capacity_changed.set()
 
+    async def _write_ledger(self, led: NodeLedger) -> int | None:
+        """Compare-and-set ``led`` over the revision this replica last saw of its node,
+        and adopt it: its new revision, or None after a conflict (the node read again,
+        for the caller to decide again)."""
+        try:
+            rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, led.node, led, self.revs.get(led.node, 0))
+        except Conflict:
+            self.conflicts += 1
+            await self._refresh(led.node)
+            return None
+        self._adopt(led, rev)
+        return rev
+
     async def _refresh(self, node: str) -> None:
         led, rev = await self.bus.kv_get(subjects.LEDGER_BUCKET, node, NodeLedger)
         self._adopt(led or NodeLedger(node=node), rev)
@@ -679,14 +692,9 @@ class PlacementService:
                 led = gangs.committed_ledger(self.cluster.ledger(node), key)
                 if led is None:
                     continue
-                try:
-                    rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, led, self.revs.get(node, 0))
-                except Conflict:
-                    self.conflicts += 1
-                    await self._refresh(node)
+                if await self._write_ledger(led) is None:
                     conflict = True
                     break
-                self._adopt(led, rev)
             if conflict:
                 continue
             log.info("gang %s committed: %d members", key, len(view.members))
@@ -716,13 +724,8 @@ class PlacementService:
                 if got is None:
                     break
                 led, removed = got
-                try:
-                    rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, led, self.revs.get(node, 0))
-                except Conflict:
-                    self.conflicts += 1
-                    await self._refresh(node)
+                if await self._write_ledger(led) is None:
                     continue
-                self._adopt(led, rev)
                 gone.extend(removed)
                 break
         self.capacity_changed.set()
@@ -835,16 +838,11 @@ class PlacementService:
                 for c in alloc.containers])
             dst = self.cluster.ledger(ask.to_node)
             led = NodeLedger(node=ask.to_node, allocs={**dst.allocs, ask.uid: moved})
-            try:
-                # Onto the new cards first: until the old ones are released it holds both
-                # (never neither), so nobody else can take the room it is moving into.
-                rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, ask.to_node, led,
-                                            self.revs.get(ask.to_node, 0))
-            except Conflict:
-                self.conflicts += 1
-                await self._refresh(ask.to_node)
+            # Onto the new cards first: until the old ones are released it holds both
+            # (never neither), so nobody else can take the room it is moving into.
+            rev = await self._write_ledger(led)
+            if rev is None:
                 continue
-            self._adopt(led, rev)
             if node != ask.to_node:
                 await self._drop(node, ask.uid)
             self.owner[ask.uid] = ask.to_node
@@ -869,14 +867,8 @@ class PlacementService:
             if uid not in cur.allocs:
                 return
             led = NodeLedger(node=node, allocs={k: v for k, v in cur.allocs.items() if k != uid})
-            try:
-                rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, led, self.revs.get(node, 0))
-            except Conflict:
-                self.conflicts += 1
-                await self._refresh(node)
-                continue
-            self._adopt(led, rev)
-            return
+            if await self._write_ledger(led) is not None:
+                return
         raise RuntimeError(f"{uid}: ledger of {node} kept changing while it moved")
 
     # ----------------------------------------------------------------- preemption
@@ -902,13 +894,9 @@ class PlacementService:
             allocs = {k: v for k, v in current.allocs.items() if k not in set(choice.uids)}
             allocs[req.uid] = alloc
             led = NodeLedger(node=node, allocs=allocs)
-            try:
-                rev = await self.bus.kv_cas(subjects.LEDGER_BUCKET, node, led, self.revs.get(node, 0))
-            except Conflict:
-                self.conflicts += 1
-                await self._refresh(node)
+            rev = await self._write_ledger(led)
+            if rev is None:
                 continue
-            self._adopt(led, rev)
             self.preemptions += len(victims)
             if span.is_recording():
                 span.set_attribute("hami.preempted", [v.uid for v in victims])
