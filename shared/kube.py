@@ -20,9 +20,12 @@ are not forced through a model that cannot hold them.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -296,3 +299,25 @@ class Kube:
                 yield ev
         finally:
             resp.response.release()
+
+
+# ------------------------------------------------ how the services find the API server
+
+
+def default_kubeconfig(given: str | None) -> str | None:
+    if given or os.environ.get("KUBECONFIG"):
+        return given or os.environ["KUBECONFIG"]
+    home = Path("~/.kube/config").expanduser()
+    return str(home) if home.exists() else None
+
+
+async def connect_from(args: argparse.Namespace) -> Kube:
+    """The API server :func:`shared.runner.kube_flags` name: ``--kube-host`` (no auth),
+    ``--in-cluster``, ``--kubeconfig`` (or ``$KUBECONFIG``, or ``~/.kube/config``),
+    else the pod's service account."""
+    kubeconfig = default_kubeconfig(args.kubeconfig)
+    if args.kube_host:
+        return await Kube.connect(host=args.kube_host)
+    if args.in_cluster or not kubeconfig:
+        return await Kube.connect(in_cluster=True)
+    return await Kube.connect(kubeconfig=kubeconfig, context=args.context)

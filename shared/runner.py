@@ -50,6 +50,16 @@ def common_args(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def kube_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags that name a service's API server (read by :func:`shared.kube.connect_from`)."""
+    group.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG, ~/.kube/config)"
+    )
+    group.add_argument("--context", default=None, help="kubeconfig context")
+    group.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
+    group.add_argument("--kube-host", default=None, help="API server URL without auth (tests)")
+
+
 def credentials(
     args: argparse.Namespace, service: str, node_name: str = ""
 ) -> auth.Credentials | None:

@@ -22,22 +22,13 @@ Admission webhook: ``--webhook-cert FILE --webhook-key FILE`` serves HTTPS on
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from services.binder.service import BinderService
 from shared import runner
 from shared.bus import Bus
 from shared.config import Config
-
-
-def default_kubeconfig(given: str | None) -> str | None:
-    if given or os.environ.get("KUBECONFIG"):
-        return given or os.environ["KUBECONFIG"]
-    home = Path("~/.kube/config").expanduser()
-    return str(home) if home.exists() else None
 
 
 class KubeMode:
@@ -51,17 +42,11 @@ class KubeMode:
     async def start(self) -> None:
         from services.binder.kube import KubeBinder
         from services.binder.webhook import WebhookServer, WebhookSettings
-        from shared.kube import Kube
+        from shared.kube import connect_from
 
         a = self.args
         if a.kube:
-            kubeconfig = default_kubeconfig(a.kubeconfig)
-            if a.kube_host:
-                kube = await Kube.connect(host=a.kube_host)
-            elif a.in_cluster or not kubeconfig:
-                kube = await Kube.connect(in_cluster=True)
-            else:
-                kube = await Kube.connect(kubeconfig=kubeconfig, context=a.context)
+            kube = await connect_from(a)
             self.kube = kube
             binder = KubeBinder(self.bus, self.cfg, kube, extender_host=a.extender_host,
                                 extender_port=a.extender_port)
@@ -138,10 +123,7 @@ def parser() -> argparse.ArgumentParser:
     p = runner.common_args("python -m services.binder")
     k = p.add_argument_group("Kubernetes mode")
     k.add_argument("--kube", action="store_true", help="watch pods and bind them in Kubernetes")
-    k.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG, ~/.kube/config)")
-    k.add_argument("--context", default=None, help="kubeconfig context")
-    k.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
-    k.add_argument("--kube-host", default=None, help="API server URL without auth (tests)")
+    runner.kube_flags(k)
     k.add_argument("--no-api", action="store_true", help="do not serve hami.api.submit/release")
     k.add_argument("--extender-host", default="0.0.0.0",
                    help="scheduler.mode extender: address of the kube-scheduler extender")

@@ -12,9 +12,7 @@ or ``~/.kube/config``), else in-cluster. It lists Nodes and, unless
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.inventory.service import InventoryService
@@ -25,13 +23,6 @@ from shared.config import Config
 if TYPE_CHECKING:  # imported when started: standalone, the Kubernetes client stays unloaded
     from services.inventory.kube_nodes import NodeRegisterWatcher
     from shared.kube import Kube
-
-
-def default_kubeconfig(given: str | None) -> str | None:
-    if given or os.environ.get("KUBECONFIG"):
-        return given or os.environ["KUBECONFIG"]
-    home = Path("~/.kube/config").expanduser()
-    return str(home) if home.exists() else None
 
 
 class KubeInventory:
@@ -45,19 +36,13 @@ class KubeInventory:
 
     async def start(self) -> None:
         from services.inventory.kube_nodes import NodeRegisterWatcher
-        from shared.kube import Kube
+        from shared.kube import connect_from
 
         a = self.args
         # The service first: it watches the nodes bucket the watcher writes to.
         await self.service.start()
-        kubeconfig = default_kubeconfig(a.kubeconfig)
         try:
-            if a.kube_host:
-                kube = await Kube.connect(host=a.kube_host)
-            elif a.in_cluster or not kubeconfig:
-                kube = await Kube.connect(in_cluster=True)
-            else:
-                kube = await Kube.connect(kubeconfig=kubeconfig, context=a.context)
+            kube = await connect_from(a)
         except Exception as exc:  # no token mounted, a bad kubeconfig: say which
             await self.service.stop()
             raise SystemExit(f"inventory: --kube: cannot reach the API server: {exc}") from None
@@ -91,12 +76,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also turn Nodes whose vendor plugin registered cards into inventory",
     )
-    k.add_argument(
-        "--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG, ~/.kube/config)"
-    )
-    k.add_argument("--context", default=None, help="kubeconfig context")
-    k.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
-    k.add_argument("--kube-host", default=None, help="API server URL without auth (tests)")
+    runner.kube_flags(k)
     k.add_argument(
         "--kube-handshake",
         action=argparse.BooleanOptionalAction,
