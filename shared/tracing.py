@@ -382,6 +382,16 @@ def _messaging_span(
 
 
 @contextmanager
+def _within(ctx: context.Context) -> Iterator[None]:
+    """Work done under ``ctx`` without a span of its own: what it sends carries ``ctx``."""
+    token = context.attach(ctx)
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+@contextmanager
 def receive(
     tracer: trace.Tracer, subject: str, headers: Mapping[str, str] | None, *, root: bool = True
 ) -> Iterator[trace.Span]:
@@ -399,11 +409,8 @@ def receive(
         if ctx is None:
             yield trace.INVALID_SPAN
             return
-        token = context.attach(ctx)
-        try:
+        with _within(ctx):
             yield trace.INVALID_SPAN
-        finally:
-            context.detach(token)
         return
     msg_id = headers.get("Nats-Msg-Id") if headers else None
     with _messaging_span(tracer, "receive", subject, msg_id, SpanKind.CONSUMER, ctx) as sp:
@@ -451,11 +458,8 @@ def resume(
         yield trace.INVALID_SPAN
         return
     if not _recording or _unsampled(sc):
-        token = context.attach(ctx)
-        try:
+        with _within(ctx):
             yield trace.INVALID_SPAN
-        finally:
-            context.detach(token)
         return
     with tracer.start_as_current_span(name, context=ctx, start_time=start_time) as sp:
         yield sp
