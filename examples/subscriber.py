@@ -6,9 +6,9 @@ A durable JetStream pull consumer of the event stream (``HAMI_EVENTS``, subjects
 
 - resumes where it left off after a restart: the server keeps the consumer's position,
   and every event is acknowledged only after its effect is saved;
-- applies each event once, in stream order: at most one batch is unacknowledged at a
-  time, so after a crash its events come again (after ``--ack-wait``) before anything
-  newer; the saved state holds the last stream sequence applied, so an event delivered
+- applies each event once, in stream order: after a crash its unacknowledged events
+  come again (after ``--ack-wait``), and anything newer handed out before them is
+  handed back (nak) until they have; the saved state holds the last stream sequence applied, so an event delivered
   again after it was applied (its acknowledgement lost) is acknowledged and skipped;
 - writes a running table of who holds what (``--table FILE``, rewritten after each
   batch, or stdout) and one line per event applied (stdout);
@@ -209,9 +209,9 @@ async def run(args: argparse.Namespace) -> int:
         filter_subject=args.filter,
         deliver_policy=api.DeliverPolicy.ALL,  # a new consumer starts at the oldest event kept
         ack_policy=api.AckPolicy.EXPLICIT,
-        # In stream order, always: with no more unacknowledged than one batch, events a
-        # crashed run took but never acknowledged come again (after ack_wait) before
-        # anything newer, so "applied through sequence N" is all the state needs.
+        # At most one batch unacknowledged: what a crashed run took comes again after
+        # ack_wait, and the loop below hands back anything newer until it has, so
+        # "applied through sequence N" is all the state needs.
         ack_wait=args.ack_wait,
         max_ack_pending=args.batch,
         inactive_threshold=args.forget_after or None,
@@ -227,6 +227,11 @@ async def run(args: argparse.Namespace) -> int:
         info = await js.add_consumer(STREAM, cfg)
         print(f"# created consumer {args.durable} on {STREAM} ({args.filter})", file=sys.stderr)
     sub = await js.pull_subscribe_bind(args.durable, stream=STREAM)
+    # What a crashed run took and never acknowledged comes again after ack_wait; had it
+    # held fewer than a batch, newer events could be handed out first. Until those come
+    # back, newer ones are handed back (nak) to come after them, so order holds.
+    held_upto = info.delivered.stream_seq if info.num_ack_pending else 0
+    held = info.num_ack_pending
     first = (await js.stream_info(STREAM)).state.first_seq
     if state.last_seq and first > state.last_seq + 1:
         print(
@@ -264,8 +269,14 @@ async def run(args: argparse.Namespace) -> int:
         except asyncio.CancelledError:
             break
         applied = []
+        later: list[Any] = []  # handed back: newer than what a crashed run still holds
         for msg in msgs:
             seq = msg.metadata.sequence.stream
+            if held and seq <= held_upto:
+                held -= 1
+            elif held or later:
+                later.append(msg)
+                continue
             if seq <= state.last_seq:
                 continue  # applied before a crash took its acknowledgement: only ack it
             try:
@@ -286,7 +297,11 @@ async def run(args: argparse.Namespace) -> int:
             for line in applied:
                 print(line, flush=True)
         for msg in msgs:
+            if later and msg is later[0]:
+                break
             await msg.ack()
+        for msg in later:
+            await msg.nak(delay=0.2)
         if applied:
             write_table()
         if args.exit_when_idle and not msgs:
