@@ -3,14 +3,25 @@
 Every service holds a few asyncio tasks (watches, loops) and NATS subscriptions; this
 keeps them in one place so stopping is one call that cancels, waits and unsubscribes,
 and a subscription whose connection is already closed does not fail the stop.
+
+A stop never waits forever: a task can lose its cancel (on Python 3.11
+``asyncio.wait_for``, ours or a library's, drops one that meets its inner future
+finishing) and loop on, so the tasks still running are cancelled again until they end,
+and after ``STOP_S`` the stop names them in the log and goes on without them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Coroutine
 from typing import Any, Protocol
+
+log = logging.getLogger("hami.lifecycle")
+
+STOP_S = 10.0
+RECANCEL_S = 0.5
 
 
 class Subscription(Protocol):
@@ -41,11 +52,22 @@ class Background:
     def add_sub(self, sub: Subscription) -> None:
         self.subs.append(sub)
 
-    async def stop(self) -> None:
-        tasks = [*self.tasks, *self.short]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def stop(self, timeout: float = STOP_S) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending: set[asyncio.Task[Any]] = {*self.tasks, *self.short}
+        while pending:
+            for t in pending:
+                t.cancel()
+            left = deadline - loop.time()
+            if left <= 0:
+                log.error("stopping: %d task(s) did not end after %.0f s, left running: %s",
+                          len(pending), timeout, ", ".join(sorted(t.get_name() for t in pending)))
+                break
+            done, pending = await asyncio.wait(pending, timeout=min(RECANCEL_S, left))
+            for t in done:  # retrieved, so asyncio does not log them as never retrieved
+                if not t.cancelled():
+                    t.exception()
         self.tasks.clear()
         for s in self.subs:
             with contextlib.suppress(Exception):  # the connection may be closed already
