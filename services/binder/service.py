@@ -301,8 +301,11 @@ class BinderService:
             wait = self._due[0].at - time.time()
             if wait > 0:
                 self._due_changed.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that
+                # meets the event being set, and this loop would then outlive stop().
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._due_changed.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._due_changed.wait()
                 continue
             d = heapq.heappop(self._due).decision
             try:
