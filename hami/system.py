@@ -35,6 +35,19 @@ from shared.natsserver import EmbeddedNats
 
 log = logging.getLogger("hami.system")
 
+# Past this, a part that will not stop is logged and left, so hami up/demo still end.
+PART_STOP_S = 20.0
+
+
+async def _stop_part(what: str, stop: Any) -> None:
+    try:
+        async with asyncio.timeout(PART_STOP_S):
+            await stop()
+    except TimeoutError:
+        log.error("stopping %s took more than %.0f s; going on without it", what, PART_STOP_S)
+    except Exception:
+        log.exception("stopping %s", what)
+
 
 @dataclass
 class System:
@@ -144,20 +157,14 @@ class System:
 
     async def stop(self) -> None:
         for sn in reversed(self.nodes):
-            try:
-                await sn.stop()
-            except Exception:
-                log.exception("stopping node %s", sn.node)
+            await _stop_part(f"node {sn.node}", sn.stop)
         self.nodes.clear()
         self.agents.clear()
         if self.slice_root is not None:
             shutil.rmtree(self.slice_root, ignore_errors=True)
             self.slice_root = None
         for svc in reversed(self.services):
-            try:
-                await svc.stop()
-            except Exception:
-                log.exception("stopping %s", type(svc).__name__)
+            await _stop_part(type(svc).__name__, svc.stop)
         self.services.clear()
         # Together: each close may wait out its drain.
         await asyncio.gather(*(bus.close() for bus in self.buses))
