@@ -15,6 +15,7 @@ import logging
 import shutil
 import socket
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ log = logging.getLogger("hami.system")
 PART_STOP_S = 20.0
 
 
-async def _stop_part(what: str, stop: Any) -> None:
+async def _stop_part(what: str, stop: Callable[[], Awaitable[None]]) -> None:
     try:
         async with asyncio.timeout(PART_STOP_S):
             await stop()
