@@ -3,7 +3,8 @@
 Starts its own nats-server (JetStream on a store directory of its own) and every
 service as a real process (``python -m services.<name>``, each with ``/readyz`` on a
 free port): inventory, two placement replicas, the binder, metrics and ``--nodes``
-simulated node agents. Client tasks then run for ``--duration`` seconds against
+simulated node agents. Client tasks then run for ``--duration`` seconds (longer if the
+restarts slip past it, until a submit succeeds after the last one) against
 ``hami.api.submit`` / ``hami.api.release``: one-shot submits, waiting submits
 (``wait``, short deadlines) and releases of what they hold, over a small pool of
 names per client, so a name is asked for again once given back. Node churn stops
@@ -49,7 +50,7 @@ batch is redelivered after the consumer's ack wait), then reads the ``hami-ledge
   way (2 when the bench itself could not run).
 
     .venv/bin/python bench/chaos.py --duration 60 --nodes 10
-    .venv/bin/python bench/chaos.py --duration 8 --nodes 3 --release-timeout 4 --settle-max 12  # the test's
+    .venv/bin/python bench/chaos.py --duration 8 --nodes 3 --release-timeout 4 --settle-max 45  # the test's
     .venv/bin/python bench/chaos.py --auth ...   # per-role nkeys and TLS, as hami up runs
     .venv/bin/python bench/chaos.py --kill '' [--no-churn]   # the same load, nothing killed
 """
@@ -61,6 +62,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -193,7 +195,9 @@ class Load:
     outcomes: list[Outcome] = field(default_factory=list)
     held: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (uid, node)
     double_told: int = 0
-    stop_at: float = 0.0  # monotonic; moved on while the chaos schedule still runs
+    # monotonic; no end while the chaos schedule runs (on a loaded machine the restarts
+    # slip past the duration, and a client that has ended would see none of them)
+    stop_at: float = math.inf
     told: dict[str, str] = field(default_factory=dict)  # uid -> last result its client saw
     # names whose last release went unanswered: the client still holds them, and may
     # rightly find them gone from the ledger
@@ -537,24 +541,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             startup = time.monotonic() - wall0
             cbus = await chaos.connect("chaos-clients", auth.CLI)
             t0 = time.monotonic()
-            load.stop_at = t0 + args.duration
             timeouts = {"submit_timeout": args.submit_timeout, "wait_timeout": args.wait_timeout,
                         "release_timeout": args.release_timeout}
             sched = asyncio.create_task(chaos.schedule(http, load, t0))
-            churn = asyncio.create_task(chaos.churn(load.stop_at, random.Random(rng.random())))
+            churn = asyncio.create_task(chaos.churn(t0 + args.duration, random.Random(rng.random())))
             clients = [asyncio.create_task(client(k, cbus.nc, load, random.Random(rng.random()),
                                                   names=args.names, **timeouts))
                        for k in range(args.clients)]
             await sched
             # The load runs its duration and at least 3 s past the last restart's being
             # ready (NATS: the clients reconnect 0.5 s apart), so it is seen working after.
-            load.stop_at = max(load.stop_at, time.monotonic() + 3.0)
+            load.stop_at = max(t0 + args.duration, time.monotonic() + 3.0)
             # On a loaded machine 3 s may see no request through yet: go on until one
             # placed after the last restart is seen (20 s at most), so "works after
             # NATS's restart" is measured rather than guessed.
             last = chaos.restarts[-1]["_restart"] if chaos.restarts else 0.0
             while time.monotonic() < last + 20.0 and not any(
-                    o.result == "ok" and o.sent > last for o in load.outcomes):
+                    o.result == "ok" and o.kind != "release" and o.sent > last
+                    for o in load.outcomes):
                 load.stop_at = max(load.stop_at, time.monotonic() + 1.0)
                 await asyncio.sleep(0.2)
             await asyncio.gather(*clients)
