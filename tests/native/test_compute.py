@@ -39,7 +39,9 @@ def test_lone_tenant_forced_cap_holds_for_every_launch_api(tmp_path: Path, kind:
     node = Node(tmp_path)
     p = tenant(node, "c0", kind, CUDA_DEVICE_SM_LIMIT="50", GPU_CORE_UTILIZATION_POLICY="force")
     u = util(node, p)
-    assert 45 <= u <= 55, u
+    # Above the cap is the failure that matters; below it, a starved CPU (CI's 2 cores,
+    # the suite beside) may leave a little time unlaunched: 44.9 was seen once there.
+    assert 43 <= u <= 55, u
     d = read_region(node.region("c0")).device(0)
     assert d.sm_limit == 50 and d.throttling
     assert 40 <= d.utilization <= 60
