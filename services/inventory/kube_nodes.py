@@ -265,6 +265,8 @@ class NodeRegisterWatcher:
                 await self.bus.kv_put(subjects.NODES_BUCKET, inv.node, inv)
                 self.written[inv.node] = inv
         for gone in [n for n in self.written if n not in seen]:
-            del self.written[gone]
+            # Forgotten only once the entry is gone: a failed delete is tried again on
+            # the next pass, and whoever sees the node forgotten finds no entry.
             if await self._ours(gone):
                 await self.bus.kv_delete(subjects.NODES_BUCKET, gone)
+            self.written.pop(gone, None)
