@@ -4,20 +4,28 @@ HAMi device type ``GCU`` (DRS partitions; ``Enflame`` is the shared vGCU type), 
 ``enflame.com/gcu``; slices are fixed DRS profiles (six per card). The plugin registers
 ``enflame.com/gcu-drs-capacity`` = ``{"devices": [{"index", "minor", "capacity"}],
 "profiles": {name: id}}`` and answers Allocate with the DRS instance.
+
+Discovery: plain ``efsmi`` (text only), as gcushare scrapes it: two rows per card, the
+first holding a PCI bus ID (cells: index and product, firmware, bus ID), the second the
+card's memory size (``<n>MiB``) and its virtualization state.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
+from services.nodeagent.backends import PhysicalCard
 from services.nodeagent.backends.vendors.base import (
+    CommandError,
     Family,
     Model,
+    Runner,
     Template,
     hami_names,
 )
-from shared.schemas import Device
+from shared.schemas import Device, DeviceTemplate
 
 MODELS = {
     "S60": Model("S60", "S60", 49152, 6,
@@ -49,3 +57,75 @@ def encode_register(devices: Sequence[Device]) -> str:
         "profiles": profiles,
     }
     return json.dumps(body, separators=(",", ":"))
+
+
+COMMAND = ("efsmi",)
+# gcushare's rule: a row carrying a bus ID ("xx:xx:xx.x") opens a card
+_BUS = re.compile(r"[0-9a-fA-F]{2}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)(MiB|GiB)$", re.IGNORECASE)
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_-]", "", name).upper()
+
+
+def model_named(product: str) -> Model | None:
+    """The model of an ``efsmi`` product (``S60``, ``Enflame S60``, ``GCU-S60``)."""
+    want = _key(product.removeprefix("Enflame"))
+    for m in MODELS.values():
+        if want in (_key(a) for a in (m.name, m.type, *m.aliases)):
+            return m
+    return None
+
+
+def parse_table(text: str) -> list[tuple[int, str, str, int]]:
+    """(index, product, bus ID, memory MiB) of every card ``efsmi`` lists."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    rows: list[tuple[int, str, str, int]] = []
+    for i, ln in enumerate(lines):
+        cells = ln.strip("|").split("|")
+        if len(cells) < 3 or not _BUS.search(cells[2]):
+            continue
+        head = cells[0].split()
+        if len(head) < 2 or not head[0].isdigit():
+            raise CommandError(f"efsmi: card row {ln!r} has no index and product")
+        bus = cells[2].split()[0]
+        second = lines[i + 1] if i + 1 < len(lines) else ""
+        sizes = [_SIZE.match(t) for t in second.replace("|", " ").replace("/", " ").split()]
+        found = [m for m in sizes if m]
+        if not found:
+            raise CommandError(
+                f"efsmi: card {head[0]} ({bus}) has no memory size on its second row"
+            )
+        n, unit = float(found[0].group(1)), found[0].group(2)
+        mib = int(n * 1024) if unit.upper().startswith("G") else int(n)
+        rows.append((int(head[0]), " ".join(head[1:]), bus.lower(), mib))
+    if not rows:
+        raise CommandError("efsmi: no card rows (no line with a PCI bus ID)")
+    return rows
+
+
+def discover(run: Runner) -> list[PhysicalCard]:
+    """Every card ``efsmi`` lists, with its model's DRS profiles; a product outside
+    :data:`MODELS` is an error (its profiles are unknown)."""
+    cards: list[PhysicalCard] = []
+    for index, product, bus, memory in parse_table(run(list(COMMAND))):
+        model = model_named(product)
+        if model is None:
+            raise CommandError(f"efsmi: card {index} {product!r} is not in the GCU model table")
+        cards.append(
+            PhysicalCard(
+                uuid=f"GCU-{bus}",  # efsmi's table prints no UUID; the bus ID is stable
+                index=index,
+                model=model.name,
+                memory_mib=memory,
+                vendor=FAMILY.key,
+                type=model.type,
+                cores=model.cores,
+                templates=tuple(
+                    DeviceTemplate(name=t.name, memory_mib=t.memory_mib, cores=t.cores)
+                    for t in model.templates
+                ),
+            )
+        )
+    return cards

@@ -5,16 +5,25 @@ HAMi device type ``Metax-SGPU``; resources ``metax-tech.com/sgpu``, ``vcore``,
 list of ``{uuid, bdf, model, totalDevCount, totalCompute, totalVRam, availableDevCount,
 availableCompute, availableVRam, numa, healthy, qosPolicy, linkZone}``; a card's QoS
 policy (``best-effort``, ``fixed-share``, ``burst-share``) must match the pod's.
+
+Discovery: plain ``mx-smi`` (text only): a table with two rows per GPU, the first with
+the index, ``MetaX <model>`` and the bus ID, the second with ``<used>/<total> MiB``.
+Moffett ships a different tool also called ``mx-smi``; its table has no ``MetaX`` rows
+and is refused.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
+from services.nodeagent.backends import PhysicalCard
 from services.nodeagent.backends.vendors.base import (
+    CommandError,
     Family,
     Model,
+    Runner,
     hami_names,
 )
 from shared.schemas import Device
@@ -51,3 +60,64 @@ def encode_register(
             "qosPolicy": str(ci.get("qosPolicy", "best-effort")), "linkZone": int(ci.get("linkZone", 0)),
         })  # fmt: skip
     return json.dumps(out, separators=(",", ":"))
+
+
+COMMAND = ("mx-smi",)
+# "| 0           MetaX C500             | 0000:0e:00.0        | 0%  |"
+_GPU_ROW = re.compile(
+    r"^\|\s*(\d+)\s+MetaX\s+(\S+)[^|]*\|\s*([0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])"
+)
+# "| 36C         56W / 350W             | 858/65536 MiB       |     |"
+_MEMORY = re.compile(r"(\d+)\s*/\s*(\d+)\s*MiB")
+
+
+def model_named(name: str) -> Model | None:
+    """The model of an ``mx-smi`` name such as ``C500`` (name, type or alias, any case)."""
+    want = name.strip().upper()
+    for m in MODELS.values():
+        if want in (a.upper() for a in (m.name, m.type, *m.aliases)):
+            return m
+    return None
+
+
+def parse_table(text: str) -> list[tuple[int, str, str, int]]:
+    """(index, model name, bus ID, total MiB) of every GPU in the ``mx-smi`` table."""
+    lines = text.splitlines()
+    rows: list[tuple[int, str, str, int]] = []
+    for i, ln in enumerate(lines):
+        m = _GPU_ROW.match(ln.strip())
+        if not m:
+            continue
+        # The memory cell is on the GPU's second row, before the next separator
+        nxt = next((x for x in lines[i + 1 :] if x.strip().startswith("|")), "")
+        mem = _MEMORY.search(nxt)
+        if not mem:
+            raise CommandError(f"mx-smi: GPU {m.group(1)} has no '<used>/<total> MiB' cell")
+        rows.append((int(m.group(1)), m.group(2), m.group(3).lower(), int(mem.group(2))))
+    if not rows:
+        raise CommandError("mx-smi: no 'MetaX' GPU rows (not MetaX's mx-smi, or no GPUs)")
+    return rows
+
+
+def discover(run: Runner) -> list[PhysicalCard]:
+    """Every GPU of the ``mx-smi`` table; a model outside :data:`MODELS` is an error."""
+    cards: list[PhysicalCard] = []
+    for index, name, bdf, total in parse_table(run(list(COMMAND))):
+        model = model_named(name)
+        if model is None:
+            raise CommandError(f"mx-smi: GPU {index} {name!r} is not in the MetaX model table")
+        cards.append(
+            PhysicalCard(
+                # The plain table prints no UUID; the bus ID is stable per node and is
+                # also what the operator's annotation carries as "bdf".
+                uuid=f"MetaX-{bdf}",
+                index=index,
+                model=model.name,
+                memory_mib=total,
+                vendor=FAMILY.key,
+                type=model.type,
+                cores=model.cores,
+                custom_info=(("qosPolicy", "best-effort"), ("bdf", bdf)),
+            )
+        )
+    return cards

@@ -5,9 +5,11 @@ IDs under ``/sys/bus/pci/devices`` (both under an injectable root), without load
 vendor library. :class:`VendorBackend` then discovers each present family: through its
 Python binding when one is maintained and installed (AMD ``amdsmi``, Moore Threads
 ``pymtml`` from mthreads-ml-py: looked up with ``importlib.util.find_spec`` and imported
-only then), otherwise through the vendor's CLI via an injectable command runner. A
-family without a parser here (Cambricon, MetaX, Enflame, Biren, Vastai) is reported as
-present but not discovered.
+only then), otherwise through the vendor's CLI via an injectable command runner: every
+family of :data:`PROBES` has one (``npu-smi``, ``cnmon``, ``hy-smi``, ``ixsmi``,
+``mthreads-gmi``, ``mx-smi``, ``xpu-smi``, ``efsmi``, ``neuron-ls``, ``amd-smi``,
+``brsmi``, ``vasmi``). A vendor named without a parser is reported as present but not
+discovered.
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ from services.nodeagent.backends import Discovery, PhysicalCard
 from services.nodeagent.backends.vendors import (
     amd,
     ascend,
+    biren,
+    cambricon,
+    enflame,
     hygon,
     iluvatar,
     kunlun,
+    metax,
     mthreads,
     neuron,
+    vastai,
 )
 from services.nodeagent.backends.vendors.base import CommandError, Runner, run_command
 from services.nodeagent.backends.vendors.sim import vendor_links
@@ -47,6 +54,11 @@ PROBES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "enflame": (("gcu[0-9]*",), ("0x1e36",)),
     "neuron": (("neuron[0-9]*",), ("0x1d0f",)),
     "amd": (("kfd",), ("0x1002",)),
+    # Biren and Vastai: the IDs pci.ids lists for them (Biren 0x1ee0, Vastai 0x1ec6), as
+    # given to us; not checked against a copy of pci.ids. Biren's /dev node names are
+    # not known, so only its PCI ID counts; Vastai's driver creates /dev/vastai<N>_*.
+    "biren": ((), ("0x1ee0",)),
+    "vastai": (("vastai[0-9]*",), ("0x1ec6",)),
 }
 # PCI classes of accelerators and GPUs (display 0x03xxxx, processing accelerator 0x12xxxx):
 # AMD's and Huawei's vendor IDs also cover CPUs' and NICs' functions.
@@ -117,7 +129,7 @@ class VendorBackend:
         self.importer = importer
         self.vendors = list(vendors) if vendors is not None else None
         self.instance_type = instance_type
-        self.undiscovered: list[str] = []  # present, but no parser here
+        self.undiscovered: list[str] = []  # named, but no parser here
 
     def _one(self, vendor: str) -> list[PhysicalCard]:
         if vendor == "amd":
@@ -128,10 +140,15 @@ class VendorBackend:
             return mthreads.discover_pymtml(mod) if mod is not None else mthreads.discover(self.run)
         parsers: dict[str, Callable[[], list[PhysicalCard]]] = {
             "ascend": lambda: ascend.discover(self.run),
+            "biren": lambda: biren.discover(self.run),
+            "cambricon": lambda: cambricon.discover(self.run),
+            "enflame": lambda: enflame.discover(self.run),
             "hygon": lambda: hygon.discover(self.run),
             "iluvatar": lambda: iluvatar.discover(self.run),
             "kunlun": lambda: kunlun.discover(self.run),
+            "metax": lambda: metax.discover(self.run),
             "neuron": lambda: neuron.discover(self.run, self.instance_type),
+            "vastai": lambda: vastai.discover(self.run),
         }
         if vendor not in parsers:
             self.undiscovered.append(vendor)
