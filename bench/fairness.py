@@ -19,9 +19,23 @@ priority 10 (a whole card) arrives in ``prod`` on the full cluster. Prints one J
 
 - ``high_priority_ms``: wall time from its arrival to its placement (decision, victims
   and their release), median and worst, and how many were placed;
-- ``fairness``: per queue, its share of the GPU in use (cores) against the ideal (the
-  guarantees, then what is left by weight, level by level), sampled each second from
-  ``--settle`` s after ``--join``: mean and worst relative error, and the largest mean;
+- ``fairness``: per queue, its share against the ideal (the guarantees, then what is
+  left by weight, level by level), sampled each second from ``--settle`` s after
+  ``--join``: mean and worst error, mean relative error, and the largest mean. A
+  queue's *share* is its dominant share of the cluster, the larger of its share of the
+  GPU memory and of the GPU cores, because that is the unit the engine lends in: the
+  over-quota share it orders by is the larger of (used - guaranteed) / cluster over
+  memory and cores, divided by the weight (docs/queues.md), and every guarantee here is
+  the same fraction of both, so that key is (share - guarantee) / weight. The ideal
+  water-fills what the top-level queues hold in these units. Why not cores alone (as
+  this bench first did): the openb cards differ in memory (a 10 % slice of an 80 GB
+  card is five times the MiB of one of a 16 GB card), so the queues hold different
+  mixes; ``scratch``, which fills what is left, ends on the smaller cards, where cores
+  are its dominant resource, and the engine rightly lends it more cores than a
+  cores-only split would, since it holds less memory. A cores-only ideal counts that
+  as unfairness (``scratch`` 9-22 % off on seeds 1-5, ``prod`` below by as much in
+  points, while the engine's keys agree within a few %). It is still reported, as
+  ``fairness_cores``, for reference;
 - ``preemptions_per_placement``, ``gpu_utilisation`` (mean, after the join),
   ``over_capacity`` (card checks that found more used than the card has: must be 0).
 
@@ -96,6 +110,38 @@ def ideal(total: float, demand: set[str]) -> dict[str, float]:
             fill(k, got[k])
 
     fill("", total)
+    return out
+
+
+MEASURES = ("dominant", "cores")
+
+
+def share(use: fair.Res, cap: fair.Res, measure: str) -> float:
+    """A queue's share of the cluster: of the cores, or dominant (the larger of memory
+    and cores, the unit the engine lends in: module docstring)."""
+    cores = use.cores / cap.cores
+    return cores if measure == "cores" else max(cores, use.mem / cap.mem)
+
+
+def summary(
+    shares: dict[str, list[float]], wants: dict[str, list[float]]
+) -> dict[str, dict[str, float | None]]:
+    """Per leaf: mean ideal and share; |share - ideal| in shares of the cluster (mean,
+    worst) and the mean as a fraction of the mean ideal."""
+    out: dict[str, dict[str, float | None]] = {}
+    for q in LEAVES:
+        got, want = shares[q], wants[q]
+        err = [abs(g - w) for g, w in zip(got, want, strict=True)]
+        mean_want = statistics.fmean(want) if want else 0.0
+        out[q] = {
+            "mean_ideal_share": round(mean_want, 4) if want else None,
+            "mean_share": round(statistics.fmean(got), 4) if got else None,
+            "mean_abs_error": round(statistics.fmean(err), 4) if err else None,
+            "worst_abs_error": round(max(err), 4) if err else None,
+            "mean_rel_error": round(statistics.fmean(err) / mean_want, 4)
+            if err and mean_want > 0
+            else None,
+        }
     return out
 
 
@@ -211,7 +257,9 @@ def main() -> None:
         return set(LEAVES) if now >= args.join else {"scratch"}
 
     def top_up() -> None:
-        for q in active():
+        for q in LEAVES:  # in a fixed order: a set's order changes with PYTHONHASHSEED
+            if q not in active():
+                continue
             n = sum(1 for r in pending.values() if r.queue == q)
             for _ in range(args.backlog - n):
                 r = new(q)
@@ -224,9 +272,9 @@ def main() -> None:
             rounds.use = cache.get(cl)
         check_capacity()
 
-    samples: dict[str, list[float]] = {q: [] for q in LEAVES}
-    shares: dict[str, list[float]] = {q: [] for q in LEAVES}
-    wants: dict[str, list[float]] = {q: [] for q in LEAVES}
+    # per measure ("dominant", "cores"): per leaf, the samples of its share and ideal
+    shares: dict[str, dict[str, list[float]]] = {m: {q: [] for q in LEAVES} for m in MEASURES}
+    wants: dict[str, dict[str, list[float]]] = {m: {q: [] for q in LEAVES} for m in MEASURES}
     utils: list[float] = []
     next_high = args.burst
     t = 0.0
@@ -252,28 +300,19 @@ def main() -> None:
         if t >= args.join:
             utils.append(util)
         if t >= args.join + args.settle:
-            want = ideal(util, active())
-            for q in LEAVES:
-                got = use.of(q).cores / cap.cores
-                shares[q].append(got)
-                wants[q].append(want[q])
-                samples[q].append(abs(got - want[q]))
+            for m in MEASURES:
+                got = {q: share(use.of(q), cap, m) for q in QUEUES}
+                want = ideal(sum(got[q] for q in QUEUES if not QUEUES[q][0]), active())
+                for q in LEAVES:
+                    shares[m][q].append(got[q])
+                    wants[m][q].append(want[q])
 
-    fairness = {
-        q: {
-            "mean_ideal_share": round(statistics.fmean(wants[q]), 4) if wants[q] else None,
-            "mean_share": round(statistics.fmean(shares[q]), 4) if shares[q] else None,
-            # |share - ideal|, in shares of the cluster, and as a fraction of the ideal
-            "mean_abs_error": round(statistics.fmean(samples[q]), 4) if samples[q] else None,
-            "worst_abs_error": round(max(samples[q]), 4) if samples[q] else None,
-            "mean_rel_error": round(statistics.fmean(samples[q]) / statistics.fmean(wants[q]), 4)
-            if wants[q] and statistics.fmean(wants[q]) > 0
-            else None,
-        }
-        for q in LEAVES
-    }
+    fairness, fairness_cores = (summary(shares[m], wants[m]) for m in MEASURES)
     means = [v["mean_rel_error"] for v in fairness.values() if v["mean_rel_error"] is not None]
     absolute = [v["mean_abs_error"] for v in fairness.values() if v["mean_abs_error"] is not None]
+    means_cores = [
+        v["mean_rel_error"] for v in fairness_cores.values() if v["mean_rel_error"] is not None
+    ]
     out = {
         "nodes": len(cl.nodes),
         "gpus": int(cap.cores // 100),
@@ -288,6 +327,8 @@ def main() -> None:
         "fairness": fairness,
         "fairness_worst_mean_rel_error": round(max(means), 4) if means else None,
         "fairness_worst_mean_abs_error": round(max(absolute), 4) if absolute else None,
+        "fairness_cores": fairness_cores,
+        "fairness_cores_worst_mean_rel_error": round(max(means_cores), 4) if means_cores else None,
         "preemptions_per_placement": round(preempted / max(1, placements), 4),
         "placements": placements,
         "preemptions": preempted,

@@ -40,7 +40,7 @@ asks (``ExtenderPreemptionArgs{pod, nodeToVictims, nodeNameToMetaVictims}``) and
 our ``ExtenderPreemptionResult{nodeNameToMetaVictims}`` instead of its own choice. The
 binder asks placement (``hami.placement.preempt``) for each offered node's smallest set
 of lower-priority pods whose release makes the pod's slice fit there (the engine's own
-fit; docs/preemption.md); the pods kube-scheduler named carry their priority, the others
+fit; docs/preemption.md; with queues, the pods docs/queues.md's reclaim rules allow); the pods kube-scheduler named carry their priority, the others
 the priority their ledger entry recorded. A node where no such set exists is left out,
 so the scheduler never evicts for nothing; ``numPDBViolations`` is the scheduler's own
 count for the node (placement does not read PodDisruptionBudgets). Any replica answers

@@ -1021,8 +1021,13 @@ class PlacementService:
                 given = named.get(a.uid)
                 return given if given is not None else a.pod_priority
 
-            got = preempt.victims_on_node(self.placer, ask.request, node, ask.priority,
-                                          priority_of=priority_of)
+            if self.queues is None:
+                got = preempt.victims_on_node(self.placer, ask.request, node, ask.priority,
+                                              priority_of=priority_of)
+            else:
+                tree, use = self._qstate()
+                req = msgspec.structs.replace(ask.request, pod_priority=ask.priority)
+                got = fair.victims_on_node(self.placer, tree, req, node, priority_of, use=use)
             if got is not None:
                 out[node] = got.uids
         return PreemptReply(victims=out)

@@ -246,6 +246,28 @@ def test_a_queue_over_its_guarantee_takes_only_lower_priority() -> None:
     assert got is not None and sorted(got.uids) == ["b7", "b8"]
 
 
+def test_on_one_node_the_same_rules_apply() -> None:
+    # the extender's preempt verb asks node by node: n1 holds b's first four halves
+    # (within b's guarantee of 20 000), n2 its four youngest (beyond it)
+    p = full_cluster()
+    t = tree(qs("a", gmem=20_000), qs("b", gmem=20_000))
+    r = msgspec.structs.replace(req(DeviceAsk(nums=1, mem=10_000)), queue="a", pod_priority=100)
+    before = sorted(q.allocations(p.cluster), key=lambda a: a.uid)
+    # within another queue's guarantee: never, whatever the preemptor's priority
+    assert q.victims_on_node(p, t, r, "n1", lambda a: a.pod_priority) is None
+    got = q.victims_on_node(p, t, r, "n2", lambda a: a.pod_priority)
+    assert got is not None and got.node == "n2" and sorted(got.uids) == ["b7", "b8"]
+    # a question: nothing is released
+    assert sorted(q.allocations(p.cluster), key=lambda a: a.uid) == before
+    # a queue with no guarantee reclaims nothing: lower priority only, beyond b's guarantee
+    t2 = tree(qs("a"), qs("b", gmem=20_000))
+    low = msgspec.structs.replace(r, pod_priority=0)
+    assert q.victims_on_node(p, t2, low, "n2", lambda a: a.pod_priority) is None
+    assert q.victims_on_node(p, t2, r, "n1", lambda a: a.pod_priority) is None
+    got = q.victims_on_node(p, t2, r, "n2", lambda a: a.pod_priority)
+    assert got is not None and sorted(got.uids) == ["b7", "b8"]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     holds=st.lists(
@@ -268,10 +290,10 @@ def test_reclaim_never_takes_from_a_guarantee_and_always_makes_room(
     p = placer(cluster(node("n1", 2), node("n2", 2)))
     for i, (qn, mem, pr) in enumerate(holds):
         r = msgspec.structs.replace(req(DeviceAsk(nums=1, mem=mem)), queue=qn, pod_priority=pr)
-        got = p.decide(r)
-        if isinstance(got, Placement):
-            a = msgspec.structs.replace(got.to_alloc(r, float(i)), pod_priority=pr)
-            p.cluster.reserve(got.node, a)
+        placed = p.decide(r)
+        if isinstance(placed, Placement):
+            a = msgspec.structs.replace(placed.to_alloc(r, float(i)), pod_priority=pr)
+            p.cluster.reserve(placed.node, a)
     t = tree(*(qs(n, gmem=g * 10_000) for n, g in zip("abc", guar, strict=True)))
     allocs = q.allocations(p.cluster)
     over = q.over_quota(t, allocs)

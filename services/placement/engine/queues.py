@@ -30,7 +30,9 @@ A request whose queue would still be within its guarantee (every ancestor too) o
 is placed may take the room of other queues' over-quota allocations; a request may
 also take that of its own queue's lower-priority allocations. Nothing in guarantee of
 another queue is ever a victim. The victims themselves are chosen by
-:mod:`.preempt` (one node, the smallest set that makes the slice fit).
+:mod:`.preempt` (one node, the smallest set that makes the slice fit):
+:func:`choose_victims` over all nodes (standalone preemption), :func:`victims_on_node`
+on one (the Kubernetes extender's ``preempt`` verb, node by node).
 
 No I/O here; the service and ``bench/fairness.py`` drive it.
 """
@@ -504,6 +506,45 @@ def choose_victims(
     """The victims whose release makes ``req`` fit on one node, queue rules applied
     (module docstring), or None: then nobody is preempted. ``use``: the queues' use as
     the cluster holds it now (computed when not given)."""
+
+    def search(victim: Callable[[LedgerAlloc], int | None]) -> preempt.Choice | None:
+        return preempt.choose(placer, req, _ABOVE_ALL, priority_of=victim, budget=budget)
+
+    return _with_rules(placer, tree, req, priority_of, use, search)
+
+
+def victims_on_node(
+    placer: Placer,
+    tree: QueueTree,
+    req: AllocRequested,
+    node: str,
+    priority_of: Callable[[LedgerAlloc], int | None],
+    *,
+    use: Usage | None = None,
+    budget: int = 4096,
+) -> preempt.Choice | None:
+    """:func:`choose_victims` on ``node`` only (the extender's ``preempt`` verb asks node
+    by node): the same queue rules, so nothing within another queue's guarantee is a
+    victim, and other queues' over-quota allocations are while ``req``'s side stays
+    within its guarantees. ``req.pod_priority`` is the preemptor's priority."""
+
+    def search(victim: Callable[[LedgerAlloc], int | None]) -> preempt.Choice | None:
+        return preempt.victims_on_node(
+            placer, req, node, _ABOVE_ALL, priority_of=victim, budget=budget
+        )
+
+    return _with_rules(placer, tree, req, priority_of, use, search)
+
+
+def _with_rules(
+    placer: Placer,
+    tree: QueueTree,
+    req: AllocRequested,
+    priority_of: Callable[[LedgerAlloc], int | None],
+    use: Usage | None,
+    search: Callable[[Callable[[LedgerAlloc], int | None]], preempt.Choice | None],
+) -> preempt.Choice | None:
+    """``search`` (given who may be a victim) with the queue rules applied around it."""
     allocs = allocations(placer.cluster)
     use = use if use is not None else usage(tree, allocs)
     try:
@@ -514,7 +555,7 @@ def choose_victims(
     mine = tree.path[leaf]
     for add in (Res(), None):  # reclaim as the queues stand now, then priority only
         victim = reclaim_victims(tree, allocs, req, priority_of, use=use, add=add)
-        got = preempt.choose(placer, req, _ABOVE_ALL, priority_of=victim, budget=budget)
+        got = search(victim)
         if got is None:
             return None  # reclaiming allows more victims: without it there are fewer
         after = Usage(tree, dict(use.total), {k: dict(v) for k, v in use.by_type.items()})
