@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.devices.base import (
@@ -22,9 +22,13 @@ from shared.devices.base import (
     Ask,
     Card,
     Family,
+    FitResult,
     Mount,
+    PodInfo,
+    RequestError,
     ResourceNames,
     dev,
+    exact,
     go_json,
     quantity,
     whole,
@@ -78,9 +82,22 @@ def cus_held(annotations: Mapping[str, str]) -> dict[str, frozenset[int]]:
     return {str(u): parse_id_list(str(v)) for u, v in json.loads(raw).items()}
 
 
+def percentage(value: Any, name: str, low: int, why: str) -> int:
+    """A whole percentage in ``low..100``; anything else is a :class:`RequestError`."""
+    try:
+        q = exact(value, name)
+    except RequestError:
+        raise RequestError(f"{name} {why}, got {value!r}") from None
+    if q.denominator != 1 or not low <= q <= 100:
+        raise RequestError(f"{name} {why}, got {value!r}")
+    return int(q)
+
+
 @dataclass(frozen=True)
 class Amd(Family):
     def generate(self, resources: Mapping[str, Any]) -> Ask | None:
+        """HAMi's AMD request: a core share omitted is the whole card's CUs (100); a core
+        share must be a whole 1..100 and a memory percentage a whole 0..100 (0: none)."""
         r = self.resources
         raw = quantity(resources, r.count)
         if raw is None:
@@ -91,23 +108,61 @@ class Amd(Family):
         mem = pct = 0
         if (m := quantity(resources, r.memory)) is not None:
             mem = whole(m, r.memory)
-        if mem == 0 and (p := quantity(resources, r.memory_percentage)) is not None:
-            pct = max(1, min(100, whole(p, r.memory_percentage)))
-        cores = 0
+        if (p := quantity(resources, r.memory_percentage)) is not None:
+            pct = percentage(p, r.memory_percentage, 0, "must be an integer between 0 and 100")
+        cores = 100
         if (c := quantity(resources, r.cores)) is not None:
-            cores = min(100, whole(c, r.cores))
-        if mem == 0 and pct == 0:
+            cores = percentage(
+                c, r.cores, 1, "out of range: must be an integer percentage between 1 and 100"
+            )
+        if mem > 0:
+            pct = 0
+        elif pct == 0:
             pct = 100
-            if cores == 0:
-                cores = 100  # a bare count is the whole card
         return Ask(self.name, n, mem, pct, cores)
 
-    def cores_on(self, card: Card, cores: int) -> int:
-        # the ask is a percentage, the card counts compute units
-        return card.totalcore * cores // 100
+    def type_ok(self, card: Card, ask: Ask, pod: PodInfo) -> bool:
+        """HAMi's ``checkAMDType``: members are trimmed and blank ones ignored; a blank
+        annotation filters nothing, a use list of only blanks admits no card."""
+        if ask.family != self.name:
+            return False
+        ctype = card.type.upper()
+        for name, use in ((self.use_type_annotation, True), (self.nouse_type_annotation, False)):
+            value = pod.annotations.get(name, "").strip()
+            if not value:
+                continue
+            hit = any(t.strip().upper() in ctype for t in value.split(",") if t.strip())
+            return hit if use else not hit
+        return True
 
-    def exclusive(self, card: Card, cores: int) -> bool:
-        return cores == 100
+    def fit(self, cards: Sequence[Card], ask: Ask, pod: PodInfo) -> FitResult:
+        # neither MiB nor a percentage: the whole card, and with it all its CUs
+        if ask.memreq == 0 and ask.mem_percent == 0:
+            ask = replace(ask, mem_percent=100, coresreq=ask.coresreq or 100)
+        return super().fit(cards, ask, pod)
+
+    def memreq_on(self, card: Card, ask: Ask) -> int:
+        if ask.memreq > 0:
+            return ask.memreq
+        # a positive percentage books at least 1 MiB, however small the card
+        return max(1, card.totalmem * ask.mem_percent // 100) if ask.mem_percent > 0 else 0
+
+    def cores_on(self, card: Card, cores: int) -> int:
+        """The CUs a share books: at least one for a positive share, rounded up to whole
+        WGPs where the register names ``cuPerWGP`` (RDNA), never more than the card has."""
+        if cores <= 0:
+            return 0
+        cus = max(1, card.totalcore * cores // 100)
+        wgp = card.custom.get("cuPerWGP")
+        if (
+            isinstance(wgp, (int, float))
+            and not isinstance(wgp, bool)
+            and wgp == int(wgp)
+            and wgp > 1
+        ):
+            step = int(wgp)
+            cus = min(card.totalcore, -(-cus // step) * step)
+        return cus
 
     def allocate(
         self, devices: Sequence[Allocated], ctx: AllocateContext | None = None
@@ -152,4 +207,5 @@ FAMILY = Amd(
     nouse_uuid_annotation="amd.com/nouse-gpu-uuid",
     use_type_annotation="amd.com/use-gputype",
     nouse_type_annotation="amd.com/nouse-gputype",
+    check_health=True,
 )

@@ -2,7 +2,8 @@
 
 Resources ``iluvatar.ai/<chip>-vgpu``, ``iluvatar.ai/<chip>.vMem`` (256 MiB units) and
 ``iluvatar.ai/<chip>.vCore`` (percent); more than one card means whole cards (the
-webhook sets cores to 100 per card). The fit walks the cards first to last, unlike most.
+webhook sets cores to 100 per card). The fit walks the cards last to first, as HAMi's
+(its Test_Fit picks the second of two free cards).
 ``Allocate`` follows the open ix-device-plugin (VENDORS.md §4).
 """
 
@@ -13,12 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.devices.base import (
+    INT32_MAX,
     Admitted,
     AllocateContext,
     Allocated,
     Allocation,
     Card,
     Family,
+    RequestError,
     ResourceNames,
     dev,
     quantity,
@@ -34,7 +37,13 @@ CHIPS = ("MR-V100", "MR-V50", "BI-V150", "BI-V100")  # HAMi's default device con
 @dataclass(frozen=True)
 class Iluvatar(Family):
     def memory_mib(self, value: Any) -> int:
-        return whole(value, self.resources.memory) * UNIT_MIB
+        mib = whole(value, self.resources.memory) * UNIT_MIB
+        if mib > INT32_MAX:
+            # HAMi refuses it rather than wrap Memreq to 0 (a full card would then fit)
+            raise RequestError(
+                f"{self.resources.memory} of {value!r} x {UNIT_MIB} MiB overflows int32"
+            )
+        return mib
 
     def admit(self, resources: Mapping[str, Any], annotations: Mapping[str, str]) -> Admitted:
         n = whole(quantity(resources, self.resources.count), self.resources.count)
@@ -75,7 +84,6 @@ def family(chip: str) -> Iluvatar:
         allocated_annotation=f"hami.io/{chip}-devices-allocated",
         use_uuid_annotation=f"hami.io/use-{chip}-uuid",
         nouse_uuid_annotation=f"hami.io/no-use-{chip}-uuid",
-        backward=False,
     )
 
 
