@@ -17,7 +17,12 @@ Prints one JSON object:
   itself, no second process to wake) is ``nats_rtt_same_process_ms``;
 - ``p50_to_decision_ms`` / ``p50_decision_to_answer_ms``: the p50 split at the
   decision's time stamp; ``cpu_ms_per_request``: CPU per request of each process;
-- ``placement_rss_mb``: the placement process's resident memory at the end.
+- ``placement_rss_mb``: the placement process's resident memory at the end;
+- ``placement_threads_cpu_ms_per_request``: placement's CPU split between its main
+  thread and the others (an exporter's), per request.
+
+``--profile DIR`` runs the placement process under cProfile and leaves its stats in DIR
+(``python -m pstats``), to see where a setting's cost goes.
 
 ``--trace-sampling off,0.01,1`` runs the ``nats`` part once per setting (``--repeat``
 times each, interleaved, so drift of a shared machine spreads over all of them): ``off``
@@ -128,6 +133,20 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds so far of a process's main thread and of its other threads together
+    (Python names no native thread): what background threads (an exporter's) cost."""
+    out = {"main": 0.0, "other_threads": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = task.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        key = "main" if task.name == str(pid) else "other_threads"
+        out[key] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -186,7 +205,7 @@ def trace_env(setting: str, sink: OtlpSink | None) -> dict[str, str]:
 
 async def over_nats(
     nodes: int, cards: int, requests: int, rate: float, seed: int,
-    trace: dict[str, str] | None = None, mixed: float = 0.0,
+    trace: dict[str, str] | None = None, mixed: float = 0.0, profile: str | None = None,
 ) -> dict[str, object]:
     server = EmbeddedNats()
     url = await server.astart()
@@ -205,8 +224,10 @@ async def over_nats(
         env = dict(os.environ, HAMI_LOG_LEVEL="WARNING")
         env.pop("HAMI_TRACE_EXPORT", None)
         env.update(trace or {"OTEL_TRACES_EXPORTER": "none"})
+        # --profile: the placement process under cProfile, its stats written when it stops
+        prof = ["-m", "cProfile", "-o", profile] if profile else []
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
-            [sys.executable, "-m", "services.placement", "--nats-url", url, "--health-port", "0"], cwd=ROOT, env=env)
+            [sys.executable, *prof, "-m", "services.placement", "--nats-url", url, "--health-port", "0"], cwd=ROOT, env=env)
         # The echo process answers before any round trip is timed.
         await asyncio.wait_for(_until_answered(bus, "bench.echo.remote.ready"), 30)
         # Wait until the service answers: one probe request.
@@ -255,6 +276,7 @@ async def over_nats(
             round_trips(bus, loaded_rtt, every=0.05, subject="bench.echo.remote.load", local=False))
         pids = {"placement": proc.pid, "nats_server": server.proc.pid, "bench": os.getpid()}  # type: ignore[union-attr]
         cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+        threads0 = thread_cpu_s(proc.pid)
         start = time.time()
         acks = []
         for i, r in enumerate(reqs):
@@ -272,6 +294,7 @@ async def over_nats(
         await asyncio.gather(*acks)
         await asyncio.wait_for(done.wait(), timeout=max(60.0, requests / 200))
         cpu = {k: (cpu_s(p) - cpu0[k]) * 1e3 / requests for k, p in pids.items()}
+        threads = {k: (v - threads0.get(k, 0.0)) * 1e3 / requests for k, v in thread_cpu_s(proc.pid).items()}
         sampling.cancel()
         (sampled,) = await asyncio.gather(sampling, return_exceptions=True)
         if not loaded_rtt:
@@ -308,6 +331,7 @@ async def over_nats(
             # CPU milliseconds per request, by process, over the timed run: two cores
             # shared by the three is what makes the round trip under load slower.
             "cpu_ms_per_request": {k: round(v, 3) for k, v in cpu.items()},
+            "placement_threads_cpu_ms_per_request": {k: round(v, 3) for k, v in threads.items()},
         }
     finally:
         for p in (proc, echo):
@@ -331,6 +355,9 @@ def main() -> int:
                          "with OTLP export to an in-process sink; prints the ratios to off")
     ap.add_argument("--mixed", type=float, default=0.0, metavar="FRACTION",
                     help="this share of the nodes, and of the requests, of other vendors (0.1: a tenth)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="run the placement process under cProfile; its stats go to DIR "
+                         "(placement.prof, or placement-<setting>-<run>.prof with --trace-sampling)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="with --trace-sampling: runs per setting, interleaved")
     args = ap.parse_args()
@@ -341,8 +368,9 @@ def main() -> int:
                            capture_output=True, text=True, cwd=ROOT)
         out["inprocess"] = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-2000:]}
     if args.trace_sampling is None:
+        prof = f"{args.profile}/placement.prof" if args.profile else None
         out["nats"] = asyncio.run(over_nats(args.nodes, args.cards, args.requests, args.rate, args.seed,
-                                            mixed=args.mixed))
+                                            mixed=args.mixed, profile=prof))
     else:
         out.update(traced(args))
     print(json.dumps(out, indent=2))
@@ -360,8 +388,9 @@ def traced(args: argparse.Namespace) -> dict[str, object]:
         for _ in range(max(1, args.repeat)):
             for s in settings:
                 before = sink.counts()
+                prof = f"{args.profile}/placement-{s}-{len(runs[s])}.prof" if args.profile else None
                 r = asyncio.run(over_nats(args.nodes, args.cards, args.requests, args.rate,
-                                          args.seed, trace_env(s, sink), args.mixed))
+                                          args.seed, trace_env(s, sink), args.mixed, prof))
                 after = sink.counts()
                 r["otlp_exports"], r["otlp_bytes"] = after[0] - before[0], after[1] - before[1]
                 runs[s].append(r)

@@ -132,6 +132,42 @@ def test_the_sampler_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     assert not sp.is_recording()
 
 
+def test_a_ratio_samples_roots_at_that_ratio_and_a_dropped_root_still_passes_a_trace_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A root's sampling is decided before its span is made (a dropped root makes none);
+    # a kept one must then be made under the very trace id that was sampled, or the
+    # SDK would sample a second id and keep a quarter, not a half.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.5")
+    memory()
+    tr = tracing.tracer("hami.tests")
+    bound = round(0.5 * (1 << 64))
+    sent: list[str] = []
+    n = 2000
+    for i in range(n // 4):
+        with tracing.receive(tr, "hami.evt.alloc.requested", {"Nats-Msg-Id": f"r{i}"}):
+            sent.append(tracing.inject({})["traceparent"])
+        with tracing.publish(tr, "hami.evt.alloc.requested", f"p{i}"):
+            sent.append(tracing.inject({})["traceparent"])
+        with tracing.span(tr, "root"):
+            sent.append(tracing.inject({})["traceparent"])
+        held = tracing.start(tr, "held")
+        with trace.use_span(held, end_on_exit=False):
+            sent.append(tracing.inject({})["traceparent"])
+        held.end()
+    kept = [t for t in sent if t.endswith("-01") or t.endswith("-03")]
+    assert 0.42 * n < len(kept) < 0.58 * n  # a binomial(2000, 0.5) is ~1000 +- 22
+    ids = [int(t.split("-")[1], 16) for t in sent]
+    assert len(set(ids)) == n  # each root a trace of its own, kept or not
+    recorded = {s.context.trace_id for s in tracing.MEMORY.get_finished_spans()}
+    assert recorded == {int(t.split("-")[1], 16) for t in kept}
+    # every kept id is one the ratio keeps, every dropped one one it drops
+    assert all((i & ((1 << 64) - 1) < bound) == (t in kept) for i, t in zip(ids, sent, strict=True))
+    # what a dropped root sends says "not sampled", so downstream drops it too
+    assert all(int(t.rsplit("-", 1)[1], 16) & 1 == 0 for t in sent if t not in kept)
+
+
 def test_a_sampler_that_ignores_parents_ignores_links_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
     memory()
