@@ -392,7 +392,8 @@ _API: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         subjects.PLACEMENT_QUEUES,
         "QueuesRequest",
         ("QueuesReply", "ErrorReply"),
-        "Each queue's guarantee, use, borrowed share and pending requests (hami queues).",
+        "Each queue's guarantee, use, borrowed share and pending requests (hami queues, "
+        "and the metrics service's page and series).",
     ),
     (
         subjects.PLACEMENT_MOVE,

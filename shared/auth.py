@@ -278,6 +278,7 @@ def permissions(role: str) -> Permissions:
         b.sub.append(f"{evt}.alloc.>")
         b.sub.append(f"{evt}.node.>")  # the live feed of the page at /
         b.sub.append(subjects.TELEMETRY_ALL)  # the node-side series (HAMi's vGPU monitor)
+        b.pub.append(subjects.PLACEMENT_QUEUES)  # the queues on the page at / and /metrics
     elif kind == NODEAGENT:
         assert node is not None
         key = subjects.kv_key(node)

@@ -1,7 +1,8 @@
 """The operator's page at ``/``: what each card holds, who shares it, what waits, live.
 
 Pure: :func:`fleet_view` turns the inventory, ledgers, health, node telemetry, the
-pending requests and the recent events into the JSON ``/api/fleet`` answers; :data:`PAGE`
+pending requests, the recent events and placement's queues into the JSON
+``/api/fleet`` answers; :data:`PAGE`
 is the page itself, plain HTML and JavaScript with no build step and nothing fetched
 from elsewhere. The page renders ``/api/fleet`` and follows ``/api/events`` (server-sent
 events), fetching the view again whenever something happens, so a new allocation shows
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.metrics.queues import QueueState, queue_view
 from shared.schemas import (
     NodeHealth,
     NodeInventory,
@@ -32,6 +34,7 @@ def fleet_view(
     waiting: list[PendingRequest],
     events: list[dict[str, Any]],
     now: float,
+    queues: QueueState | None = None,
 ) -> dict[str, Any]:
     out_nodes: list[dict[str, Any]] = []
     for name in sorted(nodes):
@@ -122,6 +125,7 @@ def fleet_view(
             for p in waiting
         ],
         "events": events,
+        "queues": queue_view(queues or QueueState(error="placement not asked")),
     }
 
 
@@ -137,7 +141,9 @@ header{background:#1f2937;color:#fff;padding:10px 20px;display:flex;gap:24px;ali
 header h1{font-size:18px;margin:0}header span{color:#cbd5e1}
 main{display:grid;grid-template-columns:minmax(0,3fr) minmax(280px,1fr);gap:16px;padding:16px 20px}
 section.node{background:#fff;border:1px solid var(--line);border-radius:6px;margin-bottom:16px;padding:10px 14px}
-section.node h2{font-size:16px;margin:0 0 8px}
+section.node h2,section.queues h2{font-size:16px;margin:0 0 8px}
+section.queues{background:#fff;border:1px solid var(--line);border-radius:6px;margin-bottom:16px;padding:10px 14px}
+.borrowing{color:var(--warn)}
 .badge{font-size:12px;padding:1px 6px;border-radius:8px;color:#fff;margin-left:6px}
 .healthy{background:var(--ok)}.unhealthy{background:var(--bad)}.cordoned{background:var(--warn)}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:10px}
@@ -159,7 +165,8 @@ aside h2{font-size:15px;margin:0 0 6px}
 <body>
 <header><h1>GPU slices</h1><span id="summary">loading...</span><span id="conn">live</span>
 <span><a style="color:#93c5fd" href="/metrics">/metrics</a></span></header>
-<main><div id="nodes"><p class="empty">loading...</p></div>
+<main><div><section class="queues"><h2>Queues</h2><div id="queues"><p class="empty">loading...</p></div></section>
+<div id="nodes"><p class="empty">loading...</p></div></div>
 <aside><section><h2>Pending requests</h2><div id="pending"><p class="empty">none</p></div></section>
 <section><h2>Recent events</h2><ul id="events"></ul></section></aside></main>
 <script>
@@ -199,7 +206,38 @@ function card(c) {
   } else el.append(h("p", {class: "empty"}, "not shared: nobody holds a slice"));
   return el;
 }
+function amount(a, none) {
+  const parts = [];
+  if (a.mem_mib !== null) parts.push(a.mem_mib + " MiB");
+  if (a.cores !== null) parts.push(a.cores + " % cores");
+  return parts.length ? parts.join(", ") : none;
+}
+function renderQueues(qv) {
+  const el = document.getElementById("queues");
+  el.replaceChildren();
+  if (!qv.known) { el.append(h("p", {class: "empty"}, "queues unknown: " + qv.error)); return; }
+  if (!qv.rows.length) {
+    el.append(h("p", {class: "empty"}, "no queues configured: requests are tried in arrival order"));
+    return;
+  }
+  const t = h("table", {}, h("tr", {}, ...["queue", "guarantee", "limit", "used", "borrowed", "pending",
+    "weight"].map((c) => h("th", {}, c))));
+  for (const q of qv.rows) {
+    const zero = q.guarantee.mem_mib === 0 && q.guarantee.cores === 0;
+    const lent = q.borrowed.mem_mib > 0 || q.borrowed.cores > 0;
+    t.append(h("tr", {class: "queue", "data-queue": q.name, "data-parent": q.parent, "data-depth": q.depth},
+      h("td", {class: "name", style: "padding-left:" + (6 + 16 * q.depth) + "px"}, q.name),
+      h("td", {class: "guarantee"}, zero ? "none" : amount(q.guarantee, "none")),
+      h("td", {class: "limit"}, amount(q.limit, "none")),
+      h("td", {class: "used"}, amount(q.used, "")),
+      h("td", {class: "borrowed" + (lent ? " borrowing" : "")}, amount(q.borrowed, "")),
+      h("td", {class: "pending"}, q.pending),
+      h("td", {class: "weight"}, q.weight)));
+  }
+  el.append(t);
+}
 function render(v) {
+  renderQueues(v.queues);
   const nodes = document.getElementById("nodes");
   nodes.replaceChildren();
   let cards = 0, slices = 0, free = 0;

@@ -4,7 +4,9 @@ Follows every event of ``hami.evt.>`` into a :class:`~services.metrics.fleet.Fle
 passes each on to the browsers connected to ``/api/events`` as a server-sent event.
 A browser that reconnects sends the last id it saw and gets what it missed from the
 recent history; one that cannot keep up is dropped (it reconnects and catches up)
-rather than let its queue grow.
+rather than let its queue grow. Each event also marks placement's last answer about
+the queues (:class:`~services.metrics.queues.Queues`) out of date, so that the view
+the page fetches after it asks again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from nats.aio.msg import Msg
 from services.metrics.collector import Snapshot
 from services.metrics.dashboard import PAGE, fleet_view
 from services.metrics.fleet import Fleet
+from services.metrics.queues import Queues, QueueState
 from shared.bus import BadMessage, decode_event
 from shared.schemas import Telemetry
 
@@ -38,10 +41,12 @@ class Live:
         fleet: Fleet,
         snapshot: Callable[[], Snapshot],
         telemetry: Callable[[], dict[str, Telemetry]],
+        queues: Queues,
     ) -> None:
         self.fleet = fleet
         self.snapshot = snapshot
         self.telemetry = telemetry
+        self.queues = queues
         self.clients: set[asyncio.Queue[dict[str, Any] | None]] = set()
 
     async def on_event(self, msg: Msg) -> None:
@@ -49,6 +54,7 @@ class Live:
             ev = decode_event(msg.data)
         except BadMessage:
             return
+        self.queues.changed()
         item = self.fleet.observe(ev)
         for q in list(self.clients):
             try:
@@ -57,7 +63,7 @@ class Live:
                 self.clients.discard(q)
                 _end(q)  # the browser reconnects and catches up from the history
 
-    def view(self) -> dict[str, Any]:
+    def view(self, queues: QueueState) -> dict[str, Any]:
         nodes, ledgers, health = self.snapshot()
         placed = {uid for led in ledgers.values() for uid in led.allocs}
         waiting = self.fleet.waiting(placed)
@@ -69,13 +75,17 @@ class Live:
             waiting,
             list(self.fleet.feed)[-50:],
             self.fleet.clock(),
+            queues,
         )
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html")
 
     async def fleet_json(self, request: web.Request) -> web.Response:
-        return web.Response(body=msgspec.json.encode(self.view()), content_type="application/json")
+        queues = await self.queues.current()
+        return web.Response(
+            body=msgspec.json.encode(self.view(queues)), content_type="application/json"
+        )
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"

@@ -2,6 +2,7 @@
 
 Serves ``/metrics`` (Prometheus text), ``/api/status`` (JSON) and the operator's page at
 ``/`` with its data (``/api/fleet``, live ``/api/events``). It only reads: any number of replicas can run.
+The queues it shows and exports it asks placement for (``hami.placement.queues``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from services.metrics.collector import AllocationCollector, LatencyMetrics, MigIdentities, Snapshot
 from services.metrics.fleet import Fleet, FleetCollector
 from services.metrics.live import Live
+from services.metrics.queues import Queues, QueuesCollector, ask_placement
 from shared import subjects
 from shared.bus import BadMessage, Bus, decode, decode_event
 from shared.config import Config
@@ -61,7 +63,10 @@ class MetricsService:
         self.latency = LatencyMetrics(self.registry)
         self.fleet = Fleet()
         self.registry.register(FleetCollector(self.fleet, self.snapshot))
-        self.live = Live(self.fleet, self.snapshot, lambda: self.telemetry)
+        # The queues are placement's; asked for when the page or a scrape needs them.
+        self.queues = Queues(ask_placement(bus))
+        self.registry.register(QueuesCollector(lambda: self.queues.state))
+        self.live = Live(self.fleet, self.snapshot, lambda: self.telemetry, self.queues)
         self._decided_at: OrderedDict[str, float] = OrderedDict()
         self._bg = Background()
         self._runner: web.AppRunner | None = None
@@ -79,6 +84,8 @@ class MetricsService:
         self.nodes[inv.node] = inv
 
     async def _on_ledger(self, key: str, value: bytes | None, revision: int) -> None:
+        # Placement writes a ledger when a queue's use changes: its last answer is old.
+        self.queues.changed()
         if value is not None:
             led = decode(value, NodeLedger)
             self.ledgers[led.node] = led
@@ -120,6 +127,7 @@ class MetricsService:
                 self.latency.bind.observe(max(0.0, ev.bound_at - t))
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        await self.queues.current()  # the collectors are synchronous: bring the answer first
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -171,3 +179,4 @@ class MetricsService:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.queues.stop()

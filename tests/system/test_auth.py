@@ -9,9 +9,12 @@ permissions, TLS from a CA made for the test); a refusal is the server's
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -120,6 +123,19 @@ async def test_submit_to_decided_under_identities(system: System, connect: Calla
     reply = decode(resp.data, SubmitReply)
     assert reply.ok, reply
     assert reply.decision is not None and reply.decision.node in NODES
+
+
+async def test_metrics_may_ask_placement_for_the_queues(system: System) -> None:
+    # The page at / and the hami_queue_* series ask placement under metrics' identity;
+    # a refused ask shows "queues unknown" there instead of the queues.
+    def fleet() -> dict[str, Any]:
+        with urllib.request.urlopen(system.metrics_url + "/api/fleet", timeout=10) as r:
+            got: dict[str, Any] = json.loads(r.read())
+        return got
+
+    queues = (await asyncio.to_thread(fleet))["queues"]
+    assert queues["known"], queues["error"]
+    assert queues["error"] == "" and queues["capacity"]["mem_mib"] > 0
 
 
 @pytest.mark.parametrize("role", ["cli", "nodeagent:sim-node-0", "reader", "metrics"])

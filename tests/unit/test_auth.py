@@ -108,6 +108,9 @@ def test_durables_and_services() -> None:
     assert can_sub(auth.BINDER, subjects.API_SUBMIT) and not can_sub(auth.CLI, subjects.API_SUBMIT)
     assert auth.permissions(auth.INVENTORY).allow_responses
     assert not auth.permissions(auth.CLI).allow_responses
+    # the queues are asked by the CLI (hami queues) and by metrics (its page and series)
+    askers = {r for r in ROLES if can_pub(r, subjects.PLACEMENT_QUEUES)}
+    assert askers == {auth.ADMIN, auth.CLI, auth.METRICS}
 
 
 def test_bad_roles_and_keys() -> None:
