@@ -52,6 +52,10 @@ class NodeSettings(msgspec.Struct, kw_only=True, rename="camel"):
     # The MIG profiles a card in MIG mode may offer, per model; None: HAMi chart's default
     # (shared.hami.mig.DEFAULT_ALLOWLIST). A list replaces it in full, as in HAMi.
     mig_profile_allowlist: list[MigProfileAllowlistEntry] | None = None
+    # Ascend NPUs in soft mode (ascend-device-plugin's hami-vnpu-core): the node annotation
+    # hami-vnpu-core says "true" and each card registers devcore 100 (percent); pods asking
+    # huawei.com/vnpu-mode: hami-core get the limiter. False: hard mode (vNPU templates).
+    ascend_soft_mode: bool = False
 
 
 class ResourceNames(msgspec.Struct, kw_only=True, rename="camel"):

@@ -6,12 +6,20 @@ the whole card's allocatable memory; beyond that it is refused. More than one ca
 whole cards (no vNPU). 910C is allocated in modules of two: 1 becomes 2, other odd
 counts are refused. With ``huawei.com/vnpu-mode: hami-core`` (soft limits) memory is
 taken as asked. HAMi writes the chosen template per card in ``huawei.com/<chip>``.
+
+Soft mode (hami-vnpu-core) is a node's choice: its plugin writes the node annotation
+``hami-vnpu-core: true`` (and devcore 100). :meth:`Ascend.node_cards` marks that node's
+cards (:data:`SOFT_NODE` in their ``custom``) and counts each card as 100 % of cores
+(HAMi's ``hamiCorePercentBudget``: a devcore of 100 or less becomes 100). The fit then
+follows HAMi's ``Fit``: a ``hami-core`` pod fits only on a soft node and a ``template``
+pod only on a hard one (else ``ModeNotFit``, one count over all the cards offered); a
+pod naming no mode fits either; a ``hami-core`` pod's card has 100 cores.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shared.devices.base import (
@@ -20,7 +28,9 @@ from shared.devices.base import (
     Allocated,
     Allocation,
     Ask,
+    Card,
     Family,
+    FitResult,
     Grant,
     Mount,
     PodInfo,
@@ -34,6 +44,24 @@ from shared.devices.base import (
 
 VNPU_MODE = "huawei.com/vnpu-mode"
 HAMI_CORE = "hami-core"
+TEMPLATE = "template"  # HAMi's VNPUModeTemplate: hard split asked explicitly
+# The node annotation ascend-device-plugin writes ("true"/"false", register.go), and the
+# mark node_cards leaves in each card's custom on a node that says "true".
+SOFT_NODE = "hami-vnpu-core"
+MODE_NOT_FIT = "ModeNotFit"  # HAMi's common.ModeNotFit
+SOFT_CORES = 100  # a soft-mode card's core budget, in percent (HAMi's hamiCorePercentBase)
+
+
+def soft_node(annotations: Mapping[str, str]) -> bool:
+    """HAMi's ``nodeSupportsHamiCore`` with its global ``hamiVnpuCore`` at the chart's
+    default (false): the node's ``hami-vnpu-core`` annotation says ``true``."""
+    return annotations.get(SOFT_NODE) == "true"
+
+
+def cards_soft(cards: Sequence[Card]) -> bool:
+    """Whether these cards (one node's, as :meth:`Ascend.node_cards` built them) are on
+    a soft-mode node."""
+    return bool(cards) and all(c.custom.get(SOFT_NODE) == "true" for c in cards)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +133,34 @@ class Ascend(Family):
             mem = mib if core_asked else self.trim(mib)[0]
         cores = whole(quantity(resources, r.cores), r.cores) if core_asked else 0
         return Ask(self.name, n, mem, 100 if mem == 0 else 0, cores)
+
+    def node_cards(
+        self, node: str, annotations: Mapping[str, str], capacity: Mapping[str, Any]
+    ) -> list[Card]:
+        """The register annotation's cards; on a soft-mode node each is marked and gets
+        at least 100 cores (above 100 is kept: an operator's deliberate oversell)."""
+        cards = super().node_cards(node, annotations, capacity)
+        if not soft_node(annotations):
+            return cards
+        return [
+            replace(
+                c,
+                totalcore=max(c.totalcore, SOFT_CORES),
+                custom={**c.custom, SOFT_NODE: "true"},
+            )
+            for c in cards
+        ]
+
+    def fit(self, cards: Sequence[Card], ask: Ask, pod: PodInfo) -> FitResult:
+        """HAMi's mode gate before its common fit: soft pods on soft nodes, template pods
+        on hard ones; a soft pod counts each card as 100 % of cores."""
+        mode = pod.annotations.get(VNPU_MODE, "")
+        soft = cards_soft(cards)
+        if (mode == HAMI_CORE and not soft) or (mode == TEMPLATE and soft):
+            return FitResult(False, [], {MODE_NOT_FIT: 1}, len(cards))
+        if mode == HAMI_CORE:
+            cards = [replace(c, totalcore=SOFT_CORES) for c in cards]
+        return super().fit(cards, ask, pod)
 
     def pod_annotations(
         self, pod: PodInfo, grants: Sequence[Sequence[Grant]], node: str = ""

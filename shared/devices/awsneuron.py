@@ -5,7 +5,9 @@
 device, or a multiple of a device's cores as whole devices. A card's cores are a bitmask
 (``devcore``); several devices must be contiguous and free (on Trn, aligned runs of 1, 4,
 8 or 16; on Inf, any contiguous run), else ``NumaNotFit``. HAMi writes
-``AWS_NEURON_IDS`` (device indexes, or core indexes for a core ask) for the AWS plugin.
+``AWS_NEURON_IDS`` (device indexes, or core indexes for a core ask, every container's
+joined) for the AWS plugin. Counts are whole and positive: at most 2^31-1 devices and
+2 x (2^31-1) cores, HAMi's bounds and texts.
 """
 
 from __future__ import annotations
@@ -38,14 +40,31 @@ from shared.devices.base import (
     dev,
     encode_pod_single_device,
     quantity,
-    whole,
 )
+from shared.hami.quantity import QuantityError, parse_quantity
 
 NODE_TYPE = "AWSNodeType"
 IDS = "AWS_NEURON_IDS"
 RESOURCE_TYPE = "NEURON_RESOURCE_TYPE"
 ALLOCATED = "NEURON_ALLOCATED"
 PREDICATE_NODE = "aws.amazon.com/predicate-node"
+MAX_DEVICES = (1 << 31) - 1  # HAMi's maxAWSNeuronDeviceCount (math.MaxInt32)
+MAX_CORES = MAX_DEVICES * 2  # HAMi's maxAWSNeuronCoreCount: devices x the default 2 cores
+
+
+def count(value: Any, name: str, cap: int) -> int:
+    """HAMi's ``validateResourceRequest``: a whole number in 1..``cap``, with its texts."""
+    try:
+        q = parse_quantity(value)
+    except QuantityError:
+        raise RequestError(f"{name} must be an integer") from None
+    if q.denominator != 1:
+        raise RequestError(f"{name} must be an integer")
+    if q <= 0:
+        raise RequestError(f"{name} must be greater than 0")
+    if q > cap:
+        raise RequestError(f"{name} must not exceed {cap}")
+    return int(q)
 
 
 def popcount(mask: int) -> int:
@@ -64,36 +83,42 @@ class Neuron(Family):
     def split(self, cores: int) -> tuple[int, int]:
         """HAMi's ``splitCoreRequest``: (devices, cores per device)."""
         cpd = self.cores_per_device
+        name = self.resources.cores
         if cores <= cpd:
             return 1, cores
         if cores % cpd:
+            raise RequestError(f"{name} must be 1 or a multiple of {cpd}, got {cores}")
+        nums = cores // cpd
+        if nums > MAX_DEVICES:
             raise RequestError(
-                f"{self.resources.cores} must be 1 or a multiple of {cpd}, got {cores}"
+                f"{name} needs {nums} devices, which exceeds the maximum of {MAX_DEVICES}"
             )
-        return cores // cpd, cpd
+        return nums, cpd
+
+    def ask(self, resources: Mapping[str, Any]) -> Ask | None:
+        """The ask, or :class:`RequestError` with HAMi's text: the device count wins
+        over the core count when a container names both."""
+        r = self.resources
+        if (v := quantity(resources, r.count)) is not None:
+            n = count(v, r.count, MAX_DEVICES)
+            return Ask(self.name, n, 0, 0, self.cores_per_device, whole=True)
+        if (c := quantity(resources, r.cores)) is not None:
+            nums, per = self.split(count(c, r.cores, MAX_CORES))
+            return Ask(self.name, nums, 0, 0, per)
+        return None
 
     def admit(self, resources: Mapping[str, Any], annotations: Mapping[str, str]) -> Admitted:
-        for name in (self.resources.count, self.resources.cores):
-            v = quantity(resources, name)
-            if v is not None:
-                if whole(v, name) <= 0:
-                    raise RequestError(f"{name} must be greater than 0")
-                if name == self.resources.cores:
-                    self.split(whole(v, name))
-                break
+        """HAMi's ``MutateAdmission``: refuses what :meth:`ask` refuses."""
+        self.ask(resources)
         return Admitted(resources, {})
 
     def generate(self, resources: Mapping[str, Any]) -> Ask | None:
-        if (v := quantity(resources, self.resources.count)) is not None:
-            n = whole(v, self.resources.count)
-            return Ask(self.name, n, 0, 0, self.cores_per_device, whole=True) if n > 0 else None
-        if (c := quantity(resources, self.resources.cores)) is not None:
-            cores = whole(c, self.resources.cores)
-            if cores <= 0:
-                return None
-            nums, per = self.split(cores)
-            return Ask(self.name, nums, 0, 0, per)
-        return None
+        """HAMi's ``GenerateResourceRequests``: an invalid ask (admission bypassed) is no
+        ask at all rather than an error."""
+        try:
+            return self.ask(resources)
+        except RequestError:
+            return None
 
     def fit(self, cards: Sequence[Card], ask: Ask, pod: PodInfo) -> FitResult:
         if ask.nums > 1:
@@ -177,8 +202,8 @@ class Neuron(Family):
         if not any(grants):
             return out
         out[self.allocated_annotation] = encode_pod_single_device(grants)
+        ids: list[str] = []  # HAMi joins every container's, in container order
         for ctr in grants:
-            ids: list[str] = []
             for g in ctr:
                 if g.custom and g.custom.get("whole"):
                     ids.append(str(g.idx))
@@ -228,7 +253,8 @@ def graph_select(cards: Sequence[Card], count: int) -> list[int]:
     """HAMi's ``graphSelect``: positions of ``count`` contiguous free healthy cards."""
     if not cards or NODE_TYPE not in cards[0].custom:
         return []
-    inf = "inf" in str(cards[0].custom[NODE_TYPE]).lower()
+    kind = str(cards[0].custom[NODE_TYPE])
+    inf = "inf" in kind or "Inf" in kind  # HAMi's test, case and all
     if not inf and count not in (1, 4, 8, 16):
         return []
     step = 1 if inf else count

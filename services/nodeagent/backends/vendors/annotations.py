@@ -10,6 +10,11 @@
 
 plus the handshake ``Reported <time>`` (Ascend: ``Reported_<time>``) that HAMi's scheduler
 turns to ``Requesting_...`` and expects answered.
+
+Ascend also gets the node annotation ``hami-vnpu-core``: ``false`` in hard (vNPU template)
+mode; with the node setting ``ascendSoftMode`` (hami-vnpu-core limiter) ``true``, and every
+card's devcore 100 (percent) instead of its AI-core count, as ascend-device-plugin's
+``registerHAMi`` writes in that mode.
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from services.nodeagent.backends.vendors import FAMILIES, enflame, metax
 from services.nodeagent.backends.vendors.base import Family
 from shared.hami.annotations import encode_node_devices_colon
 from shared.schemas import Device
+
+ASCEND_SOFT_NODE = "hami-vnpu-core"  # the node annotation (ascend-device-plugin register.go)
+ASCEND_SOFT_DEVCORE = 100  # an Ascend card's devcore in soft mode: percent of the card
 
 
 def device_info(d: Device, fam: Family) -> dict[str, Any]:
@@ -36,9 +46,14 @@ def device_info(d: Device, fam: Family) -> dict[str, Any]:
     return {k: v for k, v in full if v not in (0, "", False, None, {})}
 
 
-def encode_register(fam: Family, devices: Sequence[Device]) -> str | None:
-    """The register annotation's value for one family's cards (None: it has none)."""
+def encode_register(
+    fam: Family, devices: Sequence[Device], *, ascend_soft_mode: bool = False
+) -> str | None:
+    """The register annotation's value for one family's cards (None: it has none);
+    ``ascend_soft_mode``: an Ascend card's devcore is 100 (hami-vnpu-core mode)."""
     if fam.register == "json":
+        if ascend_soft_mode and fam.key.startswith("Ascend"):
+            devices = [msgspec.structs.replace(d, devcore=ASCEND_SOFT_DEVCORE) for d in devices]
         return json.dumps(
             [device_info(d, fam) for d in devices], separators=(",", ":"), ensure_ascii=False
         )
@@ -58,8 +73,11 @@ def handshake(fam: Family, at: float) -> str:
     return "Reported " + time.strftime("%Y-%m-%d %H:%M:%S", t)
 
 
-def vendor_annotations(devices: Sequence[Device], at: float | None = None) -> dict[str, str]:
-    """Every non-NVIDIA family's register annotation (and handshake) for ``devices``."""
+def vendor_annotations(
+    devices: Sequence[Device], at: float | None = None, *, ascend_soft_mode: bool = False
+) -> dict[str, str]:
+    """Every non-NVIDIA family's register annotation (and handshake) for ``devices``;
+    ``ascend_soft_mode`` is the node setting ``ascendSoftMode``."""
     by_family: dict[str, list[Device]] = {}
     for d in devices:
         if d.vendor in FAMILIES:
@@ -67,14 +85,16 @@ def vendor_annotations(devices: Sequence[Device], at: float | None = None) -> di
     out: dict[str, str] = {}
     for key, devs in by_family.items():
         fam = FAMILIES[key]
-        value = encode_register(fam, devs)
+        value = encode_register(fam, devs, ascend_soft_mode=ascend_soft_mode)
         if value is None or not fam.register_annotation:
             continue
         out[fam.register_annotation] = value
         if fam.handshake_annotation:
             out[fam.handshake_annotation] = handshake(fam, time.time() if at is None else at)
         if key.startswith("Ascend"):
-            out["hami-vnpu-core"] = "false"  # hard (template) mode: the runtime creates vNPUs
+            # "false": hard (template) mode, the runtime creates vNPUs; "true": soft mode,
+            # the hami-vnpu-core limiter enforces each pod's memory and core share
+            out[ASCEND_SOFT_NODE] = "true" if ascend_soft_mode else "false"
     return out
 
 

@@ -8,6 +8,10 @@ die ID, count = allocatable memory / the smallest template's, customInfo Network
 Memory and AI cores come from the ConfigMap table, not the chip; the tables below are
 HAMi's chart defaults.
 
+Soft mode (node setting ``ascendSoftMode``, the plugin's hami-vnpu-core): the register
+annotation's devcore is 100 (percent) instead of the AI cores and the node annotation
+``hami-vnpu-core`` says ``true`` (vendors/annotations.py writes both).
+
 Discovery: ``npu-smi`` has no JSON; ``npu-smi info -m`` (the NPU/chip mapping table) and
 ``npu-smi info -t usages -i <npu> -c <chip>`` (``HBM Capacity(MB) : n``) are parsed.
 """

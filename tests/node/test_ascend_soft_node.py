@@ -1,0 +1,86 @@
+"""Ascend soft mode (hami-vnpu-core) on the node side: the node setting, the register
+annotations ascend-device-plugin writes in each mode (``registerHAMi`` in its
+internal/server/register.go), and the round trip through the scheduler's decoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from services.nodeagent.backends.sim import SimBackend, parse_gpu_specs
+from services.nodeagent.backends.vendors.annotations import vendor_annotations
+from services.nodeagent.backends.vendors.registration import vendor_devices
+from services.nodeagent.registration import register
+from shared import config
+from shared.devices import ascend
+from shared.devices.base import Ask, PodInfo
+from shared.devices.registry import REGISTRY
+from shared.schemas import Device
+
+AT = 1_780_000_000.0
+REG = "hami.io/node-register-Ascend910B3"
+
+
+def devices(specs: str = "Ascend910B3:2,MI300X:1") -> list[Device]:
+    cfg = config.Config()
+    found = SimBackend("n1", parse_gpu_specs([specs])).discover()
+    regd, _ = register(found, cfg.node)
+    return vendor_devices(found, regd, cfg.node)
+
+
+def test_setting_defaults_off_and_reads_from_file_and_env(tmp_path: Path) -> None:
+    assert config.Config().node.ascend_soft_mode is False
+    assert config.load(env={"HAMI__NODE__ASCENDSOFTMODE": "true"}).node.ascend_soft_mode
+    path = tmp_path / "c.yaml"
+    path.write_text("node:\n  ascendSoftMode: true\n")
+    assert config.load(path, env={}).node.ascend_soft_mode is True
+    with pytest.raises(config.ConfigError, match="ascendSoftMode"):
+        config.load(env={"HAMI__NODE__ASCENDSOFTMODE": "[1]"})
+
+
+def test_hard_mode_registers_ai_cores_and_says_false() -> None:
+    ann = vendor_annotations(devices(), AT)
+    assert ann["hami-vnpu-core"] == "false"
+    cards = json.loads(ann[REG])
+    assert [c["devcore"] for c in cards] == [20, 20]  # 910B3's aiCore
+    assert ann["hami.io/node-handshake-Ascend910B3"].startswith("Reported_")
+
+
+def test_soft_mode_registers_100_percent_cores_and_says_true() -> None:
+    hard = json.loads(vendor_annotations(devices(), AT)[REG])
+    ann = vendor_annotations(devices(), AT, ascend_soft_mode=True)
+    assert ann["hami-vnpu-core"] == "true"
+    soft = json.loads(ann[REG])
+    assert [c["devcore"] for c in soft] == [100, 100]
+    # only devcore changes: ids, slots, memory, type and NetworkID are the plugin's same
+    for h, s in zip(hard, soft, strict=True):
+        assert {k: v for k, v in h.items() if k != "devcore"} == {
+            k: v for k, v in s.items() if k != "devcore"
+        }
+    # another vendor on the node is untouched by the Ascend setting
+    assert (
+        ann["hami.io/node-amd-register"]
+        == vendor_annotations(devices(), AT)["hami.io/node-amd-register"]
+    )
+
+
+def test_no_ascend_card_no_vnpu_core_annotation() -> None:
+    ann = vendor_annotations(devices("MI300X:1"), AT, ascend_soft_mode=True)
+    assert "hami-vnpu-core" not in ann
+
+
+def test_soft_registration_round_trips_to_a_soft_fit() -> None:
+    """The scheduler decodes what the agent wrote: soft pods fit only a soft node."""
+    fam = REGISTRY.family("Ascend910B3")
+    assert isinstance(fam, ascend.Ascend)
+    soft_pod = PodInfo(annotations={ascend.VNPU_MODE: ascend.HAMI_CORE})
+    ask = Ask("Ascend910B3", 1, 10000, 0, 30)
+    for soft, want in ((True, ""), (False, "1/2 ModeNotFit")):
+        ann = vendor_annotations(devices(), AT, ascend_soft_mode=soft)
+        cards = fam.node_cards("n1", ann, {})
+        got = fam.fit(cards, ask, soft_pod)
+        assert got.text == want
+        if soft:
+            assert got.ok and got.grants[0].usedmem == 10000 and got.grants[0].usedcores == 30
