@@ -12,12 +12,13 @@ import pytest
 from services.nodeagent.backends.sim import SimBackend, parse_gpu_specs
 from services.nodeagent.backends.vendors.annotations import vendor_annotations
 from services.nodeagent.backends.vendors.registration import vendor_devices
+from services.nodeagent.kube.annotations import node_annotations
 from services.nodeagent.registration import register
 from shared import config
 from shared.devices import ascend
 from shared.devices.base import Ask, PodInfo
 from shared.devices.registry import REGISTRY
-from shared.schemas import Device
+from shared.schemas import Device, NodeInventory
 
 AT = 1_780_000_000.0
 REG = "hami.io/node-register-Ascend910B3"
@@ -84,3 +85,12 @@ def test_soft_registration_round_trips_to_a_soft_fit() -> None:
         assert got.text == want
         if soft:
             assert got.ok and got.grants[0].usedmem == 10000 and got.grants[0].usedcores == 30
+
+
+def test_the_agents_node_annotations_follow_the_setting() -> None:
+    # what the Kubernetes-mode agent patches onto its Node (NodeAnnotator)
+    inv = NodeInventory(node="n1", devices=devices("Ascend910B3:2"), published_at=AT)
+    assert node_annotations(inv)["hami-vnpu-core"] == "false"
+    soft = node_annotations(inv, ascend_soft_mode=True)
+    assert soft["hami-vnpu-core"] == "true"
+    assert [c["devcore"] for c in json.loads(soft[REG])] == [100, 100]
