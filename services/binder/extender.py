@@ -47,6 +47,18 @@ count for the node (placement does not read PodDisruptionBudgets). Any replica a
 it: nothing is reserved, placement's view decides. A pod that asks for no HAMi device
 gets the scheduler's victims back as they came.
 
+Gangs (docs/gangs.md): a pod of a coscheduling PodGroup (``PodSource.pod_gang``) is
+requested with its gang fields. Placement reserves a member without announcing it
+until the whole gang is reserved, so the filter learns of the reservation from the
+ledger (a watch of the bucket that keeps only gang members' entries) and answers at
+once with no node: every offered node unresolvable, "waiting for gang <ns>/<name>: k
+of N reserved" (the scheduler's cycle is serial; a filter that waited for the rest of
+the gang would stall every other pod). The scheduler tries the pod again later; when
+the gang commits, each member's decision is held like any filter's, so the next filter
+answers the reserved node and ``bind`` binds there. ``bind`` refuses a reservation
+whose gang has not committed. A PodGroup that is missing or not a gang: every node
+unresolvable with the reason, nothing reserved.
+
 Only the Lease holder decides: a standby holds and sweeps nothing, and hands each call
 it gets over NATS (``hami.binder.extender.filter|bind``) to the Lease holder, which
 subscribes while it holds the Lease, and answers with the holder's answer. So the
@@ -78,11 +90,13 @@ from shared import subjects
 from shared.bus import Bus
 from shared.config import Config
 from shared.hami.codec import PodSpecError, pod_request
+from shared.hami.podgroup import Gang, PodGroupError
 from shared.schemas import (
     AllocDecided,
     AllocFailed,
     AllocReleased,
     AllocRequested,
+    LedgerAlloc,
     NodeLedger,
     PreemptReply,
     PreemptRequest,
@@ -101,6 +115,8 @@ ANSWER_TIMEOUT_S = 25.0
 NOT_LEADER = "no binder replica holds the Lease; retry"
 STATUS_HEADER = "Hami-Http-Status"
 POD_GONE = "the pod was deleted"
+# How long a gang member's filter waits for the ledger watch to have caught up.
+LEDGER_READY_S = 10.0
 
 
 class WireError(ValueError):
@@ -307,11 +323,28 @@ class PodSource(Protocol):
         """The pod now (None when it does not exist)."""
         ...
 
+    async def pod_gang(self, pod: Obj) -> Gang | None:
+        """The gang of the pod's PodGroup (None: it names none); :class:`PodGroupError`
+        when the PodGroup is missing or not a gang."""
+        ...
+
+
+@dataclass(slots=True, frozen=True)
+class GangEntry:
+    """A gang member's ledger entry: a reservation until its gang commits."""
+
+    node: str
+    alloc: LedgerAlloc
+
+    @property
+    def committed(self) -> bool:
+        return self.alloc.gang_expires <= 0
+
 
 @dataclass(slots=True)
 class _Waiter:
     requested_at: float
-    fut: asyncio.Future[AllocDecided | AllocFailed] = field(
+    fut: asyncio.Future[AllocDecided | AllocFailed | GangEntry] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -337,6 +370,13 @@ class Extender:
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._fwd_subs: list[Any] = []  # the standbys' calls, while this replica leads
+        # Gang members' ledger entries (docs/gangs.md), ledger key -> uid -> entry.
+        # Placement announces a member only when its whole gang commits, so a member's
+        # reservation is seen in the ledger, not on the bus.
+        self.gang_entries: dict[str, dict[str, GangEntry]] = {}
+        self._ledger_ready = asyncio.Event()
+        self._ledger_watch: asyncio.Task[None] | None = None
+        self._ledger_start: asyncio.Future[None] | None = None
         self.filters = 0
         self.binds = 0
         self.preempts = 0
@@ -360,11 +400,15 @@ class Extender:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    async def _decide(self, req: AllocRequested) -> AllocDecided | AllocFailed | None:
-        """Publish a one-shot request and wait for placement's answer (None: none)."""
+    async def _decide(self, req: AllocRequested) -> AllocDecided | AllocFailed | GangEntry | None:
+        """Publish a one-shot request and wait for placement's answer (None: none): its
+        decision or failure, or for a gang member its reservation (the gang not
+        complete: no decision comes until it is)."""
         w = _Waiter(req.requested_at)
         self.waiters[req.uid] = w
         try:
+            if req.gang:
+                self._resolve_reserved(req.uid)
             # Not waiting for the stream's ack before the answer: the scheduler's cycle
             # is serial, and the ack costs a round trip placement does not need.
             stored = await self.bus.publish_event_nowait(
@@ -402,6 +446,19 @@ class Extender:
             return 200, filter_result(args, [], None, dict.fromkeys(names, why))
         if not asks_devices(req) or not names:
             return 200, filter_result(args, names)  # nothing of HAMi's to decide
+        try:
+            gang = await self.binder.pod_gang(args.pod)
+        except PodGroupError as exc:
+            # Not placed, alone or otherwise, until its PodGroup is there and valid (the
+            # scheduler retries it): coscheduling's Permit denies it too.
+            return 200, filter_result(args, [], None, dict.fromkeys(names, str(exc)))
+        except Exception as exc:  # the API server did not answer: a failed attempt
+            return 200, filter_result(args, [], error=f"cannot read the pod's PodGroup: {exc}")
+        if gang is not None:
+            req = msgspec.structs.replace(req, gang=gang.name, gang_size=gang.size,
+                                          gang_timeout=gang.timeout)
+            if not await self._ledger_caught_up():
+                return 200, filter_result(args, [], error="the ledger watch has not caught up; retry")
         self.filters += 1
         async with self._lock(uid):
             if uid in self.gone:  # a stale call racing the pod's deletion
@@ -413,6 +470,14 @@ class Extender:
                     return 200, self._chosen(args, held.decision.node)
                 del self.held[uid]  # reserved on a node no longer offered: decide again
                 await self._release(held.decision, "refiltered")
+            if gang is not None:
+                mine = self._gang_entry(uid)
+                if mine is not None and not mine.committed:
+                    if mine.node in names:
+                        return 200, self._waiting(args, gang)
+                    # Reserved on a node the scheduler no longer offers: free it (the
+                    # gang loses a member until this one is placed again).
+                    await self._release(_entry_decision(uid, mine), "refiltered")
             cons = msgspec.structs.replace(req.constraints, nodes=names)
             for _ in range(3):
                 ask = msgspec.structs.replace(req, constraints=cons, pending=False,
@@ -423,6 +488,10 @@ class Extender:
                         args, [], error=f"no placement decision within {self.answer_timeout_s:g}s")
                 if isinstance(got, AllocFailed):
                     return 200, failed_result(args, got)
+                if isinstance(got, GangEntry):
+                    # Reserved; bound only once its whole gang is (the decision then
+                    # comes, is held, and the scheduler's next attempt gets the node).
+                    return 200, self._waiting(args, gang)
                 if uid in self.gone:  # deleted while placement decided
                     await self._release(got, "deleted")
                     return 200, filter_result(args, [], None, dict.fromkeys(names, POD_GONE))
@@ -468,6 +537,70 @@ class Extender:
         self.preempts += 1
         return 200, preempt_result(got.victims, args.pdb)
 
+    def _waiting(self, args: FilterArgs, gang: Gang | None) -> Obj:
+        """A gang member reserved, its gang not complete: no node yet. Unresolvable, so
+        the scheduler does not preempt for it; it tries the pod again later."""
+        assert gang is not None
+        why = f"waiting for gang {gang.key}: {self.gang_reserved(gang.key)} of {gang.size} reserved"
+        return filter_result(args, [], None, dict.fromkeys(args.names, why))
+
+    # ------------------------------------------------------------------ gangs
+
+    def _gang_entry(self, uid: str) -> GangEntry | None:
+        for entries in self.gang_entries.values():
+            e = entries.get(uid)
+            if e is not None:
+                return e
+        return None
+
+    def gang_reserved(self, key: str) -> int:
+        """How many members of gang ``key`` the ledger holds (reserved or committed)."""
+        return sum(1 for entries in self.gang_entries.values() for e in entries.values()
+                   if e.alloc.gang == key)
+
+    def _resolve_reserved(self, uid: str) -> None:
+        """Answer a gang member's filter with its reservation, unless its gang is
+        complete: then the commit, and so the decision, follows at once."""
+        w = self.waiters.get(uid)
+        e = self._gang_entry(uid)
+        if w is None or w.fut.done() or e is None or e.committed:
+            return
+        if self.gang_reserved(e.alloc.gang) >= e.alloc.gang_size:
+            return
+        w.fut.set_result(e)
+
+    async def _on_ledger(self, key: str, value: bytes | None, _rev: int) -> None:
+        # Most ledgers hold no gang member: not decoded (the field is left out when empty).
+        if value is None or b'"gang":' not in value:
+            self.gang_entries.pop(key, None)
+            return
+        led = msgspec.json.decode(value, type=NodeLedger)
+        entries = {u: GangEntry(led.node, a) for u, a in led.allocs.items()
+                   if a.gang and a.source == "kube"}
+        if not entries:
+            self.gang_entries.pop(key, None)
+            return
+        self.gang_entries[key] = entries
+        for uid in entries:
+            self._resolve_reserved(uid)
+
+    async def _ledger_caught_up(self) -> bool:
+        """Start the ledger watch on the first gang member (a cluster without gangs pays
+        nothing) and wait until it has delivered every ledger once."""
+        start = self._ledger_start
+        if start is None or (start.done() and (start.cancelled() or start.exception() is not None)):
+            # One start for concurrent filters; a failed one is tried again next time.
+            start = self._ledger_start = asyncio.ensure_future(self._watch_ledger())
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(LEDGER_READY_S):
+                await asyncio.shield(start)
+                await self._ledger_ready.wait()
+        return self._ledger_ready.is_set()
+
+    async def _watch_ledger(self) -> None:
+        self._ledger_watch = await self.bus.watch_kv(subjects.LEDGER_BUCKET, self._on_ledger,
+                                                     ready=self._ledger_ready)
+
     @staticmethod
     def _chosen(args: FilterArgs, node: str) -> Obj:
         others = {n: "hami: the pod's devices are reserved on another node" for n in args.names
@@ -506,6 +639,9 @@ class Extender:
                 del self.held[args.pod_uid]
                 return 200, {"error": f"pod {who}'s reservation on {d.node} is no longer in "
                                       f"the ledger; nothing bound"}
+            if led.allocs[args.pod_uid].gang_expires > 0:  # never before its gang commits
+                return 200, {"error": f"pod {who}'s gang {led.allocs[args.pod_uid].gang} is "
+                                      f"not complete yet; nothing bound"}
             err = await self.binder.bind_decision(d)
             # Bound, or failed and released by the bind (bind_failed + released).
             self.held.pop(args.pod_uid, None)
@@ -667,19 +803,27 @@ class Extender:
     async def stop(self) -> None:
         self.deactivate()
         await self._unserve_forwarded()
-        tasks = [t for t in (self._sweeper, *self._tasks) if t is not None]
+        tasks = [t for t in (self._sweeper, self._ledger_start, self._ledger_watch, *self._tasks)
+                 if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._sweeper = None
+        self._ledger_start = self._ledger_watch = None
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     # An ack failure after the answer came matters to nobody; do not log it as lost.
     if not fut.cancelled():
         fut.exception()
+
+
+def _entry_decision(uid: str, e: GangEntry) -> AllocDecided:
+    a = e.alloc
+    return AllocDecided(uid=uid, name=a.name, namespace=a.namespace, node=e.node,
+                        containers=a.containers, source=a.source, decided_at=a.decided_at)
 
 
 def _bound_to(pod: Obj | None, uid: str, node: str) -> bool:

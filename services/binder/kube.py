@@ -68,6 +68,13 @@ extender's table (released on time unless the scheduler binds it) instead of bin
 rule 5 does nothing. Decisions of kube pods are bound only by the extender's ``bind``;
 the extender sees them on a plain subscription (every replica), not the work queue.
 
+Gangs: a pod labelled with a coscheduling PodGroup (services/binder/podgroups.py) is
+requested with ``gang``/``gang_size``/``gang_timeout`` (docs/gangs.md); one whose
+PodGroup is missing or not a gang gets a Warning Event and is held back until the
+PodGroup changes. The reconcile never binds a gang member's reservation whose gang has
+not committed (placement announces it when it does), and a member whose gang was rolled
+back is asked for again while pending (direct mode).
+
 Quota: every namespace's ResourceQuotas (``limits.nvidia.com/gpumem``,
 ``limits.nvidia.com/gpucores``) are folded into one :class:`~shared.schemas.Quota`
 and written to the ``hami-quotas`` KV bucket (key = namespace; deleted when none is
@@ -103,6 +110,7 @@ from shared.devices.registry import decision_annotations
 from shared.hami import annotations as ann
 from shared.hami.codec import PodSpecError, pod_request, quota_from_resource_quotas
 from shared.hami.mig import MIG_ALLOCATIONS, encode_mig_allocations
+from shared.hami.podgroup import Gang, PodGroupError, pod_group_name
 from shared.kube import Gone, Kube, KubeError, NotFound, path
 from shared.leader import LeaderElector
 from shared.schemas import (
@@ -121,10 +129,14 @@ tracer = tracing.tracer("hami.binder")
 
 COMPONENT = "hami-scheduler"
 TERMINAL = ("Succeeded", "Failed")
+# placement's failure reasons for a member whose gang was rolled back (docs/gangs.md)
+GANG_UNDONE = ("gang-expired", "gang-rolled-back")
 
 # Event reasons (REFERENCE §4).
 FILTERING_FAILED = "FilteringFailed"
 FILTERING_SUCCEED = "FilteringSucceed"
+# A pod's coscheduling PodGroup is missing or not a gang (docs/gangs.md); ours, not HAMi's.
+POD_GROUP_INVALID = "PodGroupInvalid"
 BINDING_FAILED = "BindingFailed"
 BINDING_SUCCEED = "BindingSucceed"
 
@@ -460,6 +472,13 @@ class KubeBinder(BinderService):
         from services.binder.queues import QueueSync  # it builds on this module's ListWatch
 
         self.queue_sync = QueueSync(kube, bus, timeout_s=watch_timeout_s)
+        from services.binder.podgroups import PodGroups  # it builds on ListWatch too
+
+        self.podgroups = PodGroups(kube, timeout_s=watch_timeout_s, on_change=self._on_pod_group)
+        # Direct mode: pending pods held back for their PodGroup, "ns/name" -> uids, asked
+        # for again when it changes. Both modes: the PodGroup problem last told per pod.
+        self.gang_blocked: dict[str, set[str]] = {}
+        self.gang_told: dict[str, str] = {}
         self._retries: set[asyncio.Task[None]] = set()
         self._kube_tasks: list[asyncio.Task[None]] = []
         self.leader: LeaderElector | None = None
@@ -500,6 +519,24 @@ class KubeBinder(BinderService):
         if req is None:
             self.requested.add(str(_meta(pod).get("uid")))  # do not re-parse every MODIFIED
             return
+        if pod_group_name(pod):
+            try:
+                gang = await self.pod_gang(pod)
+            except PodGroupError:
+                # Held back until its PodGroup changes (_on_pod_group asks again).
+                key = f"{req.namespace or 'default'}/{pod_group_name(pod)}"
+                self.gang_blocked.setdefault(key, set()).add(req.uid)
+                self.requested.add(req.uid)
+                return
+            except (KubeError, aiohttp.ClientError, OSError) as exc:
+                log.warning("pod %s/%s: cannot read its PodGroup (%s); trying again",
+                            req.namespace, req.name, exc)
+                self._spawn(self._request_later(req.namespace, req.name, req.uid, "podgroup"))
+                self.requested.add(req.uid)
+                return
+            if gang is not None:
+                req = msgspec.structs.replace(req, gang=gang.name, gang_size=gang.size,
+                                              gang_timeout=gang.timeout)
         # The webhook's trace of this pod (its annotation, while tracing is on) goes on
         # here: placement's decision, the bind and the node's work are all in it.
         meta = _meta(pod)
@@ -546,6 +583,7 @@ class KubeBinder(BinderService):
         await self.publish_released(pod, node or str(_meta(pod).get("annotations", {}).get(ann.VGPU_NODE) or ""), reason)
         self.requested.discard(uid)
         self.attempts.pop(uid, None)
+        self.gang_told.pop(uid, None)
         self.kbackend.forget(uid)
 
     # ------------------------------------------------------------ reconcile
@@ -595,6 +633,12 @@ class KubeBinder(BinderService):
             self.pods[uid] = pod
             held = ledger.get(uid)
             bound_to = str((pod.get("spec") or {}).get("nodeName") or "")
+            if held is not None and held[1].gang_expires > 0 and pod_is_pending(pod):
+                # A gang member's reservation, its gang not committed: never bound now.
+                # Placement commits it (its decision is then bound) or rolls it back.
+                if self.extender is None:
+                    self.requested.add(uid)
+                continue
             if pod_is_pending(pod) and self.extender is not None:
                 if held is not None:
                     # Decided, not bound: the scheduler's bind may still come; the
@@ -678,6 +722,46 @@ class KubeBinder(BinderService):
             return None
         return pod
 
+    async def pod_gang(self, pod: Obj) -> Gang | None:
+        """The gang of the pod's PodGroup (None: it names none). A PodGroup missing or
+        not a gang raises :class:`PodGroupError`, told once per pod and problem as a
+        Warning Event (kube-scheduler's FailedScheduling repeats it in extender mode)."""
+        uid = str(_meta(pod).get("uid") or "")
+        try:
+            gang = await self.podgroups.pod_gang(pod)
+        except PodGroupError as exc:
+            if self.gang_told.get(uid) != str(exc):
+                self.gang_told[uid] = str(exc)
+                log.warning("pod %s/%s: %s; not placed until it is fixed",
+                            _meta(pod).get("namespace"), _meta(pod).get("name"), exc)
+                self.kbackend.event(pod, POD_GROUP_INVALID,
+                                    f"{exc}; the pod is not placed until it is", warning=True)
+            raise
+        self.gang_told.pop(uid, None)
+        return gang
+
+    async def _on_pod_group(self, key: str) -> None:
+        """A PodGroup appeared, changed or went: direct mode asks again for the pods it
+        held back for it (extender mode: kube-scheduler's next attempt reads it)."""
+        for uid in sorted(self.gang_blocked.pop(key, set())):
+            pod = self.pods.get(uid)
+            if pod is not None and pod_is_pending(pod) and self.extender is None:
+                self.requested.discard(uid)
+                await self._request_pod(pod, msg_id=f"requested:{uid}:podgroup:{_meta(pod).get('resourceVersion')}")
+
+    async def _request_later(self, namespace: str, name: str, uid: str, why: str) -> None:
+        """Direct mode: ask again for a pod still pending, after a back-off."""
+        await asyncio.sleep(self.retry_backoff_s)
+        if uid in self.released:
+            return
+        try:  # read now: a standby replica keeps no pod cache
+            fresh = await self.kube.get(path("pods", namespace or "default", name))
+        except KubeError:
+            return
+        if _meta(fresh).get("uid") != uid or not pod_is_pending(fresh):
+            return
+        await self._request_pod(fresh, msg_id=f"requested:{uid}:{why}:{time.time_ns()}")
+
     async def _on_alloc_msg(self, msg: Any) -> None:
         """Every decision and failure, on every replica (a plain subscription, not the
         shared work queue: the filter waiting for it may be on any replica)."""
@@ -721,6 +805,10 @@ class KubeBinder(BinderService):
                 counts = ", ".join(f"{n} {r}" for r, n in sorted(f.reasons.items()))
                 msg = f.message or f"0/{f.nodes_total} nodes are available: {counts}"
                 self.kbackend.event(pod, FILTERING_FAILED, msg, warning=True)
+            if f.reason in GANG_UNDONE and self.extender is None:
+                # Its gang was rolled back and placement dropped the request; the pod is
+                # still pending, so ask again, as kube-scheduler would try it again.
+                self._spawn(self._request_later(f.namespace, f.name, f.uid, f.reason))
         await super().handle_failed(f)
 
     # ------------------------------------------------------------------ quotas
@@ -787,6 +875,8 @@ class KubeBinder(BinderService):
             asyncio.create_task(self.quota_watch.run(), name="binder-quotas"),
             # the Queue resources (docs/queues.md); not waited for: the CRD may be absent
             asyncio.create_task(self.queue_sync.watch.run(), name="binder-queues"),
+            # coscheduling's PodGroups (docs/gangs.md); not waited for: often not installed
+            asyncio.create_task(self.podgroups.watch.run(), name="binder-podgroups"),
         ]
         await asyncio.wait_for(
             asyncio.gather(self.pod_watch.synced.wait(), self.quota_watch.synced.wait()), 30

@@ -157,6 +157,9 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("leases", "Lease", namespaced=True, group="coordination.k8s.io"),
     # the chart's CRD (helm/hami-bus/crds/queues.yaml), served as the API server serves it
     Resource("queues", "Queue", namespaced=True, group="hami.io", version="v1alpha1", generation=True),
+    # scheduler-plugins' coscheduling CRD (docs/gangs.md), when a test installs it
+    Resource("podgroups", "PodGroup", namespaced=True, group="scheduling.x-k8s.io",
+             version="v1alpha1", subresources=STATUS, generation=True),
     Resource("secrets", "Secret", namespaced=True),
     Resource(
         "mutatingwebhookconfigurations",
