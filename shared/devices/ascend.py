@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shared.devices.base import (
+    CARD_MODE,
     Admitted,
     AllocateContext,
     Allocated,
@@ -59,9 +60,12 @@ def soft_node(annotations: Mapping[str, str]) -> bool:
 
 
 def cards_soft(cards: Sequence[Card]) -> bool:
-    """Whether these cards (one node's, as :meth:`Ascend.node_cards` built them) are on
-    a soft-mode node."""
-    return bool(cards) and all(c.custom.get(SOFT_NODE) == "true" for c in cards)
+    """Whether these cards are on a soft-mode node: marked by :meth:`Ascend.node_cards`
+    (from the node's annotation), or registered in that mode (placement's cards, from
+    the agent's inventory: ``node.ascendSoftMode``)."""
+    return bool(cards) and all(
+        c.custom.get(SOFT_NODE) == "true" or c.custom.get(CARD_MODE) == SOFT_NODE for c in cards
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class Template:
 
 @dataclass(frozen=True)
 class Ascend(Family):
+    fit_annotations: tuple[str, ...] = (VNPU_MODE,)
     memory_allocatable: int = 0
     memory_capacity: int = 0
     ai_core: int = 0

@@ -73,6 +73,11 @@ class Ask:
     whole: bool = False  # asked by card count alone: whole cards (Neuron, Moore Threads)
 
 
+# Card.custom's key for the mode the card registered with (HAMi's DeviceInfo.Mode), as
+# placement passes it from the inventory (Ascend: "hami-vnpu-core" on a soft-mode node).
+CARD_MODE = "mode"
+
+
 @dataclass(slots=True)
 class Card:
     """One card as a family's fit sees it (HAMi's ``DeviceUsage``)."""
@@ -308,6 +313,9 @@ class Family:
     shares_memory: bool = True  # False: no memory/core checks (whole cards only)
     default_cores: int = 0  # cores when the container names none
     engine_native: bool = False  # the placement engine's own fit handles it (NVIDIA)
+    # Other pod annotations the fit reads (Ascend's vNPU mode), carried to placement with
+    # the card filters (registry.family_filter_annotations)
+    fit_annotations: tuple[str, ...] = ()
 
     # ------------------------------------------------------------- request parsing
 

@@ -221,8 +221,8 @@ def family_filter_annotations(
     annotations: Mapping[str, str], registry: Registry = REGISTRY
 ) -> dict[str, str]:
     """The pod annotations that are some family's card filter (its use/nouse type and
-    UUID annotations), for families other than NVIDIA (whose filters the request carries
-    in its own fields)."""
+    UUID annotations) or that its fit reads (``fit_annotations``), for families other
+    than NVIDIA (whose filters the request carries in its own fields)."""
     names = {
         n
         for f in registry.families
@@ -232,6 +232,7 @@ def family_filter_annotations(
             f.nouse_type_annotation,
             f.use_uuid_annotation,
             f.nouse_uuid_annotation,
+            *f.fit_annotations,
         )
         if n
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,11 +15,14 @@ from services.nodeagent.backends.vendors.annotations import vendor_annotations
 from services.nodeagent.backends.vendors.registration import vendor_devices
 from services.nodeagent.kube.annotations import node_annotations
 from services.nodeagent.registration import register
+from services.placement.engine.model import Failure, Placement
 from shared import config
 from shared.devices import ascend
 from shared.devices.base import Ask, PodInfo
 from shared.devices.registry import REGISTRY
+from shared.hami.codec import pod_request
 from shared.schemas import Device, NodeInventory
+from tests.placement.util import cluster, placer
 
 AT = 1_780_000_000.0
 REG = "hami.io/node-register-Ascend910B3"
@@ -94,3 +98,53 @@ def test_the_agents_node_annotations_follow_the_setting() -> None:
     soft = node_annotations(inv, ascend_soft_mode=True)
     assert soft["hami-vnpu-core"] == "true"
     assert [c["devcore"] for c in json.loads(soft[REG])] == [100, 100]
+
+
+def soft_cluster_pod(mode: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "uid": f"u-{mode}",
+            "name": f"p-{mode}",
+            "namespace": "ns",
+            "annotations": {ascend.VNPU_MODE: mode} if mode else {},
+        },
+        "spec": {
+            "containers": [
+                {
+                    "name": "npu",
+                    "resources": {
+                        # a soft pod asks a core share (percent); a template pod's
+                        # template sets its AI cores
+                        "limits": {
+                            "huawei.com/Ascend910B3": 1,
+                            "huawei.com/Ascend910B3-memory": 10000,
+                        }
+                        | ({"huawei.com/Ascend910B3-core": 30} if mode == ascend.HAMI_CORE else {})
+                    },
+                }
+            ]
+        },
+    }
+
+
+def test_placement_puts_soft_pods_on_soft_nodes_and_template_pods_on_hard_ones() -> None:
+    # end to end: the agent registers (node.ascendSoftMode on one node), placement reads
+    # the inventory, the pod's vnpu-mode annotation reaches the family's fit
+    def node(name: str, soft: bool) -> NodeInventory:
+        cfg = config.Config()
+        cfg.node.ascend_soft_mode = soft
+        found = SimBackend(name, parse_gpu_specs(["Ascend910B3:2"])).discover()
+        regd, _ = register(found, cfg.node)
+        return NodeInventory(node=name, devices=vendor_devices(found, regd, cfg.node))
+
+    soft, hard = node("soft", True), node("hard", False)
+    assert {d.devcore for d in soft.devices} == {100} and {d.devcore for d in hard.devices} == {20}
+    p = placer(cluster(soft, hard))
+    got = p.decide(pod_request(soft_cluster_pod(ascend.HAMI_CORE)))
+    assert isinstance(got, Placement) and got.node == "soft"
+    got = p.decide(pod_request(soft_cluster_pod(ascend.TEMPLATE)))
+    assert isinstance(got, Placement) and got.node == "hard"
+    # only hard nodes left: a soft pod fits none, and HAMi's reason says why
+    p = placer(cluster(node("hard", False)))
+    failed = p.decide(pod_request(soft_cluster_pod(ascend.HAMI_CORE)))
+    assert isinstance(failed, Failure) and ascend.MODE_NOT_FIT in failed.message

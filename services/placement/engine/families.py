@@ -89,6 +89,8 @@ def fit(
             usedcores=c.usedcores,
             numa=c.numa,
             health=c.health,
+            # the mode the card registered with, which some fits read (Ascend's soft mode)
+            custom={dev.CARD_MODE: c.mode} if c.mode else {},
         )
         for c in (cards[p] for p in listing)
     ]

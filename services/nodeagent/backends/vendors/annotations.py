@@ -52,8 +52,14 @@ def encode_register(
     """The register annotation's value for one family's cards (None: it has none);
     ``ascend_soft_mode``: an Ascend card's devcore is 100 (hami-vnpu-core mode)."""
     if fam.register == "json":
-        if ascend_soft_mode and fam.key.startswith("Ascend"):
-            devices = [msgspec.structs.replace(d, devcore=ASCEND_SOFT_DEVCORE) for d in devices]
+        if fam.key.startswith("Ascend"):
+            # the plugin writes no mode (ours marks soft-mode cards for placement)
+            devices = [
+                msgspec.structs.replace(
+                    d, devcore=ASCEND_SOFT_DEVCORE if ascend_soft_mode else d.devcore, mode=""
+                )
+                for d in devices
+            ]
         return json.dumps(
             [device_info(d, fam) for d in devices], separators=(",", ":"), ensure_ascii=False
         )

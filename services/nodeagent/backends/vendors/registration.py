@@ -16,6 +16,7 @@ import msgspec
 from services.nodeagent.backends import Discovery, PhysicalCard
 from services.nodeagent.backends.vendors import FAMILIES, ascend, find_model
 from shared.config import NodeSettings
+from shared.devices import ascend as ascend_rules
 from shared.schemas import Device
 
 
@@ -52,6 +53,9 @@ def vendor_devices(found: Discovery, devices: list[Device], settings: NodeSettin
             out.append(d)
             continue
         neuron = card.vendor == "AWSNeuron" and card.cores > 0
+        # node.ascendSoftMode: hami-vnpu-core enforces each pod's share, so a card is
+        # 100 % of cores (as ascend-device-plugin registers it) in that mode
+        soft = settings.ascend_soft_mode and card.vendor.startswith("Ascend")
         out.append(
             msgspec.structs.replace(
                 d,
@@ -60,8 +64,14 @@ def vendor_devices(found: Discovery, devices: list[Device], settings: NodeSettin
                 devmem=card.memory_mib,
                 # Neuron: HAMi's card is a bitmask of its NeuronCores (totalcore 0b11 on an
                 # inf2 device) that its fit counts bits of, one container per core at most.
-                devcore=((1 << card.cores) - 1) if neuron else (card.cores or 100),
-                mode="",
+                devcore=(
+                    ((1 << card.cores) - 1)
+                    if neuron
+                    else ascend_rules.SOFT_CORES
+                    if soft
+                    else (card.cores or 100)
+                ),
+                mode=ascend_rules.SOFT_NODE if soft else "",
                 custom_info=dict(card.custom_info),
                 templates=list(card.templates),
             )
