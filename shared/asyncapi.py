@@ -401,6 +401,13 @@ _API: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         ("MoveReply", "ErrorReply"),
         "Consolidation (hami defrag --apply) re-places one movable allocation on the cards named.",
     ),
+    (
+        subjects.DEFRAG_APPLY,
+        "DefragApplyRequest",
+        ("DefragApplyReply", "ErrorReply"),
+        "Consolidation in Kubernetes (hami defrag --apply): the binder holding the Lease evicts "
+        "the planned movable pods in order and waits for each replacement to be placed.",
+    ),
 )
 _KV: tuple[tuple[str, str, str, str], ...] = (
     (
@@ -456,6 +463,8 @@ _MESSAGES: dict[str, tuple[type[msgspec.Struct] | None, str]] = {
     "PreemptReply": (schemas.PreemptReply, ""),
     "MoveRequest": (schemas.MoveRequest, "CoreHeaders"),
     "MoveReply": (schemas.MoveReply, ""),
+    "DefragApplyRequest": (schemas.DefragApplyRequest, "CoreHeaders"),
+    "DefragApplyReply": (schemas.DefragApplyReply, ""),
     "StatusRequest": (schemas.StatusRequest, "CoreHeaders"),
     "ClusterStatus": (schemas.ClusterStatus, ""),
     "ErrorReply": (schemas.ErrorReply, ""),

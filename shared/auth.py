@@ -246,6 +246,8 @@ def permissions(role: str) -> Permissions:
         # Extender mode: a standby replica hands the scheduler's calls to the Lease holder.
         b.pub += [subjects.EXTENDER_FILTER, subjects.EXTENDER_BIND, subjects.PLACEMENT_PREEMPT]
         b.sub += [subjects.EXTENDER_FILTER, subjects.EXTENDER_BIND]
+        # hami defrag --apply in Kubernetes, answered by the Lease holder.
+        b.sub.append(subjects.DEFRAG_APPLY)
         b.service("hami-binder", (subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW))
     elif kind == INVENTORY:
         b.stream(EVENTS)
@@ -299,7 +301,8 @@ def permissions(role: str) -> Permissions:
         b.responds = True
     elif kind == CLI:
         b.pub += [subjects.API_SUBMIT, subjects.API_RELEASE, subjects.API_WITHDRAW, subjects.API_STATUS,
-                  subjects.AGENT_RUN_ALL, subjects.PLACEMENT_QUEUES, subjects.PLACEMENT_MOVE]
+                  subjects.AGENT_RUN_ALL, subjects.PLACEMENT_QUEUES, subjects.PLACEMENT_MOVE,
+                  subjects.DEFRAG_APPLY]
         # 'hami run' stops its command when its slice is preempted.
         b.sub.append(subjects.alloc_any("preempted"))
     elif kind == READER:

@@ -84,6 +84,11 @@ class SchedulerSettings(msgspec.Struct, kw_only=True, rename="camel"):
     # Standalone: a request that fits nowhere may release allocations of lower priority
     # on one node to fit (docs/preemption.md). Off, as in HAMi, which never preempts.
     preemption: bool = False
+    # Kubernetes consolidation (hami defrag --apply, docs/defrag.md): at most this many
+    # pods evicted and not yet placed again at a time, and how long, in seconds, one
+    # evicted pod's replacement may take to be placed before the moves stop.
+    defrag_max_disruption: int = 1
+    defrag_replace_timeout: float = 300.0
 
 
 class BusSettings(msgspec.Struct, kw_only=True, rename="camel"):
@@ -294,6 +299,8 @@ def _checks() -> list[_Check]:
         ("scheduler.extenderPort", lambda c: c.scheduler.extender_port, ((lambda v: 0 <= v <= 65535), "0..65535")),
         ("scheduler.extenderReservationTimeout", lambda c: c.scheduler.extender_reservation_timeout, positive),
         ("scheduler.shapeTableMax", lambda c: c.scheduler.shape_table_max, at_least(1)),
+        ("scheduler.defragMaxDisruption", lambda c: c.scheduler.defrag_max_disruption, at_least(1)),
+        ("scheduler.defragReplaceTimeout", lambda c: c.scheduler.defrag_replace_timeout, positive),
         ("bus.streamMaxAge", lambda c: c.bus.stream_max_age, positive),
         ("bus.streamMaxBytes", lambda c: c.bus.stream_max_bytes, at_least(1 << 20)),
         ("bus.maxDeliveries", lambda c: c.bus.max_deliveries, at_least(1)),

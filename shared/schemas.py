@@ -729,6 +729,42 @@ class MoveReply(_Base, kw_only=True):
     cards: list[str] = []
     error: str = ""
 
+
+class DefragApplyRequest(_Base, kw_only=True):
+    """``hami.binder.defrag.apply`` (``hami defrag --apply``, Kubernetes): carry out these
+    moves of movable pods, in order, by eviction; each pod's replacement is steered to
+    the planned node and cards."""
+
+    moves: list[MoveRequest] = []
+    # At most this many pods evicted and not yet placed again at a time; 0 = the
+    # binder's ``scheduler.defragMaxDisruption``.
+    max_disruption: int = 0
+    # Seconds one replacement may take to be placed; 0 = ``scheduler.defragReplaceTimeout``.
+    timeout: float = 0.0
+
+
+class DefragOutcome(_Base, kw_only=True):
+    """What became of one planned move of a pod."""
+
+    uid: str  # the evicted pod's (the plan's allocation)
+    name: str = ""
+    namespace: str = ""
+    # moved: evicted, its replacement placed; refused: nothing evicted (``error`` says
+    # why); failed: evicted, but no replacement placed in time; not-tried: a move
+    # before it did not complete.
+    state: str = ""
+    error: str = ""
+    replacement: str = ""  # the new pod's name
+    node: str = ""  # where the replacement was placed
+    cards: list[str] = []
+    on_plan: bool = False  # placed on the planned node and cards
+
+
+class DefragApplyReply(_Base, kw_only=True):
+    ok: bool  # every move done
+    outcomes: list[DefragOutcome] = []
+    error: str = ""
+
 EVENT_TYPES: tuple[type[msgspec.Struct], ...] = (
     AllocRequested,
     AllocDecided,

@@ -46,6 +46,9 @@ EXTENDER_BIND = f"{PREFIX}.binder.extender.bind"
 PLACEMENT_PREEMPT = f"{PREFIX}.placement.preempt"
 # Consolidation (hami defrag --apply): re-place one movable allocation on given cards.
 PLACEMENT_MOVE = f"{PREFIX}.placement.move"
+# Consolidation in Kubernetes (hami defrag --apply): the binder holding the Lease evicts
+# the planned pods and waits for their replacements (services/binder/defrag.py).
+DEFRAG_APPLY = f"{PREFIX}.binder.defrag.apply"
 # Each queue's guarantee, use, borrowed and pending (hami queues).
 PLACEMENT_QUEUES = f"{PREFIX}.placement.queues"
 # key: allocation uid -> RequestOutcome of a direct client's request (answered or

@@ -682,6 +682,7 @@ CALL_SITES: dict[tuple[str, str, str, str], tuple[str, tuple[str, ...]]] = {
     ("binder", "", "pods", "watch"): ("services/binder/kube.py", ("self.kube.watch(", 'path("pods"), self._relist_pods')),
     ("binder", "", "pods", "patch"): ("services/binder/kube.py", ('self.kube.patch(path("pods"',)),
     ("binder", "", "pods/binding", "create"): ("services/binder/kube.py", ('self.kube.post(path("pods", namespace, name, "binding")',)),
+    ("binder", "", "pods/eviction", "create"): ("services/binder/defrag.py", ('path("pods", out.namespace, out.name, "eviction")',)),
     ("binder", "", "events", "create"): ("services/binder/kube.py", ("EventSender(self.kube.post)", 'self.events.emit(path("events"')),
     ("binder", "", "resourcequotas", "list"): ("services/binder/kube.py", ('list_all(self.kube, path("resourcequotas"))',)),
     ("binder", "", "resourcequotas", "watch"): ("services/binder/kube.py", ("self.kube.watch(", 'path("resourcequotas"), self._relist_quotas')),

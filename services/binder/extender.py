@@ -86,6 +86,7 @@ from aiohttp import web
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from services.binder.defrag import Steer
 from shared import subjects
 from shared.bus import Bus
 from shared.config import Config
@@ -381,6 +382,10 @@ class Extender:
         self.binds = 0
         self.preempts = 0
         self.expired = 0
+        # hami defrag --apply (services/binder/defrag.py): the planned node and cards of
+        # a pod replacing an evicted one, and the note that they did not fit it.
+        self.steer: Callable[[Obj], Steer | None] | None = None
+        self.unsteer: Callable[[str], None] | None = None
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
@@ -479,6 +484,10 @@ class Extender:
                     # gang loses a member until this one is placed again).
                     await self._release(_entry_decision(uid, mine), "refiltered")
             cons = msgspec.structs.replace(req.constraints, nodes=names)
+            if gang is None:
+                steered = await self._steered(args, req, uid)
+                if steered is not None:
+                    return 200, steered
             for _ in range(3):
                 ask = msgspec.structs.replace(req, constraints=cons, pending=False,
                                               source="kube", requested_at=time.time())
@@ -502,6 +511,27 @@ class Extender:
                 # free it and ask again.
                 await self._release(got, "refiltered")
             return 200, filter_result(args, [], error="placement kept answering a node not offered")
+
+    async def _steered(self, args: FilterArgs, req: AllocRequested, uid: str) -> Obj | None:
+        """A replacement of a pod hami defrag evicted: the plan's node and cards, when
+        kube-scheduler offers the node and they fit (the filter's answer); else None,
+        and the pod is placed like any other (called with the pod's lock held)."""
+        s = self.steer(args.pod) if self.steer is not None else None
+        if s is None or s.node not in args.names:
+            return None
+        cons = msgspec.structs.replace(req.constraints, nodes=[s.node], use_uuids=list(s.cards))
+        got = await self._decide(msgspec.structs.replace(
+            req, constraints=cons, pending=False, source="kube", requested_at=time.time()))
+        if isinstance(got, AllocDecided) and got.node == s.node and uid not in self.gone:
+            self.held[uid] = Held(got, time.time())
+            return self._chosen(args, got.node)
+        if isinstance(got, AllocDecided):
+            await self._release(got, "refiltered")
+        log.info("defrag: the planned cards %s on %s do not fit %s/%s now; any node will do",
+                 ",".join(s.cards), s.node, req.namespace, req.name)
+        if self.unsteer is not None:
+            self.unsteer(uid)
+        return None
 
     # ------------------------------------------------------------------ preempt
 

@@ -99,6 +99,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from services.binder.defrag import DefragApplier
 from services.binder.events import EventSender, filtering_failed_messages, filtering_succeed_message
 from services.binder.extender import Extender, ExtenderServer
 from services.binder.service import Backend, BindError, BinderService
@@ -490,6 +491,12 @@ class KubeBinder(BinderService):
             self.extender = Extender(bus, cfg, self, timeout_s=extender_timeout_s)
             port = cfg.scheduler.extender_port if extender_port is None else extender_port
             self.extender_server = ExtenderServer(self.extender, host=extender_host, port=port)
+        # hami defrag --apply (docs/defrag.md): evictions, and replacements steered to
+        # the planned cards by either mode's placing of them.
+        self.defrag = DefragApplier(self)
+        if self.extender is not None:
+            self.extender.steer = self.defrag.steer
+            self.extender.unsteer = self.defrag.unsteer
 
     # ------------------------------------------------------------ publishing
 
@@ -537,6 +544,7 @@ class KubeBinder(BinderService):
             if gang is not None:
                 req = msgspec.structs.replace(req, gang=gang.name, gang_size=gang.size,
                                               gang_timeout=gang.timeout)
+        req = self.defrag.steered_request(req, pod)  # a replacement of an evicted pod
         # The webhook's trace of this pod (its annotation, while tracing is on) goes on
         # here: placement's decision, the bind and the node's work are all in it.
         meta = _meta(pod)
@@ -548,6 +556,10 @@ class KubeBinder(BinderService):
                                      "k8s.pod.name": str(meta.get("name") or "")})
             await self.publish_requested(req, msg_id or f"requested:{req.uid}")
 
+    async def request_pod(self, pod: Obj, msg_id: str) -> None:
+        """Ask placement for a pending pod again (a replacement no longer steered)."""
+        await self._request_pod(pod, msg_id=msg_id)
+
     # --------------------------------------------------------------- pod events
 
     async def _on_pod(self, kind: str, pod: Obj) -> None:
@@ -555,6 +567,7 @@ class KubeBinder(BinderService):
         uid = str(meta.get("uid") or "")
         if not uid:
             return
+        self.defrag.on_pod(kind, pod)
         phase = (pod.get("status") or {}).get("phase")
         node = str((pod.get("spec") or {}).get("nodeName") or "")
         if kind == "DELETED":
@@ -884,10 +897,12 @@ class KubeBinder(BinderService):
         if self.extender is not None:
             # Serve once the reconcile rebuilt the reservation table from the ledger.
             self.extender.activate()
+        await self.defrag.serve()
 
     async def stop_watches(self) -> None:
         if self.extender is not None:
             self.extender.deactivate()
+        await self.defrag.unserve()
         tasks = list(self._kube_tasks)
         for t in tasks:
             t.cancel()
@@ -922,6 +937,7 @@ class KubeBinder(BinderService):
             for t in stuck:
                 log.warning("%s did not stop within 5s; its connection is closed next", t.get_name())
         self._kube_tasks.clear()
+        await self.defrag.unserve()
         if self.extender_server is not None:
             await self.extender_server.stop()
         if self.extender is not None:

@@ -134,7 +134,7 @@ RESOURCES: tuple[Resource, ...] = (
         "pods",
         "Pod",
         namespaced=True,
-        subresources=frozenset({"status", "binding"}),
+        subresources=frozenset({"status", "binding", "eviction"}),
         fields=_POD_FIELDS,
         generation=True,
         return_deleted=True,
@@ -161,6 +161,9 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("podgroups", "PodGroup", namespaced=True, group="scheduling.x-k8s.io",
              version="v1alpha1", subresources=STATUS, generation=True),
     Resource("secrets", "Secret", namespaced=True),
+    # policy/v1 PodDisruptionBudgets, which the pods' eviction subresource honours
+    Resource("poddisruptionbudgets", "PodDisruptionBudget", namespaced=True, group="policy",
+             subresources=STATUS, generation=True),
     Resource(
         "mutatingwebhookconfigurations",
         "MutatingWebhookConfiguration",

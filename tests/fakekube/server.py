@@ -436,6 +436,12 @@ class FakeKube:
             body = await self._body(request)
             self._fault("create", target)
             return _json(self.store.bind(ns or "", name, body), 201)
+        if sub == "eviction":
+            if method != "POST":
+                raise _not_found_path()
+            body = await self._body(request)
+            self._fault("create", target)
+            return _json(self.store.evict(ns or "", name, body, dry_run=dry_run), 201)
         if method == "GET":
             self._fault("get", target)
             return _json(self.store.get(res, ns, name))

@@ -439,6 +439,62 @@ class Store:
         self._record(res, "DELETED", gone, old)
         return gone
 
+    def evict(self, namespace: str, name: str, eviction: Any, *, dry_run: bool = False) -> Obj:
+        """POST pods/{name}/eviction (policy/v1), as pkg/registry/core/pod/storage
+        EvictionREST: a pod no PodDisruptionBudget selects is deleted; one a budget
+        selects only while the budget allows a disruption, else 429 TooManyRequests; a
+        pod two budgets select is refused with 500.
+
+        The real server reads ``status.disruptionsAllowed``, which the disruption
+        controller keeps. No controller runs here, so it is worked out on the spot
+        from the budget's spec: the pods it selects that are bound and not being
+        deleted count as healthy (no kubelet makes them Ready here)."""
+        if not isinstance(eviction, dict):
+            raise errors.bad_request("expected an Eviction object")
+        emeta = eviction.get("metadata") or {}
+        if emeta.get("name") not in (None, "", name):
+            raise errors.bad_request("name in URL does not match name in Eviction object")
+        pods = next(r for r in RESOURCES if r.kind == "Pod")
+        pod = self._stored(pods, namespace, name)
+        phase = (pod.get("status") or {}).get("phase")
+        if phase not in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
+            budgets = [b for b in self.select(self._pdbs(), namespace)
+                       if _selects(b, pod["metadata"].get("labels") or {})]
+            if len(budgets) > 1:
+                raise ApiError(errors.status_body(
+                    500, "InternalError", "This pod has more than one PodDisruptionBudget, which "
+                    "the eviction subresource does not support."))
+            if budgets:
+                self._check_budget(budgets[0], pods, namespace)
+        self.delete(pods, namespace, name, eviction.get("deleteOptions"), dry_run=dry_run)
+        return errors.success_body(code=201)
+
+    def _pdbs(self) -> Resource:
+        return next(r for r in RESOURCES if r.kind == "PodDisruptionBudget")
+
+    def _check_budget(self, pdb: Obj, pods: Resource, namespace: str) -> None:
+        selected = [p for p in self.select(pods, namespace)
+                    if _selects(pdb, p["metadata"].get("labels") or {})
+                    and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+        expected = len(selected)
+        healthy = sum(1 for p in selected
+                      if (p.get("spec") or {}).get("nodeName") and not p["metadata"].get("deletionTimestamp"))
+        spec = pdb.get("spec") or {}
+        if spec.get("maxUnavailable") is not None:
+            allowed = _scaled(spec["maxUnavailable"], expected) - (expected - healthy)
+            need = expected - _scaled(spec["maxUnavailable"], expected)
+        else:
+            need = _scaled(spec.get("minAvailable", 1), expected)
+            allowed = healthy - need
+        if allowed <= 0:
+            pname = pdb["metadata"]["name"]
+            raise ApiError(errors.status_body(
+                429, "TooManyRequests",
+                "Cannot evict pod as it would violate the pod's disruption budget.",
+                {"causes": [{"reason": "DisruptionBudget",
+                             "message": f"The disruption budget {pname} needs {need} healthy "
+                                        f"pods and has {healthy} currently"}]}))
+
     def bind(self, namespace: str, name: str, binding: Any) -> Obj:
         """POST pods/{name}/binding, as pkg/registry/core/pod/storage BindingREST."""
         if not isinstance(binding, dict):
@@ -558,3 +614,29 @@ class Store:
 
     def objects_of(self, res: Resource) -> Iterable[Obj]:
         return self.objects[res.store_key].values()
+
+
+_SELECTOR_OPS = {"In": "in", "NotIn": "notin", "Exists": "exists", "DoesNotExist": "!exists"}
+
+
+def _selects(pdb: Obj, labels: dict[str, str]) -> bool:
+    """A policy/v1 budget's ``spec.selector`` (a LabelSelector; empty selects every pod
+    of its namespace, none selects nothing) against a pod's labels."""
+    sel = (pdb.get("spec") or {}).get("selector")
+    if sel is None:
+        return False
+    reqs = [Requirement(k, "=", (str(v),)) for k, v in (sel.get("matchLabels") or {}).items()]
+    for e in sel.get("matchExpressions") or []:
+        op = _SELECTOR_OPS.get(str(e.get("operator")))
+        if op is None:
+            raise errors.bad_request(f"invalid label selector operator {e.get('operator')!r}")
+        reqs.append(Requirement(str(e.get("key")), op, tuple(str(v) for v in e.get("values") or [])))
+    return labels_match(reqs, labels)
+
+
+def _scaled(value: Any, total: int) -> int:
+    """An IntOrString of a budget: a count, or a percentage of ``total`` rounded up (as
+    the disruption controller rounds both minAvailable and maxUnavailable)."""
+    if isinstance(value, str) and value.endswith("%"):
+        return -(-int(value[:-1]) * total // 100)
+    return int(value)
