@@ -103,7 +103,7 @@ GANG_SWEEP_S = 0.5  # how often partial gangs are checked against their deadline
 # The share of time that explaining placed decisions in their traces may take (why not
 # the other nodes), and the most it may save up while idle.
 EXPLAIN_BUDGET = 0.005
-EXPLAIN_BURST_S = 0.05
+EXPLAIN_BURST_S = 0.02  # one explanation at 5,000 nodes, then the budget
 WITHDRAWN_CAP = 100_000  # withdrawn uids remembered at most (oldest forgotten first)
 # Releases that mean "nobody waits for this request": never place it again.
 WITHDRAWING = ("withdrawn", "orphaned")
