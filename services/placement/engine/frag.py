@@ -340,6 +340,11 @@ class FragScorer:
         self._kmax = 0
         self._psum = 0.0
         self._garange: _I64 = np.zeros(0, dtype=np.int64)
+        # _table laid out (CPU rank, group, cards) and flattened: one take per lookup
+        # (a 3-index broadcast lookup cost twice as much)
+        self._tflat: _F64 = np.zeros(0)
+        self._gk: _I64 = np.zeros(0, dtype=np.int64)
+        self._jstride = 0
         self._type_key: tuple[int, int] = (-1, -1)
         self._type_cache: BOOL = np.zeros((0, 0), dtype=bool)  # (models x shapes)
         self._type_groups: BOOL = np.zeros((0, 0), dtype=bool)  # (models x shape groups)
@@ -348,6 +353,13 @@ class FragScorer:
         self._any_mib = False
         self._need_c: _F64 = np.zeros(0)
         self._excl: BOOL = np.zeros(0, dtype=bool)
+        self._not_excl: BOOL = np.zeros(0, dtype=bool)
+        self._any_excl = False
+        self._pct_on: BOOL = np.zeros(0, dtype=bool)
+        # per distinct card memory (sorted), each group's memory need as a share of it:
+        # a cluster has a few card sizes, so the need of a card is a row lookup
+        self._tm_keys: _I64 = np.zeros(0, dtype=np.int64)
+        self._tm_rows: _F64 = np.zeros((0, 0))
         self._gidx: _I64 = np.zeros(0, dtype=np.int64)  # shape -> its group of card tests
         self._gfirst: _I64 = np.zeros(0, dtype=np.int64)  # group -> its first shape
         self._best: dict[tuple[object, ...], _Best] = {}
@@ -368,6 +380,9 @@ class FragScorer:
         self._cfc: _F64 = np.zeros(0)
         self._cw: _F64 = np.zeros(0)
         self._cfit: BOOL = np.zeros((0, 0), dtype=bool)
+        # per card, as of its node's refresh: usable (live, healthy, not cordoned), which
+        # every score of the card reads again (it changes only with the node's version)
+        self._cus: BOOL = np.zeros(0, dtype=bool)
         self._sid: _I64 = np.zeros(0, dtype=np.int64)  # per node: its state's id
         self._sid_of: dict[bytes, int] = {}
         self._sid_key: tuple[int, int] = (-1, -1)
@@ -375,12 +390,14 @@ class FragScorer:
 
     # ------------------------------------------------------------ card measures
 
-    def _card_free(self, st: ClusterState, pos: _I64) -> tuple[_F64, _F64, _F64]:
-        tm = np.maximum(st.c_tmem[pos], 1)
+    def _card_free(
+        self, st: ClusterState, pos: _I64, usable: BOOL, tm: _I64
+    ) -> tuple[_F64, _F64, _F64]:
+        """Free memory and cores (shares) and idle share of the cards; ``tm``: their
+        memory, at least 1."""
         tc = np.maximum(st.c_tcore[pos], 1)
         fm = (tm - st.c_umem[pos]) / tm
         fc = (tc - st.c_ucore[pos]) / tc
-        usable = st.c_live[pos] & st.c_health[pos] & ~st.c_cordon[pos]
         w = (fm + fc) / 2 if self.two_d else np.minimum(fm, fc)
         return fm, fc, np.where(usable, w, 0.0)
 
@@ -410,6 +427,10 @@ class FragScorer:
         self._any_mib = any(s.pct is None and s.k > 0 for s in shapes)
         self._need_c = np.array([s.cores for s in reps], dtype=np.float64) / 100.0
         self._excl = np.array([s.cores >= 100 for s in reps], dtype=bool)
+        self._not_excl = ~self._excl
+        self._any_excl = bool(self._excl.any())
+        self._pct_on = self._pct >= 0
+        self._tm_keys = np.zeros(0, dtype=np.int64)
         self._build_table(shapes, p)
 
     def _build_table(self, shapes: list[Shape], p: _F64) -> None:
@@ -434,6 +455,9 @@ class FragScorer:
         self._table = a.cumsum(axis=1).cumsum(axis=2)[:ng]
         self._psum = float(p.sum())
         self._garange = np.arange(ng, dtype=np.int64)
+        self._tflat = np.ascontiguousarray(self._table.transpose(2, 0, 1)).ravel()
+        self._gk = self._garange * (self._kmax + 1)
+        self._jstride = ng * (self._kmax + 1)
 
     def _cpu_rank(self, st: ClusterState, rows: _I64, cpu_take: int) -> _I64:
         """Per row, how many distinct shape CPU asks its free CPU covers (all: no CPU reported)."""
@@ -442,45 +466,78 @@ class FragScorer:
         j = np.searchsorted(self._cpu_u, free, side="right")
         return np.where(tot == 0, len(self._cpu_u), j)
 
-    def _frag_of(self, cnt: _F64, small: _F64, idle: _F64, j: _I64) -> _F64:
+    def _frag_of(self, cnt: _F64, small: _F64, idle: _F64, j: _I64, nonneg: bool = False) -> _F64:
         """Per row, Σ_m p_m F(m): all idle share for the shapes that cannot run, the
-        idle share of the cards too small for m for those that can."""
+        idle share of the cards too small for m for those that can. ``nonneg``: the
+        caller knows no count is below 0 (no clamp at 0 needed)."""
         # below 0 when a whole-card ask takes k cards of a group counted short of k
         # (the old per-shape test read it as "cannot run", as a count of 0 does here)
-        c = np.clip(cnt, 0, self._kmax).astype(np.int64)
-        prun = self._table[self._garange[None, :], c, j[:, None]]
+        # counts are whole numbers: clamped as integers, the same cells as clamped floats
+        c = cnt.astype(np.int64)
+        if not nonneg:
+            np.maximum(c, 0, out=c)
+        np.minimum(c, self._kmax, out=c)
+        c += self._gk
+        c += (j * self._jstride)[:, None]
+        prun = self._tflat.take(c)
         # row by row: a row's value must not depend on which other rows come with it
         out: _F64 = idle * self._psum + np.einsum("ij,ij->i", small - idle[:, None], prun)
         return out
 
     def _fits(
-        self, st: ClusterState, pos: _I64, fm: _F64, fc: _F64, slots_used: _I64, static: BOOL
+        self,
+        st: ClusterState,
+        pos: _I64,
+        fm: _F64,
+        fc: _F64,
+        slots_used: _I64,
+        static: BOOL,
+        tm: _I64 | None = None,
+        taken: bool = False,
     ) -> BOOL:
         """(cards x shape groups): can this card (in the given state) host one card of m.
 
         ``static`` is the (cards x groups) part that does not depend on use: the card
-        is usable and its model allowed for the shape.
+        is usable and its model allowed for the shape. ``tm``: the cards' memory, at
+        least 1 (the caller's, when it has them). ``taken``: every card has a slot in
+        use (``slots_used`` >= 1), so no exclusive group fits.
         """
         if self._any_mib:
-            tm = np.maximum(st.c_tmem[pos], 1).astype(np.float64)
-            need_m = np.where(self._pct >= 0, self._pct, self._mib / tm[:, None])
+            if tm is None:
+                tm = np.maximum(st.c_tmem[pos], 1)
+            need_m = self._need_rows(tm)
         else:
             need_m = self._pct[None, :]
         eps = 1e-9
+        # the per-card sides first: a card's (fm + eps) is the same number either way
         if self.two_d:
-            ok = (fm[:, None] + eps >= need_m) & (fc[:, None] + eps >= self._need_c)
+            ok = ((fm + eps)[:, None] >= need_m) & ((fc + eps)[:, None] >= self._need_c)
         else:
-            ok = np.minimum(fm, fc)[:, None] + eps >= np.maximum(need_m, self._need_c)
+            ok = (np.minimum(fm, fc) + eps)[:, None] >= np.maximum(need_m, self._need_c)
         ok &= static
         ok &= (slots_used < st.c_tslot[pos])[:, None]
-        if self._excl.any():
-            ok &= ~self._excl | (slots_used == 0)[:, None]
+        if self._any_excl:
+            ok &= self._not_excl if taken else self._not_excl | (slots_used == 0)[:, None]
         return ok
 
-    def _static(self, st: ClusterState, pos: _I64, type_ok: BOOL) -> BOOL:
-        """(cards x groups); ``type_ok`` is (models x groups)."""
-        usable = st.c_live[pos] & st.c_health[pos] & ~st.c_cordon[pos]
-        return usable[:, None] & type_ok[st.c_type[pos]]
+    def _need_rows(self, tm: _I64) -> _F64:
+        """(cards x groups) memory needs as shares of each card's memory ``tm``; the
+        same numbers as dividing per card (one division per distinct size)."""
+        keys = self._tm_keys
+        i = np.searchsorted(keys, tm)
+        if len(tm) and (
+            len(keys) == 0 or int(i.max()) >= len(keys) or not bool((keys[i] == tm).all())
+        ):
+            keys = np.union1d(keys, tm) if len(keys) < 1024 else np.unique(tm)
+            self._tm_keys = keys
+            self._tm_rows = np.where(
+                self._pct_on, self._pct, self._mib / keys.astype(np.float64)[:, None]
+            )
+            i = np.searchsorted(keys, tm)
+        if len(tm) == 0:
+            return np.zeros((0, len(self._pct)))
+        out: _F64 = self._tm_rows[i]
+        return out
 
     @staticmethod
     def _type_ok(st: ClusterState, shapes: list[Shape]) -> BOOL:
@@ -580,6 +637,7 @@ class FragScorer:
             self._cfc = np.zeros(st.nc)
             self._cw = np.zeros(st.nc)
             self._cfit = np.zeros((st.nc, ng), dtype=bool)
+            self._cus = np.zeros(st.nc, dtype=bool)
         stale = np.flatnonzero(self._ver != st.n_ver[:nn])
         if len(stale) == 0:
             return type_ok
@@ -599,6 +657,7 @@ class FragScorer:
             self._cfc[pos] = self._cfc[rpos]
             self._cw[pos] = self._cw[rpos]
             self._cfit[pos] = self._cfit[rpos]
+            self._cus[pos] = self._cus[rpos]
             self.cnt[stale] = self.cnt[src]
             self.small[stale] = self.small[src]
             self.idle[stale] = self.idle[src]
@@ -692,23 +751,31 @@ class FragScorer:
         ]
 
     def _refresh_rows(self, st: ClusterState, stale: _I64, type_ok: BOOL, ng: int) -> None:
-        counts = st.n_ncards[stale]
-        pos = np.repeat(st.n_start[stale] - np.cumsum(counts) + counts, counts) + np.arange(
-            counts.sum()
-        )
-        owner = np.repeat(np.arange(len(stale)), counts)
-        fm, fc, w = self._card_free(st, pos)
-        fit = self._fits(st, pos, fm, fc, st.c_uslot[pos], self._static(st, pos, type_ok))
+        pos, owner = st.card_positions(stale)
+        usable = st.c_live[pos] & st.c_health[pos] & ~st.c_cordon[pos]
+        tm = np.maximum(st.c_tmem[pos], 1)
+        fm, fc, w = self._card_free(st, pos, usable, tm)
+        static = usable[:, None] & type_ok[st.c_type[pos]]
+        fit = self._fits(st, pos, fm, fc, st.c_uslot[pos], static, tm)
         self._cfm[pos], self._cfc[pos], self._cw[pos], self._cfit[pos] = fm, fc, w, fit
-        cnt = np.zeros((len(stale), ng))
+        self._cus[pos] = usable
+        counts = st.n_ncards[stale]
+        if len(pos) and counts.min() > 0:
+            # counts of whole cards: exact in any order (reduceat cannot take a node
+            # without cards: an empty segment reads as its next element)
+            cnt = np.add.reduceat(fit, np.cumsum(counts) - counts, axis=0, dtype=np.float64)
+        else:
+            cnt = np.zeros((len(stale), ng))
+            np.add.at(cnt, owner, fit.astype(np.float64))
+        # add.at sums card by card, in order: a node's value must not depend on how the
+        # sum is grouped (reduceat's pairwise sums differ in the last bit)
         small = np.zeros((len(stale), ng))
-        np.add.at(cnt, owner, fit.astype(np.float64))
         np.add.at(small, owner, np.where(fit, 0.0, w[:, None]))
         self.cnt[stale] = cnt
         self.small[stale] = small
         idle: _F64 = np.bincount(owner, weights=w, minlength=len(stale)).astype(np.float64)
         self.idle[stale] = idle
-        self.fb[stale] = self._frag_of(cnt, small, idle, self._cpu_rank(st, stale, 0))
+        self.fb[stale] = self._frag_of(cnt, small, idle, self._cpu_rank(st, stale, 0), True)
 
     # ------------------------------------------------------------------- choose
 
@@ -718,16 +785,14 @@ class FragScorer:
 
         Keeps the lowest position of each group, so ties still go to the lowest index.
         """
-        room = np.minimum(st.c_tslot[pos] - st.c_uslot[pos], 3)
-        skey = (
-            (st.c_umem[pos] << 24)
-            + (st.c_ucore[pos] << 8)
-            + (np.minimum(st.c_uslot[pos], 1) << 2)
-            + room
-        )
-        order = np.lexsort((pos, skey, st.c_node[pos]))
+        us = st.c_uslot[pos]
+        room = np.minimum(st.c_tslot[pos] - us, 3)
+        skey = (st.c_umem[pos] << 24) + (st.c_ucore[pos] << 8) + (np.minimum(us, 1) << 2) + room
+        node = st.c_node[pos]
+        # pos is sorted and lexsort is stable: equal (node, state) keep position order
+        order = np.lexsort((skey, node))
         ps = pos[order]
-        ks, rs = skey[order], st.c_node[ps]
+        ks, rs = skey[order], node[order]
         first = np.ones(len(ps), dtype=bool)
         first[1:] = (ks[1:] != ks[:-1]) | (rs[1:] != rs[:-1])
         return np.sort(ps[first])
@@ -746,7 +811,9 @@ class FragScorer:
             # a few nodes (those changed since a kind's last use): their own cards, not a
             # pass over every card of the cluster; sorted, as the pass gives them (dead
             # positions are never feasible)
-            allpos, _ = st.card_positions(rows_all)
+            counts = st.n_ncards[rows_all]
+            allpos = np.repeat(st.n_start[rows_all] - np.cumsum(counts) + counts, counts)
+            allpos += np.arange(len(allpos), dtype=np.int64)
             pos = np.sort(allpos[feasible[allpos]])
         else:
             node_ok = np.zeros(st.nn, dtype=bool)
@@ -776,9 +843,14 @@ class FragScorer:
         leftover (tie-breakers, smaller first).
 
         Every quantity is node-local (the node's cards, CPU, aggregates), which is what
-        lets :meth:`choose` cache the best card of a node until the node changes.
+        lets :meth:`choose` cache the best card of a node until the node changes. The
+        card's measures come from its node's refresh (``_cfm`` ... ``_cus``), which
+        always precedes a score; a factor ``k`` of 1 is left out (x 1 is exact).
         """
         cnt, small, idle = self.cnt[rows], self.small[rows], self.idle[rows]
+        tot = st.n_cpu_tot[rows]
+        free = tot - st.n_cpu_used[rows] - cpu
+        need_m: float | _F64 = 0.0
         if k:
             assert ask is not None
             fm, fc, w = self._cfm[pos], self._cfc[pos], self._cw[pos]
@@ -786,33 +858,49 @@ class FragScorer:
             need_m = (ask.pct / 100.0) if ask.pct is not None else ask.mem / tm  # type: ignore[attr-defined]
             fm2 = fm - need_m
             fc2 = fc - ask.cores / 100.0  # type: ignore[attr-defined]
-            usable = st.c_live[pos] & st.c_health[pos] & ~st.c_cordon[pos]
-            w2 = np.where(usable, (fm2 + fc2) / 2 if self.two_d else np.minimum(fm2, fc2), 0.0)
-            slots = st.c_uslot[pos]
-            static = self._static(st, pos, type_ok)
-            f_before = self._cfit[pos]
-            f_after = self._fits(st, pos, fm2, fc2, slots + 1, static)
-            cnt2 = cnt + k * (f_after.astype(np.float64) - f_before)
-            small2 = small + k * (
-                np.where(f_after, 0.0, w2[:, None]) - np.where(f_before, 0.0, w[:, None])
+            w2 = np.where(
+                self._cus[pos], (fm2 + fc2) / 2 if self.two_d else np.minimum(fm2, fc2), 0.0
             )
-            idle2 = idle - k * (w - w2)
-            card_left = np.round(w2, 9) if self.variant.card_tie else np.zeros(len(rows))
+            f_before = self._cfit[pos]
+            # f_before stands for the static part (usable, model allowed): what fits after
+            # the ask fitted before (less room, one more slot used), so f_before's other
+            # terms change nothing
+            f_after = self._fits(st, pos, fm2, fc2, st.c_uslot[pos] + 1, f_before, tm, taken=True)
+            # the (cards x groups) changes as temporaries, gone once added: with 2,048
+            # nodes scored at once each is a few MB of peak memory
+            if k == 1:
+                cnt2 = cnt + (f_after.astype(np.float64) - f_before)
+                small2 = small + (
+                    np.where(f_after, 0.0, w2[:, None]) - np.where(f_before, 0.0, w[:, None])
+                )
+                idle2 = idle - (w - w2)
+            else:
+                cnt2 = cnt + k * (f_after.astype(np.float64) - f_before)
+                small2 = small + k * (
+                    np.where(f_after, 0.0, w2[:, None]) - np.where(f_before, 0.0, w[:, None])
+                )
+                idle2 = idle - k * (w - w2)
+            del cnt, small
+            card_left = w2.round(9) if self.variant.card_tie else np.zeros(len(rows))
         else:
             cnt2, small2, idle2 = cnt, small, idle
             card_left = np.zeros(len(rows))
-        delta = self._frag_of(cnt2, small2, idle2, self._cpu_rank(st, rows, cpu)) - self.fb[rows]
+        # the rank of the CPU left (as _cpu_rank, sharing ``free`` with the tie measure)
+        j = np.searchsorted(self._cpu_u, free, side="right")
+        j = np.where(tot == 0, len(self._cpu_u), j)
+        # with one card taken a count drops only where that card counted: never below 0
+        delta = self._frag_of(cnt2, small2, idle2, j, k <= 1) - self.fb[rows]
         if k and self.variant.model_aware == "delta":
             # GPU taken from a model that model-constrained shapes depend on counts as
             # growth: that capacity is, in expectation, theirs
-            delta = delta + self.pressure[rows] * k * np.maximum(need_m, ask.cores / 100.0)  # type: ignore[union-attr]
+            pk = self.pressure[rows] if k == 1 else self.pressure[rows] * k
+            delta = delta + pk * np.maximum(need_m, ask.cores / 100.0)  # type: ignore[union-attr]
         v = self.variant
         # ties by least GPU left on the node (best fit), then node name, card index
         left = idle2 if k else idle
-        tot = st.n_cpu_tot[rows]
         # in cores/128 (openb's BestFit); a node that does not report its CPU (0) has
         # none to pack, so it reads as neutral rather than as negative CPU left
-        cpu_left = np.where(tot > 0, tot - st.n_cpu_used[rows] - cpu, 0) / 128000.0
+        cpu_left = np.where(tot > 0, free, 0) / 128000.0
         if v.tie == "bestfit2" or (v.tie == "bestfit2g" and k):
             # the openb BestFit measure: CPU and GPU left over. For CPU-only tasks
             # (bestfit2g) GPU left only: packing them where CPU is scarcest strands GPUs
@@ -824,7 +912,7 @@ class FragScorer:
         elif v.tie == "bestfitlex":  # GPU left, then CPU left
             left = np.round(left, 4) + 1e-5 * np.clip(cpu_left, 0.0, 1.0)
         if v.blend:
-            score = -np.round(delta + v.blend * left, 9)
+            score = -(delta + v.blend * left).round(9)
         elif v.exact and v.quantum > 0:
             score = (
                 -np.ceil(np.round(delta / v.quantum, 9))
@@ -888,8 +976,12 @@ class FragScorer:
         row, first, sc = got
         if k <= 1:
             return row, ([first] if k else []), sc
-        # the node's first k feasible (idle) cards, by index
-        allpos = np.flatnonzero(feasible & (st.c_node[: st.nc] == row))
+        # the node's first k feasible (idle) cards, by index. A node's cards lie at
+        # n_start .. n_start + n_ncards (card_positions); a dead position elsewhere that
+        # still names the row is never feasible
+        assert feasible is not None  # k > 1: a device ask, judged
+        s = int(st.n_start[row])
+        allpos = s + np.flatnonzero(feasible[s : s + int(st.n_ncards[row])])
         order_idx = np.argsort(st.c_index[allpos], kind="stable")
         return row, [int(x) for x in allpos[order_idx][:k]], sc
 
@@ -979,9 +1071,10 @@ class FragScorer:
                 first = np.ones(len(r), dtype=bool)
                 first[1:] = r[1:] != r[:-1]
                 pick = order[first]
-                ent.score[rows[pick]] = score[pick]
-                ent.left[rows[pick]] = left[pick]
-                ent.pos[rows[pick]] = pos[pick]
+                at = rows[pick]
+                ent.score[at] = score[pick]
+                ent.left[at] = left[pick]
+                ent.pos[at] = pos[pick]
         if inv is not None:
             src = todo[inv]
             ent.score[stale_all] = ent.score[src]
@@ -990,14 +1083,19 @@ class FragScorer:
             ent.pos[stale_all] = np.where(rp >= 0, rp - st.n_start[src] + st.n_start[stale_all], -1)
         ent.synced = now
         sc = ent.score[cands]
-        if len(sc) == 0 or sc.max() == -np.inf:
+        if len(sc) == 0:
             return None
-        sel = cands[sc > -np.inf]
+        mx = sc.max()
+        if mx == -np.inf:
+            return None
         if self.variant.model_aware == "first":
+            sel = cands[sc > -np.inf]
             pr = self.pressure[sel]
             sel = sel[pr == pr.min()]
-        sc = ent.score[sel]
-        mx = sc.max()
+            sc = ent.score[sel]
+            mx = sc.max()
+        else:
+            sel = cands
         sel = sel[sc == mx]
         if len(sel) > 1 and self.variant.model_aware == "tie":
             # the same second key as _choose_all: pressure right after the score

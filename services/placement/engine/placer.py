@@ -283,6 +283,7 @@ class _MaskEntry:
 
 _FAIL_CACHE_MAX = 4096  # (node, version, pod shape) -> the exact stage's refusal
 _CACHE_MAX = 192  # cached asks (each: a bool per card and two ints per node)
+_ROOM_MAX = 32  # cached (CPU, memory) asks of the node filters (a byte per node each)
 
 
 def _mig_cap_rule(cap: I64) -> Callable[[int, int, Sequence[int], Sequence[int]], str | None]:
@@ -326,6 +327,8 @@ class Placer:
         self._label_cache: dict[tuple[int, bytes], BOOL] = {}
         self._static_cache: dict[tuple[object, ...], BOOL] = {}
         self._mask_cache: dict[tuple[object, ...], _MaskEntry] = {}
+        # (CPU, memory) -> the node filters' mask and the version stamp it is valid to
+        self._room_cache: dict[tuple[int, int, int, int], tuple[BOOL, list[int]]] = {}
         self._score_key: tuple[int, int] = (-1, -1)
         self._score: _F64 = np.zeros(0)
         self._score_ver: I64 = np.zeros(0, dtype=np.int64)
@@ -449,7 +452,9 @@ class Placer:
                 rec = st.rows[row]
                 assert rec is not None
                 try:
-                    grants = self._fit_node(rec, conts, asks, dyn, cons, chain, weights, req.namespace)
+                    grants = self._fit_node(
+                        rec, conts, asks, dyn, cons, chain, weights, req.namespace
+                    )
                 except _Fail as f:
                     tried[row] = f.reason
                     continue
@@ -476,7 +481,7 @@ class Placer:
         """Pod-level filters over node rows (kube-scheduler's part of the job)."""
         st = self.cluster
         nn = st.nn
-        ok = st.n_live[:nn] & st.n_healthy[:nn] & ~st.n_unsched[:nn]
+        ok = self._room_mask(cpu, mem).copy()
         if cons.node_name is not None:
             pin = np.zeros(nn, dtype=bool)
             rec = st.nodes.get(cons.node_name)
@@ -493,14 +498,48 @@ class Placer:
                 assert rec is not None
                 if not self._taints_ok(rec, cons.tolerations):
                     ok[row] = False
-        tot, used = st.n_cpu_tot[:nn], st.n_cpu_used[:nn]
+        return ok
+
+    def _room_rows(self, rows: I64 | slice, cpu: int, mem: int) -> BOOL:
+        """The node-local filters at ``rows``: live, healthy, schedulable, room for the
+        pod's CPU, memory and one more pod."""
+        st = self.cluster
+        ok = st.n_live[rows] & st.n_healthy[rows] & ~st.n_unsched[rows]
+        tot, used = st.n_cpu_tot[rows], st.n_cpu_used[rows]
         if cpu:
             ok &= (tot == 0) | (used + cpu <= tot)
         if mem:
-            tot, used = st.n_mem_tot[:nn], st.n_mem_used[:nn]
+            tot, used = st.n_mem_tot[rows], st.n_mem_used[rows]
             ok &= (tot == 0) | (used + mem <= tot)
-        mx = st.n_pods_max[:nn]
-        ok &= (mx == 0) | (st.n_pods_used[:nn] < mx)
+        mx = st.n_pods_max[rows]
+        ok &= (mx == 0) | (st.n_pods_used[rows] < mx)
+        return ok
+
+    def _room_mask(self, cpu: int, mem: int) -> BOOL:
+        """:meth:`_room_rows` over every row, kept per (CPU, memory) ask and refreshed
+        only where a node's version moved (every change to what it reads bumps it):
+        most decisions change a node or two, and the whole-cluster pass was a tenth of
+        a decision. Callers must not write into the result."""
+        st = self.cluster
+        nn = st.nn
+        if not self.use_cache:
+            return self._room_rows(slice(0, nn), cpu, mem)
+        key = (st.layout, nn, cpu, mem)
+        nver = st.n_ver[:nn]
+        ent = self._room_cache.get(key)
+        if ent is None:
+            # n_ver stamps come from one counter of the whole cluster: a node changed
+            # since the mask was brought up to date has a larger one than its stamp
+            ent = (self._room_rows(slice(0, nn), cpu, mem), [int(nver.max(initial=-1))])
+            if len(self._room_cache) >= _ROOM_MAX:
+                del self._room_cache[next(iter(self._room_cache))]  # oldest first
+            self._room_cache[key] = ent
+            return ent[0]
+        ok, synced = ent
+        stale = np.flatnonzero(nver > synced[0])
+        if len(stale):
+            ok[stale] = self._room_rows(stale, cpu, mem)
+            synced[0] = int(st.n_ver[stale].max())
         return ok
 
     def _offered(self, names: list[str]) -> BOOL:
@@ -655,7 +694,9 @@ class Placer:
     def _mig_nodes(self, a: Ask, cons: Constraints) -> BOOL | None:
         """Per node row, whether ``a`` is a MIG request there (:func:`.mig.mig_request`:
         the node has a card in MIG mode); None when it is one on no node."""
-        if a.vendor != "NVIDIA" or (cons.vgpu_mode is not None and mig.MIG_MODE not in cons.vgpu_mode):
+        if a.vendor != "NVIDIA" or (
+            cons.vgpu_mode is not None and mig.MIG_MODE not in cons.vgpu_mode
+        ):
             return None
         st = self.cluster
         is_mig = (st.c_migcap[: st.nc] != mig.NO_LIMIT) & st.c_live[: st.nc]
@@ -955,7 +996,10 @@ class Placer:
                     )  # fmt: skip
                 for i, need in picks:
                     d = rec.inv.devices[i]
-                    cores, ch = families.booked(memo, i, a.cores), pm.take(i, need) if pm is not None else None
+                    cores, ch = (
+                        families.booked(memo, i, a.cores),
+                        pm.take(i, need) if pm is not None else None,
+                    )
                     if ch is not None:  # HAMi books the MIG profile's memory and compute
                         need, cores = ch.profile.memory_mb, ch.profile.core
                     elif d.mode == mig.MIG_MODE:
@@ -1529,8 +1573,8 @@ class Placer:
                     dataclasses.replace(c, mode="") if c.mode == mig.MIG_MODE else c for c in cards
                 ]  # fmt: skip
                 why = (
-                    (families.fit(one, visit, req, f) or hami.fit(one, visit, req, f, links, quota_ok,
-                                                                  mig_rule)).text or m.NODE_UNFIT_POD
-                )
+                    families.fit(one, visit, req, f)
+                    or hami.fit(one, visit, req, f, links, quota_ok, mig_rule)
+                ).text or m.NODE_UNFIT_POD
             out[r] = why or tried.get(r) or m.NODE_UNFIT_POD
         return out
