@@ -44,24 +44,6 @@ def test_iluvatar_units_and_whole_cards() -> None:
     assert f.register_annotation == "hami.io/node-BI-V150-register"
 
 
-def test_enflame_vgcu_slices() -> None:
-    f = enflame.VGCU.with_slices(4)
-    r = res({"enflame.com/vgcu": 1, "enflame.com/vgcu-percentage": 30}, {})
-    adm = f.admit(r, {})
-    assert adm.resources["limits"]["enflame.com/vgcu-percentage"] == 50
-    assert adm.resources["limits"][enflame.SHARED] == 2
-    assert f.parse(r) == Ask("Enflame", 1, 50, 0, 0)
-    assert f.parse(res({"enflame.com/vgcu": 2}, {})) == Ask("Enflame", 2, 100, 0, 0)
-    # the slice count unknown (no node seen): the percentage is kept, as in HAMi
-    assert enflame.VGCU.parse(r) == Ask("Enflame", 1, 30, 0, 0)
-    cards = f.node_cards("n", {}, {enflame.COUNT_NO_SHARED: 2, enflame.SHARED: 8})
-    cards[1].used, cards[1].usedmem = 1, 75
-    got = f.fit(cards, Ask("Enflame", 1, 50), PodInfo())
-    assert got.ok and got.grants[0].uuid == "n-enflame-0"
-    ann = f.pod_annotations(PodInfo(), [[got.grants[0]]])
-    assert ann[enflame.ASSIGNED] == "false" and ann[enflame.ASSIGNED_ID] == "0"
-
-
 def test_enflame_gcu_is_exclusive() -> None:
     f = enflame.GCU
     cards = f.node_cards("n", {}, {"enflame.com/gcu": 2})

@@ -23,7 +23,8 @@ from services.nodeagent.kube.annotations import NodeAnnotator, node_annotations
 from services.nodeagent.registration import register
 from shared import kube
 from shared.config import Config
-from shared.devices.base import AllocateContext, Allocation, Mount
+from shared.devices import enflame as enflame_rules
+from shared.devices.base import AllocateContext, Allocation, Ask, Mount, PodInfo
 from shared.hami.annotations import NODE_REGISTER, decode_node_devices, decode_node_devices_colon
 from shared.schemas import CardGrant, Device, NodeInventory
 from tests.fakekube import FakeKube
@@ -114,11 +115,23 @@ def test_vendor_json_of_metax_and_enflame(cfg: Config) -> None:
         65536,
     )
     gcu = json.loads(ann["enflame.com/gcu-drs-capacity"])
-    assert gcu["devices"] == [
-        {"index": 0, "minor": 0, "capacity": 6},
-        {"index": 1, "minor": 1, "capacity": 6},
+    assert gcu["devices"] == [  # gcushare's strings: HAMi decodes index and minor as text
+        {"index": "0", "minor": "0", "capacity": 6},
+        {"index": "1", "minor": "1", "capacity": 6},
     ]
     assert all(re.fullmatch(r"\d+g\.\d+gb", p) for p in gcu["profiles"])
+    assert all(isinstance(i, str) for i in gcu["profiles"].values())
+    # HAMi's DRS type reads it back: six slices, the largest profile's memory, and a
+    # 3-slice ask gets the 3-slice profile
+    cards = enflame_rules.DRS.node_cards("n", ann, {})
+    assert [(c.id, c.count, c.totalmem) for c in cards] == [
+        ("n-enflame-drs-0", 6, 49152),
+        ("n-enflame-drs-1", 6, 49152),
+    ]
+    ask = enflame_rules.DRS.parse({"limits": {"enflame.com/drs-gcu": 3}}) or Ask("", 0)
+    got = enflame_rules.DRS.fit(cards, ask, PodInfo())
+    assert got.ok and got.grants[0].custom is not None
+    assert (got.grants[0].custom["profileName"], got.grants[0].usedmem) == ("3g.24gb", 24576)
 
 
 def test_capacity_families_write_no_register_but_count_resources(cfg: Config) -> None:

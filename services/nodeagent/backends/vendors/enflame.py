@@ -1,9 +1,13 @@
-"""Enflame GCUs (S60): HAMi's enflame DRS device with gcushare-device-plugin.
+"""Enflame GCUs (S60): gcushare-device-plugin's cards, as HAMi's ``pkg/device/enflame`` reads them.
 
-HAMi device type ``GCU`` (DRS partitions; ``Enflame`` is the shared vGCU type), resource
-``enflame.com/gcu``; slices are fixed DRS profiles (six per card). The plugin registers
-``enflame.com/gcu-drs-capacity`` = ``{"devices": [{"index", "minor", "capacity"}],
-"profiles": {name: id}}`` and answers Allocate with the DRS instance.
+The simulated cards are HAMi's whole-GCU type ``GCU`` (resource ``enflame.com/gcu``),
+and the node also carries what gcushare registers for DRS (Dynamic Resource Slicing):
+``enflame.com/gcu-drs-capacity`` = ``{"devices": [{"index": "0", "minor": "0",
+"capacity": 6}], "profiles": {"3g.24gb": "2", ...}}``, index, minor and profile IDs as
+text (HAMi decodes them into strings), which HAMi's DRS type ``Enflame``
+(``enflame.com/drs-gcu``, or ``gcu-memory``/``gcu-core``) reads: six slices a card and
+profiles named ``<slices>g.<GB>gb``, the largest being the whole card (HAMi takes the
+card's memory from it).
 
 Discovery: plain ``efsmi`` (text only), as gcushare scrapes it: two rows per card, the
 first holding a PCI bus ID (cells: index and product, firmware, bus ID), the second the
@@ -46,14 +50,17 @@ FAMILY = Family(
 
 
 def encode_register(devices: Sequence[Device]) -> str:
-    """``enflame.com/gcu-drs-capacity``: each card with its slice capacity, and the
-    profile name -> id table (ids in the order the cards list them)."""
-    profiles: dict[str, int] = {}
+    """``enflame.com/gcu-drs-capacity``: each card with its slice capacity (its slots),
+    and the profile name -> ID table (IDs in the order the cards list them); index,
+    minor and IDs are strings, as gcushare writes them and HAMi decodes them."""
+    profiles: dict[str, str] = {}
     for d in devices:
         for t in d.templates:
-            profiles.setdefault(t.name, len(profiles))
+            profiles.setdefault(t.name, str(len(profiles)))
     body = {
-        "devices": [{"index": d.index, "minor": d.index, "capacity": d.devcore} for d in devices],
+        "devices": [
+            {"index": str(d.index), "minor": str(d.index), "capacity": d.count} for d in devices
+        ],
         "profiles": profiles,
     }
     return json.dumps(body, separators=(",", ":"))
