@@ -12,7 +12,8 @@ requests always waiting), run times exponential with mean ``--runtime`` s. Queue
 - ``org`` (guarantee 50 %, weight 2) with ``train`` (30 %) and ``infer`` (20 %);
 - ``prod`` (guarantee 30 %, weight 1);
 - ``scratch`` (no guarantee, weight 1), which starts alone and borrows the whole
-  cluster, then gives back what the others reclaim.
+  cluster, then gives back what the others reclaim (with ``--rebalance``, also what
+  over-quota rebalancing takes from it: docs/queues.md).
 
 The others' demand starts at ``--join`` s. From ``--burst`` s, every 10 s one request of
 priority 10 (a whole card) arrives in ``prod`` on the full cluster. Prints one JSON:
@@ -39,7 +40,7 @@ priority 10 (a whole card) arrives in ``prod`` on the full cluster. Prints one J
 - ``preemptions_per_placement``, ``gpu_utilisation`` (mean, after the join),
   ``over_capacity`` (card checks that found more used than the card has: must be 0).
 
-    .venv/bin/python bench/fairness.py [--nodes 60] [--duration 240] [--seed 1]
+    .venv/bin/python bench/fairness.py [--nodes 60] [--duration 240] [--seed 1] [--rebalance]
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from pathlib import Path
 import msgspec
 
 from services.placement import replay
-from services.placement.engine import ClusterState, Placement, Placer
+from services.placement.engine import ClusterState, Placement, Placer, preempt
 from services.placement.engine import queues as fair
 from shared.config import NodeSettings, QueueAmount, QueueSettings, SchedulerSettings
 from shared.schemas import AllocRequested, Constraints, ContainerAsk, DeviceAsk, LedgerAlloc
@@ -159,6 +160,11 @@ def main() -> None:
     ap.add_argument("--backlog", type=int, default=24, help="requests kept waiting per queue")
     ap.add_argument("--policy", default="binpack")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--rebalance",
+        action="store_true",
+        help="preempt to rebalance queues over their guarantees (docs/queues.md)",
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
 
@@ -243,8 +249,13 @@ def main() -> None:
         leaf = tree.leaf_of(r.queue, r.namespace)
         under = fair.within_guarantee(tree, use, leaf, fair.Res(), len(tree.path[leaf]) - 1)
         if not under and r.pod_priority == 0:
-            return False  # over its own guarantee, lowest priority: no victim possible
-        choice = fair.choose_victims(placer, tree, r, lambda a: a.pod_priority, use=use)
+            # over its own guarantee, lowest priority: no victim unless by rebalancing
+            least = fair.Res(*preempt.least_use(placer, r))
+            if not args.rebalance or not fair.rebalance_candidates(tree, use, cap, leaf, least):
+                return False
+        choice = fair.choose_victims(
+            placer, tree, r, lambda a: a.pod_priority, use=use, rebalance=args.rebalance
+        )
         if choice is None:
             return False
         for uid in choice.uids:  # the victims' queues stay saturated by their backlog
@@ -317,6 +328,7 @@ def main() -> None:
         "nodes": len(cl.nodes),
         "gpus": int(cap.cores // 100),
         "policy": args.policy,
+        "rebalance": args.rebalance,
         "simulated_s": args.duration,
         "high_priority_ms": {
             "placed": len(high_ms),

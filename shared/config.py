@@ -89,6 +89,12 @@ class SchedulerSettings(msgspec.Struct, kw_only=True, rename="camel"):
     # evicted pod's replacement may take to be placed before the moves stop.
     defrag_max_disruption: int = 1
     defrag_replace_timeout: float = 300.0
+    # With preemption and queues: a queue over its guarantee may also preempt another's
+    # over-quota allocations while that queue stays the more over per weight (by a
+    # margin; docs/queues.md). Off: in bench/fairness.py it costs 28-45 % more
+    # preemptions per placement for shares that are within 10 % of ideal without it
+    # on most seeds.
+    queue_rebalance: bool = False
 
 
 class BusSettings(msgspec.Struct, kw_only=True, rename="camel"):

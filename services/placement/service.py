@@ -255,6 +255,9 @@ class PlacementService:
         self.kube_queues: dict[str, QueueSettings] = {}
         self.queues: fair.QueueTree | None = None
         self._queue_use: fair.UseCache | None = None
+        # Over-quota rebalancing by preemption (docs/queues.md), only with
+        # scheduler.preemption; scheduler.queueRebalance, off by default.
+        self.queue_rebalance = cfg.scheduler.queue_rebalance
         try:
             self._set_queues()
         except fair.QueueError as exc:
@@ -955,7 +958,12 @@ class PlacementService:
         if self.queues is None:
             return preempt.choose(self.placer, req, req.pod_priority, priority_of=_standalone_priority)
         tree, use = self._qstate()
-        return fair.choose_victims(self.placer, tree, req, _standalone_priority, use=use)
+        return fair.choose_victims(self.placer, tree, req, _standalone_priority, use=use,
+                                   rebalance=self._rebalance())
+
+    def _rebalance(self) -> bool:
+        """Whether preemption may rebalance queues over their guarantees (docs/queues.md)."""
+        return self.queue_rebalance and self.cfg.scheduler.preemption
 
     def _pending_order(self) -> Iterator[AllocRequested]:
         """Pending requests in arrival order, or with queues, fairest queue first, then
@@ -1027,7 +1035,8 @@ class PlacementService:
             else:
                 tree, use = self._qstate()
                 req = msgspec.structs.replace(ask.request, pod_priority=ask.priority)
-                got = fair.victims_on_node(self.placer, tree, req, node, priority_of, use=use)
+                got = fair.victims_on_node(self.placer, tree, req, node, priority_of, use=use,
+                                           rebalance=self._rebalance())
             if got is not None:
                 out[node] = got.uids
         return PreemptReply(victims=out)

@@ -326,6 +326,20 @@ def _app_need(placer: Placer, req: AllocRequested) -> tuple[int, int, int, list[
     return mib, cores, slots, pcts
 
 
+def least_use(placer: Placer, req: AllocRequested) -> tuple[int, int]:
+    """GPU memory (MiB) and cores ``req`` holds at least wherever it is placed: its app
+    containers' asks, a percentage ask counted on the smallest live card."""
+    mib, cores, _, pcts = _app_need(placer, req)
+    st = placer.cluster
+    n = st.nc
+    if pcts and n:
+        live = st.c_live[:n].astype(bool)
+        if live.any():
+            smallest = int(st.c_tmem[:n][live].min())
+            mib += sum(smallest * p // 100 for p in pcts)
+    return mib, cores
+
+
 def _count_bound(
     st: ClusterState,
     rec: NodeRec,

@@ -29,7 +29,14 @@ queue's guarantee (and, going up, within each ancestor's); the rest are over quo
 A request whose queue would still be within its guarantee (every ancestor too) once it
 is placed may take the room of other queues' over-quota allocations; a request may
 also take that of its own queue's lower-priority allocations. Nothing in guarantee of
-another queue is ever a victim. The victims themselves are chosen by
+another queue is ever a victim.
+
+Rebalancing (``rebalance=True``, off by default: docs/queues.md): a request may also
+take an allocation of another queue B that is beyond the guarantee of every queue of
+B's side below the two queues' common parent, if, with the request placed and every
+victim released, the request's side there (A) still has the lower over-quota share per
+weight by the margin: ``over(A) * (1 + REBALANCE_MARGIN) < over(B)``, over being
+:func:`over_share` (:func:`rebalances`). The victims themselves are chosen by
 :mod:`.preempt` (one node, the smallest set that makes the slice fit):
 :func:`choose_victims` over all nodes (standalone preemption), :func:`victims_on_node`
 on one (the Kubernetes extender's ``preempt`` verb, node by node).
@@ -282,11 +289,9 @@ def dominant_share(use: Res, guarantee: Res) -> float:
     return share
 
 
-def queue_key(spec: QueueSpec, use: Res, capacity: Res) -> tuple[int, float]:
-    """(0, share) under the guarantee; (1, over-quota share / weight) at or over it."""
-    share = dominant_share(use, spec.guarantee)
-    if share < 1.0:
-        return (0, share)
+def over_share(spec: QueueSpec, use: Res, capacity: Res) -> float:
+    """The over-quota share per weight: the largest (used - guaranteed) / cluster total
+    over memory and cores (0 for a resource within the guarantee), over the weight."""
     over = 0.0
     for u, g, cap in (
         (use.mem, spec.guarantee.mem, capacity.mem),
@@ -294,7 +299,15 @@ def queue_key(spec: QueueSpec, use: Res, capacity: Res) -> tuple[int, float]:
     ):
         if cap > 0:
             over = max(over, max(0, u - g) / cap)
-    return (1, over / spec.weight)
+    return over / spec.weight
+
+
+def queue_key(spec: QueueSpec, use: Res, capacity: Res) -> tuple[int, float]:
+    """(0, share) under the guarantee; (1, over-quota share / weight) at or over it."""
+    share = dominant_share(use, spec.guarantee)
+    if share < 1.0:
+        return (0, share)
+    return (1, over_share(spec, use, capacity))
 
 
 class Rounds:
@@ -398,13 +411,19 @@ def over_levels(tree: QueueTree, allocs: Iterable[LedgerAlloc]) -> dict[str, int
     path whose guarantee it is beyond. Each queue's allocations (its own and those of
     the queues below it), the most protected first (higher priority, then older), are
     within its guarantee while their running sum is; the rest are beyond it."""
+    return {uid: max(depths) for uid, depths in beyond_depths(tree, allocs).items()}
+
+
+def beyond_depths(tree: QueueTree, allocs: Iterable[LedgerAlloc]) -> dict[str, set[int]]:
+    """Per allocation beyond a guarantee: the depths (0 = top) of every queue on its path
+    whose guarantee it is beyond (:func:`over_levels` gives the deepest)."""
     under: dict[str, list[tuple[tuple[int, float, str], LedgerAlloc, Res, int]]] = {}
     for a in allocs:
         leaf = alloc_leaf(tree, a)
         r = grant_use(a.containers)[0]
         for depth, q in enumerate(tree.path[leaf]):
             under.setdefault(q, []).append(((-a.pod_priority, a.decided_at, a.uid), a, r, depth))
-    out: dict[str, int] = {}
+    out: dict[str, set[int]] = {}
     for q, lst in under.items():
         lst.sort(key=lambda t: t[0])
         total = Res()
@@ -413,7 +432,7 @@ def over_levels(tree: QueueTree, allocs: Iterable[LedgerAlloc]) -> dict[str, int
             if (total + r).within(g):
                 total += r
             else:
-                out[a.uid] = max(out.get(a.uid, -1), depth)
+                out.setdefault(a.uid, set()).add(depth)
     return out
 
 
@@ -438,6 +457,67 @@ def _common(a: tuple[str, ...], b: tuple[str, ...]) -> int:
     return n
 
 
+# Float noise must not make two equal over-quota shares look unequal.
+_EPS = 1e-9
+# Rebalancing's hysteresis: the taker's over-quota share per weight after the move, this
+# much larger, must still be below the loser's (0.25: by more than a quarter). Strictly
+# lower alone is enough to rule out ping-pong, but lets a saturated cluster preempt for
+# every small drift of the shares (bench/fairness.py: about 80 preemptions more per
+# 200 s of steady state); with the margin, 0 to 9 (docs/queues.md).
+REBALANCE_MARGIN = 0.25
+
+
+def _lower(ours: float, theirs: float) -> bool:
+    """``ours`` is lower than ``theirs`` by the rebalancing margin."""
+    return ours * (1.0 + REBALANCE_MARGIN) + _EPS < theirs
+
+
+def _siblings(tree: QueueTree, path: tuple[str, ...], depth: int) -> list[str]:
+    """The queues beside ``path[depth]`` under the same parent (top-level ones at 0)."""
+    if depth == 0:
+        kids = [n for n, s in tree.specs.items() if not s.parent]
+    else:
+        kids = tree.children[path[depth - 1]]
+    return [k for k in kids if k != path[depth]]
+
+
+def rebalances(
+    tree: QueueTree, capacity: Res, after: Usage, mine: tuple[str, ...], theirs: tuple[str, ...]
+) -> bool:
+    """The over-quota rebalancing rule, on the use ``after`` the move (the request
+    placed, every victim released): below the common parent of the queue paths
+    ``mine`` (the request's) and ``theirs`` (a victim's), the request's side's over-quota
+    share per weight (:func:`over_share`) times 1 + :data:`REBALANCE_MARGIN` is still
+    below the victim's side's. So the taker ends below the loser, which ends below where
+    it was: the gap between the two narrows, the largest share does not grow, and the
+    same rule cannot move it back."""
+    d = _common(mine, theirs)
+    if d >= len(mine) or d >= len(theirs):
+        return False  # the same queue: priorities only
+    a, b = mine[d], theirs[d]
+    return _lower(
+        over_share(tree.specs[a], after.of(a), capacity),
+        over_share(tree.specs[b], after.of(b), capacity),
+    )
+
+
+def rebalance_candidates(
+    tree: QueueTree, use: Usage, capacity: Res, leaf: str, add: Res
+) -> list[str]:
+    """The queues a request of ``leaf`` adding at least ``add`` might take from by
+    rebalancing: at some level of its path, a sibling whose over-quota share per weight
+    is now above what the request's side would have with ``add``. Empty: rebalancing
+    cannot apply (a cheap necessary condition; the rule is :func:`rebalances`)."""
+    mine = tree.path[leaf]
+    out: list[str] = []
+    for d, q in enumerate(mine):
+        ours = over_share(tree.specs[q], use.of(q) + add, capacity)
+        for b in _siblings(tree, mine, d):
+            if _lower(ours, over_share(tree.specs[b], use.of(b), capacity)):
+                out.append(b)
+    return out
+
+
 def reclaim_victims(
     tree: QueueTree,
     allocs: Iterable[LedgerAlloc],
@@ -446,6 +526,8 @@ def reclaim_victims(
     *,
     use: Usage,
     add: Res | None,
+    rebalance: Res | None = None,
+    capacity: Res | None = None,
 ) -> Callable[[LedgerAlloc], int | None]:
     """A ``priority_of`` for :func:`.preempt.choose` called with a priority above every
     allocation's: an allocation's priority when it may be a victim of ``req``, else None.
@@ -453,15 +535,22 @@ def reclaim_victims(
     May be a victim: one of ``req``'s own queue of lower priority; one of another queue
     that is beyond a guarantee of its side below the two queues' common parent, if it
     has a lower priority or if ``req``'s side below that parent stays within its
-    guarantees with ``add`` (reclaim; None: no reclaim). ``priority_of`` says which
-    allocations may be preempted at all (None: never)."""
+    guarantees with ``add`` (reclaim; None: no reclaim); with ``rebalance`` (what the
+    request adds at least; None: no rebalancing) and ``capacity``, also one of another
+    queue beyond the guarantee of every queue of its side below the common parent,
+    when :func:`rebalances` would hold were it the only victim (a necessary condition:
+    more victims only lower the loser's share). ``priority_of`` says which allocations
+    may be preempted at all (None: never)."""
     allocs = list(allocs)
-    over = over_levels(tree, allocs)
+    depths = beyond_depths(tree, allocs)
     leaf = tree.leaf_of(req.queue, req.namespace)
     mine = tree.path[leaf]
     may_reclaim = [
         add is not None and within_guarantee(tree, use, leaf, add, d) for d in range(len(mine) + 1)
     ]
+    ours: list[float] = []
+    if rebalance is not None and capacity is not None:
+        ours = [over_share(tree.specs[q], use.of(q) + rebalance, capacity) for q in mine]
 
     def victim(a: LedgerAlloc) -> int | None:
         p = priority_of(a)
@@ -471,11 +560,25 @@ def reclaim_victims(
         if theirs == mine:
             return p if p < req.pod_priority else None
         d = _common(mine, theirs)
-        if over.get(a.uid, -1) >= d and (p < req.pod_priority or may_reclaim[d]):
+        beyond = depths.get(a.uid)
+        if beyond is None or max(beyond) < d:
+            return None
+        if p < req.pod_priority or may_reclaim[d]:
             return p
+        if ours and d < len(theirs) and _all_beyond(beyond, d, len(theirs)):
+            assert capacity is not None
+            b = theirs[d]
+            lost = use.of(b) - grant_use(a.containers)[0]
+            if _lower(ours[d], over_share(tree.specs[b], lost, capacity)):
+                return p
         return None
 
     return victim
+
+
+def _all_beyond(beyond: set[int], d: int, n: int) -> bool:
+    """Beyond the guarantee of every queue from depth ``d`` to ``n - 1`` (its leaf)."""
+    return all(k in beyond for k in range(d, n))
 
 
 # Above every allocation's priority: with :func:`reclaim_victims`' ``priority_of``, who
@@ -502,15 +605,17 @@ def choose_victims(
     *,
     use: Usage | None = None,
     budget: int = 4096,
+    rebalance: bool = False,
 ) -> preempt.Choice | None:
     """The victims whose release makes ``req`` fit on one node, queue rules applied
     (module docstring), or None: then nobody is preempted. ``use``: the queues' use as
-    the cluster holds it now (computed when not given)."""
+    the cluster holds it now (computed when not given). ``rebalance``: also take from
+    queues over their guarantees by the over-quota rule (:func:`rebalances`)."""
 
     def search(victim: Callable[[LedgerAlloc], int | None]) -> preempt.Choice | None:
         return preempt.choose(placer, req, _ABOVE_ALL, priority_of=victim, budget=budget)
 
-    return _with_rules(placer, tree, req, priority_of, use, search)
+    return _with_rules(placer, tree, req, priority_of, use, search, rebalance)
 
 
 def victims_on_node(
@@ -522,18 +627,20 @@ def victims_on_node(
     *,
     use: Usage | None = None,
     budget: int = 4096,
+    rebalance: bool = False,
 ) -> preempt.Choice | None:
     """:func:`choose_victims` on ``node`` only (the extender's ``preempt`` verb asks node
     by node): the same queue rules, so nothing within another queue's guarantee is a
     victim, and other queues' over-quota allocations are while ``req``'s side stays
-    within its guarantees. ``req.pod_priority`` is the preemptor's priority."""
+    within its guarantees (or, with ``rebalance``, by the over-quota rule).
+    ``req.pod_priority`` is the preemptor's priority."""
 
     def search(victim: Callable[[LedgerAlloc], int | None]) -> preempt.Choice | None:
         return preempt.victims_on_node(
             placer, req, node, _ABOVE_ALL, priority_of=victim, budget=budget
         )
 
-    return _with_rules(placer, tree, req, priority_of, use, search)
+    return _with_rules(placer, tree, req, priority_of, use, search, rebalance)
 
 
 def _with_rules(
@@ -543,8 +650,14 @@ def _with_rules(
     priority_of: Callable[[LedgerAlloc], int | None],
     use: Usage | None,
     search: Callable[[Callable[[LedgerAlloc], int | None]], preempt.Choice | None],
+    rebalance: bool = False,
 ) -> preempt.Choice | None:
-    """``search`` (given who may be a victim) with the queue rules applied around it."""
+    """``search`` (given who may be a victim) with the queue rules applied around it.
+
+    Tried from the widest rules to the narrowest, each only if the wider one's best
+    set breaks a rule once the real placement is known: rebalancing and reclaim and
+    priority, then reclaim and priority, then priority only. No set under a wider rule:
+    none under a narrower one either."""
     allocs = allocations(placer.cluster)
     use = use if use is not None else usage(tree, allocs)
     try:
@@ -552,12 +665,22 @@ def _with_rules(
     except QueueError:
         return None
     by_uid = {a.uid: a for a in allocs}
-    mine = tree.path[leaf]
-    for add in (Res(), None):  # reclaim as the queues stand now, then priority only
-        victim = reclaim_victims(tree, allocs, req, priority_of, use=use, add=add)
+    cap = capacity(placer.cluster)
+    passes: list[tuple[Res | None, Res | None]] = [(Res(), None), (None, None)]
+    if rebalance:
+        least = Res(*preempt.least_use(placer, req))
+        if rebalance_candidates(tree, use, cap, leaf, least):
+            # reclaim counted with what the request adds at least: a victim that the
+            # check below would refuse does not crowd out one that rebalancing allows
+            passes.insert(0, (least, least))
+    depths: dict[str, set[int]] | None = None
+    for add, reb in passes:
+        victim = reclaim_victims(
+            tree, allocs, req, priority_of, use=use, add=add, rebalance=reb, capacity=cap
+        )
         got = search(victim)
         if got is None:
-            return None  # reclaiming allows more victims: without it there are fewer
+            return None  # the wider rules allow more victims: the narrower, fewer
         after = Usage(tree, dict(use.total), {k: dict(v) for k, v in use.by_type.items()})
         for uid in got.uids:
             a = by_uid[uid]
@@ -565,19 +688,51 @@ def _with_rules(
             after.add(alloc_leaf(tree, a), r, types, sign=-1)
         if limit_problem(tree, after, req, got.placement.containers) is not None:
             return None
-        placed = grant_use(got.placement.containers)[0]
-        # every victim taken by reclaim (not of lower priority): the request's side
-        # below the common parent stays within its guarantees once it is placed
+        placed, placed_types = grant_use(got.placement.containers)
+        moved: Usage | None = None
+        if reb is not None:
+            moved = Usage(tree, dict(after.total), {k: dict(v) for k, v in after.by_type.items()})
+            moved.add(leaf, placed, placed_types)
+            if depths is None:
+                depths = beyond_depths(tree, allocs)
         if all(
-            (p := priority_of(by_uid[u])) is not None
-            and p < req.pod_priority
-            or within_guarantee(
-                tree, after, leaf, placed, _common(mine, tree.path[alloc_leaf(tree, by_uid[u])])
-            )
+            _justified(tree, req, leaf, by_uid[u], priority_of, after, placed, cap, moved, depths)
             for u in got.uids
         ):
             return got
     return None
+
+
+def _justified(
+    tree: QueueTree,
+    req: AllocRequested,
+    leaf: str,
+    a: LedgerAlloc,
+    priority_of: Callable[[LedgerAlloc], int | None],
+    after: Usage,
+    placed: Res,
+    cap: Res,
+    moved: Usage | None,
+    depths: dict[str, set[int]] | None,
+) -> bool:
+    """Whether victim ``a`` is allowed, the move known: of a lower priority; or reclaim
+    (the request's side below the common parent stays within its guarantees once
+    placed: ``after`` is the use without the victims); or, with ``moved`` (``after``
+    with the request placed), rebalancing (:func:`rebalances`, and ``a`` beyond every
+    guarantee of its side below the common parent)."""
+    p = priority_of(a)
+    if p is not None and p < req.pod_priority:
+        return True
+    mine, theirs = tree.path[leaf], tree.path[alloc_leaf(tree, a)]
+    d = _common(mine, theirs)
+    if within_guarantee(tree, after, leaf, placed, d):
+        return True
+    return (
+        moved is not None
+        and depths is not None
+        and _all_beyond(depths.get(a.uid, set()), d, len(theirs))
+        and rebalances(tree, cap, moved, mine, theirs)
+    )
 
 
 class UseCache:
