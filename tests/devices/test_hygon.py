@@ -15,7 +15,7 @@ import pytest
 from shared.devices import hygon
 from shared.devices.base import Ask, Card, Grant, PodInfo, RequestError
 from shared.hami.annotations import AnnotationError
-from tests.devices.util import res
+from tests.devices.util import assert_fit, res
 
 F = hygon.FAMILY
 NUM, MEM, CORES = "hygon.com/dcunum", "hygon.com/dcumem", "hygon.com/dcucores"
@@ -210,11 +210,7 @@ FIT_CASES: list[tuple[str, list[Card], Ask, dict[str, str], list[str] | None, st
 def test_fit(
     cards: list[Card], ask: Ask, annos: dict[str, str], want: list[str] | None, reason: str
 ) -> None:
-    got = F.fit(cards, ask, PodInfo(annotations=annos))
-    assert got.ok is (want is not None)
-    if want is not None:
-        assert [g.uuid for g in got.grants] == want
-    assert got.text == reason
+    assert_fit(F, cards, ask, annos, want, reason)
 
 
 def test_fit_grants_clamped_cores_and_percentage_memory() -> None:

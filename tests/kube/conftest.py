@@ -1,13 +1,19 @@
-"""Fixtures of the Kubernetes tests: a self-signed TLS certificate made by the openssl
-CLI (the ``cryptography`` package is not a dependency)."""
+"""Fixtures of the Kubernetes tests: the in-repo fake API server, an HTTP client, and a
+self-signed TLS certificate made by the openssl CLI (the ``cryptography`` package is
+not a dependency). A module that needs its fake server set up otherwise defines its
+own ``fake``."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+
+from tests.fakekube import FakeKube
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +30,15 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )
     return crt, key
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeKube]:
+    async with FakeKube(bookmark_interval=0.5) as f:
+        yield f
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s

@@ -25,12 +25,6 @@ NODES = {"node-a": ["A100-80GB:2"], "node-b": ["A100-80GB:2"]}
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.5) as f:
-        yield f
-
-
-@pytest.fixture
 async def kc(fake: FakeKube, nats_url: str, cfg: Config) -> AsyncIterator[KubeCluster]:
     async with KubeCluster(fake, nats_url, cfg, NODES) as k:
         yield k

@@ -118,12 +118,6 @@ class ReplicaSet:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.5) as f:
-        yield f
-
-
-@pytest.fixture
 async def controllers() -> AsyncIterator[list[ReplicaSet]]:
     made: list[ReplicaSet] = []
     yield made

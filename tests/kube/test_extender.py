@@ -39,12 +39,6 @@ def xcfg(cfg: Config) -> Config:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.5) as f:
-        yield f
-
-
-@pytest.fixture
 async def cluster(fake: FakeKube, nats_url: str, xcfg: Config) -> AsyncIterator[Cluster]:
     """``await cluster(nodes=..., extender_timeout_s=...)`` starts one, stopped after."""
     started: list[KubeCluster] = []
@@ -62,12 +56,6 @@ async def cluster(fake: FakeKube, nats_url: str, xcfg: Config) -> AsyncIterator[
 @pytest.fixture
 async def kc(cluster: Cluster) -> KubeCluster:
     return await cluster()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def add_pod(fake: FakeKube, name: str, *containers: dict[str, Any]) -> dict[str, Any]:

@@ -34,12 +34,6 @@ def xcfg(cfg: Config) -> Config:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.5) as f:
-        yield f
-
-
-@pytest.fixture
 async def kc(fake: FakeKube, nats_url: str, xcfg: Config) -> AsyncIterator[KubeCluster]:
     k = KubeCluster(fake, nats_url, xcfg, NODES)
     await k.start()
@@ -47,12 +41,6 @@ async def kc(fake: FakeKube, nats_url: str, xcfg: Config) -> AsyncIterator[KubeC
         yield k
     finally:
         await k.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def add_pod(fake: FakeKube, name: str, priority: int | None, **limits: Any) -> dict[str, Any]:

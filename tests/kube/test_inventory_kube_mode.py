@@ -92,12 +92,6 @@ async def secured(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, Store]]:
         server.cleanup()
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.5) as f:
-        yield f
-
-
 async def wait_for(what: Any, desc: str, timeout: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:

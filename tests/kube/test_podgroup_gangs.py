@@ -34,12 +34,6 @@ Cluster = Callable[..., Awaitable[KubeCluster]]
 Obj = dict[str, Any]
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.5) as f:
-        yield f
-
-
 def _cluster_fixture(mode: str) -> Any:
     @pytest.fixture
     async def make(fake: FakeKube, nats_url: str, cfg: Config) -> AsyncIterator[KubeCluster]:
@@ -56,12 +50,6 @@ def _cluster_fixture(mode: str) -> Any:
 
 kc = _cluster_fixture("extender")
 direct = _cluster_fixture("direct")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def add_group(fake: FakeKube, name: str, spec: Obj) -> Obj:

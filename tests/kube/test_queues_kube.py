@@ -32,12 +32,6 @@ QUEUES = "queues.hami.io"
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.5) as f:
-        yield f
-
-
-@pytest.fixture
 async def kc(fake: FakeKube, nats_url: str, cfg: Config) -> AsyncIterator[KubeCluster]:
     async with KubeCluster(fake, nats_url, cfg, NODES) as k:
         yield k

@@ -37,12 +37,6 @@ def npu_register(n: int) -> str:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.5) as f:
-        yield f
-
-
-@pytest.fixture
 async def kc(fake: FakeKube, nats_url: str, cfg: Config) -> AsyncIterator[KubeCluster]:
     async with KubeCluster(fake, nats_url, cfg, {"gpu-node": ["A100-80GB:1"]}) as k:
         yield k

@@ -74,12 +74,6 @@ def ops_of(resp: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.5) as f:
-        yield f
-
-
-@pytest.fixture
 async def webhook() -> AsyncIterator[WebhookServer]:
     server = WebhookServer(S, certfile=None, keyfile=None, host="127.0.0.1", port=0)
     await server.start()
