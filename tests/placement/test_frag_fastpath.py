@@ -458,3 +458,85 @@ def test_fast_scorer_decides_as_the_reference(policy: str, grouped: bool) -> Non
             placed += 1
     assert placed > 500  # the workload placed, released and refused pods
     assert isinstance(fast._frag[policy], FragScorer) and type(ref._frag[policy]) is RefScorer
+
+
+class _Unfused(FragScorer):
+    """The fast scorer with the changed nodes' refresh always made on its own."""
+
+    def _refresh(
+        self,
+        st: ClusterState,
+        shapes: list[Shape],
+        version: int,
+        p: _F64 | None = None,
+        model: ShapeModel | None = None,
+    ) -> BOOL:
+        self._defer = False
+        return super()._refresh(st, shapes, version, p, model)
+
+
+class _Counting(FragScorer):
+    """The fast scorer, counting the scores that took a deferred refresh along."""
+
+    fused = 0
+
+    def _score(
+        self,
+        st: ClusterState,
+        shapes: list[Shape],
+        p: _F64,
+        type_ok: BOOL,
+        ask: object | None,
+        k: int,
+        cpu: int,
+        rows: _I64,
+        pos: _I64,
+    ) -> tuple[_F64, _F64, _F64]:
+        self.fused += self._pending is not None
+        return super()._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
+
+
+@pytest.mark.parametrize("seed", [20, 21])
+@pytest.mark.parametrize("policy", ["frag", "fgd"])
+def test_refresh_folded_into_the_score_decides_the_same(policy: str, seed: int) -> None:
+    """The refresh made in the kind's scoring pass gives the same aggregates, cards and
+    scores as the refresh on its own (both compared with the reference above too)."""
+    rng = np.random.default_rng(seed)
+    a_cl, b_cl = (
+        _cluster(np.random.default_rng(seed + 1)),
+        _cluster(np.random.default_rng(seed + 1)),
+    )
+    a, b = placer(a_cl, node_policy=policy), placer(b_cl, node_policy=policy)
+    fused = a._frag[policy] = _Counting(policy)
+    b._frag[policy] = _Unfused(policy)
+    live: list[tuple[str, str]] = []
+    for i in range(1200):
+        r = rng.random()
+        if r < 0.25 and live:
+            nd, uid = live.pop(int(rng.integers(len(live))))
+            a_cl.unreserve(nd, uid)
+            b_cl.unreserve(nd, uid)
+            continue
+        if r < 0.27:
+            name, ok = f"n{int(rng.integers(40)):02d}", bool(rng.random() < 0.8)
+            a_cl.set_health(name, ok)
+            b_cl.set_health(name, ok)
+            continue
+        rq = _request(rng)
+        a.observe(rq)
+        b.observe(rq)
+        x, y = a.decide(rq), b.decide(rq)
+        assert type(x) is type(y), i
+        if isinstance(x, Placement):
+            assert isinstance(y, Placement)
+            assert (x.node, x.containers, x.score) == (y.node, y.containers, y.score), i
+            a_cl.reserve(x.node, x.to_alloc(rq))
+            b_cl.reserve(y.node, y.to_alloc(rq))
+            live.append((x.node, rq.uid))
+        fs, us = a._frag[policy], b._frag[policy]
+        # the aggregates agree wherever both scorers are up to date
+        both = np.flatnonzero((fs._ver == us._ver) & (fs._ver == a_cl.n_ver[: a_cl.nn]))
+        assert np.array_equal(fs.cnt[both], us.cnt[both]), i
+        assert np.array_equal(fs.small[both], us.small[both]), i
+        assert np.array_equal(fs.fb[both], us.fb[both]), i
+    assert fused.fused > 300  # the folded path is the usual one

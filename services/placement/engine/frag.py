@@ -387,6 +387,12 @@ class FragScorer:
         self._sid_of: dict[bytes, int] = {}
         self._sid_key: tuple[int, int] = (-1, -1)
         self._sid_synced = -1
+        # Rows whose refresh :meth:`_choose_cached` folds into its scoring (one card test
+        # and one fragmentation lookup for both, not two of each: at a node or two per
+        # decision the numpy calls, not the cards, are the cost). Set by :meth:`_refresh`
+        # only while ``_defer`` is on; every reader of the aggregates flushes it first.
+        self._defer = False
+        self._pending: _I64 | None = None
 
     # ------------------------------------------------------------ card measures
 
@@ -643,7 +649,14 @@ class FragScorer:
             return type_ok
         # After a new shape version every node is stale; most of them are often in one
         # of a few states (idle nodes of each model): each state is computed once
-        todo, inv = self._node_groups(st, stale) if self._grouped(len(stale), nn) else (stale, None)
+        grouped = self._grouped(len(stale), nn)
+        if self._defer and not grouped and len(stale) <= _CHUNK_NODES:
+            # computed with the kind's scoring (see _choose_cached); n_ver cannot move
+            # before then, so the versions are recorded now
+            self._pending = stale
+            self._ver[stale] = st.n_ver[stale]
+            return type_ok
+        todo, inv = self._node_groups(st, stale) if grouped else (stale, None)
         # in slices of nodes: the (cards x groups) temporaries of 20,000 nodes at once
         # were a quarter GB at peak
         for lo in range(0, len(todo), _CHUNK_NODES):
@@ -750,6 +763,12 @@ class FragScorer:
             for i, e in enumerate(ends)
         ]
 
+    def _flush(self, st: ClusterState) -> None:
+        """Refresh the rows :meth:`_refresh` deferred, if any, on their own."""
+        if self._pending is not None:
+            rows, self._pending = self._pending, None
+            self._refresh_rows(st, rows, self._type_groups, len(self._gfirst))
+
     def _refresh_rows(self, st: ClusterState, stale: _I64, type_ok: BOOL, ng: int) -> None:
         pos, owner = st.card_positions(stale)
         usable = st.c_live[pos] & st.c_health[pos] & ~st.c_cordon[pos]
@@ -759,23 +778,32 @@ class FragScorer:
         fit = self._fits(st, pos, fm, fc, st.c_uslot[pos], static, tm)
         self._cfm[pos], self._cfc[pos], self._cw[pos], self._cfit[pos] = fm, fc, w, fit
         self._cus[pos] = usable
+        cnt, small, idle = self._aggregate(st, stale, fit, w, owner)
+        self.fb[stale] = self._frag_of(cnt, small, idle, self._cpu_rank(st, stale, 0), True)
+
+    def _aggregate(
+        self, st: ClusterState, stale: _I64, fit: BOOL, w: _F64, owner: _I64
+    ) -> tuple[_F64, _F64, _F64]:
+        """The rows' per-group counts, small idle shares and idle share from their cards'
+        fits and idle shares (cards in :meth:`ClusterState.card_positions` order), stored
+        and returned."""
         counts = st.n_ncards[stale]
-        if len(pos) and counts.min() > 0:
+        if len(fit) and counts.min() > 0:
             # counts of whole cards: exact in any order (reduceat cannot take a node
             # without cards: an empty segment reads as its next element)
             cnt = np.add.reduceat(fit, np.cumsum(counts) - counts, axis=0, dtype=np.float64)
         else:
-            cnt = np.zeros((len(stale), ng))
+            cnt = np.zeros((len(stale), fit.shape[1]))
             np.add.at(cnt, owner, fit.astype(np.float64))
         # add.at sums card by card, in order: a node's value must not depend on how the
         # sum is grouped (reduceat's pairwise sums differ in the last bit)
-        small = np.zeros((len(stale), ng))
+        small = np.zeros((len(stale), fit.shape[1]))
         np.add.at(small, owner, np.where(fit, 0.0, w[:, None]))
         self.cnt[stale] = cnt
         self.small[stale] = small
         idle: _F64 = np.bincount(owner, weights=w, minlength=len(stale)).astype(np.float64)
         self.idle[stale] = idle
-        self.fb[stale] = self._frag_of(cnt, small, idle, self._cpu_rank(st, stale, 0), True)
+        return cnt, small, idle
 
     # ------------------------------------------------------------------- choose
 
@@ -845,27 +873,65 @@ class FragScorer:
         Every quantity is node-local (the node's cards, CPU, aggregates), which is what
         lets :meth:`choose` cache the best card of a node until the node changes. The
         card's measures come from its node's refresh (``_cfm`` ... ``_cus``), which
-        always precedes a score; a factor ``k`` of 1 is left out (x 1 is exact).
+        precedes a score or, for the rows :meth:`_refresh` deferred (``_pending``, left
+        only where :meth:`_choose_cached` scores cards in one slice), is made in the
+        same card test and fragmentation lookup as it; a factor ``k`` of 1 is left out
+        (x 1 is exact).
         """
-        cnt, small, idle = self.cnt[rows], self.small[rows], self.idle[rows]
+        nf = 0
+        fresh = self._pending
+        if fresh is not None:
+            assert k > 0
+            # the refresh's card measures first: the candidates read them back below
+            fpos, fowner = st.card_positions(fresh)
+            fus = st.c_live[fpos] & st.c_health[fpos] & ~st.c_cordon[fpos]
+            ftm = np.maximum(st.c_tmem[fpos], 1)
+            ffm, ffc, fw = self._card_free(st, fpos, fus, ftm)
+            self._cfm[fpos], self._cfc[fpos], self._cw[fpos], self._cus[fpos] = ffm, ffc, fw, fus
+            nf = len(fpos)
         tot = st.n_cpu_tot[rows]
         free = tot - st.n_cpu_used[rows] - cpu
         need_m: float | _F64 = 0.0
         if k:
             assert ask is not None
             fm, fc, w = self._cfm[pos], self._cfc[pos], self._cw[pos]
+            us = self._cus[pos]
             tm = np.maximum(st.c_tmem[pos], 1)
             need_m = (ask.pct / 100.0) if ask.pct is not None else ask.mem / tm  # type: ignore[attr-defined]
             fm2 = fm - need_m
             fc2 = fc - ask.cores / 100.0  # type: ignore[attr-defined]
-            w2 = np.where(
-                self._cus[pos], (fm2 + fc2) / 2 if self.two_d else np.minimum(fm2, fc2), 0.0
-            )
-            f_before = self._cfit[pos]
-            # f_before stands for the static part (usable, model allowed): what fits after
-            # the ask fitted before (less room, one more slot used), so f_before's other
-            # terms change nothing
-            f_after = self._fits(st, pos, fm2, fc2, st.c_uslot[pos] + 1, f_before, tm, taken=True)
+            w2 = np.where(us, (fm2 + fc2) / 2 if self.two_d else np.minimum(fm2, fc2), 0.0)
+            if fresh is None:
+                f_before = self._cfit.take(pos, axis=0)
+                # f_before stands for the static part (usable, model allowed): what fits
+                # after the ask fitted before (less room, one more slot used), so
+                # f_before's other terms change nothing
+                f_after = self._fits(
+                    st, pos, fm2, fc2, st.c_uslot[pos] + 1, f_before, tm, taken=True
+                )
+            else:
+                # one card test for the refreshed cards (as they are) and the candidates
+                # (after the ask). The candidates' static part is the plain one, usable
+                # and model allowed: the same cells as f_before (see above). taken=False
+                # gives the candidates' cells as taken=True (a slot is in use on each)
+                ap = np.concatenate((fpos, pos))
+                fit_all = self._fits(
+                    st,
+                    ap,
+                    np.concatenate((ffm, fm2)),
+                    np.concatenate((ffc, fc2)),
+                    np.concatenate((st.c_uslot[fpos], st.c_uslot[pos] + 1)),
+                    np.concatenate((fus, us))[:, None] & type_ok[st.c_type[ap]],
+                    np.concatenate((ftm, tm)),
+                )
+                f_after = fit_all[nf:]
+                fcnt, fsmall, fidle = self._aggregate(st, fresh, fit_all[:nf], fw, fowner)
+                self._cfit[fpos] = fit_all[:nf]
+                f_before = self._cfit.take(pos, axis=0)
+            # the rows' aggregates, read after the refresh above where they were stale
+            # (take: a row gather of a 2-D array costs half of fancy indexing)
+            cnt, small = self.cnt.take(rows, axis=0), self.small.take(rows, axis=0)
+            idle = self.idle[rows]
             # the (cards x groups) changes as temporaries, gone once added: with 2,048
             # nodes scored at once each is a few MB of peak memory
             if k == 1:
@@ -883,13 +949,30 @@ class FragScorer:
             del cnt, small
             card_left = w2.round(9) if self.variant.card_tie else np.zeros(len(rows))
         else:
-            cnt2, small2, idle2 = cnt, small, idle
+            cnt2, small2 = self.cnt.take(rows, axis=0), self.small.take(rows, axis=0)
+            idle2 = self.idle[rows]
             card_left = np.zeros(len(rows))
         # the rank of the CPU left (as _cpu_rank, sharing ``free`` with the tie measure)
         j = np.searchsorted(self._cpu_u, free, side="right")
         j = np.where(tot == 0, len(self._cpu_u), j)
-        # with one card taken a count drops only where that card counted: never below 0
-        delta = self._frag_of(cnt2, small2, idle2, j, k <= 1) - self.fb[rows]
+        if fresh is None:
+            # with one card taken a count drops only where that card counted: never below 0
+            delta = self._frag_of(cnt2, small2, idle2, j, k <= 1) - self.fb[rows]
+        else:
+            # the refreshed rows' own fragmentation in the same lookup, rows first (a
+            # row's value does not depend on the rows beside it); their counts are never
+            # below 0, so clamping them too changes nothing
+            nr = len(fresh)
+            both = self._frag_of(
+                np.concatenate((fcnt, cnt2)),
+                np.concatenate((fsmall, small2)),
+                np.concatenate((fidle, idle2)),
+                np.concatenate((self._cpu_rank(st, fresh, 0), j)),
+                k <= 1,
+            )
+            self.fb[fresh] = both[:nr]
+            self._pending = None
+            delta = both[nr:] - self.fb[rows]
         if k and self.variant.model_aware == "delta":
             # GPU taken from a model that model-constrained shapes depend on counts as
             # growth: that capacity is, in expectation, theirs
@@ -897,7 +980,7 @@ class FragScorer:
             delta = delta + pk * np.maximum(need_m, ask.cores / 100.0)  # type: ignore[union-attr]
         v = self.variant
         # ties by least GPU left on the node (best fit), then node name, card index
-        left = idle2 if k else idle
+        left = idle2  # idle itself for a CPU-only task
         # in cores/128 (openb's BestFit); a node that does not report its CPU (0) has
         # none to pack, so it reads as neutral rather than as negative CPU left
         cpu_left = np.where(tot > 0, free, 0) / 128000.0
@@ -958,19 +1041,29 @@ class FragScorer:
         if self.variant.gpu_weighted:
             g = np.array([max(s.k * max(s.cores, s.pct or 0) / 100.0, 0.1) for s in shapes])
             p = p * g / (p * g).sum()
-        type_ok = self._refresh(st, shapes, model.version, p, model)
         k = 0
         if ask is not None and feasible is not None:
             from .placer import Ask
 
             assert isinstance(ask, Ask)
             k = ask.nums
-        if self.cache_best and cache_key is not None and self.variant.tie != "random":
-            got = self._choose_cached(
-                st, shapes, p, type_ok, ask, k, cpu, cands, feasible, (cache_key, model.version)
-            )
-        else:
-            got = self._choose_all(st, shapes, p, type_ok, ask, k, cpu, cands, feasible, rng)
+        cached = self.cache_best and cache_key is not None and self.variant.tie != "random"
+        # the cached path with cards to score takes the changed nodes' refresh along
+        self._defer = cached and k > 0
+        try:
+            type_ok = self._refresh(st, shapes, model.version, p, model)
+        finally:
+            self._defer = False
+        try:
+            if cached:
+                assert cache_key is not None
+                got = self._choose_cached(
+                    st, shapes, p, type_ok, ask, k, cpu, cands, feasible, (cache_key, model.version)
+                )
+            else:
+                got = self._choose_all(st, shapes, p, type_ok, ask, k, cpu, cands, feasible, rng)
+        finally:
+            self._flush(st)  # a no-op unless a path left the deferred refresh undone
         if got is None:
             return None
         row, first, sc = got
@@ -999,6 +1092,7 @@ class FragScorer:
         rng: np.random.Generator,
     ) -> tuple[int, int, float] | None:
         """Score every candidate card of the cluster (the reference, uncached path)."""
+        self._flush(st)
         rows, pos = self._candidates(st, k, feasible, cands)
         if len(rows) == 0:
             return None
@@ -1060,13 +1154,16 @@ class FragScorer:
             else (stale_all, None)
         )
         ent.score[todo] = -np.inf
+        if inv is not None or len(todo) > _CHUNK_NODES or k == 0:
+            self._flush(st)  # grouped or sliced: the refresh on its own, first
         for lo in range(0, len(todo), _CHUNK_NODES):  # in slices: see _refresh
             stale = todo[lo : lo + _CHUNK_NODES]
             rows, pos = self._candidates(st, k, feasible, stale)
             if len(rows):
                 score, left, cleft = self._score(st, shapes, p, type_ok, ask, k, cpu, rows, pos)
-                # per node the best card: highest score, least left, lowest position
-                order = np.lexsort((pos, cleft, left, -score, rows))
+                # per node the best card: highest score, least left, lowest position (pos
+                # comes sorted from _candidates and lexsort is stable: no key needed)
+                order = np.lexsort((cleft, left, -score, rows))
                 r = rows[order]
                 first = np.ones(len(r), dtype=bool)
                 first[1:] = r[1:] != r[:-1]
@@ -1075,6 +1172,7 @@ class FragScorer:
                 ent.score[at] = score[pick]
                 ent.left[at] = left[pick]
                 ent.pos[at] = pos[pick]
+        self._flush(st)  # no candidate to score: the deferred rows alone
         if inv is not None:
             src = todo[inv]
             ent.score[stale_all] = ent.score[src]
