@@ -41,7 +41,7 @@ from typing import Any
 
 from shared import logs, subjects
 from shared.bus import Bus
-from shared.devices.base import Family, RequestError, capacity_int
+from shared.devices.base import CARD_MODE, Family, RequestError, capacity_int
 from shared.devices.registry import REGISTRY, Registry
 from shared.kube import Kube, KubeError, path
 from shared.schemas import Device, Heartbeat, NodeInventory
@@ -150,9 +150,13 @@ def node_devices(
                 devmem=c.totalmem,
                 devcore=c.totalcore,
                 numa=c.numa,
-                mode="",
+                # the mode a family's register says the card runs in (Ascend's soft
+                # mode), which placement hands back to the family's fit
+                mode=str(c.custom.get(CARD_MODE, "")),
                 health=c.health,
-                custom_info={k: v for k, v in c.custom.items() if isinstance(v, str | int)},
+                custom_info={
+                    k: v for k, v in c.custom.items() if isinstance(v, str | int) and k != CARD_MODE
+                },
             )
             for c in cards
         ]

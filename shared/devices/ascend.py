@@ -151,7 +151,8 @@ class Ascend(Family):
             replace(
                 c,
                 totalcore=max(c.totalcore, SOFT_CORES),
-                custom={**c.custom, SOFT_NODE: "true"},
+                # CARD_MODE: the mode the inventory records for the card (kube_nodes)
+                custom={**c.custom, SOFT_NODE: "true", CARD_MODE: SOFT_NODE},
             )
             for c in cards
         ]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from services.inventory.kube_nodes import node_devices
 from services.nodeagent.backends.sim import SimBackend, parse_gpu_specs
 from services.nodeagent.backends.vendors.annotations import vendor_annotations
 from services.nodeagent.backends.vendors.registration import vendor_devices
@@ -148,3 +149,28 @@ def test_placement_puts_soft_pods_on_soft_nodes_and_template_pods_on_hard_ones()
     p = placer(cluster(node("hard", False)))
     failed = p.decide(pod_request(soft_cluster_pod(ascend.HAMI_CORE)))
     assert isinstance(failed, Failure) and ascend.MODE_NOT_FIT in failed.message
+
+
+def test_a_node_that_hamis_ascend_plugin_registered_in_soft_mode_takes_soft_pods() -> None:
+    # Kubernetes: ascend-device-plugin's annotations, read by the inventory service
+    # (kube_nodes), then placement: the soft mark must survive into the fit
+    register = [
+        {"id": f"npu-{i}", "index": i, "count": 4, "devmem": 65536, "devcore": 100,
+         "type": "Ascend910B3", "health": True, "customInfo": {"NetworkID": 0}}
+        for i in range(2)
+    ]  # fmt: skip
+
+    def k8s_node(name: str, soft: bool) -> NodeInventory:
+        ann = {REG: json.dumps(register), "hami-vnpu-core": "true" if soft else "false"}
+        devices, problems = node_devices({"metadata": {"name": name, "annotations": ann}}, now=AT)
+        assert problems == []
+        return NodeInventory(node=name, devices=devices)
+
+    soft = k8s_node("soft", True)
+    assert {d.mode for d in soft.devices} == {ascend.SOFT_NODE}
+    assert all("mode" not in d.custom_info for d in soft.devices)  # customInfo as registered
+    p = placer(cluster(soft, k8s_node("hard", False)))
+    got = p.decide(pod_request(soft_cluster_pod(ascend.HAMI_CORE)))
+    assert isinstance(got, Placement) and got.node == "soft"
+    got = p.decide(pod_request(soft_cluster_pod(ascend.TEMPLATE)))
+    assert isinstance(got, Placement) and got.node == "hard"
