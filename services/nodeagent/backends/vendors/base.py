@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,19 @@ class Model:
     aliases: tuple[str, ...] = ()
     topology: str = ""  # "" none; "ring", "torus4x4", "mesh", "pairs", "network8"
     dies: int = 1  # Vastai: dies per card (each die registers as a device)
+
+
+def _trimmed_upper(name: str) -> str:
+    return name.strip().upper()
+
+
+def model_named(
+    models: Iterable[Model], name: str, key: Callable[[str], str] = _trimmed_upper
+) -> Model | None:
+    """The model whose name, type or an alias is ``name`` as a vendor's CLI prints it,
+    compared after ``key`` (by default: trimmed, any case); None when none is."""
+    want = key(name)
+    return next((m for m in models if want in {key(a) for a in (m.name, m.type, *m.aliases)}), None)
 
 
 @dataclass(frozen=True)

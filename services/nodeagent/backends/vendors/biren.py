@@ -16,6 +16,7 @@ import io
 import re
 
 from services.nodeagent.backends import PhysicalCard
+from services.nodeagent.backends.vendors import base
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
@@ -43,11 +44,7 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(MiB|GiB)?$", re.IGNORECASE)
 
 def model_named(name: str) -> Model | None:
     """The model of a ``brsmi`` name (``BR104``, ``Biren BR104``, ``Biren-BR104``)."""
-    want = re.sub(r"^BIREN[\s-]*", "", name.strip().upper())
-    for m in MODELS.values():
-        if want in (a.upper() for a in (m.name, m.type, *m.aliases)):
-            return m
-    return None
+    return base.model_named(MODELS.values(), re.sub(r"^BIREN[\s-]*", "", name.strip().upper()))
 
 
 def parse_query(text: str) -> list[dict[str, str]]:

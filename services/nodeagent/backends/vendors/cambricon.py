@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 from services.nodeagent.backends import PhysicalCard
+from services.nodeagent.backends.vendors import base
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
@@ -60,11 +61,7 @@ def _mib(text: str, where: str) -> int:
 
 def model_named(product: str) -> Model | None:
     """The model of a ``Product Name`` such as ``MLU370-X8`` (name or alias, any case)."""
-    want = product.strip().upper()
-    for m in MODELS.values():
-        if want in (a.upper() for a in (m.name, m.type, *m.aliases)):
-            return m
-    return None
+    return base.model_named(MODELS.values(), product)
 
 
 def parse_info(text: str) -> list[tuple[int, str, int]]:

@@ -21,6 +21,7 @@ import re
 from collections.abc import Sequence
 
 from services.nodeagent.backends import PhysicalCard
+from services.nodeagent.backends.vendors import base
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
@@ -78,11 +79,7 @@ def _key(name: str) -> str:
 
 def model_named(product: str) -> Model | None:
     """The model of an ``efsmi`` product (``S60``, ``Enflame S60``, ``GCU-S60``)."""
-    want = _key(product.removeprefix("Enflame"))
-    for m in MODELS.values():
-        if want in (_key(a) for a in (m.name, m.type, *m.aliases)):
-            return m
-    return None
+    return base.model_named(MODELS.values(), product.removeprefix("Enflame"), key=_key)
 
 
 def parse_table(text: str) -> list[tuple[int, str, str, int]]:

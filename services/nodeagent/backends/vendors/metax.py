@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 
 from services.nodeagent.backends import PhysicalCard
+from services.nodeagent.backends.vendors import base
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
@@ -73,11 +74,7 @@ _MEMORY = re.compile(r"(\d+)\s*/\s*(\d+)\s*MiB")
 
 def model_named(name: str) -> Model | None:
     """The model of an ``mx-smi`` name such as ``C500`` (name, type or alias, any case)."""
-    want = name.strip().upper()
-    for m in MODELS.values():
-        if want in (a.upper() for a in (m.name, m.type, *m.aliases)):
-            return m
-    return None
+    return base.model_named(MODELS.values(), name)
 
 
 def parse_table(text: str) -> list[tuple[int, str, str, int]]:

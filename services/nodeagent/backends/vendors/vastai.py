@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from services.nodeagent.backends import PhysicalCard
+from services.nodeagent.backends.vendors import base
 from services.nodeagent.backends.vendors.base import (
     CommandError,
     Family,
@@ -41,11 +42,7 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)(MiB|MB|GiB|GB)?$", re.IGNORECASE)
 
 def model_named(name: str) -> Model | None:
     """The model of a ``vasmi`` name (``VA1``, ``Vastai-VA1``, any case)."""
-    want = re.sub(r"^VASTAI[\s-]*", "", name.strip().upper())
-    for m in MODELS.values():
-        if want in (a.upper() for a in (m.name, m.type, *m.aliases)):
-            return m
-    return None
+    return base.model_named(MODELS.values(), re.sub(r"^VASTAI[\s-]*", "", name.strip().upper()))
 
 
 def parse_list(text: str) -> list[dict[str, str]]:
