@@ -11,7 +11,7 @@ import pytest
 from services.nodeagent.backends.vendors import biren, cambricon, enflame, metax, vastai
 from services.nodeagent.backends.vendors.base import CommandError
 from services.nodeagent.backends.vendors.real import PROBES, VendorBackend, probe
-from tests.node.test_vendor_discovery import DATA, Recorded
+from tests.node.test_vendor_discovery import DATA, Recorded, _sysfs
 
 TABLE: dict[tuple[str, ...], str] = {
     cambricon.COMMAND: "cnmon_info_m.txt",
@@ -182,20 +182,8 @@ def test_vasmi_columns_by_name_and_bad_output() -> None:
 # ------------------------------------------------------------------ probe + backend
 
 
-def _tree(root: Path, functions: dict[str, tuple[str, str]], dev: Sequence[str]) -> Path:
-    for bdf, (vendor, cls) in functions.items():
-        d = root / "sys/bus/pci/devices" / bdf
-        d.mkdir(parents=True)
-        (d / "vendor").write_text(vendor + "\n")
-        (d / "class").write_text(cls + "\n")
-    (root / "dev").mkdir(parents=True, exist_ok=True)
-    for name in dev:
-        (root / "dev" / name).write_text("")
-    return root
-
-
 def test_probe_finds_the_five_and_the_backend_discovers_them(tmp_path: Path) -> None:
-    root = _tree(
+    root = _sysfs(
         tmp_path,
         {
             "0000:1a:00.0": ("0x1ee0", "0x120000"),  # Biren: by PCI ID only
@@ -219,7 +207,7 @@ def test_probe_finds_the_five_and_the_backend_discovers_them(tmp_path: Path) -> 
 
 def test_biren_needs_its_pci_id_and_every_probe_has_a_parser(tmp_path: Path) -> None:
     # A Biren ID on a bridge function (class 0x06) is not an accelerator
-    root = _tree(tmp_path, {"0000:00:01.0": ("0x1ee0", "0x060400")}, dev=[])
+    root = _sysfs(tmp_path, {"0000:00:01.0": ("0x1ee0", "0x060400")}, dev=[])
     assert probe(root) == []
     backend = VendorBackend(run=Recorded({}), vendors=list(PROBES))
     backend.discover()  # every CLI missing: each vendor fails alone, none is unparsed

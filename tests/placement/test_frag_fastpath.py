@@ -12,6 +12,8 @@ decision (node, cards and score, compared exactly) must be the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -26,6 +28,7 @@ from services.placement.engine.frag import (
     ShapeModel,
     _Best,
 )
+from services.placement.engine.placer import Placer
 from services.placement.engine.state import BOOL, ClusterState
 from shared.schemas import AllocRequested, DeviceAsk
 
@@ -419,6 +422,49 @@ def _request(rng: np.random.Generator) -> AllocRequested:
     return req(ask, cpu=cpu, use_types=types)
 
 
+def _lockstep(
+    a: Placer,
+    b: Placer,
+    a_cl: ClusterState,
+    b_cl: ClusterState,
+    rng: np.random.Generator,
+    steps: int,
+    after: Callable[[int], None] | None = None,
+) -> int:
+    """Drive two placers over two equal clusters with the same releases, health flips
+    and requests; every decision (node, cards, score) must be the same. ``after(i)``:
+    further checks after each decision. Returns how many requests were placed."""
+    live: list[tuple[str, str]] = []
+    placed = 0
+    for i in range(steps):
+        r = rng.random()
+        if r < 0.25 and live:
+            nd, uid = live.pop(int(rng.integers(len(live))))
+            a_cl.unreserve(nd, uid)
+            b_cl.unreserve(nd, uid)
+            continue
+        if r < 0.27:
+            name, ok = f"n{int(rng.integers(40)):02d}", bool(rng.random() < 0.8)
+            a_cl.set_health(name, ok)
+            b_cl.set_health(name, ok)
+            continue
+        rq = _request(rng)
+        a.observe(rq)
+        b.observe(rq)
+        x, y = a.decide(rq), b.decide(rq)
+        assert type(x) is type(y), i
+        if isinstance(x, Placement):
+            assert isinstance(y, Placement)
+            assert (x.node, x.containers, x.score) == (y.node, y.containers, y.score), i
+            a_cl.reserve(x.node, x.to_alloc(rq))
+            b_cl.reserve(y.node, y.to_alloc(rq))
+            live.append((x.node, rq.uid))
+            placed += 1
+        if after is not None:
+            after(i)
+    return placed
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("policy", ["frag", "fgd"])
 def test_fast_scorer_decides_as_the_reference(policy: str, grouped: bool) -> None:
@@ -430,32 +476,7 @@ def test_fast_scorer_decides_as_the_reference(policy: str, grouped: bool) -> Non
         fast._frag[policy] = FragScorer(policy)
         fast._frag[policy].group_min = 0
         fast._frag[policy].group_share = 0.0
-    live: list[tuple[str, str]] = []
-    placed = 0
-    for i in range(1500):
-        r = rng.random()
-        if r < 0.25 and live:
-            nd, uid = live.pop(int(rng.integers(len(live))))
-            fast_cl.unreserve(nd, uid)
-            ref_cl.unreserve(nd, uid)
-            continue
-        if r < 0.27:
-            name, ok = f"n{int(rng.integers(40)):02d}", bool(rng.random() < 0.8)
-            fast_cl.set_health(name, ok)
-            ref_cl.set_health(name, ok)
-            continue
-        rq = _request(rng)
-        fast.observe(rq)
-        ref.observe(rq)
-        a, b = fast.decide(rq), ref.decide(rq)
-        assert type(a) is type(b), i
-        if isinstance(a, Placement):
-            assert isinstance(b, Placement)
-            assert (a.node, a.containers, a.score) == (b.node, b.containers, b.score), i
-            fast_cl.reserve(a.node, a.to_alloc(rq))
-            ref_cl.reserve(b.node, b.to_alloc(rq))
-            live.append((a.node, rq.uid))
-            placed += 1
+    placed = _lockstep(fast, ref, fast_cl, ref_cl, rng, 1500)
     assert placed > 500  # the workload placed, released and refused pods
     assert isinstance(fast._frag[policy], FragScorer) and type(ref._frag[policy]) is RefScorer
 
@@ -509,34 +530,14 @@ def test_refresh_folded_into_the_score_decides_the_same(policy: str, seed: int) 
     a, b = placer(a_cl, node_policy=policy), placer(b_cl, node_policy=policy)
     fused = a._frag[policy] = _Counting(policy)
     b._frag[policy] = _Unfused(policy)
-    live: list[tuple[str, str]] = []
-    for i in range(1200):
-        r = rng.random()
-        if r < 0.25 and live:
-            nd, uid = live.pop(int(rng.integers(len(live))))
-            a_cl.unreserve(nd, uid)
-            b_cl.unreserve(nd, uid)
-            continue
-        if r < 0.27:
-            name, ok = f"n{int(rng.integers(40)):02d}", bool(rng.random() < 0.8)
-            a_cl.set_health(name, ok)
-            b_cl.set_health(name, ok)
-            continue
-        rq = _request(rng)
-        a.observe(rq)
-        b.observe(rq)
-        x, y = a.decide(rq), b.decide(rq)
-        assert type(x) is type(y), i
-        if isinstance(x, Placement):
-            assert isinstance(y, Placement)
-            assert (x.node, x.containers, x.score) == (y.node, y.containers, y.score), i
-            a_cl.reserve(x.node, x.to_alloc(rq))
-            b_cl.reserve(y.node, y.to_alloc(rq))
-            live.append((x.node, rq.uid))
+
+    def aggregates_agree(i: int) -> None:
         fs, us = a._frag[policy], b._frag[policy]
         # the aggregates agree wherever both scorers are up to date
         both = np.flatnonzero((fs._ver == us._ver) & (fs._ver == a_cl.n_ver[: a_cl.nn]))
         assert np.array_equal(fs.cnt[both], us.cnt[both]), i
         assert np.array_equal(fs.small[both], us.small[both]), i
         assert np.array_equal(fs.fb[both], us.fb[both]), i
+
+    _lockstep(a, b, a_cl, b_cl, rng, 1200, after=aggregates_agree)
     assert fused.fused > 300  # the folded path is the usual one
