@@ -347,10 +347,9 @@ def span(
     """
     if _quiet():
         return nullcontext(trace.INVALID_SPAN)
-    if not trace.get_current_span().get_span_context().is_valid:
-        dropped = _root(name, kind, links)
-        if dropped is not None:
-            return _within(dropped)
+    dropped = _root(name, kind, links)
+    if dropped is not None:
+        return _within(dropped)
     return tracer.start_as_current_span(name, links=links, kind=kind)
 
 
@@ -363,23 +362,25 @@ def start(tracer: trace.Tracer, name: str, *, links: Sequence[Link] | None = Non
     """
     if _quiet():
         return trace.get_current_span()
-    if not trace.get_current_span().get_span_context().is_valid:
-        dropped = _root(name, SpanKind.INTERNAL, links)
-        if dropped is not None:
-            return trace.get_current_span(dropped)
+    dropped = _root(name, SpanKind.INTERNAL, links)
+    if dropped is not None:
+        return trace.get_current_span(dropped)
     return tracer.start_span(name, links=links)
 
 
 def _root(name: str, kind: SpanKind, links: Sequence[Link] | None = None) -> context.Context | None:
-    """The sampling of a span that would start a trace, decided before it is made:
-    ``None`` when it is sampled (the SDK then makes it, under the trace id drawn here),
-    else a context holding a non-recording span of a new trace.
+    """With no span current, a span made now starts a trace: its sampling, decided
+    before it is made. ``None`` when there is a current span or the root is sampled
+    (the SDK then makes it, under the trace id drawn here); else a context holding a
+    non-recording span of a new trace.
 
     Work under that context carries the trace on, marked not sampled, so no service
     downstream starts (and samples) a trace of its own for it. At 1 % sampling the
     other 99 % come here; the SDK's way of not making a span cost them three times
     as much.
     """
+    if trace.get_current_span().get_span_context().is_valid:
+        return None
     trace_id = _IDS.fresh_trace_id()
     result = _sampler.should_sample(_EMPTY, trace_id, name, kind, None, links)
     if result.decision is not Decision.DROP:
@@ -431,12 +432,11 @@ def publish(
     """
     if _quiet():
         return nullcontext(trace.INVALID_SPAN)
-    if not trace.get_current_span().get_span_context().is_valid:
-        if not root:
-            return nullcontext(trace.INVALID_SPAN)
-        dropped = _root(f"publish {destination(subject)}", SpanKind.PRODUCER)
-        if dropped is not None:
-            return _within(dropped)
+    if not root and not trace.get_current_span().get_span_context().is_valid:
+        return nullcontext(trace.INVALID_SPAN)
+    dropped = _root(f"publish {destination(subject)}", SpanKind.PRODUCER)
+    if dropped is not None:
+        return _within(dropped)
     return _messaging_span(tracer, "publish", subject, msg_id, SpanKind.PRODUCER, None)
 
 
@@ -490,7 +490,7 @@ def receive(
         with _within(ctx):
             yield trace.INVALID_SPAN
         return
-    if ctx is None and not trace.get_current_span().get_span_context().is_valid:
+    if ctx is None:
         dropped = _root(f"receive {destination(subject)}", SpanKind.CONSUMER)
         if dropped is not None:
             with _within(dropped):
