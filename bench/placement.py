@@ -127,10 +127,15 @@ async def _until_answered(bus: Bus, subject: str) -> None:
             await asyncio.sleep(0.1)
 
 
+def _stat_cpu_s(stat: Path) -> float:
+    """User + system CPU seconds in a ``/proc`` stat file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
@@ -139,11 +144,10 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     out = {"main": 0.0, "other_threads": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = task.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+            used = _stat_cpu_s(task / "stat")
         except OSError:  # the thread ended
             continue
-        key = "main" if task.name == str(pid) else "other_threads"
-        out[key] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out["main" if task.name == str(pid) else "other_threads"] += used
     return out
 
 
