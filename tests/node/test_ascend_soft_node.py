@@ -29,8 +29,10 @@ AT = 1_780_000_000.0
 REG = "hami.io/node-register-Ascend910B3"
 
 
-def devices(specs: str = "Ascend910B3:2,MI300X:1") -> list[Device]:
+def devices(specs: str = "Ascend910B3:2,MI300X:1", soft: bool = False) -> list[Device]:
+    """The node's cards as the agent registers them (``soft``: node.ascendSoftMode)."""
     cfg = config.Config()
+    cfg.node.ascend_soft_mode = soft
     found = SimBackend("n1", parse_gpu_specs([specs])).discover()
     regd, _ = register(found, cfg.node)
     return vendor_devices(found, regd, cfg.node)
@@ -56,7 +58,7 @@ def test_hard_mode_registers_ai_cores_and_says_false() -> None:
 
 def test_soft_mode_registers_100_percent_cores_and_says_true() -> None:
     hard = json.loads(vendor_annotations(devices(), AT)[REG])
-    ann = vendor_annotations(devices(), AT, ascend_soft_mode=True)
+    ann = vendor_annotations(devices(soft=True), AT)
     assert ann["hami-vnpu-core"] == "true"
     soft = json.loads(ann[REG])
     assert [c["devcore"] for c in soft] == [100, 100]
@@ -73,7 +75,7 @@ def test_soft_mode_registers_100_percent_cores_and_says_true() -> None:
 
 
 def test_no_ascend_card_no_vnpu_core_annotation() -> None:
-    ann = vendor_annotations(devices("MI300X:1"), AT, ascend_soft_mode=True)
+    ann = vendor_annotations(devices("MI300X:1", soft=True), AT)
     assert "hami-vnpu-core" not in ann
 
 
@@ -84,7 +86,7 @@ def test_soft_registration_round_trips_to_a_soft_fit() -> None:
     soft_pod = PodInfo(annotations={ascend.VNPU_MODE: ascend.HAMI_CORE})
     ask = Ask("Ascend910B3", 1, 10000, 0, 30)
     for soft, want in ((True, ""), (False, "1/2 ModeNotFit")):
-        ann = vendor_annotations(devices(), AT, ascend_soft_mode=soft)
+        ann = vendor_annotations(devices(soft=soft), AT)
         cards = fam.node_cards("n1", ann, {})
         got = fam.fit(cards, ask, soft_pod)
         assert got.text == want
@@ -96,7 +98,9 @@ def test_the_agents_node_annotations_follow_the_setting() -> None:
     # what the Kubernetes-mode agent patches onto its Node (NodeAnnotator)
     inv = NodeInventory(node="n1", devices=devices("Ascend910B3:2"), published_at=AT)
     assert node_annotations(inv)["hami-vnpu-core"] == "false"
-    soft = node_annotations(inv, ascend_soft_mode=True)
+    soft = node_annotations(
+        NodeInventory(node="n1", devices=devices("Ascend910B3:2", soft=True), published_at=AT)
+    )
     assert soft["hami-vnpu-core"] == "true"
     assert [c["devcore"] for c in json.loads(soft[REG])] == [100, 100]
 

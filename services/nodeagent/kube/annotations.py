@@ -31,17 +31,12 @@ from shared.schemas import NodeInventory
 log = logging.getLogger("hami.nodeagent.annotations")
 
 
-def node_annotations(
-    inv: NodeInventory, scores: bool = True, *, ascend_soft_mode: bool = False
-) -> dict[str, str]:
+def node_annotations(inv: NodeInventory, scores: bool = True) -> dict[str, str]:
     """The annotations a node's inventory is published as: NVIDIA's register and scores
     for its NVIDIA cards, and each other vendor's register/handshake for its cards
-    (services/nodeagent/backends/vendors/annotations.py; ``ascend_soft_mode``: the node
-    setting ``ascendSoftMode``)."""
+    (services/nodeagent/backends/vendors/annotations.py)."""
     nvidia = [d for d in inv.devices if d.vendor == NVIDIA]
-    others = vendor_annotations(
-        inv.devices, inv.published_at or None, ascend_soft_mode=ascend_soft_mode
-    )
+    others = vendor_annotations(inv.devices, inv.published_at or None)
     out = {} if others and not nvidia else {NODE_REGISTER: encode_node_devices(nvidia)}
     if scores and inv.links and nvidia:
         if len(nvidia) == len(inv.devices):
@@ -65,12 +60,10 @@ class NodeAnnotator:
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
         handshake_every: float | None = 30.0,
-        ascend_soft_mode: bool = False,
     ) -> None:
         self.kube = kube
         self.node = node
         self.scores = scores
-        self.ascend_soft_mode = ascend_soft_mode
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         # Other vendors' plugins re-report their handshake (``Reported <time>``) this
@@ -87,7 +80,7 @@ class NodeAnnotator:
     async def on_inventory(self, inv: NodeInventory) -> None:
         """Agent hook: remember the new value; the writer task does the API call."""
         self._inv = inv
-        want = node_annotations(inv, self.scores, ascend_soft_mode=self.ascend_soft_mode)
+        want = node_annotations(inv, self.scores)
         if want != self.written:
             self._want = want
             self._synced.clear()
@@ -104,11 +97,7 @@ class NodeAnnotator:
             inv = self._inv
             if inv is None or not any(d.vendor != NVIDIA for d in inv.devices):
                 continue  # NVIDIA's register carries no handshake here
-            want = node_annotations(
-                msgspec.structs.replace(inv, published_at=time.time()),
-                self.scores,
-                ascend_soft_mode=self.ascend_soft_mode,
-            )
+            want = node_annotations(msgspec.structs.replace(inv, published_at=time.time()), self.scores)
             if want != self.written:
                 self._want = want
                 self._synced.clear()

@@ -105,9 +105,7 @@ class KubeNode:
                 registry_dir=self.csi_registry_dir,
             )
         if self.kube is not None:
-            self.annotator = NodeAnnotator(
-                self.kube, self.node, ascend_soft_mode=self.cfg.node.ascend_soft_mode
-            )
+            self.annotator = NodeAnnotator(self.kube, self.node)
         if self.telemetry_interval:
             self.telemetry = TelemetryPublisher(
                 self.bus,

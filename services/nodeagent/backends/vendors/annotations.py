@@ -12,9 +12,9 @@ plus the handshake ``Reported <time>`` (Ascend: ``Reported_<time>``) that HAMi's
 turns to ``Requesting_...`` and expects answered.
 
 Ascend also gets the node annotation ``hami-vnpu-core``: ``false`` in hard (vNPU template)
-mode; with the node setting ``ascendSoftMode`` (hami-vnpu-core limiter) ``true``, and every
-card's devcore 100 (percent) instead of its AI-core count, as ascend-device-plugin's
-``registerHAMi`` writes in that mode.
+mode, ``true`` when registration marked the cards soft (the node setting
+``ascendSoftMode``, hami-vnpu-core limiter), whose devcore is then 100 (percent) instead of
+the AI-core count, as ascend-device-plugin's ``registerHAMi`` writes in that mode.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import msgspec
 
 from services.nodeagent.backends.vendors import FAMILIES, enflame, metax
 from services.nodeagent.backends.vendors.base import Family
+from shared.devices import ascend as ascend_rules
 from shared.hami.annotations import encode_node_devices_colon
 from shared.schemas import Device
-
-ASCEND_SOFT_NODE = "hami-vnpu-core"  # the node annotation (ascend-device-plugin register.go)
-ASCEND_SOFT_DEVCORE = 100  # an Ascend card's devcore in soft mode: percent of the card
 
 
 def device_info(d: Device, fam: Family) -> dict[str, Any]:
@@ -46,20 +44,12 @@ def device_info(d: Device, fam: Family) -> dict[str, Any]:
     return {k: v for k, v in full if v not in (0, "", False, None, {})}
 
 
-def encode_register(
-    fam: Family, devices: Sequence[Device], *, ascend_soft_mode: bool = False
-) -> str | None:
-    """The register annotation's value for one family's cards (None: it has none);
-    ``ascend_soft_mode``: an Ascend card's devcore is 100 (hami-vnpu-core mode)."""
+def encode_register(fam: Family, devices: Sequence[Device]) -> str | None:
+    """The register annotation's value for one family's cards (None: it has none)."""
     if fam.register == "json":
         if fam.key.startswith("Ascend"):
             # the plugin writes no mode (ours marks soft-mode cards for placement)
-            devices = [
-                msgspec.structs.replace(
-                    d, devcore=ASCEND_SOFT_DEVCORE if ascend_soft_mode else d.devcore, mode=""
-                )
-                for d in devices
-            ]
+            devices = [msgspec.structs.replace(d, mode="") for d in devices]
         return json.dumps(
             [device_info(d, fam) for d in devices], separators=(",", ":"), ensure_ascii=False
         )
@@ -79,11 +69,8 @@ def handshake(fam: Family, at: float) -> str:
     return "Reported " + time.strftime("%Y-%m-%d %H:%M:%S", t)
 
 
-def vendor_annotations(
-    devices: Sequence[Device], at: float | None = None, *, ascend_soft_mode: bool = False
-) -> dict[str, str]:
-    """Every non-NVIDIA family's register annotation (and handshake) for ``devices``;
-    ``ascend_soft_mode`` is the node setting ``ascendSoftMode``."""
+def vendor_annotations(devices: Sequence[Device], at: float | None = None) -> dict[str, str]:
+    """Every non-NVIDIA family's register annotation (and handshake) for ``devices``."""
     by_family: dict[str, list[Device]] = {}
     for d in devices:
         if d.vendor in FAMILIES:
@@ -91,7 +78,7 @@ def vendor_annotations(
     out: dict[str, str] = {}
     for key, devs in by_family.items():
         fam = FAMILIES[key]
-        value = encode_register(fam, devs, ascend_soft_mode=ascend_soft_mode)
+        value = encode_register(fam, devs)
         if value is None or not fam.register_annotation:
             continue
         out[fam.register_annotation] = value
@@ -100,7 +87,9 @@ def vendor_annotations(
         if key.startswith("Ascend"):
             # "false": hard (template) mode, the runtime creates vNPUs; "true": soft mode,
             # the hami-vnpu-core limiter enforces each pod's memory and core share
-            out[ASCEND_SOFT_NODE] = "true" if ascend_soft_mode else "false"
+            # (registration marks a soft-mode node's cards: node.ascendSoftMode)
+            soft = all(d.mode == ascend_rules.SOFT_NODE for d in devs)
+            out[ascend_rules.SOFT_NODE] = "true" if soft else "false"
     return out
 
 
